@@ -1,0 +1,183 @@
+"""Object detection and instance segmentation: transforms, dataset, loss, prediction, output.
+
+Images reach the model as float RGB in [0, 1] (`eval_transform`); the torchvision detector
+itself normalises and rescales to `min_size`/`max_size`, and maps boxes and masks back to the
+original image, for validation and scoring alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from models.data import Box, Record
+from models.images import decode, image_size
+from models.polygons import mask_to_polygons, polygons_to_mask
+from models.tiling import Tile, tile_grid
+
+MIN_VISIBLE_FRACTION = 0.25  # a box cut by a training tile is kept if this much of it is inside
+
+_TO_FLOAT = v2.ToDtype(torch.float32, scale=True)
+
+
+def eval_transform(settings) -> Callable:
+    """PIL image (and optional target) → float tensor in [0, 1]."""
+    return v2.Compose([v2.ToImage(), _TO_FLOAT])
+
+
+class _Augment:
+    """The detection augmentations: expand, random crop around boxes, horizontal flip."""
+
+    def __init__(self):
+        self.with_boxes = v2.Compose([
+            v2.ToImage(),
+            v2.RandomApply([v2.RandomZoomOut(fill={tv_tensors.Image: (124, 116, 104), "others": 0},
+                                             side_range=(1.0, 2.0))], p=0.5),
+            v2.RandomIoUCrop(),
+            v2.RandomHorizontalFlip(),
+            v2.SanitizeBoundingBoxes(min_size=2),
+            _TO_FLOAT,
+        ])
+        self.plain = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(), _TO_FLOAT])
+
+    def __call__(self, image, target):
+        if len(target["boxes"]) == 0:
+            return self.plain(image, target)
+        return self.with_boxes(image, target)
+
+
+def train_transform(settings) -> Callable:
+    if not settings.advanced_settings.apply_automl_train_augmentations:
+        return eval_transform(settings)
+    return _Augment()
+
+
+def _crop(record_boxes: Sequence[Box], width: int, height: int, tile: Tile) -> list[tuple[Box, list[float]]]:
+    """Boxes (in tile pixels) of the objects at least MIN_VISIBLE_FRACTION inside `tile`."""
+    kept = []
+    for b in record_boxes:
+        x0, y0, x1, y1 = b.x0 * width, b.y0 * height, b.x1 * width, b.y1 * height
+        cx0, cy0 = max(x0, tile.x0), max(y0, tile.y0)
+        cx1, cy1 = min(x1, tile.x1), min(y1, tile.y1)
+        if cx1 <= cx0 or cy1 <= cy0:
+            continue
+        if (cx1 - cx0) * (cy1 - cy0) < MIN_VISIBLE_FRACTION * (x1 - x0) * (y1 - y0):
+            continue
+        kept.append((b, [cx0 - tile.x0, cy0 - tile.y0, cx1 - tile.x0, cy1 - tile.y0]))
+    return kept
+
+
+def training_tiles(records: Sequence[Record], grid: tuple[int, int], overlap: float) -> list[tuple[Record, Tile]]:
+    """Tiles of every image that contain at least one (non-crowd) annotation."""
+    items = []
+    for record in records:
+        width, height = image_size(record.image)
+        for tile in tile_grid(width, height, grid, overlap):
+            if _crop([b for b in record.label if not b.is_crowd], width, height, tile):
+                items.append((record, tile))
+    return items
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """(image tensor, target) with pixel `boxes`, `labels` (1..K), `iscrowd`, optional `masks`.
+
+    Training (`drop_crowd=True`) leaves crowd objects out of the targets; validation keeps
+    them flagged so the metric can ignore detections on them. `tiles` adds tile crops.
+    """
+
+    def __init__(self, records: Sequence[Record], labels: Sequence[str], transform: Callable, *,
+                 masks: bool, drop_crowd: bool, tiles: Sequence[tuple[Record, Tile]] = ()):
+        self.items: list[tuple[Record, Tile | None]] = [(r, None) for r in records] + list(tiles)
+        self.index = {name: i + 1 for i, name in enumerate(labels)}
+        self.transform = transform
+        self.masks = masks
+        self.drop_crowd = drop_crowd
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        record, tile = self.items[i]
+        try:
+            image = decode(record.image)
+        except ValueError as exc:
+            raise ValueError(f"{record.where}: {record.image}: {exc}") from None
+        width, height = image.size
+        objects = [b for b in record.label if not (self.drop_crowd and b.is_crowd)]
+        if tile is None:
+            boxes = [[b.x0 * width, b.y0 * height, b.x1 * width, b.y1 * height] for b in objects]
+            pairs = list(zip(objects, boxes))
+        else:
+            pairs = _crop(objects, width, height, tile)
+            image = image.crop(tile.pixel_box())
+        target = self._target(pairs, image.size, width, height, tile)
+        return self.transform(image, target)
+
+    def _target(self, pairs, size: tuple[int, int], width: int, height: int, tile: Tile | None) -> dict:
+        canvas = (size[1], size[0])
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(torch.tensor([p[1] for p in pairs], dtype=torch.float32).reshape(-1, 4),
+                                              format="XYXY", canvas_size=canvas),
+            "labels": torch.tensor([self.index[b.label] for b, _ in pairs], dtype=torch.int64),
+        }
+        if not self.drop_crowd:
+            target["iscrowd"] = torch.tensor([int(b.is_crowd) for b, _ in pairs], dtype=torch.int64)
+        if self.masks:
+            full = [polygons_to_mask(b.polygons, width, height) for b, _ in pairs]
+            if tile is not None:
+                x0, y0, x1, y1 = tile.pixel_box()
+                full = [m[y0:y1, x0:x1] for m in full]
+            stacked = np.stack(full) if full else np.zeros((0, *canvas), dtype=np.uint8)
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(stacked))
+        return target
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def loss(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequence[dict]) -> torch.Tensor:
+    return sum(model(list(images), list(targets)).values())
+
+
+def predict(model: nn.Module, images: Sequence[torch.Tensor], settings) -> list[dict]:
+    """Raw detections per image in its own pixel coordinates (torchvision's output dicts)."""
+    return model(list(images))
+
+
+def _mask_image(mask: np.ndarray, image_type: str) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="JPEG" if image_type == "JPG" else image_type)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def format_output(prediction: dict, width: int, height: int, labels: Sequence[str], settings) -> dict:
+    """scoring.md's response: boxes as fractions of the image, label and score (+ polygons)."""
+    boxes = prediction["boxes"].detach().float().cpu()
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    normalised = (boxes / scale).clamp_(0.0, 1.0).tolist()
+    scores = prediction["scores"].detach().float().cpu().tolist()
+    classes = prediction["labels"].detach().cpu().tolist()
+    masks = prediction.get("masks")
+    out = []
+    for i, (box, score, cls) in enumerate(zip(normalised, scores, classes)):
+        item = {
+            "box": {"topX": box[0], "topY": box[1], "bottomX": box[2], "bottomY": box[3]},
+            "label": labels[cls - 1],
+            "score": score,
+        }
+        if masks is not None:
+            binary = (masks[i, 0] > settings.mask_pixel_score_threshold).cpu().numpy()
+            item["polygon"] = mask_to_polygons(binary, settings.max_number_of_polygon_points)
+            if settings.export_as_image:
+                item["mask"] = _mask_image(binary, settings.image_type)
+        out.append(item)
+    return {"boxes": out}

@@ -1,0 +1,126 @@
+"""The MLflow model folder (training.md, last section) and its `artifacts/settings.json`.
+
+    mlflow-model/
+      MLmodel, conda.yaml, python_env.yaml, requirements.txt, python_model.pkl
+      artifacts/settings.json   task, model_name, labels and inference.md's parameters
+      artifacts/model.pt        the weights, a plain state_dict
+
+The pyfunc class is `serving.pyfunc.VisionModel`, imported from the installed package when
+the folder is loaded; nothing of the training process is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.params import SettingsError, as_dict
+from models.tasks import Task, get_task, inference_settings
+
+SETTINGS_FILE = "settings.json"
+WEIGHTS_FILE = "model.pt"
+_META_KEYS = ("task", "model_name", "labels", "visionserve_version")
+_RUNTIME_PACKAGES = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "opencv-python-headless",
+                     "pycocotools", "torchmetrics", "scikit-learn", "timm")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """settings.json, parsed: which model, its labels, and the validated inference settings."""
+
+    task: Task
+    model_name: str
+    labels: list[str]
+    settings: Any
+
+    def document(self) -> dict[str, Any]:
+        return {"task": self.task.name, "model_name": self.model_name, "labels": list(self.labels),
+                "visionserve_version": _version("visionserve"), **as_dict(self.settings, inference_only=True)}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def model_settings_from_training(task: Task, model_name: str, labels: list[str], training_settings: Any) -> ModelSettings:
+    values = as_dict(training_settings, inference_only=True)
+    return ModelSettings(task, model_name, list(labels), inference_settings(task, values))
+
+
+def read_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> ModelSettings:
+    """Parse and validate settings.json (and deploy-time overrides) with clear errors naming the file."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError([f"{path}: file not found"], str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise SettingsError([f"not valid JSON ({exc.msg} at line {exc.lineno})"], str(path)) from None
+    problems = []
+    if not isinstance(doc, dict):
+        raise SettingsError(["expected a JSON object"], str(path))
+    try:
+        task = get_task(str(doc.get("task")))
+    except ValueError as exc:
+        raise SettingsError([str(exc)], str(path)) from None
+    labels = doc.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        problems.append("labels: expected a non-empty list of class names")
+    if not isinstance(doc.get("model_name"), str):
+        problems.append("model_name: missing")
+    if problems:
+        raise SettingsError(problems, str(path))
+    values = {k: v for k, v in doc.items() if k not in _META_KEYS}
+    values.update(overrides or {})
+    settings = inference_settings(task, values, source=str(path))
+    return ModelSettings(task, doc["model_name"], labels, settings)
+
+
+def pip_requirements() -> list[str]:
+    """The packages the pyfunc needs at load time, pinned to this environment's versions."""
+    pins = [f"{name}=={_version(name)}" for name in _RUNTIME_PACKAGES if _version(name)]
+    version = _version("visionserve")
+    return pins + ([f"visionserve=={version}"] if version else [])
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]))
+
+
+def export_model(path: str | Path, model_settings: ModelSettings, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write the MLflow model folder at `path` (replaced if it exists)."""
+    import mlflow.pyfunc
+
+    from serving.pyfunc import VisionModel
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings_file = Path(tmp) / SETTINGS_FILE
+        settings_file.write_text(json.dumps(model_settings.document(), indent=2) + "\n")
+        weights_file = Path(tmp) / WEIGHTS_FILE
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items() if not k.endswith("num_batches_tracked")},
+                   weights_file)
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=VisionModel(),
+            artifacts={"settings": str(settings_file), "weights": str(weights_file)},
+            signature=signature(),
+            pip_requirements=pip_requirements(),
+            metadata={"task": model_settings.task.name, "model_name": model_settings.model_name},
+        )
+    return path

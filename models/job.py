@@ -1,0 +1,143 @@
+"""The cloud's job YAML (training.md, "Job settings") and command-line flags → a `TrainingJob`.
+
+Paths in a job file are relative to the file. Flags given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.params import SettingsError
+from models.tasks import get_task
+from models.training import TrainingJob
+
+# Keys of the cloud's job YAML that describe its own infrastructure: accepted and not used here.
+_IGNORED_KEYS = {"$schema", "type", "compute", "description", "tags", "log_verbosity", "display_name",
+                 "properties", "outputs", "environment_variables", "queue_settings", "resources", "identity"}
+_KNOWN_KEYS = {"task", "target_column_name", "training_data", "validation_data", "limits", "training_parameters",
+               "search_space", "sweep", "experiment_name", "name", "primary_metric", "validation_data_size",
+               "image_root"} | _IGNORED_KEYS
+
+
+def parse_param_flags(pairs: Sequence[str]) -> dict[str, str]:
+    """`--param name=value` flags → {name: value}; a pair without `=` is an error naming it."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise SettingsError([f"--param {pair!r}: expected name=value"], "command line")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _data_path(value: Any, base: Path, key: str) -> Path:
+    if isinstance(value, Mapping):
+        kind = str(value.get("type", "mltable")).lower()
+        if kind not in ("mltable", "uri_file", "uri_folder", "jsonl"):
+            raise SettingsError([f"{key}.type: {kind!r} is not supported; use mltable (a folder) or a JSONL file"],
+                                "job file")
+        value = value.get("path")
+    if not isinstance(value, str) or not value:
+        raise SettingsError([f"{key}: expected a path (or {{path: ..., type: mltable}})"], "job file")
+    if value.startswith(("azureml:", "azureml://")):
+        raise SettingsError([f"{key}: {value!r} is a cloud data asset; download it and give a local path"], "job file")
+    path = Path(value.removeprefix("file://"))
+    return path if path.is_absolute() else base / path
+
+
+def _check_sweep(doc: Mapping[str, Any]) -> float | None:
+    """Single-trial jobs only here: returns timeout_minutes."""
+    limits = doc.get("limits") or {}
+    problems = []
+    unknown = set(limits) - {"timeout_minutes", "max_trials", "max_concurrent_trials", "trial_timeout_minutes",
+                             "max_nodes", "enable_early_termination", "exit_score"}
+    problems += [f"limits.{k}: unknown key" for k in sorted(unknown)]
+    max_trials = limits.get("max_trials", 1)
+    if not isinstance(max_trials, int) or max_trials < 1 or max_trials > 1000:
+        problems.append(f"limits.max_trials={max_trials!r}: must be an integer in [1, 1000]")
+    elif max_trials > 1 or doc.get("search_space") or doc.get("sweep"):
+        problems.append("hyperparameter sweeps (limits.max_trials > 1, search_space, sweep) are not supported "
+                        "by this version: set limits.max_trials: 1 and put the values in training_parameters")
+    timeout = limits.get("timeout_minutes")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        problems.append(f"limits.timeout_minutes={timeout!r}: must be a positive number")
+    if problems:
+        raise SettingsError(problems, "job file")
+    return float(timeout) if timeout is not None else None
+
+
+def read_job_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError([f"{path}: file not found"], "job file") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError([f"{path}: not valid YAML ({exc})"], "job file") from None
+    if not isinstance(doc, dict):
+        raise SettingsError([f"{path}: expected a mapping of job settings"], "job file")
+    unknown = [k for k in doc if k not in _KNOWN_KEYS]
+    if unknown:
+        raise SettingsError([f"{k}: unknown job key" + _suggest(k, _KNOWN_KEYS) for k in unknown], str(path))
+    return doc
+
+
+def _suggest(name: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def build_job(
+    job_file: str | Path | None = None,
+    *,
+    task: str | None = None,
+    training_data: str | Path | None = None,
+    validation_data: str | Path | None = None,
+    model_name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    output_dir: str | Path = "outputs",
+    image_root: str | Path | None = None,
+    experiment_name: str | None = None,
+    run_name: str | None = None,
+) -> TrainingJob:
+    """Merge a job file (if any) with flags into a TrainingJob; settings are checked later, all at once."""
+    doc: dict[str, Any] = {}
+    base = Path.cwd()
+    if job_file is not None:
+        doc = read_job_file(job_file)
+        base = Path(job_file).resolve().parent
+    timeout = _check_sweep(doc)
+    if doc.get("target_column_name", "label") != "label":
+        raise SettingsError([f"target_column_name={doc['target_column_name']!r}: the label column must be 'label'"],
+                            "job file")
+    task_name = task or doc.get("task")
+    if not task_name:
+        raise SettingsError(["task: missing (give --task or a task: key in the job file)"], "job")
+    task_obj = get_task(task_name)
+    if doc.get("primary_metric") not in (None, task_obj.primary_metric):
+        raise SettingsError([f"primary_metric={doc['primary_metric']!r}: {task_name} uses "
+                             f"{task_obj.primary_metric}"], "job file")
+    train = Path(training_data) if training_data else (
+        _data_path(doc["training_data"], base, "training_data") if "training_data" in doc else None)
+    if train is None:
+        raise SettingsError(["training_data: missing (give --training-data or training_data: in the job file)"], "job")
+    validation = Path(validation_data) if validation_data else (
+        _data_path(doc["validation_data"], base, "validation_data") if doc.get("validation_data") else None)
+    parameters = dict(doc.get("training_parameters") or {})
+    if "validation_data_size" in doc:
+        parameters.setdefault("validation_data_size", doc["validation_data_size"])
+    parameters.update(params or {})
+    if model_name:
+        parameters["model_name"] = model_name
+    root = image_root or (base / doc["image_root"] if doc.get("image_root") else None)
+    return TrainingJob(
+        task=task_obj, training_data=train, validation_data=validation, parameters=parameters,
+        output_dir=Path(output_dir), image_root=root,
+        experiment_name=experiment_name or doc.get("experiment_name") or "visionserve",
+        run_name=run_name or doc.get("name"), timeout_minutes=timeout,
+    )

@@ -1,0 +1,38 @@
+"""The MLflow pyfunc of every exported model: `mlflow.pyfunc.load_model(DIR).predict(df)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+
+
+def image_rows(model_input: Any) -> list[Any]:
+    """The `image` column of a DataFrame (or a plain list / Series / dict of base64 strings)."""
+    if isinstance(model_input, pd.DataFrame):
+        if "image" not in model_input.columns:
+            if len(model_input.columns) == 1:
+                return model_input.iloc[:, 0].tolist()
+            raise ValueError(f"expected a column named 'image', got columns {list(model_input.columns)}")
+        return model_input["image"].tolist()
+    if isinstance(model_input, pd.Series):
+        return model_input.tolist()
+    if isinstance(model_input, dict) and "image" in model_input:
+        value = model_input["image"]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(model_input, (list, tuple)):
+        return list(model_input)
+    raise ValueError(f"expected a DataFrame with an 'image' column of base64 strings, got {type(model_input).__name__}")
+
+
+class VisionModel(mlflow.pyfunc.PythonModel):
+    """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row."""
+
+    def load_context(self, context) -> None:
+        from serving.inference import Predictor
+
+        self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"])
+
+    def predict(self, context, model_input, params=None):
+        return self.predictor.predict_encoded(image_rows(model_input))

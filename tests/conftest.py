@@ -1,0 +1,106 @@
+"""Shared fixtures: an MLflow store per test session, tiny synthetic datasets and tiny trained
+models, each made once and reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+TASKS = ("image_classification", "image_classification_multilabel", "image_object_detection",
+         "image_instance_segmentation")
+
+# Small, fast, and trained long enough to memorise 12 images, so answers are known.
+_DETECTION = {"min_size": 96, "max_size": 128, "box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 400,
+              "rpn_post_nms_top_n_train": 200, "training_batch_size": 4, "validation_batch_size": 4,
+              "learning_rate": 0.01, "warmup_cosine_lr_warmup_epochs": 1, "evaluation_frequency": 25}
+_CLASSIFICATION = {"model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
+                   "training_batch_size": 6, "validation_batch_size": 12, "learning_rate": 0.01,
+                   "warmup_cosine_lr_warmup_epochs": 1, "evaluation_frequency": 5}
+RECIPES = {
+    "image_classification": {**_CLASSIFICATION, "number_of_epochs": 20},
+    "image_classification_multilabel": {**_CLASSIFICATION, "number_of_epochs": 20},
+    "image_object_detection": {**_DETECTION, "model_name": "fasterrcnn_resnet18_fpn", "number_of_epochs": 25},
+    "image_instance_segmentation": {**_DETECTION, "model_name": "maskrcnn_resnet18_fpn", "number_of_epochs": 25,
+                                    "learning_rate": 0.005},
+}
+NO_AUGMENT = '{"apply_automl_train_augmentations": false}'
+IMAGE_SIZE = (128, 96)  # not square, so a swapped width/height shows
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """One SQLite MLflow store for the session, artifacts in the session's temp folder."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    for name in ("visionserve", "tests"):
+        mlflow.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
+    return uri
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """`synth(task, images=..., size=..., seed=...)` → SynthSummary, each dataset written once."""
+    from models.synth import write_synthetic_dataset
+
+    cache: dict = {}
+
+    def make(task: str, images: int = 12, size: tuple[int, int] = IMAGE_SIZE, seed: int = 0,
+             validation_fraction: float = 0.25):
+        key = (task, images, size, seed, validation_fraction)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{task}-{images}")
+            cache[key] = write_synthetic_dataset(task, folder, images, image_size=size, seed=seed,
+                                                 validation_fraction=validation_fraction)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained(synth, tmp_path_factory):
+    """`trained(task)` → TrainingResult of a tiny model that has memorised its 12 training images."""
+    from models.job import build_job
+    from models.training import train
+
+    cache: dict = {}
+
+    def get(task: str):
+        if task not in cache:
+            data = synth(task, images=12, validation_fraction=0.0)
+            params = {**RECIPES[task], "advanced_settings": NO_AUGMENT, "early_stopping": 0}
+            job = build_job(task=task, training_data=data.train_jsonl, validation_data=data.train_jsonl,
+                            params=params, output_dir=tmp_path_factory.mktemp(f"trained-{task}"),
+                            experiment_name="tests")
+            cache[task] = (train(job, progress=False, report=lambda _: None), data)
+        return cache[task]
+
+    return get
+
+
+def run_pyfunc_in_new_process(model_dir: Path, images: list[str], tmp_path: Path) -> list[dict]:
+    """Load the model folder with mlflow.pyfunc.load_model in a fresh interpreter and predict."""
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": str(model_dir), "images": images}))
+    code = (
+        "import json, sys, mlflow.pyfunc, pandas as pd\n"
+        "req = json.load(open(sys.argv[1]))\n"
+        "model = mlflow.pyfunc.load_model(req['model'])\n"
+        "out = model.predict(pd.DataFrame({'image': req['images']}))\n"
+        "json.dump(out, open(sys.argv[2], 'w'))\n"
+    )
+    response = tmp_path / "response.json"
+    done = subprocess.run([sys.executable, "-c", code, str(request), str(response)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(response.read_text())
