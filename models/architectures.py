@@ -175,9 +175,19 @@ def _rcnn(detector: type[nn.Module], depth: int) -> Builder:
     return build
 
 
+class _RetinaNet(RetinaNet):
+    """RetinaNet numbered like the R-CNNs: labels 1..K, class 0 never predicted (RetinaNet has no
+    background class of its own, so an untrained or low-threshold model would otherwise output 0)."""
+
+    def postprocess_detections(self, head_outputs, anchors, image_shapes):
+        logits = [level.index_fill(-1, torch.zeros(1, dtype=torch.long, device=level.device), float("-inf"))
+                  for level in head_outputs["cls_logits"]]
+        return super().postprocess_detections({**head_outputs, "cls_logits": logits}, anchors, image_shapes)
+
+
 def _retinanet(num_classes: int, settings: Any, trainable_bn: bool) -> nn.Module:
     backbone = _backbone(50, trainable_bn, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
-    return RetinaNet(
+    return _RetinaNet(
         backbone, num_classes=num_classes + 1, min_size=settings.min_size, max_size=settings.max_size,
         score_thresh=settings.box_score_thresh, nms_thresh=settings.nms_iou_thresh,
         detections_per_img=settings.box_detections_per_img,

@@ -213,6 +213,9 @@ def resolve_image_url(url: str, base_dir: Path, image_root: Path | None) -> str:
     scheme = parsed.scheme.lower()
     root = image_root if image_root is not None else base_dir
     if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):  # file://./images/a.jpg: relative, not /images/a.jpg
+            relative = Path(unquote(url[len("file://"):]))
+            return str(relative if relative.is_absolute() else base_dir / relative)
         return unquote(parsed.path)
     if scheme == "azureml":
         marker = "/paths/"
@@ -384,8 +387,8 @@ def check_training_set(train: Dataset, validation: Dataset | None) -> None:
                                     f"only one class ({', '.join(labels)}); classification needs at least 2"))
         if validation is not None:
             problems += check_labels(validation, labels)
-        problems += check_images(train.records)
-        if validation is not None:
-            problems += check_images(validation.records)
+    problems += check_images(train.records)  # the lines that were read, even when others were not
+    if validation is not None:
+        problems += check_images(validation.records)
     if problems:
         raise DataError(problems, "the training data")

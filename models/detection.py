@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from models.data import Box, Record
@@ -61,17 +62,18 @@ def train_transform(settings) -> Callable:
 
 
 def _crop(record_boxes: Sequence[Box], width: int, height: int, tile: Tile) -> list[tuple[Box, list[float]]]:
-    """Boxes (in tile pixels) of the objects at least MIN_VISIBLE_FRACTION inside `tile`."""
+    """Boxes (in the pixels of the tile's crop) of the objects at least MIN_VISIBLE_FRACTION inside it."""
+    left, top, right, bottom = tile.pixel_box()
     kept = []
     for b in record_boxes:
         x0, y0, x1, y1 = b.x0 * width, b.y0 * height, b.x1 * width, b.y1 * height
-        cx0, cy0 = max(x0, tile.x0), max(y0, tile.y0)
-        cx1, cy1 = min(x1, tile.x1), min(y1, tile.y1)
+        cx0, cy0 = max(x0, left), max(y0, top)
+        cx1, cy1 = min(x1, right), min(y1, bottom)
         if cx1 <= cx0 or cy1 <= cy0:
             continue
         if (cx1 - cx0) * (cy1 - cy0) < MIN_VISIBLE_FRACTION * (x1 - x0) * (y1 - y0):
             continue
-        kept.append((b, [cx0 - tile.x0, cy0 - tile.y0, cx1 - tile.x0, cy1 - tile.y0]))
+        kept.append((b, [cx0 - left, cy0 - top, cx1 - left, cy1 - top]))
     return kept
 
 
@@ -119,7 +121,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             pairs = _crop(objects, width, height, tile)
             image = image.crop(tile.pixel_box())
         target = self._target(pairs, image.size, width, height, tile)
-        return self.transform(image, target)
+        image, target = self.transform(image, target)
+        return image, (_tight_boxes(target) if self.masks else target)
 
     def _target(self, pairs, size: tuple[int, int], width: int, height: int, tile: Tile | None) -> dict:
         canvas = (size[1], size[0])
@@ -138,6 +141,20 @@ class DetectionDataset(torch.utils.data.Dataset):
             stacked = np.stack(full) if full else np.zeros((0, *canvas), dtype=np.uint8)
             target["masks"] = tv_tensors.Mask(torch.from_numpy(stacked))
         return target
+
+
+def _tight_boxes(target: dict) -> dict:
+    """Boxes of what is left of each mask after augmentation (a crop may cut an object)."""
+    masks = target["masks"]
+    keep = masks.flatten(1).bool().any(dim=1)
+    boxes = masks_to_boxes(masks[keep]) if keep.any() else torch.zeros((0, 4))
+    keep_idx = torch.nonzero(keep).flatten()
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    index = keep_idx[valid]
+    out = {k: v[index] for k, v in target.items() if k not in ("boxes", "masks")}
+    out["boxes"] = tv_tensors.BoundingBoxes(boxes[valid], format="XYXY", canvas_size=masks.shape[-2:])
+    out["masks"] = tv_tensors.Mask(masks[index])
+    return out
 
 
 def collate(batch):

@@ -11,9 +11,13 @@ the folder is loaded; nothing of the training process is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -100,6 +104,21 @@ def signature():
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]))
 
 
+@contextlib.contextmanager
+def _no_uv_project_copy() -> Iterator[None]:
+    """MLflow copies the *current directory's* uv.lock/pyproject.toml into the model; we pin
+    requirements ourselves, so the folder must not depend on where the command ran."""
+    previous = os.environ.get("MLFLOW_UV_AUTO_DETECT")
+    os.environ["MLFLOW_UV_AUTO_DETECT"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_UV_AUTO_DETECT", None)
+        else:
+            os.environ["MLFLOW_UV_AUTO_DETECT"] = previous
+
+
 def export_model(path: str | Path, model_settings: ModelSettings, state_dict: dict[str, torch.Tensor]) -> Path:
     """Write the MLflow model folder at `path` (replaced if it exists)."""
     import mlflow.pyfunc
@@ -109,7 +128,9 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_uv_project_copy(), warnings.catch_warnings():
+        # an input example would make MLflow load and run the model at save time; the signature says it all
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         settings_file = Path(tmp) / SETTINGS_FILE
         settings_file.write_text(json.dumps(model_settings.document(), indent=2) + "\n")
         weights_file = Path(tmp) / WEIGHTS_FILE

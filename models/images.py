@@ -81,7 +81,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) read from the file header, after EXIF orientation; no full decode."""
     with _open(path) as img:
         width, height = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        try:  # PNG's getexif() reads the whole file to find an eXIf chunk after the pixels
+            orientation = img.getexif().get(0x0112, 1)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError("unreadable", f"image data is corrupt or truncated: {exc}") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 

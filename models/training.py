@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,6 +168,7 @@ class _Loop:
         self.stopper = EarlyStopping(self.s.early_stopping_patience, self.s.early_stopping_delay, self.s.early_stopping)
         self.ckpt_dir = job.output_dir / "checkpoints"
         self.history: list[dict[str, float]] = []
+        self.updates = 0
         self.best_epoch, self.best_metrics = 0, {}
 
     def train_epoch(self, epoch: int) -> float:
@@ -186,6 +188,7 @@ class _Loop:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
+                self.updates += 1
             total += loss.item()
             count += 1
             bar.set_postfix(loss=f"{total / count:.4f}")
@@ -207,7 +210,8 @@ class _Loop:
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             train_loss = self.train_epoch(epoch)
-            row = {"train_loss": train_loss, "learning_rate": self.optimizer.param_groups[0]["lr"]}
+            row = {"train_loss": train_loss, "learning_rate": self.optimizer.param_groups[0]["lr"],
+                   "optimizer_steps": float(self.updates)}
             note = ""
             if epoch % self.s.evaluation_frequency == 0 or epoch == epochs:
                 metrics = self.evaluate()
@@ -235,7 +239,7 @@ class _Loop:
 
 def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], None] | None = None) -> TrainingResult:
     """Run one training job end to end; returns where the MLflow model folder is."""
-    report = report or tqdm.write
+    report = report or (lambda message: tqdm.write(message, file=sys.stderr))
     started = time.time()
     prepared = prepare(job)
     _seed_everything(prepared.settings.seed)

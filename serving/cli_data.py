@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from models.convert import COCO_TASKS, ConvertSummary, coco_to_jsonl, voc_to_jsonl
+from models.convert import COCO_TASKS, ConvertSummary, coco_to_jsonl
+from models.convert_voc import voc_to_jsonl
 from models.synth import TASKS, write_synthetic_dataset
 
 _SHOWN_WARNINGS = 10

@@ -34,5 +34,5 @@ class VisionModel(mlflow.pyfunc.PythonModel):
 
         self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict]:
         return self.predictor.predict_encoded(image_rows(model_input))

@@ -35,17 +35,25 @@ IMAGE_SIZE = (128, 96)  # not square, so a swapped width/height shows
 
 
 @pytest.fixture(scope="session", autouse=True)
-def mlflow_store(tmp_path_factory):
-    """One SQLite MLflow store for the session, artifacts in the session's temp folder."""
-    import mlflow
-
+def mlflow_uri(tmp_path_factory) -> str:
+    """The session's SQLite MLflow store (nothing is created until something logs)."""
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    for name in ("visionserve", "tests"):
-        mlflow.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
     return uri
+
+
+@pytest.fixture(scope="session")
+def tracking(mlflow_uri, tmp_path_factory) -> str:
+    """The store with its experiments made, their artifacts in the session's temp folder."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    root = tmp_path_factory.mktemp("mlflow-artifacts")
+    for name in ("visionserve", "tests"):
+        if mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=(root / name).as_uri())
+    return mlflow_uri
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +76,7 @@ def synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained(synth, tmp_path_factory):
+def trained(synth, tracking, tmp_path_factory):
     """`trained(task)` → TrainingResult of a tiny model that has memorised its 12 training images."""
     from models.job import build_job
     from models.training import train

@@ -1,0 +1,29 @@
+# visionserve on a CUDA runtime. torch's CUDA 13.0 build brings its own CUDA libraries as wheels;
+# the base image supplies the driver-facing runtime pieces. Build: docker build -t visionserve .
+# Run:   docker run --gpus all -v "$PWD:/work" visionserve train job.yml --output /work/outputs
+FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
+
+COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /uvx /bin/
+
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_INSTALL_DIR=/opt/python \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+# dependencies first (a layer that survives code changes), exactly as locked
+COPY pyproject.toml uv.lock .python-version README.md ./
+RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev --no-install-project
+COPY models ./models
+COPY serving ./serving
+RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev
+
+WORKDIR /work
+ENTRYPOINT ["visionserve"]
+CMD ["--help"]
