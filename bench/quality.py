@@ -26,16 +26,17 @@ from models.training import train  # noqa: E402
 
 RECIPES = {
     "classification": {
-        "task": "image_classification", "images": 400, "size": (96, 96), "metric": "accuracy", "target": 0.95,
-        "budget_minutes": 5,
-        "params": {"model_name": "resnet18", "number_of_epochs": 15, "training_batch_size": 16,
-                   "validation_batch_size": 64, "valid_resize_size": 80, "valid_crop_size": 80, "train_crop_size": 80,
-                   "learning_rate": 0.01, "warmup_cosine_lr_warmup_epochs": 1, "early_stopping": 0},
+        "task": "image_classification", "images": 2400, "size": (64, 64), "metric": "accuracy", "target": 0.95,
+        "budget_minutes": 10,
+        "params": {"model_name": "resnet18", "number_of_epochs": 20, "training_batch_size": 32,
+                   "validation_batch_size": 64, "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
+                   "optimizer": "adam", "learning_rate": 0.001, "warmup_cosine_lr_warmup_epochs": 1,
+                   "early_stopping": 0},
     },
     "detection": {
         "task": "image_object_detection", "images": 300, "size": (128, 128), "metric": "mean_average_precision",
-        "target": 0.6, "budget_minutes": 20,
-        "params": {"model_name": "fasterrcnn_resnet18_fpn", "number_of_epochs": 20, "training_batch_size": 4,
+        "target": 0.6, "budget_minutes": 30,
+        "params": {"model_name": "fasterrcnn_resnet18_fpn", "number_of_epochs": 24, "training_batch_size": 4,
                    "validation_batch_size": 8, "min_size": 128, "max_size": 128, "learning_rate": 0.01,
                    "warmup_cosine_lr_warmup_epochs": 1, "box_batch_size_per_image": 128,
                    "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "early_stopping": 0,
@@ -51,7 +52,7 @@ def run(name: str, workdir: Path) -> dict:
                     params=r["params"], output_dir=workdir / f"{name}-out", experiment_name="bench",
                     run_name=f"quality-{name}")
     start = time.perf_counter()
-    result = train(job, progress=False)
+    result = train(job, progress=False, report=lambda m: print(m, flush=True) if m.startswith("epoch") else None)
     seconds = time.perf_counter() - start
     value = result.best_metrics[r["metric"]]
     return {"case": name, "model": r["params"]["model_name"], "train_images": data.n_train,

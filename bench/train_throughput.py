@@ -1,6 +1,6 @@
 """Training throughput: our training loop vs a bare torch loop, same model, batch, data and loader.
 
-    uv run python bench/train_throughput.py [--epochs 3] [--images 96]
+    uv run python bench/train_throughput.py [--epochs 3] [--images N]
 
 Both loops iterate the very same DataLoader (same dataset, transforms and workers) over freshly
 built models of the same architecture; the first epoch of each is a warm-up and not counted.
@@ -26,11 +26,11 @@ from models.optim import make_optimizer  # noqa: E402
 from models.synth import write_synthetic_dataset  # noqa: E402
 from models.training import _Loop, prepare  # noqa: E402
 
-CASES = {
-    "resnet18": ("image_classification", (96, 96), {
+CASES = {  # name: (task, image size, images, parameters); enough batches per epoch to average out noise
+    "resnet18": ("image_classification", (96, 96), 320, {
         "model_name": "resnet18", "training_batch_size": 16, "valid_resize_size": 80, "valid_crop_size": 80,
         "train_crop_size": 80}),
-    "fasterrcnn_resnet18_fpn": ("image_object_detection", (128, 128), {
+    "fasterrcnn_resnet18_fpn": ("image_object_detection", (128, 128), 120, {
         "model_name": "fasterrcnn_resnet18_fpn", "training_batch_size": 4, "min_size": 128, "max_size": 128,
         "box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300}),
 }
@@ -51,8 +51,9 @@ def bare_epoch(model, loader, optimizer, task_ops, device) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, epochs: int, images: int, workdir: Path) -> dict:
-    task_name, size, params = CASES[name]
+def measure(name: str, epochs: int, images: int | None, workdir: Path) -> dict:
+    task_name, size, default_images, params = CASES[name]
+    images = images or default_images
     data = write_synthetic_dataset(task_name, workdir / name, images, image_size=size, seed=0)
     job = build_job(task=task_name, training_data=data.train_jsonl, validation_data=data.validation_jsonl,
                     params={**params, "number_of_epochs": epochs + 1, "num_workers": 1}, output_dir=workdir / "out",
@@ -83,7 +84,7 @@ def measure(name: str, epochs: int, images: int, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--images", type=int, default=None, help="synthetic images (default: per model)")
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
     private_mlflow_store()

@@ -21,28 +21,32 @@ from models.images import decode
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_TO_TENSOR = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+_TO_FLOAT = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def eval_transform(settings) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize (shorter side) → center crop → normalise: validation and inference alike."""
+def eval_transform(settings) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+    """uint8 image (PIL or [3, H, W] tensor, CPU or GPU) → resize (shorter side) → center crop →
+    normalise: validation and inference alike, the same tensor operations wherever it runs."""
     return v2.Compose([
+        v2.ToImage(),
         v2.Resize(settings.valid_resize_size, antialias=True),
         v2.CenterCrop(settings.valid_crop_size),
-        *_TO_TENSOR,
+        *_TO_FLOAT,
     ])
 
 
 def train_transform(settings) -> Callable[[Image.Image], torch.Tensor]:
-    """Random resized crop, flip and colour jitter; only resize + crop without augmentations."""
+    """Random resized crop (25-100 % of the image area, so the object usually stays in view), flip and
+    colour jitter; only resize + center crop without augmentations."""
     size = settings.train_crop_size
     if not settings.advanced_settings.apply_automl_train_augmentations:
-        return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), *_TO_TENSOR])
+        return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), *_TO_FLOAT])
     return v2.Compose([
-        v2.RandomResizedCrop(size, antialias=True),
+        v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
-        *_TO_TENSOR,
+        v2.ToImage(),
+        *_TO_FLOAT,
     ])
 
 

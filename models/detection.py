@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from models.data import Box, Record
 from models.images import decode, image_size
 from models.polygons import mask_to_polygons, polygons_to_mask
+from models.tile_merge import merge_detections
 from models.tiling import Tile, tile_grid
 
 MIN_VISIBLE_FRACTION = 0.25  # a box cut by a training tile is kept if this much of it is inside
@@ -165,9 +166,44 @@ def loss(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequence[dic
     return sum(model(list(images), list(targets)).values())
 
 
+def configure(model: nn.Module, settings) -> None:
+    """Apply sizes and thresholds of `settings` to a torchvision detector (they live on the model)."""
+    model.transform.min_size = (settings.min_size,)
+    model.transform.max_size = settings.max_size
+    heads = model.roi_heads if hasattr(model, "roi_heads") else model  # RetinaNet keeps them on itself
+    heads.score_thresh = settings.box_score_thresh
+    heads.nms_thresh = settings.nms_iou_thresh
+    heads.detections_per_img = settings.box_detections_per_img
+
+
 def predict(model: nn.Module, images: Sequence[torch.Tensor], settings) -> list[dict]:
-    """Raw detections per image in its own pixel coordinates (torchvision's output dicts)."""
-    return model(list(images))
+    """Raw detections per image in its own pixel coordinates (torchvision's output dicts).
+
+    With `tile_grid_size` set, each image is scored as its tiles (one batched forward pass) plus
+    the whole image, and the detections are mapped back and merged (`models.tile_merge`).
+    """
+    grid = getattr(settings, "tile_grid", None)
+    if grid is None:
+        return model(list(images))
+    return [_predict_tiled(model, image, grid, settings) for image in images]
+
+
+def _predict_tiled(model: nn.Module, image: torch.Tensor, grid: tuple[int, int], settings) -> dict:
+    height, width = image.shape[-2:]
+    boxes = [t.pixel_box() for t in tile_grid(width, height, grid, settings.tile_overlap_ratio)]
+    crops = [image[:, top:bottom, left:right] for left, top, right, bottom in boxes]
+    offsets = [(left, top) for left, top, _, _ in boxes] + [(0, 0)]
+    # the tiles share one size, so they batch without padding; the whole image goes on its own
+    outputs = model(crops) + model([image])
+    shift = torch.tensor([[x, y, x, y] for x, y in offsets], dtype=torch.float32, device=image.device)
+    all_boxes = torch.cat([out["boxes"] + shift[i] for i, out in enumerate(outputs)])
+    sources = torch.cat([torch.full((len(out["boxes"]),), i, dtype=torch.long, device=image.device)
+                         for i, out in enumerate(outputs)])
+    merged = merge_detections(all_boxes, torch.cat([o["scores"] for o in outputs]),
+                              torch.cat([o["labels"] for o in outputs]), sources,
+                              settings.tile_predictions_nms_thresh, getattr(settings, "tile_merge", "nms"))
+    limit = settings.box_detections_per_img
+    return {"boxes": merged["boxes"][:limit], "scores": merged["scores"][:limit], "labels": merged["labels"][:limit]}
 
 
 def _mask_image(mask: np.ndarray, image_type: str) -> str:

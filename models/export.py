@@ -1,18 +1,19 @@
 """The MLflow model folder (training.md, last section) and its `artifacts/settings.json`.
 
     mlflow-model/
-      MLmodel, conda.yaml, python_env.yaml, requirements.txt, python_model.pkl
+      MLmodel, conda.yaml, python_env.yaml, requirements.txt, mlflow_model.py
       artifacts/settings.json   task, model_name, labels and inference.md's parameters
       artifacts/model.pt        the weights, a plain state_dict
 
-The pyfunc class is `serving.pyfunc.VisionModel`, imported from the installed package when
-the folder is loaded; nothing of the training process is pickled.
+The pyfunc is MLflow "models from code": `mlflow_model.py` names `serving.pyfunc.VisionModel`,
+imported from the installed package when the folder is loaded; nothing is pickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from models.params import SettingsError, as_dict
+from models.params import SettingsError, as_dict, field_specs
 from models.tasks import Task, get_task, inference_settings
 
 SETTINGS_FILE = "settings.json"
@@ -97,40 +98,52 @@ def pip_requirements() -> list[str]:
     return pins + ([f"visionserve=={version}"] if version else [])
 
 
-def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+_PARAM_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
 
-    return ModelSignature(inputs=Schema([ColSpec("string", "image")]))
+
+def signature(task: Task):
+    """Input: one string column `image` (base64). Params: the task's inference settings, each
+    overridable per request (default None: settings.json decides), so that `mlflow models serve`
+    forwards them."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    specs = [ParamSpec(name, _PARAM_TYPES[spec.kind], None)
+             for name, spec in field_specs(task.inference_cls).items() if spec.per_request]
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), params=ParamSchema(specs))
 
 
 @contextlib.contextmanager
-def _no_uv_project_copy() -> Iterator[None]:
-    """MLflow copies the *current directory's* uv.lock/pyproject.toml into the model; we pin
-    requirements ourselves, so the folder must not depend on where the command ran."""
-    previous = os.environ.get("MLFLOW_UV_AUTO_DETECT")
-    os.environ["MLFLOW_UV_AUTO_DETECT"] = "false"
+def _quiet_save() -> Iterator[None]:
+    """MLflow save settings for one call: don't copy the *current directory's* uv.lock/pyproject.toml
+    into the model (we pin requirements ourselves, the folder must not depend on where the command
+    ran), no progress bar for copying two local files."""
+    wanted = {"MLFLOW_UV_AUTO_DETECT": "false", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    previous = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_UV_AUTO_DETECT", None)
-        else:
-            os.environ["MLFLOW_UV_AUTO_DETECT"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def export_model(path: str | Path, model_settings: ModelSettings, state_dict: dict[str, torch.Tensor]) -> Path:
     """Write the MLflow model folder at `path` (replaced if it exists)."""
     import mlflow.pyfunc
 
-    from serving.pyfunc import VisionModel
+    import serving
 
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
-    with tempfile.TemporaryDirectory() as tmp, _no_uv_project_copy(), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, _quiet_save(), warnings.catch_warnings():
         # an input example would make MLflow load and run the model at save time; the signature says it all
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "pip version" noise under uv
         settings_file = Path(tmp) / SETTINGS_FILE
         settings_file.write_text(json.dumps(model_settings.document(), indent=2) + "\n")
         weights_file = Path(tmp) / WEIGHTS_FILE
@@ -138,9 +151,9 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
                    weights_file)
         mlflow.pyfunc.save_model(
             path=str(path),
-            python_model=VisionModel(),
+            python_model=str(Path(serving.__file__).parent / "mlflow_model.py"),
             artifacts={"settings": str(settings_file), "weights": str(weights_file)},
-            signature=signature(),
+            signature=signature(model_settings.task),
             pip_requirements=pip_requirements(),
             metadata={"task": model_settings.task.name, "model_name": model_settings.model_name},
         )

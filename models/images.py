@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 MIN_SIDE = 50
 MAX_SIDE = 16_000
@@ -77,7 +79,7 @@ def check_bytes(size: int, limits: Limits) -> None:
         )
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
+def image_size(path: bytes | str | Path) -> tuple[int, int]:
     """(width, height) read from the file header, after EXIF orientation; no full decode."""
     with _open(path) as img:
         width, height = img.size
@@ -134,3 +136,37 @@ def decode(data: bytes | str | Path, limits: Limits = Limits()) -> Image.Image:
         return to_rgb(img)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError("unreadable", f"image data is corrupt or truncated: {exc}") from None
+
+
+def probe(data: bytes, limits: Limits = Limits()) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, checked against `limits` without decoding the pixels."""
+    check_bytes(len(data), limits)
+    width, height = image_size(data)
+    check_size(width, height, limits)
+    return width, height
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 [3, H, W] tensor."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+_JPEG = b"\xff\xd8\xff"
+
+
+def decode_tensor(data: bytes, limits: Limits = Limits(), device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bytes → uint8 [3, H, W] on `device`. On a GPU, JPEGs are decoded there (nvJPEG, EXIF
+    orientation applied) after the same size checks; anything else goes through `decode`."""
+    device = torch.device(device)
+    if device.type == "cuda" and bytes(data[:3]) == _JPEG:
+        check_bytes(len(data), limits)
+        with _open(data) as img:  # the header only: reject sizes before decoding anything
+            check_size(*img.size, limits)
+            gray_or_cmyk = img.mode not in ("RGB", "L")
+        if not gray_or_cmyk:
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                   device=device, apply_exif_orientation=True)
+            except RuntimeError:
+                pass  # a JPEG variant nvJPEG does not take: Pillow below
+    return to_tensor(decode(data, limits)).to(device, non_blocking=True)

@@ -44,6 +44,7 @@ class Spec:
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     inference: bool = False
+    per_request: bool = True  # an inference setting a request may override (False: fixed at load)
     doc: str = ""
 
     def describe(self) -> str:
@@ -89,6 +90,7 @@ def param(
     choices: Sequence[Any] | None = None,
     nullable: bool | None = None,
     inference: bool = False,
+    per_request: bool = True,
     doc: str = "",
 ) -> Any:
     """A dataclass field carrying its `Spec` in metadata."""
@@ -98,7 +100,7 @@ def param(
         kind=kind, ge=ge, gt=gt, le=le, lt=lt,
         choices=tuple(choices) if choices is not None else None,
         nullable=default is None if nullable is None else nullable,
-        inference=inference, doc=doc,
+        inference=inference, per_request=per_request, doc=doc,
     )
     return dataclasses.field(default=default, metadata={"spec": spec})
 

@@ -54,6 +54,7 @@ class ClassificationInference:
     valid_resize_size: int = param(256, ge=1, inference=True, doc="resize before the center crop")
     valid_crop_size: int = param(224, ge=1, inference=True, doc="center crop fed to the network")
     batch_size: int = param(16, ge=1, inference=True, doc="images per forward pass when scoring")
+    half_precision: bool = param(False, inference=True, per_request=False, doc="float16 on a GPU (ignored on a CPU)")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,10 @@ class DetectionInference:
     tile_grid_size: str | None = param(None, str, inference=True, doc='e.g. "3x2": tiles across x down')
     tile_overlap_ratio: float = param(0.25, ge=0, lt=1, inference=True)
     tile_predictions_nms_thresh: float = param(0.25, ge=0, le=1, inference=True)
+    tile_merge: str = param("nms", choices=("nms", "greedy_nmm"), inference=True,
+                            doc="how tile and whole-image detections are merged")
     batch_size: int = param(4, ge=1, inference=True, doc="images per forward pass when scoring")
+    half_precision: bool = param(False, inference=True, per_request=False, doc="float16 on a GPU (ignored on a CPU)")
 
     @property
     def tile_grid(self) -> tuple[int, int] | None:

@@ -380,6 +380,7 @@ def write_synthetic_dataset(
     seed: int = 0,
     validation_fraction: float = 0.2,
     shapes: Sequence[str] = DEFAULT_SHAPES,
+    background: Literal["textured", "plain"] = "textured",
 ) -> SynthSummary:
     """Write `out_dir/train.jsonl`, `out_dir/validation.jsonl` and `out_dir/images/NNNNNN.(png|jpg)`.
 
@@ -406,7 +407,7 @@ def write_synthetic_dataset(
     indices = tqdm(range(images), desc="synth images", file=sys.stderr, disable=images <= PROGRESS_THRESHOLD)
     for i in indices:
         image_rng = np.random.default_rng([seed, i])
-        image, base = _background(width, height, image_rng, "textured")
+        image, base = _background(width, height, image_rng, background)
         drawn = _place_shapes(plans[i], size_range, width, height, image_rng, base)
         _draw(image, drawn)
         name = f"{i:06d}.{ext}"

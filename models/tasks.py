@@ -15,7 +15,7 @@ from torch import nn
 
 from models import classification, detection, metrics
 from models.architectures import Architecture, Family, get_architecture
-from models.data import LABEL_PARSERS, Record
+from models.data import Record
 from models.params import SettingsError, parse_settings
 from models.settings import (
     ALIASES, UNSUPPORTED, ClassificationInference, ClassificationSettings, DetectionInference,
@@ -38,6 +38,9 @@ class ClassificationOps:
 
     def preprocess(self, settings) -> Callable:
         return classification.eval_transform(settings)
+
+    def configure(self, model: nn.Module, settings) -> None:
+        """Nothing in a classifier depends on the inference settings."""
 
     def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
         return classification.class_weights(records, labels, settings.weighted_loss, self.multilabel)
@@ -84,6 +87,9 @@ class DetectionOps:
 
     def preprocess(self, settings) -> Callable:
         return detection.eval_transform(settings)
+
+    def configure(self, model: nn.Module, settings) -> None:
+        detection.configure(model, settings)
 
     def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
         return None
@@ -140,9 +146,6 @@ class Task:
     @property
     def is_classification(self) -> bool:
         return self.family == "classification"
-
-    def parse_label(self, label: Any):
-        return LABEL_PARSERS[self.name](label)
 
 
 _CLASSIFICATION_DEFAULTS = {"training_batch_size": 78, "validation_batch_size": 78}

@@ -176,7 +176,7 @@ class _Loop:
         accumulate = self.s.grad_accumulation_step
         total, count = 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.s.number_of_epochs}", unit="batch",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+                   disable=None if self.progress else True, leave=False, dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=1):
             loss = self.task.ops.loss(self.model, batch, self.device, self.loss_context)
@@ -250,9 +250,10 @@ def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], No
     mlflow.set_experiment(job.experiment_name)
     with mlflow.start_run(run_name=job.run_name) as run:
         mlflow.set_tags({"task": job.task.name, "model_name": prepared.arch.name})
-        mlflow.log_params(_flat_params(prepared.settings, {"task": job.task.name, "labels": ",".join(prepared.labels),
+        mlflow.log_params(_flat_params(prepared.settings, {"task": job.task.name, "n_labels": len(prepared.labels),
                                                            "n_train": len(prepared.train),
                                                            "n_validation": len(prepared.validation)}))
+        mlflow.log_dict({"labels": prepared.labels}, "labels.json")
         loop = _Loop(job, prepared, device, report, progress)
         deadline = started + job.timeout_minutes * 60 if job.timeout_minutes else None
         epochs_run = loop.run(deadline)

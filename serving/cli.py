@@ -51,7 +51,7 @@ def _predict(args: argparse.Namespace) -> int:
     from serving.inference import Predictor
 
     predictor = Predictor.load(args.model, overrides=parse_param_flags(args.set))
-    responses = predictor.predict_rows(predictor.decode_rows(args.images, base64_encoded=False))
+    responses = predictor.predict_files(args.images)
     out = [{"image": str(path), **response} for path, response in zip(args.images, responses)]
     text = json.dumps(out, indent=None if args.compact else 2)
     if args.output:
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("demo", help="synthetic data → training → MLflow model → scoring, in about a minute")
+    p = sub.add_parser("demo", help="synthetic data → training → MLflow model → scoring, in a couple of minutes on a CPU")
     p.add_argument("--task", default="image_classification", help="which task to demonstrate")
     p.add_argument("--out", default="visionserve-demo", help="folder for the data, model and MLflow store")
     p.add_argument("--images", type=int, default=None, help="synthetic images to generate")

@@ -13,17 +13,20 @@ import binascii
 import logging
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from models.architectures import build_model, get_architecture
+from models.architectures import Architecture, build_model, get_architecture
 from models.export import SETTINGS_FILE, WEIGHTS_FILE, ModelSettings, read_settings
-from models.images import PREDICTION_LIMITS, ImageError, Limits, decode
+from models.images import PREDICTION_LIMITS, ImageError, Limits, decode_tensor, probe, to_tensor
+from models.params import SettingsError, as_dict, field_specs
+from models.tasks import inference_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +76,11 @@ def find_artifacts(model_dir: str | Path) -> tuple[Path, Path]:
 @dataclass
 class Predictor:
     spec: ModelSettings
+    arch: Architecture
     model: torch.nn.Module
     device: torch.device
     limits: Limits = PREDICTION_LIMITS
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_files(cls, settings_path: str | Path, weights_path: str | Path, *, device: torch.device | None = None,
@@ -95,8 +100,10 @@ class Predictor:
                              f"and the settings in {settings_path} ({str(exc).splitlines()[0]}); "
                              "was valid_crop_size changed for a ViT model?") from None
         model.eval().to(device)
+        if spec.settings.half_precision and device.type == "cuda":
+            model.half()
         log.info("loaded %s (%s, %d labels) on %s", spec.model_name, spec.task.name, len(spec.labels), device)
-        return cls(spec, model, device)
+        return cls(spec, arch, model, device)
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs: Any) -> "Predictor":
@@ -106,35 +113,100 @@ class Predictor:
     def labels(self) -> list[str]:
         return self.spec.labels
 
-    def predict_images(self, images: Sequence[Image.Image]) -> list[dict]:
-        """Responses for decoded RGB images, `batch_size` images per forward pass."""
-        ops, settings = self.spec.task.ops, self.spec.settings
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def settings_for(self, params: Mapping[str, Any] | None) -> Any:
+        """The settings in force for one request: settings.json plus validated per-request overrides."""
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        if not given:
+            return self.spec.settings
+        specs = field_specs(self.spec.task.inference_cls)
+        problems = [f"{k}: set when the model loads (settings.json or --set), not per request"
+                    for k in given if k in specs and not specs[k].per_request]
+        if self.arch.fixed_input and given.get("valid_crop_size", self.spec.settings.valid_crop_size) != \
+                self.spec.settings.valid_crop_size:
+            problems.append(f"valid_crop_size: {self.arch.name} was built for {self.spec.settings.valid_crop_size}")
+        if problems:
+            raise SettingsError(problems, "request parameters")
+        current = as_dict(self.spec.settings, inference_only=True)
+        return inference_settings(self.spec.task, {**current, **given}, source="request parameters")
+
+    def _score(self, count: int, sizes: Sequence[tuple[int, int]], load, params) -> list[dict | ImageError]:
+        """Score `count` images, `batch_size` per forward pass, loading each (`load(i)` → uint8
+        [3, H, W]) only when its batch comes, so memory holds one batch of pixels at a time. Images
+        of similar shape are batched together (less padding for detectors); answers keep input order."""
+        settings = self.settings_for(params)
+        ops = self.spec.task.ops
         preprocess = ops.preprocess(settings)
-        responses: list[dict] = []
-        for start in range(0, len(images), settings.batch_size):
-            chunk = images[start:start + settings.batch_size]
-            inputs = [preprocess(image) for image in chunk]
-            with torch.inference_mode():
-                outputs = ops.predict(self.model, inputs, settings)
-            responses += [ops.format(out, image.size, self.labels, settings) for out, image in zip(outputs, chunk)]
-        return responses
+        order = sorted(range(count), key=lambda i: sizes[i][1] / sizes[i][0])
+        results: list[dict | ImageError | None] = [None] * count
+        with self._lock, torch.inference_mode():
+            ops.configure(self.model, settings)
+            for start in range(0, count, settings.batch_size):
+                loaded = []
+                for i in order[start:start + settings.batch_size]:
+                    try:
+                        loaded.append((i, preprocess(load(i).to(self.device, non_blocking=True)).to(self.dtype)))
+                    except ImageError as exc:
+                        results[i] = exc
+                if not loaded:
+                    continue
+                outputs = ops.predict(self.model, [x for _, x in loaded], settings)
+                for (i, _), out in zip(loaded, outputs):
+                    results[i] = ops.format(out, sizes[i], self.labels, settings)
+        return results
 
-    def decode_rows(self, rows: Sequence[Any], *, base64_encoded: bool = True) -> list[Image.Image | ImageError]:
-        """Decode every row (base64 strings, or file paths), keeping each failure in its place."""
-        decoded: list[Image.Image | ImageError] = []
-        for row in rows:
+    def predict_images(self, images: Sequence[Image.Image | torch.Tensor],
+                       params: Mapping[str, Any] | None = None) -> list[dict]:
+        """Responses for decoded images (RGB PIL or uint8 [3, H, W] tensors), in input order."""
+        tensors = [to_tensor(im) if isinstance(im, Image.Image) else im for im in images]
+        sizes = [(t.shape[-1], t.shape[-2]) for t in tensors]
+        return self._score(len(tensors), sizes, tensors.__getitem__, params)
+
+    def predict_bytes(self, items: Sequence[bytes | ImageError], params: Mapping[str, Any] | None = None) -> list[dict]:
+        """Responses for encoded images (or the error each row already has), in input order; each
+        image is checked from its header first and decoded only when its batch is scored."""
+        self.settings_for(params)  # a bad parameter fails the request before any image work
+        sizes: list[tuple[int, int]] = []
+        usable: list[int] = []
+        errors: dict[int, ImageError] = {}
+        for i, item in enumerate(items):
             try:
-                decoded.append(decode(decode_base64(row) if base64_encoded else row, self.limits))
+                if isinstance(item, ImageError):
+                    raise item
+                sizes.append(probe(item, self.limits))
+                usable.append(i)
             except ImageError as exc:
-                decoded.append(exc)
-        return decoded
+                errors[i] = exc
+        scored = self._score(len(usable), sizes, lambda k: decode_tensor(items[usable[k]], self.limits, self.device),
+                             params)
+        for k, result in enumerate(scored):
+            if isinstance(result, ImageError):
+                errors[usable[k]] = result
+        answers = dict(zip(usable, scored))
+        return [row_error(i, errors[i]) if i in errors else answers[i] for i in range(len(items))]
 
-    def predict_rows(self, decoded: Sequence[Image.Image | ImageError]) -> list[dict]:
-        """Responses in input order; a row that failed to decode gets its error object."""
-        good = [d for d in decoded if isinstance(d, Image.Image)]
-        answers = iter(self.predict_images(good))
-        return [next(answers) if isinstance(d, Image.Image) else row_error(i, d) for i, d in enumerate(decoded)]
+    def predict_files(self, paths: Sequence[str | Path], params: Mapping[str, Any] | None = None) -> list[dict]:
+        return self.predict_bytes([_read_or_error(p) for p in paths], params)
 
-    def predict_encoded(self, rows: Sequence[Any]) -> list[dict]:
+    def predict_encoded(self, rows: Sequence[Any], params: Mapping[str, Any] | None = None) -> list[dict]:
         """Responses for base64 strings, in input order; a bad row gets an error object."""
-        return self.predict_rows(self.decode_rows(rows))
+        return self.predict_bytes([_b64_or_error(row) for row in rows], params)
+
+
+def _b64_or_error(row: Any) -> bytes | ImageError:
+    try:
+        return decode_base64(row)
+    except ImageError as exc:
+        return exc
+
+
+def _read_or_error(path: str | Path) -> bytes | ImageError:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return ImageError("missing", f"file not found: {path}")
+    except OSError as exc:
+        return ImageError("unreadable", f"cannot read {path}: {exc}")

@@ -35,4 +35,13 @@ class VisionModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict]:
-        return self.predictor.predict_encoded(image_rows(model_input))
+        """One response per image row; `params` may override inference settings for this call."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from models.params import SettingsError
+
+        try:
+            return self.predictor.predict_encoded(image_rows(model_input), params)
+        except (SettingsError, ValueError) as exc:  # bad input: a 400 from `mlflow models serve`, not a 500
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None

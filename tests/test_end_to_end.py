@@ -66,7 +66,7 @@ def _iou(a: dict, b: dict) -> float:
 def test_model_folder_has_the_cloud_layout_and_plain_weights(trained, task):
     result, data = trained(task)
     folder = result.model_dir
-    for name in ("MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "python_model.pkl",
+    for name in ("MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "mlflow_model.py",
                  "artifacts/settings.json", "artifacts/model.pt"):
         assert (folder / name).is_file(), name
     assert not (folder / "uv.lock").exists()

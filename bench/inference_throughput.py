@@ -1,0 +1,118 @@
+"""Inference throughput: the MLflow pyfunc vs the bare model, and the cost of 3x2 tiling.
+
+    uv run python bench/inference_throughput.py [--images 16] [--repeats 3]
+
+For a classifier (resnet18, 224 crop) and a detector (fasterrcnn_resnet18_fpn, min_size 600):
+- pyfunc: `mlflow.pyfunc.load_model(folder).predict(df)` on base64 JPEGs (640x480), all of it
+  counted: base64, decoding, preprocessing, batching, the model, the response;
+- bare: the same weights' forward on already-decoded, already-preprocessed tensors in batches
+  of the same size, `torch.inference_mode`; nothing else.
+Target: pyfunc >= 0.8 of bare. Tiling: seconds per image with `tile_grid_size` 3x2 over seconds
+per image without (target <= 5x; one forward per tile plus the whole image would be 7x).
+Writes bench/results/inference_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import peak_rss_mb, table, write  # noqa: E402
+from models.architectures import build_model, get_architecture  # noqa: E402
+from models.export import ModelSettings, export_model  # noqa: E402
+from models.tasks import get_task, inference_settings  # noqa: E402
+
+LABELS = ["circle", "square", "star", "triangle"]
+CASES = {
+    "resnet18": ("image_classification", {"batch_size": 16}),
+    "fasterrcnn_resnet18_fpn": ("image_object_detection", {"batch_size": 4, "box_score_thresh": 0.05}),
+}
+
+
+def _jpeg(seed: int, size=(640, 480)) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, size=(size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _folder(name: str, workdir: Path) -> tuple[Path, ModelSettings, torch.nn.Module]:
+    task_name, values = CASES[name]
+    task = get_task(task_name)
+    spec = ModelSettings(task, name, LABELS, inference_settings(task, values))
+    torch.manual_seed(0)
+    model = build_model(get_architecture(name, task.family), len(LABELS), spec.settings).eval()
+    return export_model(workdir / name, spec, model.state_dict()), spec, model
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(name: str, n: int, repeats: int, workdir: Path) -> dict:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    folder, spec, model = _folder(name, workdir)
+    jpegs = [_jpeg(i) for i in range(n)]
+    frame = pd.DataFrame({"image": [base64.encodebytes(j).decode("utf-8") for j in jpegs]})
+    pyfunc = mlflow.pyfunc.load_model(str(folder))
+    ops, settings = spec.task.ops, spec.settings
+    preprocess = ops.preprocess(settings)
+    tensors = [preprocess(torch.from_numpy(np.array(Image.open(io.BytesIO(j)).convert("RGB"))).permute(2, 0, 1))
+               for j in jpegs]
+
+    def bare():
+        with torch.inference_mode():
+            for start in range(0, n, settings.batch_size):
+                ops.predict(model, tensors[start:start + settings.batch_size], settings)
+
+    t_pyfunc = _timed(lambda: pyfunc.predict(frame), repeats)
+    t_bare = _timed(bare, repeats)
+    row = {"model": name, "images": n, "batch": settings.batch_size, "pyfunc_images_per_s": n / t_pyfunc,
+           "bare_images_per_s": n / t_bare, "ratio": t_bare / t_pyfunc, "target": 0.8,
+           "meets_target": t_bare / t_pyfunc >= 0.8}
+    if spec.task.name == "image_object_detection":
+        few = frame.iloc[: max(2, n // 4)]
+        t_whole = _timed(lambda: pyfunc.predict(few), repeats)
+        t_tiled = _timed(lambda: pyfunc.predict(few, params={"tile_grid_size": "3x2"}), repeats)
+        row.update({"tiled_3x2_cost": t_tiled / t_whole, "tiled_target": 5.0,
+                    "tiled_meets_target": t_tiled / t_whole <= 5.0})
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [measure(name, args.images, args.repeats, Path(tmp)) for name in args.models]
+    print(table(rows, ["model", "images", "batch", "pyfunc_images_per_s", "bare_images_per_s", "ratio",
+                       "meets_target", "tiled_3x2_cost", "tiled_meets_target"]))
+    path = write("inference_throughput", {"rows": rows, **peak_rss_mb()})
+    print(f"\nwritten {path}")
+
+
+if __name__ == "__main__":
+    main()
