@@ -12,7 +12,9 @@ from pathlib import Path
 
 from models.data import DataError
 from models.params import SettingsError
+from loadtests.run import add_loadtest_command
 from serving.cli_data import add_data_commands
+from serving.serve_cli import add_serve_command
 
 # Expected failures: printed as a clear message with exit code 2, never a traceback.
 USER_ERRORS = (SettingsError, DataError, ValueError, FileNotFoundError)
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.set_defaults(func=_demo)
 
+    add_serve_command(sub)
+    add_loadtest_command(sub)
     add_data_commands(sub)
     return parser
 

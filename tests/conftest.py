@@ -112,3 +112,15 @@ def run_pyfunc_in_new_process(model_dir: Path, images: list[str], tmp_path: Path
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(response.read_text())
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (it takes ~15 s to start here)."""
+    import ray
+
+    from serving.runtime import ensure_ray
+
+    ensure_ray(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()

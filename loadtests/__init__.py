@@ -1,0 +1,1 @@
+"""Load tests of scoring endpoints (locust); see README.md."""

@@ -1,0 +1,250 @@
+"""The online endpoint: a Ray Serve deployment with a FastAPI ingress.
+
+Routes: `POST /score` (the cloud's `input_data` body), `POST /invocations` (MLflow's formats),
+`GET /health/live`, `GET /health/ready`, `GET /metadata`, OpenAPI at `/docs`. Images of
+concurrent requests share forward passes through `@serve.batch`; each answer goes back to its
+own request in input order. Over capacity, Ray Serve itself answers 429 with Retry-After
+(`max_ongoing_requests` per replica, `max_queued_requests` waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from models.images import PREDICTION_LIMITS, ImageError, Limits
+from models.params import SettingsError, as_dict
+from serving.payloads import ParsedRequest, RequestError, check_images, parse_invocations, parse_json, parse_score
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What a replica needs: the model, deploy-time settings, limits, batching, the API key's hash."""
+
+    model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    api_key_sha256: str | None = None
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_request_mb: float = 100.0
+    max_images_per_request: int = 64
+    max_image_mb: float = PREDICTION_LIMITS.max_bytes / 2**20
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_bytes=int(self.max_image_mb * 2**20))
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.strip().encode("utf-8")).hexdigest()
+
+
+app = FastAPI(
+    title="visionserve",
+    description="Scoring endpoint for a visionserve model: the cloud's `input_data` schema on `/score`, "
+                "MLflow's scoring formats on `/invocations`.",
+)
+
+
+def _error(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}}, status,
+                        headers={"x-request-id": request_id, **(headers or {})})
+
+
+@serve.deployment(name="VisionService", max_ongoing_requests=16, max_queued_requests=64,
+                  health_check_period_s=10, graceful_shutdown_timeout_s=20)
+@serve.ingress(app)
+class VisionService:
+    """One replica: the model loaded once, requests batched across callers."""
+
+    def __init__(self, config: dict[str, Any]):
+        from ray.serve import metrics
+
+        from serving.inference import Predictor
+        from serving.runtime import resolve_model
+
+        self.config = ServiceConfig(**config)
+        self.model_dir = resolve_model(self.config.model)
+        self.predictor = Predictor.load(self.model_dir, overrides=self.config.overrides)
+        self._score_images.set_max_batch_size(self.config.max_batch_size)
+        self._score_images.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.images_total = metrics.Counter("visionserve_images_total", "Images scored", tag_keys=("route",))
+        self.errors_total = metrics.Counter("visionserve_image_errors_total", "Images refused", tag_keys=("code",))
+        self.model_seconds = metrics.Histogram("visionserve_model_seconds", "Seconds per model call",
+                                               boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+        self.batch_images = metrics.Histogram("visionserve_batch_images", "Images per model call",
+                                              boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        log.info("visionserve replica ready: %s (%s)", self.predictor.spec.model_name, self.predictor.spec.task.name)
+
+    def check_health(self) -> None:
+        """Ray Serve's probe: a replica whose model is gone is replaced."""
+        if self.predictor is None:
+            raise RuntimeError("model not loaded")
+
+    # ------------------------------------------------------------------ batching
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _score_images(self, jobs: list[tuple[bytes, str]]) -> list[dict]:
+        """Images from any number of requests; those with the same parameters share forward passes."""
+        groups: dict[str, list[int]] = {}
+        for i, (_, params_key) in enumerate(jobs):
+            groups.setdefault(params_key, []).append(i)
+        answers: list[dict | None] = [None] * len(jobs)
+        for params_key, indices in groups.items():
+            params = _unkey(params_key)
+            started = time.perf_counter()
+            results = await asyncio.to_thread(self.predictor.predict_bytes, [jobs[i][0] for i in indices], params)
+            self.model_seconds.observe(time.perf_counter() - started)
+            self.batch_images.observe(len(indices))
+            for i, result in zip(indices, results):
+                answers[i] = result
+        return answers
+
+    async def _answer(self, request: ParsedRequest, partial: bool) -> list[dict]:
+        try:
+            self.predictor.settings_for(request.params)
+        except SettingsError as exc:
+            raise RequestError(400, "invalid_parameter", str(exc),
+                               [{"field": f"params.{p.split(':')[0].split('=')[0]}", "message": p}
+                                for p in exc.problems]) from None
+        details = check_images(request, self.config.limits, self.config.max_images_per_request)
+        explain = [i for i, e in enumerate(request.entries) if e.explain]
+        if explain:
+            raise RequestError(400, "explanations_unavailable",
+                               "model_explainability is not available on this endpoint yet",
+                               [{"field": request.entries[i].field, "index": i} for i in explain])
+        for d in details:
+            self.errors_total.inc(tags={"code": d["code"]})
+        if details and not partial:
+            raise RequestError(400, "invalid_image", f"{len(details)} of {len(request.entries)} images cannot be "
+                               "scored (add ?partial=true to score the others)", details)
+        key = _key(request.params)
+        good = [(i, e.data) for i, e in enumerate(request.entries) if not isinstance(e.data, ImageError)]
+        results = await asyncio.gather(*[self._score_images((data, key)) for _, data in good])
+        out: list[dict] = [{"error": {"row": d["index"], "code": d["code"], "message": d["message"]}}
+                           for d in details]
+        answers = dict(zip((i for i, _ in good), results))
+        errors = {d["index"]: e for d, e in zip(details, out)}
+        return [answers.get(i) or errors[i] for i in range(len(request.entries))]
+
+    # ------------------------------------------------------------------ routes
+
+    def _denied(self, request: Request) -> JSONResponse | None:
+        """The request id for logs and replies; a 401 when an API key is configured and not given."""
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if not self.config.api_key_sha256:
+            return None
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if token and hmac.compare_digest(key_digest(token), self.config.api_key_sha256):
+            return None
+        return _error(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                      request.state.request_id, {"www-authenticate": "Bearer"})
+
+    async def _body(self, request: Request) -> Any:
+        limit = self.config.max_request_mb * 2**20
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise RequestError(413, "request_too_large", f"the request body is over {self.config.max_request_mb:g} MB")
+        body = await request.body()
+        if len(body) > limit:
+            raise RequestError(413, "request_too_large", f"the request body is over {self.config.max_request_mb:g} MB")
+        return parse_json(body)
+
+    async def _handle(self, request: Request, parse, wrap) -> JSONResponse:
+        """Parse, check, score; every refusal is a JSON error naming what is wrong, never a traceback."""
+        started = time.perf_counter()
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        request_id = request.state.request_id
+        status, images = 200, 0
+        try:
+            parsed = parse(await self._body(request))
+            images = len(parsed.entries)
+            answers = await self._answer(parsed, request.query_params.get("partial", "").lower() in ("1", "true"))
+            self.images_total.inc(len(answers), tags={"route": request.url.path})
+            return JSONResponse(wrap(answers), headers={"x-request-id": request_id})
+        except RequestError as exc:
+            status = exc.status
+            return JSONResponse(exc.body(request_id), exc.status, headers={"x-request-id": request_id})
+        except Exception:  # our own bug: logged with its traceback, answered without one
+            status = 500
+            log.exception("request_id=%s failed", request_id)
+            return _error(500, "internal_error", "internal error; the server log has the details", request_id)
+        finally:
+            log.info("request_id=%s path=%s status=%s images=%d ms=%.1f", request_id, request.url.path, status,
+                     images, (time.perf_counter() - started) * 1000)
+
+    @app.post("/score", summary="Score images (the cloud's input_data schema)")
+    async def score(self, request: Request) -> JSONResponse:
+        return await self._handle(request, parse_score, lambda answers: answers)
+
+    @app.post("/invocations", summary="Score images (MLflow's dataframe_split / records / instances / inputs)")
+    async def invocations(self, request: Request) -> JSONResponse:
+        return await self._handle(request, parse_invocations, lambda answers: {"predictions": answers})
+
+    @app.get("/health/live")
+    async def live(self) -> dict:
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready(self) -> dict:
+        return {"status": "ready", "model": self.predictor.spec.model_name}
+
+    @app.get("/metadata")
+    async def metadata(self, request: Request) -> Any:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        spec = self.predictor.spec
+        mlmodel = _mlmodel(self.model_dir)
+        return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
+                "settings": as_dict(spec.settings, inference_only=True), "model": self.config.model,
+                "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
+                "limits": {k: v for k, v in asdict(self.config).items()
+                           if k in ("max_batch_size", "max_request_mb", "max_images_per_request", "max_image_mb")}}
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _unkey(key: str) -> dict[str, Any]:
+    return json.loads(key)
+
+
+def _mlmodel(model_dir: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+    except OSError:
+        return {}
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for Ray Serve config files (`import_path: serving.app:build_app`).
+
+    `args`: `model` (folder or MLflow URI), optional `api_key_file`, `set` (settings overrides),
+    `max_batch_size`, `batch_wait_timeout_s`, `max_request_mb`, `max_images_per_request`.
+    """
+    args = dict(args)
+    key_file = args.pop("api_key_file", None)
+    overrides = args.pop("set", None) or args.pop("overrides", None) or {}
+    digest = key_digest(Path(key_file).read_text()) if key_file else None
+    config = ServiceConfig(overrides=overrides, api_key_sha256=digest, **args)
+    return VisionService.bind(asdict(config))

@@ -1,0 +1,41 @@
+"""Where a model comes from and which Ray instance runs the work: shared by serve, score and tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "abfss://", "dbfs:/",
+                "http://", "https://")
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local MLflow model folder for `model`: a folder as is, or an MLflow URI (`models:/name/1`,
+    `runs:/<id>/mlflow-model`, …) downloaded through MLflow's artifact API."""
+    text = str(model)
+    if text.startswith(_URI_SCHEMES):
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+    path = Path(text.removeprefix("file://")).expanduser()
+    if not (path / "MLmodel").is_file():
+        raise FileNotFoundError(f"{model}: not an MLflow model folder (no MLmodel file) nor an MLflow URI")
+    return path.resolve()
+
+
+def ensure_ray(address: str | None = None, num_cpus: float | None = None, *, log_to_driver: bool = True) -> None:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), else start a local instance; once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+        log.info("joined the Ray cluster at %s", address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+        log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))

@@ -1,0 +1,121 @@
+"""`visionserve serve`: start the online endpoint on Ray Serve and block until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from models.params import SettingsError
+
+
+def deployment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Ray Serve deployment options from the flags: replicas or autoscaling, CPUs/GPUs, capacity."""
+    from ray.serve.config import BackpressureConfig
+
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
+    }
+    if args.autoscale:
+        low, sep, high = args.autoscale.partition(":")
+        if not sep or not low.isdigit() or not high.isdigit() or int(high) < max(int(low), 1):
+            raise SettingsError([f"--autoscale {args.autoscale!r}: expected MIN:MAX such as 1:4"], "command line")
+        options["autoscaling_config"] = {"min_replicas": int(low), "max_replicas": int(high),
+                                         "target_ongoing_requests": max(1, args.max_batch_size // 2)}
+    else:
+        options["num_replicas"] = args.replicas
+    return options
+
+
+def _config(args: argparse.Namespace):
+    from models.job import parse_param_flags
+    from serving.app import ServiceConfig, key_digest
+
+    digest = None
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise SettingsError([f"--api-key-file {args.api_key_file}: the file is empty"], "command line")
+        digest = key_digest(key)
+    return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set), api_key_sha256=digest,
+                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                         max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request)
+
+
+def _check_model(config) -> None:
+    """Fail before Ray starts: the model folder exists and the settings (with --set) are valid."""
+    from models.export import read_settings
+    from serving.inference import find_artifacts
+    from serving.runtime import resolve_model
+
+    read_settings(find_artifacts(resolve_model(config.model))[0], config.overrides)
+
+
+def start(args: argparse.Namespace, *, block: bool = True) -> str:
+    """Deploy the endpoint on the local Ray instance (or --address) and return its URL."""
+    from ray import serve
+
+    from serving.app import VisionService
+    from serving.runtime import ensure_ray
+
+    config = _config(args)
+    _check_model(config)
+    ensure_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+    app = VisionService.options(**deployment_options(args)).bind(asdict(config))
+    serve.run(app, name="visionserve", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"visionserve is serving {args.model} at {url}  (POST /score, /invocations; docs at {url}/docs)",
+          flush=True)
+    if block:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.config:
+        serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+        command = [serve_bin, "run", args.config] + (["--address", args.address] if args.address else [])
+        return subprocess.call(command)
+    if not args.model:
+        raise SettingsError(["MODEL: give a model folder or MLflow URI (or --config serve.yaml)"], "command line")
+    start(args)
+    return 0
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model on Ray Serve (POST /score, /invocations)")
+    p.add_argument("model", nargs="?", help="MLflow model folder or URI (models:/name/1, runs:/<id>/mlflow-model)")
+    p.add_argument("--config", help="a Ray Serve config file (applications: import_path serving.app:build_app)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument("--api-key-file", help="require Authorization: Bearer <the key in this file>")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a settings.json inference setting, e.g. --set box_score_thresh=0.5")
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per forward pass across requests")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--max-ongoing-requests", type=int, default=16, help="concurrent requests per replica")
+    p.add_argument("--max-queued-requests", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After of a 429")
+    p.add_argument("--request-timeout-s", type=float, default=90.0)
+    p.add_argument("--max-request-mb", type=float, default=100.0)
+    p.add_argument("--max-images-per-request", type=int, default=64)
+    p.set_defaults(func=_serve)

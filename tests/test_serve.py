@@ -1,0 +1,243 @@
+"""The online endpoint: a real Ray Serve app over HTTP on 127.0.0.1, for every task."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TASKS
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "s3cret-key-for-tests"
+PREFIX = {"image_classification": "/cls", "image_classification_multilabel": "/ml",
+          "image_object_detection": "/det", "image_instance_segmentation": "/seg"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session, trained):
+    """All four task models served by one Ray Serve instance, each under its own route prefix,
+    plus `/secure` (API key, small limits) and `/tight` (capacity 1 + 1 queued)."""
+    from ray import serve
+
+    from serving.app import ServiceConfig, VisionService, key_digest
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"ray_actor_options": {"num_cpus": 0.1}}
+    apps = {task: (trained(task)[0].model_dir, {}) for task in TASKS}
+    for task, (model_dir, _) in apps.items():
+        config = ServiceConfig(model=str(model_dir), max_batch_size=8, batch_wait_timeout_s=0.02)
+        serve.run(VisionService.options(**small).bind(asdict(config)), name=task, route_prefix=PREFIX[task])
+    cls_dir = apps["image_classification"][0]
+    secure = ServiceConfig(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4)
+    serve.run(VisionService.options(**small).bind(asdict(secure)), name="secure", route_prefix="/secure")
+    from ray.serve.config import BackpressureConfig
+
+    tight = ServiceConfig(model=str(cls_dir), max_batch_size=1)
+    serve.run(VisionService.options(max_ongoing_requests=1, max_queued_requests=1,
+                                    backpressure_config=BackpressureConfig(status_code=429, retry_after_s=2),
+                                    **small).bind(asdict(tight)), name="tight", route_prefix="/tight")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _b64(path: Path) -> str:
+    return base64.encodebytes(path.read_bytes()).decode("utf-8")
+
+
+def _images(trained, task: str, n: int = 2) -> list[str]:
+    data = trained(task)[1]
+    lines = [json.loads(line) for line in Path(data.train_jsonl).read_text().splitlines()][:n]
+    return [_b64(Path(data.train_jsonl).parent / line["image_url"]) for line in lines]
+
+
+def _png(size, noise: bool = False) -> str:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8) if noise else np.full((size[1], size[0], 3), 90,
+                                                                                                  np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _score(url: str, rows, **kw) -> httpx.Response:
+    return httpx.post(url, json={"input_data": {"columns": ["image"], "data": rows}}, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_score_answers_the_spec_schema_for_every_task(endpoint, trained, task):
+    response = _score(f"{endpoint}{PREFIX[task]}/score", _images(trained, task))
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert isinstance(answers, list) and len(answers) == 2
+    if "classification" in task:
+        assert all(set(a) == {"probs", "labels"} for a in answers)
+    else:
+        assert all(set(a) == {"boxes"} and a["boxes"] for a in answers)
+        expected = {"box", "label", "score"} | ({"polygon"} if "segmentation" in task else set())
+        assert all(set(b) == expected for a in answers for b in a["boxes"])
+    assert response.headers.get("x-request-id")
+
+
+@pytest.mark.parametrize("body", [
+    lambda rows: {"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}},
+    lambda rows: {"dataframe_records": [{"image": r} for r in rows]},
+    lambda rows: {"instances": rows},
+    lambda rows: {"inputs": {"image": rows}},
+], ids=["dataframe_split", "dataframe_records", "instances", "inputs"])
+def test_invocations_accepts_every_mlflow_format(endpoint, trained, body):
+    rows = _images(trained, "image_object_detection")
+    response = httpx.post(f"{endpoint}/det/invocations", json=body(rows), timeout=120)
+    assert response.status_code == 200, response.text
+    assert [set(p) for p in response.json()["predictions"]] == [{"boxes"}, {"boxes"}]
+
+
+def test_answers_match_the_pyfunc_for_the_same_images(endpoint, trained):
+    from serving.inference import Predictor
+
+    rows = _images(trained, "image_classification", 3)
+    served = _score(f"{endpoint}/cls/score", rows).json()
+    local = Predictor.load(trained("image_classification")[0].model_dir).predict_encoded(rows)
+    assert [a["labels"] for a in served] == [a["labels"] for a in local]
+    assert np.allclose([a["probs"] for a in served], [a["probs"] for a in local], atol=1e-5)
+
+
+def test_32_concurrent_requests_each_get_their_own_answer(endpoint, trained):
+    rows = _images(trained, "image_classification", 12)
+    expected = [_score(f"{endpoint}/cls/score", [r]).json()[0]["probs"] for r in rows]
+    jobs = [(i % len(rows), [rows[i % len(rows)], rows[(i + 1) % len(rows)]]) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda job: _score(f"{endpoint}/cls/score", job[1]), jobs))
+    for (i, _), response in zip(jobs, responses):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert np.allclose(answer[0]["probs"], expected[i], atol=1e-5)
+        assert np.allclose(answer[1]["probs"], expected[(i + 1) % len(rows)], atol=1e-5)
+
+
+def test_per_request_params_apply_to_that_request(endpoint, trained):
+    rows = _images(trained, "image_object_detection", 1)
+    body = {"input_data": {"columns": ["image"], "data": rows}, "params": {"box_score_thresh": 0.01,
+                                                                            "box_detections_per_img": 2}}
+    capped = httpx.post(f"{endpoint}/det/score", json=body, timeout=120).json()
+    assert len(capped[0]["boxes"]) == 2
+    plain = _score(f"{endpoint}/det/score", rows).json()
+    assert all(b["score"] >= 0.3 for b in plain[0]["boxes"])
+
+
+def test_api_key_is_required_except_on_health_routes(endpoint, trained):
+    rows = _images(trained, "image_classification", 1)
+    url = f"{endpoint}/secure"
+    assert _score(f"{url}/score", rows).status_code == 401
+    wrong = _score(f"{url}/score", rows, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert API_KEY not in wrong.text
+    assert _score(f"{url}/score", rows, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert httpx.get(f"{url}/health/live").status_code == 200
+    assert httpx.get(f"{url}/health/ready").status_code == 200
+    assert httpx.get(f"{url}/metadata").status_code == 401
+    meta = httpx.get(f"{url}/metadata", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert meta["task"] == "image_classification" and meta["labels"] == trained("image_classification")[1].labels
+
+
+@pytest.mark.parametrize("body, status, field", [
+    (b"{not json", 400, None),
+    (b'{"data": []}', 422, "input_data"),
+    (b'{"input_data": {"columns": ["img"], "data": ["x"]}}', 422, "input_data.columns"),
+    (b'{"input_data": {"columns": ["image"], "data": "abc"}}', 422, "input_data.data"),
+    (b'{"input_data": {"columns": ["image"], "data": []}}', 422, "input_data.data"),
+    (b'[1, 2]', 422, "body"),
+])
+def test_malformed_bodies_are_refused_naming_the_field(endpoint, body, status, field):
+    response = httpx.post(f"{endpoint}/cls/score", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert "Traceback" not in response.text and error["request_id"]
+    if field:
+        assert error["details"][0]["field"] == field
+
+
+@pytest.mark.parametrize("bad, code", [
+    ("not base64 ???", "invalid_base64"),
+    (base64.b64encode(b"hello, not an image").decode(), "not_an_image"),
+    (_png((30, 30)), "too_small"),
+    (_png((16_001, 60)), "too_large"),
+    (_png((1_600, 1_600), noise=True), "too_large"),  # about 7.7 MB: over the 6 MB per image
+])
+def test_bad_images_are_a_400_naming_the_image_index(endpoint, trained, bad, code):
+    rows = _images(trained, "image_classification", 1)
+    response = _score(f"{endpoint}/cls/score", [rows[0], bad])
+    assert response.status_code == 400, response.text
+    [detail] = response.json()["error"]["details"]
+    assert (detail["field"], detail["index"], detail["code"]) == ("input_data.data[1]", 1, code)
+
+
+def test_partial_true_scores_the_good_images_and_flags_the_bad_one(endpoint, trained):
+    rows = _images(trained, "image_classification", 2)
+    response = _score(f"{endpoint}/cls/score?partial=true", [rows[0], "garbage!!", rows[1]])
+    assert response.status_code == 200
+    answers = response.json()
+    assert "probs" in answers[0] and "probs" in answers[2] and answers[1]["error"]["code"] == "invalid_base64"
+
+
+def test_unknown_parameter_and_too_many_images_are_refused(endpoint, trained):
+    rows = _images(trained, "image_classification", 1)
+    body = {"input_data": {"columns": ["image"], "data": rows}, "params": {"box_score_thresh": 0.5}}
+    response = httpx.post(f"{endpoint}/cls/score", json=body, timeout=60)
+    assert response.status_code == 400 and "box_score_thresh: unknown parameter" in response.text
+    many = _score(f"{endpoint}/secure/score", rows * 5, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert many.status_code == 413 and "at most 4" in many.text
+
+
+def test_over_capacity_answers_429_with_retry_after(endpoint, trained):
+    rows = _images(trained, "image_classification", 8)
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda i: _score(f"{endpoint}/tight/score", rows), range(24)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers.get("retry-after") == "2"
+
+
+def test_a_killed_replica_is_replaced_and_later_requests_succeed(endpoint, trained):
+    import ray
+    from ray import serve
+
+    rows = _images(trained, "image_classification_multilabel", 1)
+    url = f"{endpoint}/ml/score"
+    assert _score(url, rows).status_code == 200
+    status = serve.status().applications["image_classification_multilabel"]
+    replica_actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                      if "image_classification_multilabel" in a["name"] and "VisionService" in a["name"]]
+    assert replica_actors and status.status == "RUNNING"
+    for actor in replica_actors:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if _score(url, rows, ).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("no replacement replica answered within 120 s")
+    assert all(_score(url, rows).status_code == 200 for _ in range(3))
