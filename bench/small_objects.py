@@ -58,10 +58,11 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--test-images", type=int, default=12)
+    parser.add_argument("--keep", help="keep the data and the trained model in this folder")
     args = parser.parse_args()
     private_mlflow_store()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)
         data = write_synthetic_dataset("image_object_detection", work / "train", args.train_images,
                                        small_objects=True, image_size=(533, 400), seed=1)
         test = write_synthetic_dataset("image_object_detection", work / "test", args.test_images,

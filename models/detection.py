@@ -8,8 +8,9 @@ original image, for validation and scoring alike.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -188,13 +189,41 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], settings) -> list[
     return [_predict_tiled(model, image, grid, settings) for image in images]
 
 
+@contextlib.contextmanager
+def _proposal_budget(model: nn.Module, share: float) -> Iterator[None]:
+    """Region proposals for a tile in proportion to its share of the image (at least 100): a tile
+    holds that share of the objects, and the box head's cost grows with the proposals."""
+    if not hasattr(model, "rpn"):
+        if not hasattr(model, "topk_candidates"):  # a detector with no proposal stage
+            yield
+            return
+        saved = model.topk_candidates  # RetinaNet: candidates per pyramid level
+        model.topk_candidates = max(100, int(saved * share))
+        try:
+            yield
+        finally:
+            model.topk_candidates = saved
+        return
+    rpn = model.rpn
+    pre, post = rpn._pre_nms_top_n, rpn._post_nms_top_n
+    rpn._pre_nms_top_n = {**pre, "testing": max(100, int(pre["testing"] * share))}
+    rpn._post_nms_top_n = {**post, "testing": max(100, int(post["testing"] * share))}
+    try:
+        yield
+    finally:
+        rpn._pre_nms_top_n, rpn._post_nms_top_n = pre, post
+
+
 def _predict_tiled(model: nn.Module, image: torch.Tensor, grid: tuple[int, int], settings) -> dict:
     height, width = image.shape[-2:]
     boxes = [t.pixel_box() for t in tile_grid(width, height, grid, settings.tile_overlap_ratio)]
     crops = [image[:, top:bottom, left:right] for left, top, right, bottom in boxes]
     offsets = [(left, top) for left, top, _, _ in boxes] + [(0, 0)]
+    share = crops[0].shape[-1] * crops[0].shape[-2] / (width * height)
     # the tiles share one size, so they batch without padding; the whole image goes on its own
-    outputs = model(crops) + model([image])
+    with _proposal_budget(model, share):
+        outputs = model(crops)
+    outputs += model([image])
     shift = torch.tensor([[x, y, x, y] for x, y in offsets], dtype=torch.float32, device=image.device)
     all_boxes = torch.cat([out["boxes"] + shift[i] for i, out in enumerate(outputs)])
     sources = torch.cat([torch.full((len(out["boxes"]),), i, dtype=torch.long, device=image.device)

@@ -7,7 +7,6 @@ own request in input order. Over capacity, Ray Serve itself answers 429 with Ret
 (`max_ongoing_requests` per replica, `max_queued_requests` waiting).
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -63,6 +62,23 @@ app = FastAPI(
 def _error(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}}, status,
                         headers={"x-request-id": request_id, **(headers or {})})
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _unkey(key: str) -> dict[str, Any]:
+    return json.loads(key)
+
+
+def _mlmodel(model_dir: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+    except OSError:
+        return {}
 
 
 @serve.deployment(name="VisionService", max_ongoing_requests=16, max_queued_requests=64,
@@ -217,23 +233,6 @@ class VisionService:
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
                 "limits": {k: v for k, v in asdict(self.config).items()
                            if k in ("max_batch_size", "max_request_mb", "max_images_per_request", "max_image_mb")}}
-
-
-def _key(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True)
-
-
-def _unkey(key: str) -> dict[str, Any]:
-    return json.loads(key)
-
-
-def _mlmodel(model_dir: Path) -> dict:
-    import yaml
-
-    try:
-        return yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
-    except OSError:
-        return {}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

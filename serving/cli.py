@@ -13,6 +13,7 @@ from pathlib import Path
 from models.data import DataError
 from models.params import SettingsError
 from loadtests.run import add_loadtest_command
+from serving.batch import add_score_command
 from serving.cli_data import add_data_commands
 from serving.serve_cli import add_serve_command
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     add_serve_command(sub)
+    add_score_command(sub)
     add_loadtest_command(sub)
     add_data_commands(sub)
     return parser

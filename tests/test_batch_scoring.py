@@ -72,6 +72,8 @@ def test_list_jsonl_and_mltable_keep_order_and_dedupe(tmp_path):
     assert items[0].path == str(tmp_path / "data" / "images/b.png") and items[2].path == "/abs/c.png"
     (tmp_path / "data" / "MLTable").write_text("paths:\n  - file: ./score.jsonl\n")
     assert list_inputs(tmp_path / "data") == items
+    jsonl.write_text(json.dumps({"image_url": "azureml://datastores/d/paths/x/y.png", "label": "anything"}) + "\n")
+    assert list_inputs(jsonl, image_root=tmp_path / "root")[0].path == str(tmp_path / "root" / "x" / "y.png")
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path):

@@ -241,3 +241,13 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(endpoint, train
     else:
         pytest.fail("no replacement replica answered within 120 s")
     assert all(_score(url, rows).status_code == 200 for _ in range(3))
+
+
+def test_a_short_headless_locust_run_against_the_endpoint_has_zero_failures(endpoint, trained, tmp_path):
+    from loadtests.run import run_loadtest
+
+    data = trained("image_classification")[1]
+    summary = run_loadtest(f"{endpoint}/secure", data.images_dir, users=2, spawn_rate=2, duration="8s",
+                           images_per_request=2, api_key=API_KEY, out_dir=tmp_path / "report", echo=False)
+    assert summary.total.requests > 0 and summary.total.failures == 0, summary.errors
+    assert (tmp_path / "report" / "report.html").is_file()
