@@ -291,7 +291,7 @@ def read_jsonl(
     return dataset
 
 
-def _mltable_files(folder: Path) -> tuple[list[Path], dict]:
+def mltable_files(folder: Path) -> tuple[list[Path], dict]:
     spec_file = folder / "MLTable" if folder.is_dir() else folder
     spec = yaml.safe_load(spec_file.read_text()) or {}
     base = spec_file.parent
@@ -316,7 +316,7 @@ def read_dataset(path: str | Path, task: str, *, image_root: str | Path | None =
     if path.is_dir() or path.name == "MLTable":
         if not (path / "MLTable").exists() and path.name != "MLTable":
             return Dataset(problems=[Problem(str(path), None, "", "folder has no MLTable file")], source=str(path))
-        files, options = _mltable_files(path)
+        files, options = mltable_files(path)
         invalid = str(options.get("invalid_lines", "error"))
         merged = Dataset(source=str(path))
         if not files:

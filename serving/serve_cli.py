@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ def _config(args: argparse.Namespace):
         if not key:
             raise SettingsError([f"--api-key-file {args.api_key_file}: the file is empty"], "command line")
         digest = key_digest(key)
-    return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set), api_key_sha256=digest,
+    return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set, "--set"), api_key_sha256=digest,
                          max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                          max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request)
 
@@ -76,12 +77,24 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     print(f"visionserve is serving {args.model} at {url}  (POST /score, /invocations; docs at {url}/docs)",
           flush=True)
     if block:
+        _stop_on_signals()
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
+            print("shutting down the endpoint", flush=True)
             serve.shutdown()
     return url
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C, and the SIGTERM of `docker stop` or Kubernetes, shut the endpoint down cleanly
+    (also when started in the background, where a shell would ignore SIGINT)."""
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _serve(args: argparse.Namespace) -> int:

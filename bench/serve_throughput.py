@@ -1,0 +1,208 @@
+"""Online endpoint throughput: visionserve on Ray Serve vs `mlflow models serve`, same model and images.
+
+    uv run python bench/serve_throughput.py [--seconds 20] [--concurrency 1 8 32]
+
+One resnet18 classifier (224 crop, random weights: speed does not depend on them) exported once;
+requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--seconds`:
+- visionserve: `visionserve serve DIR --cpus-per-replica N` (one replica, `@serve.batch` across
+  requests), `POST /score` with the cloud's `input_data` body;
+- mlflow: `mlflow models serve -m DIR --env-manager local` (one uvicorn worker, its default),
+  `POST /invocations` with `dataframe_split`;
+- in-process: `mlflow.pyfunc.load_model(DIR).predict` on 16 images at a time, no HTTP: the
+  ceiling a server could reach.
+Each server runs alone (the other is stopped). Targets: visionserve >= 2x mlflow's images/s at
+concurrency 8 with a lower p99, and >= 0.7 of the in-process batched throughput. Also reports
+resident memory of the replica / the mlflow server. Writes bench/results/serve_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import table, write  # noqa: E402
+from bench.inference_throughput import _folder, _jpeg  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _rss_mb(match) -> float:
+    total = 0
+    for p in psutil.process_iter(["cmdline", "memory_info"]):
+        try:
+            if match(" ".join(p.info["cmdline"] or [])):
+                total += p.info["memory_info"].rss
+        except (psutil.Error, TypeError):
+            continue
+    return round(total / 2**20, 1)
+
+
+def load(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
+    """`concurrency` threads sending one request after another for `seconds`; latency of each."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def worker(k: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            i = k
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                try:
+                    ok = client.post(url, json=bodies[i % len(bodies)]).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                elapsed = time.perf_counter() - started
+                with lock:
+                    if ok:
+                        latencies.append(elapsed)
+                    else:
+                        errors[0] += 1
+                i += concurrency
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {"concurrency": concurrency, "requests": len(latencies), "images_per_s": len(latencies) / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "errors": errors[0]}
+
+
+def run_server(name: str, command: list[str], ready: str, route: str, bodies: list[dict], args, log: Path,
+               rss_match) -> list[dict]:
+    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(ready, proc, log)
+        load(route, bodies, 2, 3)  # warm-up
+        rows = []
+        for c in args.concurrency:
+            row = {"server": name, **load(route, bodies, c, args.seconds)}
+            row["rss_mb"] = _rss_mb(rss_match)
+            print(table([row], list(row)), flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        _stop(proc)
+
+
+def in_process(folder: Path, jpegs: list[bytes], repeats: int = 3) -> float:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(str(folder))
+    frame = pd.DataFrame({"image": [base64.b64encode(j).decode() for j in jpegs]})
+    model.predict(frame)
+    best = min(_seconds(lambda: model.predict(frame)) for _ in range(repeats))
+    return len(jpegs) / best
+
+
+def _seconds(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--cpus-per-replica", type=float, default=float(os.cpu_count() or 1))
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="visionserve-serve-bench-"))
+    folder, _, _ = _folder("resnet18", workdir)
+    jpegs = [_jpeg(i) for i in range(16)]
+    images = [base64.b64encode(j).decode() for j in jpegs]
+    ceiling = in_process(folder, jpegs)
+    print(f"in-process batched pyfunc: {ceiling:.1f} images/s", flush=True)
+
+    port = _free_port()
+    ours = run_server(
+        "visionserve",
+        [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
+         "--cpus-per-replica", str(args.cpus_per_replica), "--max-ongoing-requests", "64"],
+        f"http://127.0.0.1:{port}/health/ready", f"http://127.0.0.1:{port}/score",
+        [{"input_data": {"columns": ["image"], "data": [b]}} for b in images], args, workdir / "visionserve.log",
+        lambda cmd: "ServeReplica" in cmd)
+    port = _free_port()
+    theirs = run_server(
+        "mlflow",
+        [str(BIN / "mlflow"), "models", "serve", "-m", str(folder), "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        f"http://127.0.0.1:{port}/ping", f"http://127.0.0.1:{port}/invocations",
+        [{"dataframe_split": {"columns": ["image"], "data": [[b]]}} for b in images], args, workdir / "mlflow.log",
+        lambda cmd: "mlflow" in cmd and ("uvicorn" in cmd or "scoring_server" in cmd or "models serve" in cmd))
+
+    rows = ours + theirs
+    for row in ours:
+        other = next(r for r in theirs if r["concurrency"] == row["concurrency"])
+        row["x_mlflow"] = row["images_per_s"] / other["images_per_s"] if other["images_per_s"] else None
+        row["of_in_process"] = row["images_per_s"] / ceiling
+    at8 = next((r for r in ours if r["concurrency"] == 8), None)
+    mlflow8 = next((r for r in theirs if r["concurrency"] == 8), None)
+    best = max(r["images_per_s"] for r in ours)
+    targets = {
+        "x_mlflow_at_8": at8 and at8["x_mlflow"], "x_mlflow_target": 2.0,
+        "lower_p99_at_8": bool(at8 and mlflow8 and at8["p99_ms"] < mlflow8["p99_ms"]),
+        "best_of_in_process": best / ceiling, "of_in_process_target": 0.7,
+    }
+    print()
+    print(table(rows, ["server", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms", "errors", "rss_mb",
+                       "x_mlflow", "of_in_process"]))
+    print(f"\nin-process batched pyfunc ceiling: {ceiling:.1f} images/s; " + ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in targets.items()))
+    path = write("serve_throughput", {"seconds": args.seconds, "cpus_per_replica": args.cpus_per_replica,
+                                      "in_process_images_per_s": ceiling, "rows": rows, "targets": targets})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
