@@ -24,15 +24,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _TO_FLOAT = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def eval_transform(settings) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
-    """uint8 image (PIL or [3, H, W] tensor, CPU or GPU) → resize (shorter side) → center crop →
-    normalise: validation and inference alike, the same tensor operations wherever it runs."""
+def eval_crop(settings) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+    """uint8 image → resize (shorter side) → center crop, still uint8: what the network sees
+    (explanations are drawn on it)."""
     return v2.Compose([
         v2.ToImage(),
         v2.Resize(settings.valid_resize_size, antialias=True),
         v2.CenterCrop(settings.valid_crop_size),
-        *_TO_FLOAT,
     ])
+
+
+def eval_transform(settings) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+    """uint8 image (PIL or [3, H, W] tensor, CPU or GPU) → `eval_crop` → normalise: validation and
+    inference alike, the same tensor operations wherever it runs."""
+    return v2.Compose([eval_crop(settings), *_TO_FLOAT])
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] ([N, 3, H, W]) → the network's input (ImageNet normalisation); differentiable."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 def train_transform(settings) -> Callable[[Image.Image], torch.Tensor]:

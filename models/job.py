@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 
 from models.params import SettingsError
+from models.streaming import is_remote
+from models.sweep_settings import parse_sweep
 from models.tasks import get_task
 from models.training import TrainingJob
 
@@ -24,13 +26,13 @@ _KNOWN_KEYS = {"task", "target_column_name", "training_data", "validation_data",
                "image_root"} | _IGNORED_KEYS
 
 
-def parse_param_flags(pairs: Sequence[str]) -> dict[str, str]:
-    """`--param name=value` flags → {name: value}; a pair without `=` is an error naming it."""
+def parse_param_flags(pairs: Sequence[str], flag: str = "--param") -> dict[str, str]:
+    """`--param name=value` (or `--set`) flags → {name: value}; a pair without `=` is an error naming it."""
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            raise SettingsError([f"--param {pair!r}: expected name=value"], "command line")
+            raise SettingsError([f"{flag} {pair!r}: expected name=value"], "command line")
         out[name.strip()] = value.strip()
     return out
 
@@ -50,25 +52,23 @@ def _data_path(value: Any, base: Path, key: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _check_sweep(doc: Mapping[str, Any]) -> float | None:
-    """Single-trial jobs only here: returns timeout_minutes."""
-    limits = doc.get("limits") or {}
-    problems = []
-    unknown = set(limits) - {"timeout_minutes", "max_trials", "max_concurrent_trials", "trial_timeout_minutes",
-                             "max_nodes", "enable_early_termination", "exit_score"}
-    problems += [f"limits.{k}: unknown key" for k in sorted(unknown)]
-    max_trials = limits.get("max_trials", 1)
-    if not isinstance(max_trials, int) or max_trials < 1 or max_trials > 1000:
-        problems.append(f"limits.max_trials={max_trials!r}: must be an integer in [1, 1000]")
-    elif max_trials > 1 or doc.get("search_space") or doc.get("sweep"):
-        problems.append("hyperparameter sweeps (limits.max_trials > 1, search_space, sweep) are not supported "
-                        "by this version: set limits.max_trials: 1 and put the values in training_parameters")
-    timeout = limits.get("timeout_minutes")
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        problems.append(f"limits.timeout_minutes={timeout!r}: must be a positive number")
-    if problems:
-        raise SettingsError(problems, "job file")
-    return float(timeout) if timeout is not None else None
+def _properties(doc: Mapping[str, Any]) -> tuple[int, int | None]:
+    """`properties.node_count_per_trial` (and visionserve's `workers_per_node`) → Ray Train workers."""
+    props = doc.get("properties") or {}
+    out = []
+    for key, default in (("node_count_per_trial", 1), ("workers_per_node", None)):
+        value = props.get(key, default) if isinstance(props, Mapping) else default
+        if value is None:
+            out.append(None)
+            continue
+        try:
+            number = int(str(value))
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise SettingsError([f"properties.{key}={value!r}: must be an integer >= 1"], "job file")
+        out.append(number)
+    return out[0], out[1]
 
 
 def read_job_file(path: str | Path) -> dict[str, Any]:
@@ -111,7 +111,6 @@ def build_job(
     if job_file is not None:
         doc = read_job_file(job_file)
         base = Path(job_file).resolve().parent
-    timeout = _check_sweep(doc)
     if doc.get("target_column_name", "label") != "label":
         raise SettingsError([f"target_column_name={doc['target_column_name']!r}: the label column must be 'label'"],
                             "job file")
@@ -119,6 +118,8 @@ def build_job(
     if not task_name:
         raise SettingsError(["task: missing (give --task or a task: key in the job file)"], "job")
     task_obj = get_task(task_name)
+    sweep = parse_sweep(doc, task_obj)
+    nodes, per_node = _properties(doc)
     if doc.get("primary_metric") not in (None, task_obj.primary_metric):
         raise SettingsError([f"primary_metric={doc['primary_metric']!r}: {task_name} uses "
                              f"{task_obj.primary_metric}"], "job file")
@@ -134,10 +135,14 @@ def build_job(
     parameters.update(params or {})
     if model_name:
         parameters["model_name"] = model_name
-    root = image_root or (base / doc["image_root"] if doc.get("image_root") else None)
+    root = image_root or doc.get("image_root") or None
+    if root is not None and not is_remote(root):  # an fsspec URL stays a URL (stream_image_files)
+        root = base / root if job_file is not None and image_root is None else Path(root)
     return TrainingJob(
         task=task_obj, training_data=train, validation_data=validation, parameters=parameters,
         output_dir=Path(output_dir), image_root=root,
         experiment_name=experiment_name or doc.get("experiment_name") or "visionserve",
-        run_name=run_name or doc.get("name"), timeout_minutes=timeout,
+        run_name=run_name or doc.get("name"),
+        timeout_minutes=sweep.limits.timeout_minutes if sweep.limits.timeout_given else None,
+        sweep=sweep if sweep.is_sweep else None, node_count=nodes, workers_per_node=per_node,
     )

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from models import checkpoints
+from models import checkpoints, streaming
 from models.architectures import Architecture, build_model, freeze_layers
 from models.data import Dataset, DataError, Record, check_training_set, read_dataset
 from models.export import export_model, model_settings_from_training
@@ -35,6 +35,8 @@ from models.tasks import Task, training_settings
 from models.weights import load_weights
 
 log = logging.getLogger(__name__)
+
+EpochHook = Callable[[int, dict[str, float]], None]  # (epoch, that epoch's metrics row) after it is logged
 
 
 @dataclass
@@ -50,6 +52,10 @@ class TrainingJob:
     experiment_name: str = "visionserve"
     run_name: str | None = None
     timeout_minutes: float | None = None
+    sweep: Any = None  # models.sweep_settings.SweepSettings when the job is a sweep
+    parent_run_id: str | None = None  # a sweep trial's MLflow run is nested under its sweep's run
+    node_count: int = 1  # properties.node_count_per_trial
+    workers_per_node: int | None = None  # Ray Train workers per node (default: its GPUs, else 1)
 
 
 @dataclass
@@ -84,10 +90,15 @@ def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Recor
 def prepare(job: TrainingJob) -> Prepared:
     """Validate the settings, then every line and image; raise before any training work."""
     settings, arch = training_settings(job.task, job.parameters)
-    train = read_dataset(job.training_data, job.task.name, image_root=job.image_root)
+    stream = settings.advanced_settings.stream_image_files and streaming.is_remote(job.image_root)
+    root = streaming.PLACEHOLDER if stream else job.image_root
+    train = read_dataset(job.training_data, job.task.name, image_root=root)
     validation: Dataset | None = None
     if job.validation_data is not None:
-        validation = read_dataset(job.validation_data, job.task.name, image_root=job.image_root)
+        validation = read_dataset(job.validation_data, job.task.name, image_root=root)
+    if stream:  # images are fetched through the bounded cache when first opened (validation below)
+        for dataset in (train, validation) if validation is not None else (train,):
+            dataset.records = streaming.stream_records(dataset.records, str(job.image_root))
     for warning in train.warnings + (validation.warnings if validation else []):
         log.warning("skipped (MLTable invalid_lines: drop): %s", warning)
     check_training_set(train, validation)
@@ -150,8 +161,10 @@ class _Loop:
     """One run's mutable state; `run` walks the epochs."""
 
     def __init__(self, job: TrainingJob, prepared: Prepared, device: torch.device, report: Callable[[str], None],
-                 progress: bool):
+                 progress: bool, distribute: Any = None):
         self.job, self.p, self.device, self.report, self.progress = job, prepared, device, report, progress
+        self.dist = distribute  # models.distributed.RayTrainDistribute on a Ray Train worker
+        self.lead = distribute is None or distribute.rank == 0  # logs, evaluates, checkpoints
         self.task, self.s = job.task, prepared.settings
         ops = self.task.ops
         workers = _workers(self.s)
@@ -162,6 +175,9 @@ class _Loop:
         self.val_loader = _loader(val_ds, self.s.validation_batch_size, train=False, **common)
         self.loss_context = ops.loss_context(prepared.train, prepared.labels, self.s)
         self.model = _build(prepared, self.task, report).to(device)
+        if distribute is not None:
+            self.train_loader = distribute.loader(self.train_loader)
+            self.model = distribute.model(self.model)
         self.optimizer = make_optimizer(self.model, self.s)
         steps = math.ceil(len(self.train_loader) / self.s.grad_accumulation_step)
         self.scheduler = make_scheduler(self.optimizer, steps, self.s)
@@ -194,17 +210,25 @@ class _Loop:
             bar.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
 
+    @property
+    def net(self) -> torch.nn.Module:
+        """The model itself (unwrapped from DistributedDataParallel)."""
+        return getattr(self.model, "module", self.model)
+
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        with torch.inference_mode():
-            return self.task.ops.evaluate(self.model, self.val_loader, self.p.labels, self.s)
+        metrics = None
+        if self.lead:
+            self.net.eval()
+            with torch.inference_mode():
+                metrics = self.task.ops.evaluate(self.net, self.val_loader, self.p.labels, self.s)
+        return self.dist.share(metrics) if self.dist is not None else metrics
 
     def checkpoint(self, name: str, epoch: int, metrics: dict[str, float]) -> Path:
         return checkpoints.save_checkpoint(
-            self.ckpt_dir / name, model=self.model, task=self.task.name, model_name=self.p.arch.name,
+            self.ckpt_dir / name, model=self.net, task=self.task.name, model_name=self.p.arch.name,
             labels=self.p.labels, settings=_flat_params(self.s, {}), epoch=epoch, metrics=metrics)
 
-    def run(self, deadline: float | None) -> int:
+    def run(self, deadline: float | None, on_epoch: EpochHook | None = None) -> int:
         primary = self.task.primary_metric
         epochs = self.s.number_of_epochs
         for epoch in range(1, epochs + 1):
@@ -219,44 +243,60 @@ class _Loop:
                 value = metrics.get(primary, float(epoch))  # no metric (validation_metric_type none): latest wins
                 if self.stopper.update(value):
                     self.best_epoch, self.best_metrics = epoch, metrics
-                    self.checkpoint("best.pt", epoch, metrics)
+                    if self.lead:
+                        self.checkpoint("best.pt", epoch, metrics)
                     note = " (best)"
             row["epoch_seconds"] = time.perf_counter() - start
             self.history.append(row)
+            if not self.lead:
+                if self.stopper.should_stop or (deadline is not None and self.dist.share(time.time() > deadline)):
+                    return epoch
+                continue
             mlflow.log_metrics(row, step=epoch)
             if self.s.checkpoint_frequency and epoch % self.s.checkpoint_frequency == 0:
                 mlflow.log_artifact(str(self.checkpoint(f"epoch_{epoch:03d}.pt", epoch, row)), "checkpoints")
             shown = f"  {primary} {row[primary]:.4f}" if primary in row else ""
             self.report(f"epoch {epoch}/{epochs}  loss {train_loss:.4f}{shown}{note}  {row['epoch_seconds']:.1f}s")
+            if on_epoch is not None:
+                on_epoch(epoch, row)
             if self.stopper.should_stop:
                 self.report(f"early stopping: no {primary} improvement in {self.stopper.patience} evaluations")
                 return epoch
-            if deadline is not None and time.time() > deadline:
+            late = deadline is not None and time.time() > deadline
+            if deadline is not None and self.dist is not None:
+                late = self.dist.share(late)  # every worker stops at the same epoch
+            if late:
                 self.report("timeout_minutes reached: stopping with the best epoch so far")
                 return epoch
         return epochs
 
 
-def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], None] | None = None) -> TrainingResult:
-    """Run one training job end to end; returns where the MLflow model folder is."""
+def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], None] | None = None,
+          on_epoch: EpochHook | None = None, distribute: Any = None) -> TrainingResult | None:
+    """Run one training job end to end; returns where the MLflow model folder is (None on a Ray Train
+    worker other than rank 0, which only trains)."""
     report = report or (lambda message: tqdm.write(message, file=sys.stderr))
     started = time.time()
     prepared = prepare(job)
     _seed_everything(prepared.settings.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distribute.device if distribute is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if distribute is not None and distribute.rank != 0:
+        deadline = started + job.timeout_minutes * 60 if job.timeout_minutes else None
+        _Loop(job, prepared, device, lambda _: None, False, distribute).run(deadline)
+        return None
     job.output_dir.mkdir(parents=True, exist_ok=True)
     report(f"{job.task.name}: {prepared.arch.name}, {len(prepared.train)} training / {len(prepared.validation)} "
            f"validation images, {len(prepared.labels)} labels, on {device}")
     mlflow.set_experiment(job.experiment_name)
-    with mlflow.start_run(run_name=job.run_name) as run:
+    with mlflow.start_run(run_name=job.run_name, parent_run_id=job.parent_run_id) as run:
         mlflow.set_tags({"task": job.task.name, "model_name": prepared.arch.name})
         mlflow.log_params(_flat_params(prepared.settings, {"task": job.task.name, "n_labels": len(prepared.labels),
                                                            "n_train": len(prepared.train),
                                                            "n_validation": len(prepared.validation)}))
         mlflow.log_dict({"labels": prepared.labels}, "labels.json")
-        loop = _Loop(job, prepared, device, report, progress)
+        loop = _Loop(job, prepared, device, report, progress, distribute)
         deadline = started + job.timeout_minutes * 60 if job.timeout_minutes else None
-        epochs_run = loop.run(deadline)
+        epochs_run = loop.run(deadline, on_epoch)
         best = checkpoints.read_checkpoint(loop.ckpt_dir / "best.pt")
         mlflow.log_artifact(str(loop.ckpt_dir / "best.pt"), "checkpoints")
         spec = model_settings_from_training(job.task, prepared.arch.name, prepared.labels, prepared.settings)

@@ -5,6 +5,11 @@ Routes: `POST /score` (the cloud's `input_data` body), `POST /invocations` (MLfl
 concurrent requests share forward passes through `@serve.batch`; each answer goes back to its
 own request in input order. Over capacity, Ray Serve itself answers 429 with Retry-After
 (`max_ongoing_requests` per replica, `max_queued_requests` waiting).
+
+Explanation entries (`model_explainability: true`) bypass the batcher: they run on the
+predictor's private model copy, at most `max_concurrent_explanations` at a time per replica,
+`max_waiting_explanations` more waiting (then 429), each request given `explanation_timeout_s`
+(then 504), so plain scoring requests keep being answered meanwhile.
 """
 
 
@@ -25,7 +30,9 @@ from ray import serve
 
 from models.images import PREDICTION_LIMITS, ImageError, Limits
 from models.params import SettingsError, as_dict
-from serving.payloads import ParsedRequest, RequestError, check_images, parse_invocations, parse_json, parse_score
+from serving.payloads import (
+    Entry, ParsedRequest, RequestError, check_images, parse_invocations, parse_json, parse_score,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -42,6 +49,9 @@ class ServiceConfig:
     max_request_mb: float = 100.0
     max_images_per_request: int = 64
     max_image_mb: float = PREDICTION_LIMITS.max_bytes / 2**20
+    max_concurrent_explanations: int = 1
+    max_waiting_explanations: int = 4
+    explanation_timeout_s: float = 90.0
 
     @property
     def limits(self) -> Limits:
@@ -104,6 +114,8 @@ class VisionService:
                                                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
         self.batch_images = metrics.Histogram("visionserve_batch_images", "Images per model call",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self._explain_slots = asyncio.Semaphore(self.config.max_concurrent_explanations)
+        self._explaining = 0  # explanation requests admitted and not finished (running or waiting)
         log.info("visionserve replica ready: %s (%s)", self.predictor.spec.model_name, self.predictor.spec.task.name)
 
     def check_health(self) -> None:
@@ -138,24 +150,86 @@ class VisionService:
                                [{"field": f"params.{p.split(':')[0].split('=')[0]}", "message": p}
                                 for p in exc.problems]) from None
         details = check_images(request, self.config.limits, self.config.max_images_per_request)
-        explain = [i for i, e in enumerate(request.entries) if e.explain]
-        if explain:
-            raise RequestError(400, "explanations_unavailable",
-                               "model_explainability is not available on this endpoint yet",
-                               [{"field": request.entries[i].field, "index": i} for i in explain])
+        wishes = self._explanation_wishes(request.entries)
         for d in details:
             self.errors_total.inc(tags={"code": d["code"]})
         if details and not partial:
             raise RequestError(400, "invalid_image", f"{len(details)} of {len(request.entries)} images cannot be "
                                "scored (add ?partial=true to score the others)", details)
         key = _key(request.params)
-        good = [(i, e.data) for i, e in enumerate(request.entries) if not isinstance(e.data, ImageError)]
-        results = await asyncio.gather(*[self._score_images((data, key)) for _, data in good])
+        good = [(i, e.data) for i, e in enumerate(request.entries)
+                if not isinstance(e.data, ImageError) and i not in wishes]
+        explained = [i for i in wishes if not isinstance(request.entries[i].data, ImageError)]
+        jobs = [self._score_images((data, key)) for _, data in good]
+        if explained:
+            jobs.append(self._explain([request.entries[i].data for i in explained], [wishes[i] for i in explained],
+                                      request.params, explained))
+        results = await asyncio.gather(*jobs)
+        if explained:
+            results, explanations = results[:-1], results[-1]
         out: list[dict] = [{"error": {"row": d["index"], "code": d["code"], "message": d["message"]}}
                            for d in details]
         answers = dict(zip((i for i, _ in good), results))
+        if explained:
+            answers.update(zip(explained, explanations))
         errors = {d["index"]: e for d, e in zip(details, out)}
         return [answers.get(i) or errors[i] for i in range(len(request.entries))]
+
+    # ------------------------------------------------------------------ explanations
+
+    def _explanation_wishes(self, entries: list[Entry]) -> dict[int, Any]:
+        """Validated xai_parameters of every explanation entry; a 400 naming each bad one."""
+        from explain import parse_xai
+
+        asked = [i for i, e in enumerate(entries) if e.explain]
+        if asked and not self.predictor.spec.task.is_classification:
+            raise RequestError(400, "explanations_unsupported",
+                               f"explanations are for classification models only; this "
+                               f"{self.predictor.spec.task.name} model can only score "
+                               "(set model_explainability to false)",
+                               [{"field": entries[i].field, "index": i} for i in asked])
+        wishes, problems = {}, []
+        for i in asked:
+            try:
+                wishes[i] = parse_xai(entries[i].xai_parameters)
+            except SettingsError as exc:
+                problems += [{"field": f"{entries[i].field}.{p.split(':')[0].split('=')[0].split(' ')[0]}",
+                              "index": i, "message": f"image {i}: {p}"} for p in exc.problems]
+        if problems:
+            raise RequestError(400, "invalid_parameter", "; ".join(d["message"] for d in problems), problems)
+        return wishes
+
+    async def _explain(self, items: list[bytes], wishes: list[Any], params: dict, rows: list[int]) -> list[dict]:
+        """Explanations off the batcher: a few at a time, a long timeout, 429 when too many wait."""
+        limit = self.config.max_concurrent_explanations + self.config.max_waiting_explanations
+        if self._explaining >= limit:
+            raise RequestError(429, "too_many_explanations", f"{self._explaining} explanation requests are in "
+                               "progress on this replica; retry later", headers={"retry-after": "5"})
+        self._explaining += 1
+        deadline = time.monotonic() + self.config.explanation_timeout_s
+        timeout = RequestError(504, "explanation_timeout", f"the explanation took over "
+                               f"{self.config.explanation_timeout_s:g} s (explanation_timeout_s); try fewer "
+                               "images, a smaller n_steps or a faster xai_algorithm")
+        try:
+            await asyncio.wait_for(self._explain_slots.acquire(), self.config.explanation_timeout_s)
+        except TimeoutError:
+            self._explaining -= 1
+            raise timeout from None
+
+        def finished(_: Any) -> None:
+            self._explain_slots.release()
+            self._explaining -= 1
+
+        started = time.perf_counter()
+        work = asyncio.ensure_future(asyncio.to_thread(self.predictor.explain_bytes, items, wishes, params,
+                                                       rows=rows))
+        work.add_done_callback(finished)  # the slot stays taken until the thread is really done
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise timeout from None
+        finally:
+            self.model_seconds.observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ routes
 
@@ -196,7 +270,7 @@ class VisionService:
             return JSONResponse(wrap(answers), headers={"x-request-id": request_id})
         except RequestError as exc:
             status = exc.status
-            return JSONResponse(exc.body(request_id), exc.status, headers={"x-request-id": request_id})
+            return JSONResponse(exc.body(request_id), exc.status, headers={"x-request-id": request_id, **exc.headers})
         except Exception:  # our own bug: logged with its traceback, answered without one
             status = 500
             log.exception("request_id=%s failed", request_id)
@@ -239,7 +313,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for Ray Serve config files (`import_path: serving.app:build_app`).
 
     `args`: `model` (folder or MLflow URI), optional `api_key_file`, `set` (settings overrides),
-    `max_batch_size`, `batch_wait_timeout_s`, `max_request_mb`, `max_images_per_request`.
+    `max_batch_size`, `batch_wait_timeout_s`, `max_request_mb`, `max_images_per_request`,
+    `max_concurrent_explanations`, `max_waiting_explanations`, `explanation_timeout_s`.
     """
     args = dict(args)
     key_file = args.pop("api_key_file", None)

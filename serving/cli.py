@@ -23,14 +23,19 @@ USER_ERRORS = (SettingsError, DataError, ValueError, FileNotFoundError)
 
 def _train(args: argparse.Namespace) -> int:
     from models.job import build_job, parse_param_flags
-    from models.training import train
+    from models.sweep import SweepResult, run_job
 
     job = build_job(
         args.job_file, task=args.task, training_data=args.training_data, validation_data=args.validation_data,
         model_name=args.model_name, params=parse_param_flags(args.param), output_dir=args.output,
         image_root=args.image_root, experiment_name=args.experiment_name, run_name=args.run_name,
     )
-    result = train(job, progress=not args.no_progress)
+    result = run_job(job, progress=not args.no_progress)
+    if isinstance(result, SweepResult):
+        print(json.dumps({"model_dir": str(result.model_dir), "run_id": result.run_id, "best_trial": result.best["trial"],
+                          "best_trial_run_id": result.best["run_id"], "params": result.best["params"],
+                          "metric": result.best["metric"], "trials": len(result.trials)}, indent=2))
+        return 0
     print(json.dumps({"model_dir": str(result.model_dir), "run_id": result.run_id, "best_epoch": result.best_epoch,
                       "metrics": result.best_metrics}, indent=2))
     return 0

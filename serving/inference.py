@@ -81,6 +81,8 @@ class Predictor:
     device: torch.device
     limits: Limits = PREDICTION_LIMITS
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _explainer: Any = field(default=None, repr=False)  # explain.Explainer, made on first use
+    _explain_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_files(cls, settings_path: str | Path, weights_path: str | Path, *, device: torch.device | None = None,
@@ -165,10 +167,13 @@ class Predictor:
         sizes = [(t.shape[-1], t.shape[-2]) for t in tensors]
         return self._score(len(tensors), sizes, tensors.__getitem__, params)
 
-    def predict_bytes(self, items: Sequence[bytes | ImageError], params: Mapping[str, Any] | None = None) -> list[dict]:
+    def predict_bytes(self, items: Sequence[bytes | ImageError], params: Mapping[str, Any] | None = None, *,
+                      rows: Sequence[int] | None = None) -> list[dict]:
         """Responses for encoded images (or the error each row already has), in input order; each
-        image is checked from its header first and decoded only when its batch is scored."""
+        image is checked from its header first and decoded only when its batch is scored. `rows`:
+        the row numbers error objects name (default 0, 1, ...)."""
         self.settings_for(params)  # a bad parameter fails the request before any image work
+        rows = rows if rows is not None else range(len(items))
         sizes: list[tuple[int, int]] = []
         usable: list[int] = []
         errors: dict[int, ImageError] = {}
@@ -186,21 +191,66 @@ class Predictor:
             if isinstance(result, ImageError):
                 errors[usable[k]] = result
         answers = dict(zip(usable, scored))
-        return [row_error(i, errors[i]) if i in errors else answers[i] for i in range(len(items))]
+        return [row_error(rows[i], errors[i]) if i in errors else answers[i] for i in range(len(items))]
+
+    def explain_bytes(self, items: Sequence[bytes | ImageError], xai: Sequence[Any],
+                      params: Mapping[str, Any] | None = None, *, rows: Sequence[int] | None = None) -> list[dict]:
+        """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order.
+        Runs on a private copy of the model under its own lock, so scoring is not held up."""
+        from explain import explain_crop, make_explainer
+        from models.classification import eval_crop
+
+        settings = self.settings_for(params)
+        rows = rows if rows is not None else range(len(items))
+        if not self.spec.task.is_classification:
+            error = ImageError("explanations_unsupported", "explanations are for classification models only; "
+                               f"this {self.spec.task.name} model can only score (set model_explainability to false)")
+            return [row_error(r, error) for r in rows]
+        crop = eval_crop(settings)
+        out = []
+        with self._explain_lock:
+            if self._explainer is None:
+                self._explainer = make_explainer(self.model, self.arch.name, self.spec.task.ops.multilabel,
+                                                 self.device)
+            for row, item, wishes in zip(rows, items, xai):
+                try:
+                    if isinstance(item, ImageError):
+                        raise item
+                    probe(item, self.limits)
+                    with torch.inference_mode():
+                        pixels = crop(decode_tensor(item, self.limits, self.device))
+                    probs, extra = explain_crop(self._explainer, pixels, self.labels, wishes)
+                    out.append({**self.spec.task.ops.format(probs, (0, 0), self.labels, settings), **extra})
+                except ImageError as exc:
+                    out.append(row_error(row, exc))
+        return out
 
     def predict_files(self, paths: Sequence[str | Path], params: Mapping[str, Any] | None = None) -> list[dict]:
         return self.predict_bytes([_read_or_error(p) for p in paths], params)
 
     def predict_encoded(self, rows: Sequence[Any], params: Mapping[str, Any] | None = None) -> list[dict]:
-        """Responses for base64 strings, in input order; a bad row gets an error object."""
-        return self.predict_bytes([_b64_or_error(row) for row in rows], params)
+        """Responses for base64 strings, or JSON strings `{"image_base64", "model_explainability",
+        "xai_parameters"}` (scoring.md), mixed freely, in input order; a bad row gets an error object."""
+        from explain import parse_xai
+        from serving.payloads import parse_entry
 
-
-def _b64_or_error(row: Any) -> bytes | ImageError:
-    try:
-        return decode_base64(row)
-    except ImageError as exc:
-        return exc
+        entries = [parse_entry(row, f"row {i}") for i, row in enumerate(rows)]
+        wanted: dict[int, Any] = {}
+        for i, entry in enumerate(entries):
+            if entry.explain and not isinstance(entry.data, ImageError):
+                try:
+                    wanted[i] = parse_xai(entry.xai_parameters)
+                except SettingsError as exc:
+                    entry.data = ImageError("invalid_xai_parameters", "; ".join(exc.problems))
+        plain = [i for i in range(len(entries)) if i not in wanted]
+        answers: dict[int, dict] = {}
+        if plain:
+            answers.update(zip(plain, self.predict_bytes([entries[i].data for i in plain], params, rows=plain)))
+        if wanted:
+            keys = list(wanted)
+            answers.update(zip(keys, self.explain_bytes([entries[i].data for i in keys], list(wanted.values()),
+                                                        params, rows=keys)))
+        return [answers[i] for i in range(len(entries))]
 
 
 def _read_or_error(path: str | Path) -> bytes | ImageError:

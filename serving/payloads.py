@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models.images import ImageError, Limits, probe
+from models.params import _to_bool
 from serving.inference import decode_base64
 
 
 class RequestError(ValueError):
     """A request the endpoint refuses: HTTP `status`, and one detail per offending field or image."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict] | None = None):
+    def __init__(self, status: int, code: str, message: str, details: list[dict] | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.code, self.details = status, code, details or []
+        self.status, self.code, self.details, self.headers = status, code, details or [], headers or {}
 
     def body(self, request_id: str | None = None) -> dict:
         error: dict[str, Any] = {"code": self.code, "message": str(self)}
@@ -66,7 +68,7 @@ def _params(doc: dict) -> dict[str, Any]:
     return params
 
 
-def _entry(value: Any, field_name: str) -> Entry:
+def parse_entry(value: Any, field_name: str) -> Entry:
     """A base64 string, or a JSON string with `image_base64` (+ explanation wishes)."""
     if isinstance(value, list) and len(value) == 1:  # a dataframe_split row: [image]
         value = value[0]
@@ -82,7 +84,11 @@ def _entry(value: Any, field_name: str) -> Entry:
         xai = doc.get("xai_parameters") or {}
         if not isinstance(xai, dict):
             return Entry(field_name, ImageError("invalid_input", "xai_parameters must be an object"))
-        return Entry(field_name, _bytes(doc["image_base64"]), bool(doc.get("model_explainability", False)), xai)
+        try:
+            explain = _to_bool(doc.get("model_explainability", False))
+        except ValueError:
+            return Entry(field_name, ImageError("invalid_input", "model_explainability must be true or false"))
+        return Entry(field_name, _bytes(doc["image_base64"]), explain, xai)
     return Entry(field_name, _bytes(value))
 
 
@@ -105,7 +111,7 @@ def parse_score(doc: Any) -> ParsedRequest:
     rows = data.get("data")
     _require(isinstance(rows, list), "input_data.data", "missing or not a list of base64 images")
     _require(len(rows) > 0, "input_data.data", "is empty")
-    return ParsedRequest([_entry(v, f"input_data.data[{i}]") for i, v in enumerate(rows)], _params(doc))
+    return ParsedRequest([parse_entry(v, f"input_data.data[{i}]") for i, v in enumerate(rows)], _params(doc))
 
 
 def parse_invocations(doc: Any) -> ParsedRequest:
@@ -129,7 +135,7 @@ def parse_invocations(doc: Any) -> ParsedRequest:
     else:
         _require(isinstance(value, list) and value, key, "expected a non-empty list")
         rows = value
-    return ParsedRequest([_entry(v, f"{key}[{i}]") for i, v in enumerate(rows)], _params(doc))
+    return ParsedRequest([parse_entry(v, f"{key}[{i}]") for i, v in enumerate(rows)], _params(doc))
 
 
 def check_images(request: ParsedRequest, limits: Limits, max_images: int) -> list[dict]:

@@ -37,5 +37,16 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, *, log
         ray.init(address=address, log_to_driver=log_to_driver)
         log.info("joined the Ray cluster at %s", address)
     else:
+        _same_environment_for_workers()
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
         log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+def _same_environment_for_workers() -> None:
+    """A local instance's workers run this very interpreter and environment: under `uv run`, Ray would
+    otherwise build a fresh environment from a copy of the working directory for its workers (tens of
+    seconds for every new worker process here, e.g. each sweep trial's)."""
+    from ray._private import ray_constants
+
+    if os.environ.get("RAY_ENABLE_UV_RUN_RUNTIME_ENV") is None:
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False

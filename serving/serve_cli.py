@@ -48,7 +48,10 @@ def _config(args: argparse.Namespace):
         digest = key_digest(key)
     return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set, "--set"), api_key_sha256=digest,
                          max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                         max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request)
+                         max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
+                         max_concurrent_explanations=args.max_concurrent_explanations,
+                         max_waiting_explanations=args.max_waiting_explanations,
+                         explanation_timeout_s=args.explanation_timeout_s)
 
 
 def _check_model(config) -> None:
@@ -131,4 +134,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--request-timeout-s", type=float, default=90.0)
     p.add_argument("--max-request-mb", type=float, default=100.0)
     p.add_argument("--max-images-per-request", type=int, default=64)
+    p.add_argument("--max-concurrent-explanations", type=int, default=1, help="explanation requests running at once")
+    p.add_argument("--max-waiting-explanations", type=int, default=4, help="waiting explanation requests before 429")
+    p.add_argument("--explanation-timeout-s", type=float, default=90.0, help="then 504 explanation_timeout")
     p.set_defaults(func=_serve)

@@ -110,13 +110,16 @@ def test_yolov5_is_a_clear_error(synth, capsys):
     assert "yolov5 is not available" in err and "fasterrcnn_resnet50_fpn" in err
 
 
-def test_sweep_job_is_refused_with_what_to_change(synth, tmp_path, capsys):
+def test_bad_sweep_settings_name_their_yaml_key(synth, tmp_path, capsys):
     data = synth("image_classification")
     job = tmp_path / "job.yml"
     job.write_text(yaml.safe_dump({"task": "image_classification", "training_data": {"path": str(data.train_jsonl)},
-                                   "limits": {"max_trials": 4}, "training_parameters": {"model_name": "resnet18"}}))
+                                   "limits": {"max_trials": 4},
+                                   "search_space": [{"learning_rate": {"type": "uniform", "min_value": 0.1,
+                                                                       "max_value": 0.01}}],
+                                   "sweep": {"sampling_algorithm": "bayesian"}}))
     err = _error(["train", str(job)], capsys)
-    assert "limits.max_trials" in err and "max_trials: 1" in err
+    assert "search_space[0].learning_rate: uniform(0.1, 0.01): low must be < high" in err
 
 
 def test_unknown_job_key_is_named_with_a_suggestion(tmp_path, capsys):

@@ -198,6 +198,29 @@ def test_partial_true_scores_the_good_images_and_flags_the_bad_one(endpoint, tra
     assert "probs" in answers[0] and "probs" in answers[2] and answers[1]["error"]["code"] == "invalid_base64"
 
 
+def test_explanation_and_plain_entries_mixed_in_one_request(endpoint, trained):
+    rows = _images(trained, "image_classification", 2)
+    explain = json.dumps({"image_base64": rows[1], "model_explainability": True,
+                          "xai_parameters": {"xai_algorithm": "integrated_gradients", "n_steps": 4,
+                                             "attributions": True}})
+    response = _score(f"{endpoint}/cls/score", [rows[0], explain, rows[1]])
+    assert response.status_code == 200, response.text
+    plain, explained, again = response.json()
+    assert set(plain) == set(again) == {"probs", "labels"}
+    assert set(explained) == {"probs", "labels", "visualizations", "attributions"}
+    assert np.allclose(explained["probs"], again["probs"], atol=1e-4)
+    assert Image.open(io.BytesIO(base64.b64decode(explained["visualizations"]))).format == "PNG"
+    assert np.asarray(explained["attributions"]).shape == (3, 64, 64)
+    bad = json.dumps({"image_base64": rows[0], "model_explainability": True, "xai_parameters": {"n_steps": 1}})
+    refused = _score(f"{endpoint}/cls/score", [rows[0], bad])
+    assert refused.status_code == 400 and refused.json()["error"]["details"][0]["field"] == \
+        "input_data.data[1].xai_parameters.n_steps"
+    detection = _score(f"{endpoint}/det/score", [json.dumps({"image_base64": _images(trained, "image_object_detection",
+                                                                                       1)[0],
+                                                             "model_explainability": True})])
+    assert detection.status_code == 400 and detection.json()["error"]["code"] == "explanations_unsupported"
+
+
 def test_unknown_parameter_and_too_many_images_are_refused(endpoint, trained):
     rows = _images(trained, "image_classification", 1)
     body = {"input_data": {"columns": ["image"], "data": rows}, "params": {"box_score_thresh": 0.5}}

@@ -1,0 +1,50 @@
+"""Explanations of classifier decisions (scoring.md, Explanations): XRAI, integrated gradients,
+guided GradCAM and guided backprop on the evaluation center crop, drawn as the spec's 2x2 PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from explain.guided import prepare
+from explain.methods import METHODS, Explainer, attribute
+from explain.params import ALGORITHMS, DEFAULT, XaiParameters, parse_xai
+from explain.visualize import render
+
+__all__ = ["ALGORITHMS", "DEFAULT", "METHODS", "Explainer", "XaiParameters", "attribute", "explain_crop",
+           "make_explainer", "parse_xai", "targets"]
+
+
+def make_explainer(model: torch.nn.Module, arch_name: str, multilabel: bool, device: torch.device) -> Explainer:
+    """A private, guided float32 copy of `model` on `device` (the scoring model is not touched)."""
+    return Explainer(prepare(model, multilabel).to(device), arch_name, device)
+
+
+def targets(probs: torch.Tensor, multilabel: bool, threshold: float) -> list[int]:
+    """The classes explained: the top class, or every label with prob >= threshold."""
+    if multilabel:
+        return [i for i, p in enumerate(probs.tolist()) if p >= threshold]
+    return [int(probs.argmax())]
+
+
+def explain_crop(explainer: Explainer, crop: torch.Tensor, labels: Sequence[str],
+                 xai: XaiParameters) -> tuple[torch.Tensor, dict]:
+    """uint8 center crop [3, S, S] → (probabilities, the explanation keys of the response)."""
+    pixels = (crop.to(explainer.device).float() / 255).unsqueeze(0)
+    with torch.no_grad():
+        probs = explainer.model(pixels)[0].float().cpu()
+    multilabel = explainer.model.multilabel
+    out: dict = {}
+    if not (xai.visualizations or xai.attributions):
+        return probs, out
+    chosen = targets(probs, multilabel, xai.confidence_score_threshold_multilabel)
+    maps = [attribute(explainer, pixels, t, xai) for t in chosen]
+    if xai.visualizations:
+        pictures = [render(pixels[0].cpu(), a, f"{labels[t]}: {probs[t]:.3f} ({xai.xai_algorithm})")
+                    for t, a in zip(chosen, maps)]
+        out["visualizations"] = pictures if multilabel else pictures[0]
+    if xai.attributions:
+        arrays = [a.tolist() for a in maps]
+        out["attributions"] = arrays if multilabel else arrays[0]
+    return probs, out

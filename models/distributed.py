@@ -1,0 +1,113 @@
+"""Data-parallel training on Ray Train (training.md, "Large data"): `TorchTrainer` with one worker per
+GPU (or CPU process) on each of `node_count_per_trial` nodes; gloo on CPUs, NCCL on GPUs.
+
+Every worker runs the ordinary training loop on its shard of the training data with the model in
+DistributedDataParallel; rank 0 validates, logs to MLflow, checkpoints and exports the model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from models.tasks import get_task
+from models.training import TrainingJob, TrainingResult, train
+
+RESULT_FILE = "distributed_result.json"
+
+
+class RayTrainDistribute:
+    """What the training loop needs on a Ray Train worker: rank, device, sharding, DDP, broadcast."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+
+    def loader(self, loader):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value on every worker (validation metrics, the stop decision)."""
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _worker(ctx: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker."""
+    mlflow.set_tracking_uri(ctx["tracking_uri"])
+    torch.set_num_threads(max(1, int(ctx["cpus"])))
+    job = TrainingJob(task=get_task(ctx["task"]), training_data=ctx["training_data"],
+                      validation_data=ctx["validation_data"], parameters=ctx["parameters"],
+                      output_dir=Path(ctx["output"]), image_root=ctx["image_root"], experiment_name=ctx["experiment"],
+                      run_name=ctx["run_name"], timeout_minutes=ctx["timeout_minutes"])
+    distribute = RayTrainDistribute()
+    result = train(job, progress=False, report=lambda m: print(m, file=sys.stderr, flush=True), distribute=distribute)
+    if result is not None:
+        Path(ctx["output"], RESULT_FILE).write_text(json.dumps({
+            "model_dir": str(result.model_dir), "run_id": result.run_id, "labels": result.labels,
+            "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "epochs_run": result.epochs_run,
+            "history": result.history}))
+
+
+def worker_count(job: TrainingJob) -> tuple[int, bool]:
+    """(Ray Train workers, use_gpu): workers_per_node (default: the GPUs of a node, else 1) × nodes."""
+    gpus = torch.cuda.device_count()
+    per_node = job.workers_per_node or max(1, gpus)
+    return per_node * job.node_count, gpus > 0
+
+
+def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None = None,
+                      workers: int | None = None, use_gpu: bool | None = None) -> TrainingResult:
+    """Train `job` data-parallel on the Ray cluster; returns the same result as `train`."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from models.sweep import _absolute, _tracking_uri
+    from serving.runtime import ensure_ray
+
+    report = report or (lambda message: print(message, file=sys.stderr))
+    started = time.time()
+    counted, gpu = worker_count(job)
+    workers, use_gpu = workers or counted, gpu if use_gpu is None else use_gpu
+    ensure_ray()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // workers))
+    output = job.output_dir.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RESULT_FILE).unlink(missing_ok=True)
+    ctx = {"task": job.task.name, "training_data": _absolute(job.training_data),
+           "validation_data": _absolute(job.validation_data), "image_root": _absolute(job.image_root),
+           "parameters": dict(job.parameters), "output": str(output), "experiment": job.experiment_name,
+           "run_name": job.run_name, "timeout_minutes": job.timeout_minutes, "tracking_uri": _tracking_uri(),
+           "cpus": cpus}
+    report(f"Ray Train: {workers} workers ({'GPU' if use_gpu else f'{cpus} CPU'} each), "
+           f"backend {'nccl' if use_gpu else 'gloo'}")
+    trainer = TorchTrainer(
+        _worker, train_loop_config=ctx,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": cpus}),
+        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(output / "ray_results")),
+    )
+    trainer.fit()
+    done = json.loads((output / RESULT_FILE).read_text())
+    report(f"MLflow model: {done['model_dir']}  (run {done['run_id']})")
+    return TrainingResult(Path(done["model_dir"]), done["run_id"], done["labels"], done["best_epoch"],
+                          done["best_metrics"], done["epochs_run"], done["history"], time.time() - started)

@@ -1,0 +1,248 @@
+"""Hyperparameter sweeps on Ray Tune (training.md, "Job settings"): trials as nested MLflow runs,
+early termination, a timeout that still exports the best finished trial, a summary table.
+
+Each trial runs the ordinary training loop (`models.training.train`) in a Ray Tune trial with its
+share of the machine; its validations are reported to Tune, whose scheduler may stop it early.
+The best trial by the task's primary metric becomes `<output>/mlflow-model`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from models.search_space import grid_configs, random_configs, tune_space
+from models.sweep_settings import SweepSettings
+from models.tasks import get_task, training_settings
+from models.training import TrainingJob, prepare, train
+
+log = logging.getLogger(__name__)
+TRIAL_FILE = "trial.json"
+
+
+@dataclass
+class SweepResult:
+    model_dir: Path
+    run_id: str  # the sweep's (parent) MLflow run
+    best: dict[str, Any]  # the best trial's summary row
+    trials: list[dict[str, Any]]
+    seconds: float
+
+
+def _tracking_uri() -> str:
+    """The tracking URI made absolute: trials run in other processes and other working directories."""
+    uri = mlflow.get_tracking_uri()
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def _absolute(path: Any) -> str | None:
+    from models.streaming import is_remote
+
+    return None if path is None else str(path) if is_remote(path) else str(Path(path).resolve())
+
+
+def _write(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, default=str))
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Ray Tune trainable: one trial = one `train` with the trial's hyperparameters."""
+    import torch
+    from ray import tune
+
+    ctx = config["__ctx"]
+    trial_id = tune.get_context().get_trial_id()
+    if "__trial" in config:
+        index, params = config["__trial"]["index"], config["__trial"]["params"]
+    else:
+        index, params = None, {k: v for k, v in config.items() if not k.startswith("__")}
+    mlflow.set_tracking_uri(ctx["tracking_uri"])
+    torch.set_num_threads(max(1, int(ctx["cpus"])))
+    folder = Path(ctx["output"]) / "trials" / trial_id
+    record = {"trial_id": trial_id, "index": index, "params": params, "started": time.time()}
+    now = time.time()
+    deadline = ctx["deadline"]
+    if ctx["trial_timeout_s"]:
+        deadline = min(deadline, now + ctx["trial_timeout_s"])
+    exportable = any((Path(ctx["output"]) / "trials").glob("*/checkpoints/best.pt"))
+    if now >= ctx["deadline"] and exportable:  # past the timeout with something to export: start no more trials
+        _write(folder / TRIAL_FILE, {**record, "status": "skipped (timeout)", "ended": now})
+        return
+    parameters = {**ctx["base"], **params}
+    _write(folder / TRIAL_FILE, {**record, "status": "running", "parameters": parameters})
+    job = TrainingJob(task=get_task(ctx["task"]), training_data=ctx["training_data"],
+                      validation_data=ctx["validation_data"], parameters=parameters, output_dir=folder,
+                      image_root=ctx["image_root"], experiment_name=ctx["experiment"],
+                      run_name=f"{ctx['run_name']}-trial-{index if index is not None else trial_id}",
+                      timeout_minutes=max(deadline - now, 1e-3) / 60, parent_run_id=ctx["parent_run_id"])
+    primary = job.task.primary_metric
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if primary in row:
+            run_id = mlflow.active_run().info.run_id
+            tune.report({**row, "epoch": epoch, "mlflow_run_id": run_id})
+
+    result = train(job, progress=False, report=log.info, on_epoch=on_epoch)
+    _write(folder / TRIAL_FILE, {**record, "status": "completed", "parameters": parameters, "run_id": result.run_id,
+                                 "model_dir": str(result.model_dir), "metrics": result.best_metrics,
+                                 "best_epoch": result.best_epoch, "epochs": result.epochs_run, "ended": time.time()})
+
+
+def _configs(sweep: SweepSettings, seed: int) -> list[dict[str, Any]] | None:
+    """Every trial's sampled hyperparameters (random, grid), or None where Tune's searcher samples (bayesian)."""
+    if sweep.sampling_algorithm == "grid":
+        return grid_configs(sweep.search_space)[: sweep.limits.max_trials]
+    if sweep.sampling_algorithm == "random":
+        return random_configs(sweep.search_space, sweep.limits.max_trials, seed)
+    return None
+
+
+def _check_configs(job: TrainingJob, configs: list[dict[str, Any]]) -> None:
+    """Every trial's settings are valid before the first one starts."""
+    from models.params import SettingsError
+
+    problems = []
+    for i, params in enumerate(configs):
+        try:
+            training_settings(job.task, {**job.parameters, **params})
+        except SettingsError as exc:
+            problems += [f"trial {i} {json.dumps(params)}: {p}" for p in exc.problems]
+    if problems:
+        raise SettingsError(problems, "search space")
+
+
+def _resources(concurrent: int) -> dict[str, float]:
+    """One trial's share of the Ray cluster: its CPUs (and GPUs) split across the concurrent trials."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus = max(1, int(total.get("CPU", 1) // concurrent))
+    gpus = total.get("GPU", 0) / concurrent
+    return {"cpu": cpus, "gpu": math.floor(gpus) if gpus >= 1 else round(gpus, 3)}
+
+
+def _searcher(sweep: SweepSettings, seed: int):
+    if sweep.sampling_algorithm != "bayesian":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, sweep.limits.max_trials)))
+
+
+def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) -> SweepResult:
+    """Run the job's sweep on Ray Tune; export the best trial as the job's MLflow model."""
+    from ray import tune
+
+    from models.termination import make_scheduler
+    from serving.runtime import ensure_ray
+
+    report = report or (lambda message: print(message, file=sys.stderr))
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial skipped at the timeout reports nothing
+    sweep: SweepSettings = job.sweep
+    started = time.time()
+    output = job.output_dir.resolve()
+    base = dict(job.parameters)
+    if sweep.auto_mode:
+        sweep = _auto(job, sweep, report)
+    configs = _configs(sweep, seed=int(base.get("seed", 0)))
+    if configs is not None:
+        _check_configs(job, configs)
+    prepare(replace(job, parameters={**base, **(configs[0] if configs else {})}))  # the data, checked once
+    ensure_ray()
+    concurrent = sweep.limits.max_concurrent_trials
+    resources = _resources(concurrent)
+    primary = job.task.primary_metric
+    deadline = started + sweep.limits.timeout_minutes * 60
+    mlflow.set_experiment(job.experiment_name)
+    with mlflow.start_run(run_name=job.run_name or "sweep") as parent:
+        mlflow.set_tags({"task": job.task.name, "sweep": "1", "sampling_algorithm": sweep.sampling_algorithm})
+        mlflow.log_params({"max_trials": sweep.limits.max_trials, "max_concurrent_trials": concurrent,
+                           "timeout_minutes": sweep.limits.timeout_minutes,
+                           "sampling_algorithm": sweep.sampling_algorithm, "auto_mode": sweep.auto_mode,
+                           "early_termination": sweep.early_termination.type if sweep.early_termination else "none",
+                           "cpus_per_trial": resources["cpu"], "gpus_per_trial": resources["gpu"]})
+        mlflow.log_dict({"search_space": [{k: vars(d) for k, d in sub.items()} for sub in sweep.search_space],
+                         "early_termination": vars(sweep.early_termination) if sweep.early_termination else None,
+                         "training_parameters": base}, "sweep.json")
+        ctx = {"task": job.task.name, "training_data": _absolute(job.training_data),
+               "validation_data": _absolute(job.validation_data), "image_root": _absolute(job.image_root),
+               "base": base, "output": str(output), "experiment": job.experiment_name,
+               "run_name": job.run_name or "sweep", "parent_run_id": parent.info.run_id,
+               "tracking_uri": _tracking_uri(), "deadline": deadline, "cpus": resources["cpu"],
+               "trial_timeout_s": (sweep.limits.trial_timeout_minutes or 0) * 60}
+        if configs is not None:
+            space = {"__trial": tune.grid_search([{"index": i, "params": p} for i, p in enumerate(configs)]),
+                     "__ctx": ctx}
+            samples = 1
+        else:
+            space, samples = {**tune_space(sweep.search_space), "__ctx": ctx}, sweep.limits.max_trials
+        report(f"sweep: {len(configs) if configs is not None else samples} trials, {sweep.sampling_algorithm} "
+               f"sampling, {concurrent} at a time with {resources['cpu']} CPU / {resources['gpu']} GPU each, "
+               f"early termination {sweep.early_termination.type if sweep.early_termination else 'none'}")
+        timeout_s = sweep.limits.timeout_minutes * 60
+        tuner = tune.Tuner(
+            tune.with_resources(run_trial, resources), param_space=space,
+            tune_config=tune.TuneConfig(metric=primary, mode="max", num_samples=samples,
+                                        max_concurrent_trials=concurrent, search_alg=_searcher(sweep, int(base.get("seed", 0))),
+                                        scheduler=make_scheduler(sweep.early_termination, primary),
+                                        time_budget_s=timeout_s + max(120.0, 0.25 * timeout_s),
+                                        trial_dirname_creator=lambda trial: trial.trial_id, reuse_actors=True),
+            run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      storage_path=str(output / "ray_results"), verbose=0),
+        )
+        grid = tuner.fit()
+        from models.sweep_report import collect, export_best, summary_table
+
+        trials = collect(grid, output, primary, deadline)
+        table = summary_table(trials, primary)
+        report(table)
+        mlflow.log_text(table + "\n", "sweep_summary.txt")
+        mlflow.log_dict({"primary_metric": primary, "trials": trials}, "sweep_summary.json")
+        best, model_dir = export_best(job, trials, output, primary, report)
+        report(f"best trial {best['trial']}: {primary} {best['metric']:.4f}  MLflow model: {model_dir}  "
+               f"(sweep run {parent.info.run_id})")
+    return SweepResult(model_dir, parent.info.run_id, best, trials, time.time() - started)
+
+
+def _auto(job: TrainingJob, sweep: SweepSettings, report: Callable[[str], None]) -> SweepSettings:
+    """AutoMode: the built-in search space for the task, data size and machine."""
+    import torch
+
+    from models.data import read_dataset
+    from models.search_space import auto_search_space
+
+    images = len(read_dataset(job.training_data, job.task.name, image_root=job.image_root).records)
+    space = auto_search_space(job.task, images, float(torch.cuda.device_count()), job.parameters)
+    shown = {k: d.describe() for k, d in space[0].items()}
+    report(f"AutoMode: {sweep.limits.max_trials} trials over {json.dumps(shown)}")
+    return replace(sweep, search_space=space)
+
+
+def run_job(job: TrainingJob, *, progress: bool = True, report: Callable[[str], None] | None = None):
+    """`visionserve train`: a sweep, a data-parallel run on Ray Train, or one plain training."""
+    if job.sweep is not None:
+        return run_sweep(job, report=report)
+    if job.node_count > 1 or (job.workers_per_node or 1) > 1:
+        from models.distributed import train_distributed
+
+        return train_distributed(job, report=report)
+    return train(job, progress=progress, report=report)
+
+
+__all__ = ["SweepResult", "run_job", "run_sweep", "run_trial"]
