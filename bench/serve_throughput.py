@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--cpus-per-replica", type=float, default=float(os.cpu_count() or 1))
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-serve-bench-"))
     folder, _, _ = _folder("resnet18", workdir)
@@ -168,7 +169,8 @@ def main() -> None:
     ours = run_server(
         "visionserve",
         [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
-         "--cpus-per-replica", str(args.cpus_per_replica), "--max-ongoing-requests", "64"],
+         "--cpus-per-replica", str(args.cpus_per_replica), "--replicas", str(args.replicas),
+         "--max-ongoing-requests", "64"],
         f"http://127.0.0.1:{port}/health/ready", f"http://127.0.0.1:{port}/score",
         [{"input_data": {"columns": ["image"], "data": [b]}} for b in images], args, workdir / "visionserve.log",
         lambda cmd: "ServeReplica" in cmd)
@@ -200,6 +202,7 @@ def main() -> None:
     print(f"\nin-process batched pyfunc ceiling: {ceiling:.1f} images/s; " + ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in targets.items()))
     path = write("serve_throughput", {"seconds": args.seconds, "cpus_per_replica": args.cpus_per_replica,
+                                      "replicas": args.replicas,
                                       "in_process_images_per_s": ceiling, "rows": rows, "targets": targets})
     print(f"written {path}")
 
