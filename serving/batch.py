@@ -29,7 +29,6 @@ from serving.runtime import ensure_ray, resolve_model
 
 _READ_TASK_CPUS = 0.25
 _ACTOR_CPUS = 0.5
-USER_ERRORS = (SettingsError, ValueError, FileNotFoundError)  # DataError is a ValueError
 
 
 @dataclass
@@ -246,19 +245,10 @@ def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m serving.batch score ...`: the score command on its own."""
-    parser = argparse.ArgumentParser(prog="visionserve")
-    add_score_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        return args.func(args)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    """`python -m serving.batch score ...`: the same as `visionserve score ...`."""
+    from serving.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

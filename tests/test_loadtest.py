@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from conftest import free_port
 from PIL import Image
 
 from loadtests.run import LoadtestError, add_loadtest_command, parse_duration, run_loadtest
@@ -69,17 +70,11 @@ STANDIN = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("standin")
     (root / "standin.py").write_text(STANDIN)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(root / "standin.py"), str(port), KEY])
     url = f"http://127.0.0.1:{port}"
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TASKS
+from conftest import TASKS, free_port
 
 pytestmark = pytest.mark.slow
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +27,7 @@ def served(trained, tmp_path_factory):
     def get(task: str):
         if task not in urls:
             result, data = trained(task)
-            port = _free_port()
+            port = free_port()
             log = (tmp_path_factory.mktemp("mlflow-serve") / "server.log").open("w")
             proc = subprocess.Popen([MLFLOW, "models", "serve", "-m", str(result.model_dir), "--env-manager", "local",
                                      "-h", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

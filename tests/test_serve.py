@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -16,19 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TASKS
+from conftest import TASKS, free_port
 
 pytestmark = pytest.mark.slow
 
 API_KEY = "s3cret-key-for-tests"
 PREFIX = {"image_classification": "/cls", "image_classification_multilabel": "/ml",
           "image_object_detection": "/det", "image_instance_segmentation": "/seg"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def endpoint(ray_session, trained):
 
     from serving.app import ServiceConfig, VisionService, key_digest
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     apps = {task: (trained(task)[0].model_dir, {}) for task in TASKS}
