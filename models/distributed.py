@@ -3,6 +3,8 @@ GPU (or CPU process) on each of `node_count_per_trial` nodes; gloo on CPUs, NCCL
 
 Every worker runs the ordinary training loop on its shard of the training data with the model in
 DistributedDataParallel; rank 0 validates, logs to MLflow, checkpoints and exports the model.
+Inside a sweep trial (node_count_per_trial > 1 with a search space) every worker also reports each
+validation with `ray.train.report`, which `TuneReportCallback` hands to the trial's Tune scheduler.
 """
 
 from __future__ import annotations
@@ -53,18 +55,33 @@ class RayTrainDistribute:
 def _worker(ctx: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker."""
     mlflow.set_tracking_uri(ctx["tracking_uri"])
-    torch.set_num_threads(max(1, int(ctx["cpus"])))
+    torch.set_num_threads(max(1, round(ctx["cpus"])))
     job = TrainingJob(task=get_task(ctx["task"]), training_data=ctx["training_data"],
                       validation_data=ctx["validation_data"], parameters=ctx["parameters"],
                       output_dir=Path(ctx["output"]), image_root=ctx["image_root"], experiment_name=ctx["experiment"],
-                      run_name=ctx["run_name"], timeout_minutes=ctx["timeout_minutes"])
+                      run_name=ctx["run_name"], timeout_minutes=ctx["timeout_minutes"],
+                      parent_run_id=ctx.get("parent_run_id"))
     distribute = RayTrainDistribute()
-    result = train(job, progress=False, report=lambda m: print(m, file=sys.stderr, flush=True), distribute=distribute)
+    on_epoch = _tune_reporter(job.task.primary_metric) if ctx.get("report_to_tune") else None
+    result = train(job, progress=False, report=lambda m: print(m, file=sys.stderr, flush=True), distribute=distribute,
+                   on_epoch=on_epoch)
     if result is not None:
         Path(ctx["output"], RESULT_FILE).write_text(json.dumps({
             "model_dir": str(result.model_dir), "run_id": result.run_id, "labels": result.labels,
             "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "epochs_run": result.epochs_run,
             "history": result.history}))
+
+
+def _tune_reporter(primary: str):
+    """Every worker reports each validation (Ray Train's report is collective); Tune sees rank 0's."""
+    import ray.train
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if primary in row:
+            run = mlflow.active_run()
+            ray.train.report({**row, "epoch": epoch, "mlflow_run_id": run.info.run_id if run else ""})
+
+    return on_epoch
 
 
 def worker_count(job: TrainingJob) -> tuple[int, bool]:
@@ -75,11 +92,14 @@ def worker_count(job: TrainingJob) -> tuple[int, bool]:
 
 
 def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None = None,
-                      workers: int | None = None, use_gpu: bool | None = None) -> TrainingResult:
-    """Train `job` data-parallel on the Ray cluster; returns the same result as `train`."""
+                      workers: int | None = None, use_gpu: bool | None = None, cpus_per_worker: float | None = None,
+                      in_tune_trial: bool = False) -> TrainingResult:
+    """Train `job` data-parallel on the Ray cluster; returns the same result as `train`. In a Tune trial
+    (`in_tune_trial`) the validations go on to the trial's scheduler."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     from models.sweep import _absolute, _tracking_uri
     from serving.runtime import ensure_ray
@@ -88,8 +108,9 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
     started = time.time()
     counted, gpu = worker_count(job)
     workers, use_gpu = workers or counted, gpu if use_gpu is None else use_gpu
-    ensure_ray()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // workers))
+    if not in_tune_trial:
+        ensure_ray()
+    cpus = cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // workers))
     output = job.output_dir.resolve()
     output.mkdir(parents=True, exist_ok=True)
     (output / RESULT_FILE).unlink(missing_ok=True)
@@ -97,14 +118,15 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
            "validation_data": _absolute(job.validation_data), "image_root": _absolute(job.image_root),
            "parameters": dict(job.parameters), "output": str(output), "experiment": job.experiment_name,
            "run_name": job.run_name, "timeout_minutes": job.timeout_minutes, "tracking_uri": _tracking_uri(),
-           "cpus": cpus}
+           "cpus": cpus, "parent_run_id": job.parent_run_id, "report_to_tune": in_tune_trial}
     report(f"Ray Train: {workers} workers ({'GPU' if use_gpu else f'{cpus} CPU'} each), "
            f"backend {'nccl' if use_gpu else 'gloo'}")
     trainer = TorchTrainer(
         _worker, train_loop_config=ctx,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus}),
-        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(output / "ray_results")),
+        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(output / "ray_results"),
+                             callbacks=[TuneReportCallback()] if in_tune_trial else None),
     )
     trainer.fit()
     done = json.loads((output / RESULT_FILE).read_text())

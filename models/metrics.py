@@ -24,17 +24,6 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    jaccard_score,
-    log_loss,
-    precision_recall_fscore_support,
-    precision_score,
-    recall_score,
-    top_k_accuracy_score,
-)
 
 MetricType = Literal["voc", "coco", "coco_voc", "none"]
 IouType = Literal["bbox", "segm"]
@@ -92,10 +81,19 @@ def label_keys(labels: Sequence[object]) -> list[str]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence pycocotools' prints and sklearn's undefined-metric warnings inside the block."""
+    from sklearn.exceptions import UndefinedMetricWarning
+
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
+
+
+def _sklearn_metrics():
+    """sklearn.metrics, imported when first needed (it adds about a second to every process start)."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def _as_numpy(value: Any, dtype: Any = None) -> np.ndarray:
@@ -110,7 +108,8 @@ def _mean_average_precision(onehot: np.ndarray, scores: np.ndarray) -> float:
     present = np.flatnonzero(onehot.any(axis=0))
     if present.size == 0:
         return 0.0
-    aps = [average_precision_score(onehot[:, c], scores[:, c]) for c in present]
+    skm = _sklearn_metrics()
+    aps = [skm.average_precision_score(onehot[:, c], scores[:, c]) for c in present]
     return float(np.mean(aps))
 
 
@@ -132,20 +131,21 @@ def classification_metrics(probs: Any, targets: Any, labels: Sequence[str]) -> d
         raise ValueError("targets must be N class indices in [0, C)")
     classes = np.arange(n_classes)
     preds = probs.argmax(axis=1)
+    skm = _sklearn_metrics()
     with _quiet():
-        top5 = 1.0 if n_classes <= 5 else top_k_accuracy_score(targets, probs, k=5, labels=classes)
-        per_p, per_r, _, _ = precision_recall_fscore_support(
+        top5 = 1.0 if n_classes <= 5 else skm.top_k_accuracy_score(targets, probs, k=5, labels=classes)
+        per_p, per_r, _, _ = skm.precision_recall_fscore_support(
             targets, preds, labels=classes, average=None, zero_division=0
         )
         normalised = np.clip(probs, 1e-15, None)
         normalised /= normalised.sum(axis=1, keepdims=True)
         result = {
-            "accuracy": float(accuracy_score(targets, preds)),
+            "accuracy": float(skm.accuracy_score(targets, preds)),
             "accuracy_top5": float(top5),
-            "precision_macro": float(precision_score(targets, preds, average="macro", zero_division=0)),
-            "recall_macro": float(recall_score(targets, preds, average="macro", zero_division=0)),
+            "precision_macro": float(skm.precision_score(targets, preds, average="macro", zero_division=0)),
+            "recall_macro": float(skm.recall_score(targets, preds, average="macro", zero_division=0)),
             "average_precision": _mean_average_precision(np.eye(n_classes)[targets], probs),
-            "log_loss": float(log_loss(targets, normalised, labels=classes)),
+            "log_loss": float(skm.log_loss(targets, normalised, labels=classes)),
         }
     for key, p, r in zip(label_keys(labels), per_p, per_r):
         result[f"precision/{key}"] = float(p)
@@ -167,16 +167,17 @@ def multilabel_metrics(
     if truth.shape != probs.shape or not np.isin(truth, (0, 1)).all():
         raise ValueError(f"targets must be a 0/1 matrix of shape {probs.shape}")
     preds = (probs >= threshold).astype(np.int64)
+    skm = _sklearn_metrics()
     with _quiet():
-        per_class = jaccard_score(truth, preds, average=None, zero_division=1.0)
+        per_class = skm.jaccard_score(truth, preds, average=None, zero_division=1.0)
         result = {
-            "iou": float(jaccard_score(truth, preds, average="samples", zero_division=1.0)),
-            "iou_micro": float(jaccard_score(truth, preds, average="micro", zero_division=1.0)),
+            "iou": float(skm.jaccard_score(truth, preds, average="samples", zero_division=1.0)),
+            "iou_micro": float(skm.jaccard_score(truth, preds, average="micro", zero_division=1.0)),
             "iou_macro": float(np.mean(per_class)),
-            "iou_weighted": float(jaccard_score(truth, preds, average="weighted", zero_division=1.0)),
-            "accuracy": float(accuracy_score(truth, preds)),
-            "precision_micro": float(precision_score(truth, preds, average="micro", zero_division=0)),
-            "recall_micro": float(recall_score(truth, preds, average="micro", zero_division=0)),
+            "iou_weighted": float(skm.jaccard_score(truth, preds, average="weighted", zero_division=1.0)),
+            "accuracy": float(skm.accuracy_score(truth, preds)),
+            "precision_micro": float(skm.precision_score(truth, preds, average="micro", zero_division=0)),
+            "recall_micro": float(skm.recall_score(truth, preds, average="micro", zero_division=0)),
             "average_precision": _mean_average_precision(truth, probs),
         }
     result.update({f"iou/{key}": float(v) for key, v in zip(label_keys(labels), per_class)})

@@ -72,7 +72,7 @@ def run_trial(config: dict[str, Any]) -> None:
     else:
         index, params = None, {k: v for k, v in config.items() if not k.startswith("__")}
     mlflow.set_tracking_uri(ctx["tracking_uri"])
-    torch.set_num_threads(max(1, int(ctx["cpus"])))
+    torch.set_num_threads(max(1, round(ctx["cpus"])))
     folder = Path(ctx["output"]) / "trials" / trial_id
     record = {"trial_id": trial_id, "index": index, "params": params, "started": time.time()}
     now = time.time()
@@ -97,7 +97,13 @@ def run_trial(config: dict[str, Any]) -> None:
             run_id = mlflow.active_run().info.run_id
             tune.report({**row, "epoch": epoch, "mlflow_run_id": run_id})
 
-    result = train(job, progress=False, report=log.info, on_epoch=on_epoch)
+    if ctx["workers"] > 1:  # node_count_per_trial > 1: this trial trains data-parallel on Ray Train
+        from models.distributed import train_distributed
+
+        result = train_distributed(job, report=log.info, workers=ctx["workers"], use_gpu=ctx["use_gpu"],
+                                   cpus_per_worker=ctx["cpus"], in_tune_trial=True)
+    else:
+        result = train(job, progress=False, report=log.info, on_epoch=on_epoch)
     _write(folder / TRIAL_FILE, {**record, "status": "completed", "parameters": parameters, "run_id": result.run_id,
                                  "model_dir": str(result.model_dir), "metrics": result.best_metrics,
                                  "best_epoch": result.best_epoch, "epochs": result.epochs_run, "ended": time.time()})
@@ -126,14 +132,31 @@ def _check_configs(job: TrainingJob, configs: list[dict[str, Any]]) -> None:
         raise SettingsError(problems, "search space")
 
 
-def _resources(concurrent: int) -> dict[str, float]:
-    """One trial's share of the Ray cluster: its CPUs (and GPUs) split across the concurrent trials."""
+TRIAL_DRIVER_CPU = 0.01  # a data-parallel trial's own actor only drives its Ray Train run
+
+
+def _resources(concurrent: int, workers: int = 1) -> dict[str, float]:
+    """One trial's (or, data-parallel, one Ray Train worker's) share of the Ray cluster: its CPUs (and GPUs)
+    split across the concurrent trials and their workers."""
     import ray
 
     total = ray.cluster_resources()
-    cpus = max(1, int(total.get("CPU", 1) // concurrent))
-    gpus = total.get("GPU", 0) / concurrent
-    return {"cpu": cpus, "gpu": math.floor(gpus) if gpus >= 1 else round(gpus, 3)}
+    gpus = total.get("GPU", 0) / (concurrent * workers)
+    gpus = math.floor(gpus) if gpus >= 1 else round(gpus, 3)
+    if workers == 1:
+        return {"cpu": max(1, int(total.get("CPU", 1) // concurrent)), "gpu": gpus}
+    share = (total.get("CPU", 1) - concurrent * TRIAL_DRIVER_CPU) / (concurrent * workers)
+    return {"cpu": math.floor(share * 1000) / 1000, "gpu": gpus}  # fractional: the trial actors hold the rest
+
+
+def _concurrency(limits, nodes: int, report: Callable[[str], None]) -> int:
+    """max_concurrent_trials, capped so that concurrent trials × node_count_per_trial <= max_nodes."""
+    concurrent = limits.max_concurrent_trials
+    if limits.max_nodes is not None and concurrent * nodes > limits.max_nodes:
+        concurrent = max(1, limits.max_nodes // nodes)
+        report(f"limits.max_nodes={limits.max_nodes} with node_count_per_trial={nodes}: "
+               f"{concurrent} trial(s) at a time")
+    return concurrent
 
 
 def _searcher(sweep: SweepSettings, seed: int):
@@ -149,7 +172,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
     """Run the job's sweep on Ray Tune; export the best trial as the job's MLflow model."""
     from ray import tune
 
-    from models.termination import make_scheduler
+    from models.termination import ExitScoreStopper, make_scheduler
     from serving.runtime import ensure_ray
 
     report = report or (lambda message: print(message, file=sys.stderr))
@@ -165,8 +188,11 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
         _check_configs(job, configs)
     prepare(replace(job, parameters={**base, **(configs[0] if configs else {})}))  # the data, checked once
     ensure_ray()
-    concurrent = sweep.limits.max_concurrent_trials
-    resources = _resources(concurrent)
+    from models.distributed import worker_count
+
+    workers, use_gpu = worker_count(job)
+    concurrent = _concurrency(sweep.limits, job.node_count, report)
+    resources = _resources(concurrent, workers)
     primary = job.task.primary_metric
     deadline = started + sweep.limits.timeout_minutes * 60
     mlflow.set_experiment(job.experiment_name)
@@ -185,31 +211,44 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
                "base": base, "output": str(output), "experiment": job.experiment_name,
                "run_name": job.run_name or "sweep", "parent_run_id": parent.info.run_id,
                "tracking_uri": _tracking_uri(), "deadline": deadline, "cpus": resources["cpu"],
-               "trial_timeout_s": (sweep.limits.trial_timeout_minutes or 0) * 60}
+               "trial_timeout_s": (sweep.limits.trial_timeout_minutes or 0) * 60, "workers": workers,
+               "use_gpu": use_gpu}
         if configs is not None:
             space = {"__trial": tune.grid_search([{"index": i, "params": p} for i, p in enumerate(configs)]),
                      "__ctx": ctx}
             samples = 1
         else:
             space, samples = {**tune_space(sweep.search_space), "__ctx": ctx}, sweep.limits.max_trials
+        share = (f"{resources['cpu']} CPU / {resources['gpu']} GPU each" if workers == 1 else
+                 f"{workers} Ray Train workers each, {resources['cpu']} CPU / {resources['gpu']} GPU per worker")
         report(f"sweep: {len(configs) if configs is not None else samples} trials, {sweep.sampling_algorithm} "
-               f"sampling, {concurrent} at a time with {resources['cpu']} CPU / {resources['gpu']} GPU each, "
-               f"early termination {sweep.early_termination.type if sweep.early_termination else 'none'}")
+               f"sampling, {concurrent} at a time with {share}, "
+               f"early termination {sweep.early_termination.type if sweep.early_termination else 'none'}"
+               + (f", exit_score {sweep.limits.exit_score}" if sweep.limits.exit_score is not None else ""))
         timeout_s = sweep.limits.timeout_minutes * 60
+        exit_score = ExitScoreStopper(primary, sweep.limits.exit_score) if sweep.limits.exit_score is not None else None
+        # a data-parallel trial holds no resources itself: its Ray Train workers do
+        trial_resources = resources if workers == 1 else {"cpu": TRIAL_DRIVER_CPU}
         tuner = tune.Tuner(
-            tune.with_resources(run_trial, resources), param_space=space,
+            tune.with_resources(run_trial, trial_resources), param_space=space,
             tune_config=tune.TuneConfig(metric=primary, mode="max", num_samples=samples,
                                         max_concurrent_trials=concurrent, search_alg=_searcher(sweep, int(base.get("seed", 0))),
                                         scheduler=make_scheduler(sweep.early_termination, primary),
                                         time_budget_s=timeout_s + max(120.0, 0.25 * timeout_s),
-                                        trial_dirname_creator=lambda trial: trial.trial_id, reuse_actors=True),
+                                        trial_dirname_creator=lambda trial: trial.trial_id,
+                                        reuse_actors=workers == 1),  # a stopped data-parallel trial's actor goes
             run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(output / "ray_results"), verbose=0),
+                                      storage_path=str(output / "ray_results"), verbose=0,
+                                      stop=exit_score),
         )
         grid = tuner.fit()
         from models.sweep_report import collect, export_best, summary_table
 
-        trials = collect(grid, output, primary, deadline)
+        if exit_score is not None and exit_score.reached_by:
+            report(f"limits.exit_score {exit_score.score} reached by trial {exit_score.reached_by}: sweep stopped")
+        trials = collect(grid, output, primary, deadline,
+                         stopped="stopped (exit_score reached)" if exit_score and exit_score.reached_by else None,
+                         planned=configs)
         table = summary_table(trials, primary)
         report(table)
         mlflow.log_text(table + "\n", "sweep_summary.txt")

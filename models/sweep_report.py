@@ -26,8 +26,11 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
 
 
-def collect(grid, output: Path, primary: str, deadline: float) -> list[dict[str, Any]]:
-    """One row per trial: index, status, sampled params, best primary metric, epochs, seconds, run id."""
+def collect(grid, output: Path, primary: str, deadline: float, stopped: str | None = None,
+            planned: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per trial: index, status, sampled params, best primary metric, epochs, seconds, run id.
+    `stopped`: the status of trials still running when the sweep was stopped (exit_score); `planned`:
+    every trial's params (random, grid), so that trials Tune never created show as "not started"."""
     rows = []
     client = mlflow.MlflowClient()
     for result in grid:
@@ -39,7 +42,7 @@ def collect(grid, output: Path, primary: str, deadline: float) -> list[dict[str,
         if result.error is not None:
             status = f"failed: {str(result.error).strip().splitlines()[-1][:120]}"
         elif status == "running":
-            status = "stopped (timeout)" if time.time() >= deadline else "early terminated"
+            status = "stopped (timeout)" if time.time() >= deadline else stopped or "early terminated"
         run_id = info.get("run_id") or (result.metrics or {}).get("mlflow_run_id")
         if run_id and not status.startswith(("completed", "skipped")):
             client.set_terminated(run_id, "KILLED" if not status.startswith("failed") else "FAILED")
@@ -51,9 +54,14 @@ def collect(grid, output: Path, primary: str, deadline: float) -> list[dict[str,
             "trial_id": trial_id, "index": info.get("index"), "status": status, "params": info.get("params", {}),
             "metric": metrics.get(primary, max(curve) if curve else None), "curve": curve,
             "epochs": info.get("epochs", len(curve)), "seconds": round(ended - info["started"], 1) if info else None,
+            "started": info.get("started"),
             "run_id": run_id, "model_dir": info.get("model_dir"), "parameters": info.get("parameters"),
             "checkpoint": str(output / "trials" / trial_id / "checkpoints" / "best.pt"),
         })
+    seen = {r["index"] for r in rows}
+    rows += [{"trial_id": "", "index": i, "status": "not started", "params": params, "metric": None, "curve": [],
+              "epochs": 0, "seconds": None, "started": None, "run_id": None, "model_dir": None, "parameters": None, "checkpoint": ""}
+             for i, params in enumerate(planned or []) if i not in seen]
     rows.sort(key=lambda r: (r["index"] if r["index"] is not None else 10**6, r["trial_id"]))
     for i, row in enumerate(rows):
         row["trial"] = row["index"] if row["index"] is not None else i

@@ -29,6 +29,9 @@ class Limits:
     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
     trial_timeout_minutes: float | None = None
     timeout_given: bool = False
+    exit_score: float | None = None  # the sweep ends once a trial's primary metric reaches it
+    max_nodes: int | None = None  # nodes the sweep may hold at once: caps concurrent trials × node_count_per_trial
+    enable_early_termination: bool = True  # false: every trial runs to completion, whatever the sweep says
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,19 @@ def parse_limits(raw: Any) -> Limits:
     trial_timeout = raw.get("trial_timeout_minutes")
     if trial_timeout is not None:
         trial_timeout = _positive(trial_timeout, "limits.trial_timeout_minutes", problems)
+    exit_score = raw.get("exit_score")
+    if exit_score is not None and (isinstance(exit_score, bool) or not isinstance(exit_score, (int, float))):
+        problems.append(f"limits.exit_score={exit_score!r}: must be a number (the primary metric to stop at)")
+    max_nodes = raw.get("max_nodes")
+    if max_nodes is not None:
+        max_nodes = _int(max_nodes, "limits.max_nodes", 1, None, problems)
+    enabled = raw.get("enable_early_termination", True)
+    if not isinstance(enabled, bool):
+        problems.append(f"limits.enable_early_termination={enabled!r}: must be true or false")
     if problems:
         raise SettingsError(problems, "job file")
     return Limits(trials, min(concurrent, trials), timeout or DEFAULT_TIMEOUT_MINUTES, trial_timeout,
-                  timeout is not None)
+                  timeout is not None, None if exit_score is None else float(exit_score), max_nodes, enabled)
 
 
 def parse_early_termination(raw: Any, key: str = "sweep.early_termination") -> EarlyTermination | None:
@@ -163,4 +175,6 @@ def parse_sweep(doc: Mapping[str, Any], task: Task) -> SweepSettings:
         tune_space(space)  # a conditional space or an unsupported distribution fails here, before anything runs
     if auto and termination is None:
         termination = EarlyTermination("bandit", evaluation_interval=1, delay_evaluation=5, slack_factor=0.2)
+    if not limits.enable_early_termination:
+        termination = None
     return SweepSettings(limits, sampling, termination, space, auto)

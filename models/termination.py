@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 
 from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.stopper import Stopper
 
 from models.sweep_settings import EarlyTermination
 
@@ -123,3 +124,20 @@ def make_scheduler(policy: EarlyTermination | None, metric: str) -> TrialSchedul
     if policy.type == "truncation_selection":
         return _PolicyScheduler(TruncationPolicy(policy), metric)
     return _IntervalMedianStopping(policy, metric)
+
+
+class ExitScoreStopper(Stopper):
+    """`limits.exit_score`: the whole sweep stops once any trial's primary metric reaches the score."""
+
+    def __init__(self, metric: str, score: float):
+        self.metric, self.score = metric, score
+        self.reached_by: str | None = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        value = result.get(self.metric)
+        if self.reached_by is None and value is not None and value >= self.score:
+            self.reached_by = trial_id
+        return False  # stop_all ends every trial, this one included
+
+    def stop_all(self) -> bool:
+        return self.reached_by is not None

@@ -249,6 +249,8 @@ class _Loop:
             row["epoch_seconds"] = time.perf_counter() - start
             self.history.append(row)
             if not self.lead:
+                if on_epoch is not None:
+                    on_epoch(epoch, row)
                 if self.stopper.should_stop or (deadline is not None and self.dist.share(time.time() > deadline)):
                     return epoch
                 continue
@@ -282,7 +284,7 @@ def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], No
     device = distribute.device if distribute is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if distribute is not None and distribute.rank != 0:
         deadline = started + job.timeout_minutes * 60 if job.timeout_minutes else None
-        _Loop(job, prepared, device, lambda _: None, False, distribute).run(deadline)
+        _Loop(job, prepared, device, lambda _: None, False, distribute).run(deadline, on_epoch)
         return None
     job.output_dir.mkdir(parents=True, exist_ok=True)
     report(f"{job.task.name}: {prepared.arch.name}, {len(prepared.train)} training / {len(prepared.validation)} "

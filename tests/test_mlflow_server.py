@@ -21,33 +21,33 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 @pytest.fixture(scope="module")
 def served(trained, tmp_path_factory):
-    """`served(task)` → (base URL, synthetic data) of `mlflow models serve` running that task's model."""
-    processes, urls = [], {}
+    """`served(task)` → (base URL, synthetic data) of `mlflow models serve` running that task's model; the
+    four servers start side by side."""
+    processes, urls = {}, {}
+    for task in TASKS:
+        result, data = trained(task)
+        port = free_port()
+        log = tmp_path_factory.mktemp("mlflow-serve") / "server.log"
+        processes[task] = (subprocess.Popen([MLFLOW, "models", "serve", "-m", str(result.model_dir), "--env-manager",
+                                             "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
+                                            stderr=subprocess.STDOUT), log)
+        urls[task] = (f"http://127.0.0.1:{port}", data)
 
     def get(task: str):
-        if task not in urls:
-            result, data = trained(task)
-            port = free_port()
-            log = (tmp_path_factory.mktemp("mlflow-serve") / "server.log").open("w")
-            proc = subprocess.Popen([MLFLOW, "models", "serve", "-m", str(result.model_dir), "--env-manager", "local",
-                                     "-h", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-            processes.append(proc)
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 180
-            while time.time() < deadline:
-                assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-                try:
-                    if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(1)
-            else:
-                pytest.fail("mlflow models serve did not become ready in 180 s")
-            urls[task] = (url, data)
-        return urls[task]
+        proc, log = processes[task]
+        url = urls[task][0]
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    return urls[task]
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        pytest.fail("mlflow models serve did not become ready in 180 s")
 
     yield get
-    for proc in processes:
+    for proc, _ in processes.values():
         proc.terminate()
         proc.wait(timeout=30)
 

@@ -103,6 +103,37 @@ def test_limits_defaults_and_concurrency_capped_at_max_trials():
         assert needle in text
 
 
+def test_exit_score_max_nodes_and_enable_early_termination_limits():
+    from models.sweep import _concurrency
+
+    limits = parse_limits({"max_trials": 6, "max_concurrent_trials": 4, "exit_score": 0.9, "max_nodes": 4})
+    assert (limits.exit_score, limits.max_nodes, limits.enable_early_termination) == (0.9, 4, True)
+    messages = []
+    assert _concurrency(limits, nodes=1, report=messages.append) == 4 and not messages
+    assert _concurrency(limits, nodes=2, report=messages.append) == 2  # 2 trials x 2 nodes = max_nodes
+    assert _concurrency(limits, nodes=8, report=messages.append) == 1  # always at least one trial
+    assert "limits.max_nodes=4 with node_count_per_trial=8: 1 trial(s) at a time" in messages
+    text = _problems(parse_limits, {"exit_score": "high", "max_nodes": 0, "enable_early_termination": "no"})
+    for needle in ("limits.exit_score='high'", "limits.max_nodes=0", "limits.enable_early_termination='no'"):
+        assert needle in text
+    off = {"limits": {"max_trials": 3, "enable_early_termination": False},
+           "search_space": [{"learning_rate": {"type": "choice", "values": [0.01, 0.02]}}],
+           "sweep": {"early_termination": {"type": "bandit", "slack_factor": 0.1}}}
+    assert parse_sweep(off, CLS).early_termination is None
+    assert parse_sweep({"limits": {"max_trials": 3, "enable_early_termination": False}}, CLS).early_termination is None
+
+
+def test_exit_score_stopper_stops_every_trial_once_one_reaches_the_score():
+    from models.termination import ExitScoreStopper
+
+    stopper = ExitScoreStopper("accuracy", 0.8)
+    assert stopper("a", {"accuracy": 0.5}) is False and not stopper.stop_all()
+    assert stopper("b", {"train_loss": 0.1}) is False and not stopper.stop_all()  # no metric: no decision
+    assert stopper("b", {"accuracy": 0.8}) is False and stopper.stop_all() and stopper.reached_by == "b"
+    stopper("a", {"accuracy": 0.95})
+    assert stopper.reached_by == "b"  # the first to reach it
+
+
 def test_early_termination_settings_are_checked():
     bandit = parse_early_termination({"type": "bandit", "evaluation_interval": 2, "slack_factor": 0.2,
                                       "delay_evaluation": 6})

@@ -30,24 +30,26 @@ def endpoint(ray_session, trained):
     plus `/secure` (API key, small limits) and `/tight` (capacity 1 + 1 queued)."""
     from ray import serve
 
+    from ray.serve.config import BackpressureConfig
+
     from serving.app import ServiceConfig, VisionService, key_digest
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"ray_actor_options": {"num_cpus": 0.1}}
-    apps = {task: (trained(task)[0].model_dir, {}) for task in TASKS}
-    for task, (model_dir, _) in apps.items():
-        config = ServiceConfig(model=str(model_dir), max_batch_size=8, batch_wait_timeout_s=0.02)
-        serve.run(VisionService.options(**small).bind(asdict(config)), name=task, route_prefix=PREFIX[task])
-    cls_dir = apps["image_classification"][0]
+    cls_dir = trained("image_classification")[0].model_dir
+    apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(ServiceConfig(
+        model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02))),
+        name=task, route_prefix=PREFIX[task]) for task in TASKS]
     secure = ServiceConfig(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4)
-    serve.run(VisionService.options(**small).bind(asdict(secure)), name="secure", route_prefix="/secure")
-    from ray.serve.config import BackpressureConfig
-
+    apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
+                                route_prefix="/secure"))
     tight = ServiceConfig(model=str(cls_dir), max_batch_size=1)
-    serve.run(VisionService.options(max_ongoing_requests=1, max_queued_requests=1,
-                                    backpressure_config=BackpressureConfig(status_code=429, retry_after_s=2),
-                                    **small).bind(asdict(tight)), name="tight", route_prefix="/tight")
+    apps.append(serve.RunTarget(VisionService.options(
+        max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
+                                                                                             retry_after_s=2),
+        **small).bind(asdict(tight)), name="tight", route_prefix="/tight"))
+    serve.run_many(apps)  # the six replicas start side by side
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 

@@ -105,3 +105,33 @@ def test_timeout_stops_the_sweep_and_exports_the_best_finished_trial(sweep_job):
     assert all(s == "skipped (timeout)" for s in statuses[1:])
     assert result.best["trial"] == 0 and (result.model_dir / "MLmodel").is_file()
     assert result.seconds < 120
+
+
+def test_exit_score_stops_the_sweep_and_exports_the_trial_that_reached_it(sweep_job):
+    job = sweep_job(limits={"max_trials": 3, "exit_score": 0.0},
+                    training_parameters={"number_of_epochs": 50},
+                    search_space=[{"learning_rate": {"type": "choice", "values": [0.01, 0.02, 0.03]}}],
+                    sweep={"sampling_algorithm": "grid"})
+    messages = []
+    result = run_job(job, report=messages.append)
+    statuses = [t["status"] for t in result.trials]
+    assert statuses == ["stopped (exit_score reached)", "not started", "not started"]
+    assert result.trials[0]["epochs"] < 50
+    assert result.best["trial"] == 0 and (result.model_dir / "MLmodel").is_file()
+    assert any("limits.exit_score 0.0 reached by trial" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_a_trial_with_node_count_per_trial_2_trains_data_parallel(sweep_job):
+    job = sweep_job(limits={"max_trials": 1}, properties={"node_count_per_trial": "2"},
+                    training_parameters={"number_of_epochs": 1},
+                    search_space=[{"learning_rate": {"type": "choice", "values": [0.01]}}],
+                    sweep={"sampling_algorithm": "grid"})
+    messages = []
+    result = run_job(job, report=messages.append)
+    assert any("2 Ray Train workers each, 0.995 CPU" in m for m in messages)  # 2 CPUs less the trial actor's
+    [trial] = result.trials
+    assert trial["status"] == "completed" and trial["metric"] is not None and trial["curve"]
+    assert (result.model_dir / "MLmodel").is_file()
+    [child] = _children(result.run_id)
+    assert "accuracy" in child.data.metrics and child.data.params["learning_rate"] == "0.01"
