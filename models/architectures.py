@@ -39,6 +39,7 @@ class Architecture:
     backbone_prefix: str = ""  # where backbone weights go in this model's state_dict
     timm: bool = False
     fixed_input: bool = False  # ViT: train_crop_size must equal valid_crop_size
+    channels_last: bool = True  # convolutional: inference runs in channels_last memory format (14-34 % faster on CPU)
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -131,13 +132,13 @@ for _depth, _weights in ((18, "ResNet18_Weights"), (34, "ResNet34_Weights"), (50
 register(Architecture("mobilenetv2", "classification", _torchvision_classifier("mobilenet_v2"),
                       tuple((f"features.{i}.",) for i in range(19)), weights="MobileNet_V2_Weights.DEFAULT"))
 register(Architecture("vits16r224", "classification", _vit(None), _vit_groups(12),
-                      defaults=_classification_defaults(128, 0.0125, 0.025), fixed_input=True))
+                      defaults=_classification_defaults(128, 0.0125, 0.025), fixed_input=True, channels_last=False))
 register(Architecture("vitb16r224", "classification", _vit("vit_b_16"), _vit_groups(12),
                       defaults=_classification_defaults(48, 0.0125, 0.025), weights="ViT_B_16_Weights.DEFAULT",
-                      fixed_input=True))
+                      fixed_input=True, channels_last=False))
 register(Architecture("vitl16r224", "classification", _vit("vit_l_16"), _vit_groups(24),
                       defaults=_classification_defaults(10, 0.001, 0.002), weights="ViT_L_16_Weights.DEFAULT",
-                      fixed_input=True))
+                      fixed_input=True, channels_last=False))
 register(Architecture("seresnext", "classification", _timm("seresnext50_32x4d"), RESNET_GROUPS, timm=True))
 register(Architecture("resnest50", "classification", _timm("resnest50d"), RESNET_GROUPS, timm=True))
 register(Architecture("resnest101", "classification", _timm("resnest101e"), RESNET_GROUPS, timm=True))

@@ -102,6 +102,8 @@ class Predictor:
                              f"and the settings in {settings_path} ({str(exc).splitlines()[0]}); "
                              "was valid_crop_size changed for a ViT model?") from None
         model.eval().to(device)
+        if arch.channels_last:
+            model.to(memory_format=torch.channels_last)
         if spec.settings.half_precision and device.type == "cuda":
             model.half()
         log.info("loaded %s (%s, %d labels) on %s", spec.model_name, spec.task.name, len(spec.labels), device)
