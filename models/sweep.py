@@ -227,7 +227,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
                + (f", exit_score {sweep.limits.exit_score}" if sweep.limits.exit_score is not None else ""))
         timeout_s = sweep.limits.timeout_minutes * 60
         exit_score = ExitScoreStopper(primary, sweep.limits.exit_score) if sweep.limits.exit_score is not None else None
-        # a data-parallel trial holds no resources itself: its Ray Train workers do
+        # a data-parallel trial holds almost nothing itself: its Ray Train workers hold the CPUs/GPUs
         trial_resources = resources if workers == 1 else {"cpu": TRIAL_DRIVER_CPU}
         tuner = tune.Tuner(
             tune.with_resources(run_trial, trial_resources), param_space=space,
