@@ -232,7 +232,8 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
         tuner = tune.Tuner(
             tune.with_resources(run_trial, trial_resources), param_space=space,
             tune_config=tune.TuneConfig(metric=primary, mode="max", num_samples=samples,
-                                        max_concurrent_trials=concurrent, search_alg=_searcher(sweep, int(base.get("seed", 0))),
+                                        max_concurrent_trials=concurrent,
+                                        search_alg=_searcher(sweep, int(base.get("seed", 0))),
                                         scheduler=make_scheduler(sweep.early_termination, primary),
                                         time_budget_s=timeout_s + max(120.0, 0.25 * timeout_s),
                                         trial_dirname_creator=lambda trial: trial.trial_id,

@@ -60,7 +60,8 @@ def collect(grid, output: Path, primary: str, deadline: float, stopped: str | No
         })
     seen = {r["index"] for r in rows}
     rows += [{"trial_id": "", "index": i, "status": "not started", "params": params, "metric": None, "curve": [],
-              "epochs": 0, "seconds": None, "started": None, "run_id": None, "model_dir": None, "parameters": None, "checkpoint": ""}
+              "epochs": 0, "seconds": None, "started": None, "run_id": None, "model_dir": None, "parameters": None,
+              "checkpoint": ""}
              for i, params in enumerate(planned or []) if i not in seen]
     rows.sort(key=lambda r: (r["index"] if r["index"] is not None else 10**6, r["trial_id"]))
     for i, row in enumerate(rows):
