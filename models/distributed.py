@@ -13,13 +13,13 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
-from models.tasks import get_task
+from models.remote import job_from, metric_reporter, portable_job
 from models.training import TrainingJob, TrainingResult, train
 
 RESULT_FILE = "distributed_result.json"
@@ -54,34 +54,20 @@ class RayTrainDistribute:
 
 def _worker(ctx: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker."""
-    mlflow.set_tracking_uri(ctx["tracking_uri"])
+    import ray.train
+
+    job = job_from(ctx["job"])
     torch.set_num_threads(max(1, round(ctx["cpus"])))
-    job = TrainingJob(task=get_task(ctx["task"]), training_data=ctx["training_data"],
-                      validation_data=ctx["validation_data"], parameters=ctx["parameters"],
-                      output_dir=Path(ctx["output"]), image_root=ctx["image_root"], experiment_name=ctx["experiment"],
-                      run_name=ctx["run_name"], timeout_minutes=ctx["timeout_minutes"],
-                      parent_run_id=ctx.get("parent_run_id"))
     distribute = RayTrainDistribute()
-    on_epoch = _tune_reporter(job.task.primary_metric) if ctx.get("report_to_tune") else None
+    # inside a sweep trial every worker reports (Ray Train's report is collective); Tune sees rank 0's
+    on_epoch = metric_reporter(job.task.primary_metric, ray.train.report) if ctx["report_to_tune"] else None
     result = train(job, progress=False, report=lambda m: print(m, file=sys.stderr, flush=True), distribute=distribute,
                    on_epoch=on_epoch)
     if result is not None:
-        Path(ctx["output"], RESULT_FILE).write_text(json.dumps({
+        Path(job.output_dir, RESULT_FILE).write_text(json.dumps({
             "model_dir": str(result.model_dir), "run_id": result.run_id, "labels": result.labels,
             "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "epochs_run": result.epochs_run,
             "history": result.history}))
-
-
-def _tune_reporter(primary: str):
-    """Every worker reports each validation (Ray Train's report is collective); Tune sees rank 0's."""
-    import ray.train
-
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        if primary in row:
-            run = mlflow.active_run()
-            ray.train.report({**row, "epoch": epoch, "mlflow_run_id": run.info.run_id if run else ""})
-
-    return on_epoch
 
 
 def worker_count(job: TrainingJob) -> tuple[int, bool]:
@@ -101,7 +87,6 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from models.sweep import _absolute, _tracking_uri
     from serving.runtime import ensure_ray
 
     report = report or (lambda message: print(message, file=sys.stderr))
@@ -114,11 +99,8 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
     output = job.output_dir.resolve()
     output.mkdir(parents=True, exist_ok=True)
     (output / RESULT_FILE).unlink(missing_ok=True)
-    ctx = {"task": job.task.name, "training_data": _absolute(job.training_data),
-           "validation_data": _absolute(job.validation_data), "image_root": _absolute(job.image_root),
-           "parameters": dict(job.parameters), "output": str(output), "experiment": job.experiment_name,
-           "run_name": job.run_name, "timeout_minutes": job.timeout_minutes, "tracking_uri": _tracking_uri(),
-           "cpus": cpus, "parent_run_id": job.parent_run_id, "report_to_tune": in_tune_trial}
+    ctx = {"job": portable_job(replace(job, output_dir=output, sweep=None)), "cpus": cpus,
+           "report_to_tune": in_tune_trial}
     report(f"Ray Train: {workers} workers ({'GPU' if use_gpu else f'{cpus} CPU'} each), "
            f"backend {'nccl' if use_gpu else 'gloo'}")
     trainer = TorchTrainer(

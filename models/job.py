@@ -6,7 +6,7 @@ Paths in a job file are relative to the file. Flags given on the command line wi
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,6 @@ _IGNORED_KEYS = {"$schema", "type", "compute", "description", "tags", "log_verbo
 _KNOWN_KEYS = {"task", "target_column_name", "training_data", "validation_data", "limits", "training_parameters",
                "search_space", "sweep", "experiment_name", "name", "primary_metric", "validation_data_size",
                "image_root"} | _IGNORED_KEYS
-
-
-def parse_param_flags(pairs: Sequence[str], flag: str = "--param") -> dict[str, str]:
-    """`--param name=value` (or `--set`) flags → {name: value}; a pair without `=` is an error naming it."""
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise SettingsError([f"{flag} {pair!r}: expected name=value"], "command line")
-        out[name.strip()] = value.strip()
-    return out
 
 
 def _data_path(value: Any, base: Path, key: str) -> Path:

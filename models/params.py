@@ -295,3 +295,14 @@ def as_dict(instance: Any, *, inference_only: bool = False) -> dict[str, Any]:
         value = getattr(instance, f.name)
         out[f.name] = value.to_json() if hasattr(value, "to_json") else value
     return out
+
+
+def parse_param_flags(pairs: Sequence[str], flag: str = "--param") -> dict[str, str]:
+    """`--param name=value` (or `--set`) flags → {name: value}; a pair without `=` is an error naming it."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise SettingsError([f"{flag} {pair!r}: expected name=value"], "command line")
+        out[name.strip()] = value.strip()
+    return out

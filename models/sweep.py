@@ -21,9 +21,10 @@ from typing import Any
 
 import mlflow
 
+from models.remote import job_from, metric_reporter, portable_job
 from models.search_space import grid_configs, random_configs, tune_space
 from models.sweep_settings import SweepSettings
-from models.tasks import get_task, training_settings
+from models.tasks import training_settings
 from models.training import TrainingJob, prepare, train
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,6 @@ class SweepResult:
     best: dict[str, Any]  # the best trial's summary row
     trials: list[dict[str, Any]]
     seconds: float
-
-
-def _tracking_uri() -> str:
-    """The tracking URI made absolute: trials run in other processes and other working directories."""
-    uri = mlflow.get_tracking_uri()
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
-
-
-def _absolute(path: Any) -> str | None:
-    from models.streaming import is_remote
-
-    return None if path is None else str(path) if is_remote(path) else str(Path(path).resolve())
 
 
 def _write(path: Path, payload: dict[str, Any]) -> None:
@@ -71,39 +56,31 @@ def run_trial(config: dict[str, Any]) -> None:
         index, params = config["__trial"]["index"], config["__trial"]["params"]
     else:
         index, params = None, {k: v for k, v in config.items() if not k.startswith("__")}
-    mlflow.set_tracking_uri(ctx["tracking_uri"])
+    base = job_from(ctx["job"])
     torch.set_num_threads(max(1, round(ctx["cpus"])))
-    folder = Path(ctx["output"]) / "trials" / trial_id
-    record = {"trial_id": trial_id, "index": index, "params": params, "started": time.time()}
+    folder = base.output_dir / "trials" / trial_id
     now = time.time()
+    record = {"trial_id": trial_id, "index": index, "params": params, "started": now}
     deadline = ctx["deadline"]
     if ctx["trial_timeout_s"]:
         deadline = min(deadline, now + ctx["trial_timeout_s"])
-    exportable = any((Path(ctx["output"]) / "trials").glob("*/checkpoints/best.pt"))
+    exportable = any((base.output_dir / "trials").glob("*/checkpoints/best.pt"))
     if now >= ctx["deadline"] and exportable:  # past the timeout with something to export: start no more trials
         _write(folder / TRIAL_FILE, {**record, "status": "skipped (timeout)", "ended": now})
         return
-    parameters = {**ctx["base"], **params}
+    parameters = {**base.parameters, **params}
     _write(folder / TRIAL_FILE, {**record, "status": "running", "parameters": parameters})
-    job = TrainingJob(task=get_task(ctx["task"]), training_data=ctx["training_data"],
-                      validation_data=ctx["validation_data"], parameters=parameters, output_dir=folder,
-                      image_root=ctx["image_root"], experiment_name=ctx["experiment"],
-                      run_name=f"{ctx['run_name']}-trial-{index if index is not None else trial_id}",
-                      timeout_minutes=max(deadline - now, 1e-3) / 60, parent_run_id=ctx["parent_run_id"])
-    primary = job.task.primary_metric
-
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        if primary in row:
-            run_id = mlflow.active_run().info.run_id
-            tune.report({**row, "epoch": epoch, "mlflow_run_id": run_id})
-
+    job = replace(base, parameters=parameters, output_dir=folder,
+                  run_name=f"{base.run_name}-trial-{index if index is not None else trial_id}",
+                  timeout_minutes=max(deadline - now, 1e-3) / 60)
     if ctx["workers"] > 1:  # node_count_per_trial > 1: this trial trains data-parallel on Ray Train
         from models.distributed import train_distributed
 
         result = train_distributed(job, report=log.info, workers=ctx["workers"], use_gpu=ctx["use_gpu"],
                                    cpus_per_worker=ctx["cpus"], in_tune_trial=True)
     else:
-        result = train(job, progress=False, report=log.info, on_epoch=on_epoch)
+        result = train(job, progress=False, report=log.info,
+                       on_epoch=metric_reporter(job.task.primary_metric, tune.report))
     _write(folder / TRIAL_FILE, {**record, "status": "completed", "parameters": parameters, "run_id": result.run_id,
                                  "model_dir": str(result.model_dir), "metrics": result.best_metrics,
                                  "best_epoch": result.best_epoch, "epochs": result.epochs_run, "ended": time.time()})
@@ -206,11 +183,9 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
         mlflow.log_dict({"search_space": [{k: vars(d) for k, d in sub.items()} for sub in sweep.search_space],
                          "early_termination": vars(sweep.early_termination) if sweep.early_termination else None,
                          "training_parameters": base}, "sweep.json")
-        ctx = {"task": job.task.name, "training_data": _absolute(job.training_data),
-               "validation_data": _absolute(job.validation_data), "image_root": _absolute(job.image_root),
-               "base": base, "output": str(output), "experiment": job.experiment_name,
-               "run_name": job.run_name or "sweep", "parent_run_id": parent.info.run_id,
-               "tracking_uri": _tracking_uri(), "deadline": deadline, "cpus": resources["cpu"],
+        trial_job = replace(job, parameters=base, output_dir=output, run_name=job.run_name or "sweep",
+                            parent_run_id=parent.info.run_id, sweep=None)
+        ctx = {"job": portable_job(trial_job), "deadline": deadline, "cpus": resources["cpu"],
                "trial_timeout_s": (sweep.limits.trial_timeout_minutes or 0) * 60, "workers": workers,
                "use_gpu": use_gpu}
         if configs is not None:

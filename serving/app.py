@@ -82,6 +82,11 @@ def _unkey(key: str) -> dict[str, Any]:
     return json.loads(key)
 
 
+def _field_of(problem: str) -> str:
+    """The parameter a settings problem names: "box_score_thresh=2: must be ..." → box_score_thresh."""
+    return problem.split(":")[0].split("=")[0].split(" ")[0]
+
+
 def _mlmodel(model_dir: Path) -> dict:
     import yaml
 
@@ -112,6 +117,8 @@ class VisionService:
         self.errors_total = metrics.Counter("visionserve_image_errors_total", "Images refused", tag_keys=("code",))
         self.model_seconds = metrics.Histogram("visionserve_model_seconds", "Seconds per model call",
                                                boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+        self.explain_seconds = metrics.Histogram("visionserve_explain_seconds", "Seconds per explanation request",
+                                                 boundaries=[0.5, 1, 2.5, 5, 10, 30, 60, 120, 300])
         self.batch_images = metrics.Histogram("visionserve_batch_images", "Images per model call",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
         self._explain_slots = asyncio.Semaphore(self.config.max_concurrent_explanations)
@@ -147,7 +154,7 @@ class VisionService:
             self.predictor.settings_for(request.params)
         except SettingsError as exc:
             raise RequestError(400, "invalid_parameter", str(exc),
-                               [{"field": f"params.{p.split(':')[0].split('=')[0]}", "message": p}
+                               [{"field": f"params.{_field_of(p)}", "message": p}
                                 for p in exc.problems]) from None
         details = check_images(request, self.config.limits, self.config.max_images_per_request)
         wishes = self._explanation_wishes(request.entries)
@@ -193,7 +200,7 @@ class VisionService:
             try:
                 wishes[i] = parse_xai(entries[i].xai_parameters)
             except SettingsError as exc:
-                problems += [{"field": f"{entries[i].field}.{p.split(':')[0].split('=')[0].split(' ')[0]}",
+                problems += [{"field": f"{entries[i].field}.{_field_of(p)}",
                               "index": i, "message": f"image {i}: {p}"} for p in exc.problems]
         if problems:
             raise RequestError(400, "invalid_parameter", "; ".join(d["message"] for d in problems), problems)
@@ -229,7 +236,7 @@ class VisionService:
         except TimeoutError:
             raise timeout from None
         finally:
-            self.model_seconds.observe(time.perf_counter() - started)
+            self.explain_seconds.observe(time.perf_counter() - started)
 
     # ------------------------------------------------------------------ routes
 

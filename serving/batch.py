@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from models.job import parse_param_flags
-from models.params import SettingsError
+from models.params import SettingsError, parse_param_flags
 from serving.batch_inputs import Item, list_inputs, say
 from serving.batch_parts import PART_SIZE, Index, PartWriter, fingerprint, open_parts
 from serving.runtime import ensure_ray, resolve_model

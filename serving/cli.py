@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from loadtests.run import add_loadtest_command
 from models.data import DataError
 from models.params import SettingsError
-from loadtests.run import add_loadtest_command
 from serving.batch import add_score_command
 from serving.cli_data import add_data_commands
 from serving.serve_cli import add_serve_command
@@ -22,7 +22,8 @@ USER_ERRORS = (SettingsError, DataError, ValueError, FileNotFoundError)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.job import build_job, parse_param_flags
+    from models.job import build_job
+    from models.params import parse_param_flags
     from models.sweep import SweepResult, run_job
 
     job = build_job(
@@ -42,7 +43,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from models.job import build_job, parse_param_flags
+    from models.job import build_job
+    from models.params import parse_param_flags
     from models.training import prepare
 
     job = build_job(args.job_file, task=args.task, training_data=args.training_data,
@@ -55,7 +57,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from models.job import parse_param_flags
+    from models.params import parse_param_flags
     from serving.inference import Predictor
 
     predictor = Predictor.load(args.model, overrides=parse_param_flags(args.set))

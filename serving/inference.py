@@ -218,8 +218,7 @@ class Predictor:
                 try:
                     if isinstance(item, ImageError):
                         raise item
-                    probe(item, self.limits)
-                    with torch.inference_mode():
+                    with torch.inference_mode():  # decode_tensor checks bytes and size from the header first
                         pixels = crop(decode_tensor(item, self.limits, self.device))
                     probs, extra = explain_crop(self._explainer, pixels, self.labels, wishes)
                     out.append({**self.spec.task.ops.format(probs, (0, 0), self.labels, settings), **extra})

@@ -37,7 +37,7 @@ def deployment_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace):
-    from models.job import parse_param_flags
+    from models.params import parse_param_flags
     from serving.app import ServiceConfig, key_digest
 
     digest = None
