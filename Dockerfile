@@ -22,6 +22,8 @@ COPY pyproject.toml uv.lock .python-version README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev --no-install-project
 COPY models ./models
 COPY serving ./serving
+COPY explain ./explain
+COPY loadtests ./loadtests
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev
 
 WORKDIR /work

@@ -10,6 +10,8 @@ requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--s
   `POST /invocations` with `dataframe_split`;
 - in-process: `mlflow.pyfunc.load_model(DIR).predict` on 16 images at a time, no HTTP: the
   ceiling a server could reach.
+- in-process one at a time: the same, 1 image per predict: what a server without batching could reach.
+  The ratio of the two bounds what batching can add on this machine, whatever the server.
 Each server runs alone (the other is stopped). Targets: visionserve >= 2x mlflow's images/s at
 concurrency 8 with a lower p99, and >= 0.7 of the in-process batched throughput. Also reports
 resident memory of the replica / the mlflow server. Writes bench/results/serve_throughput.json.
@@ -134,14 +136,16 @@ def run_server(name: str, command: list[str], ready: str, route: str, bodies: li
         _stop(proc)
 
 
-def in_process(folder: Path, jpegs: list[bytes], repeats: int = 3) -> float:
+def in_process(folder: Path, jpegs: list[bytes], batch: int, repeats: int = 3) -> float:
+    """Images/s of `mlflow.pyfunc.load_model(folder).predict` on `batch` images at a time, no HTTP."""
     import mlflow.pyfunc
     import pandas as pd
 
     model = mlflow.pyfunc.load_model(str(folder))
-    frame = pd.DataFrame({"image": [base64.b64encode(j).decode() for j in jpegs]})
-    model.predict(frame)
-    best = min(_seconds(lambda: model.predict(frame)) for _ in range(repeats))
+    frames = [pd.DataFrame({"image": [base64.b64encode(j).decode() for j in jpegs[i:i + batch]]})
+              for i in range(0, len(jpegs), batch)]
+    model.predict(frames[0])
+    best = min(_seconds(lambda: [model.predict(f) for f in frames]) for _ in range(repeats))
     return len(jpegs) / best
 
 
@@ -162,8 +166,10 @@ def main() -> None:
     folder, _, _ = _folder("resnet18", workdir)
     jpegs = [_jpeg(i) for i in range(16)]
     images = [base64.b64encode(j).decode() for j in jpegs]
-    ceiling = in_process(folder, jpegs)
-    print(f"in-process batched pyfunc: {ceiling:.1f} images/s", flush=True)
+    ceiling = in_process(folder, jpegs, batch=16)
+    single = in_process(folder, jpegs, batch=1)
+    print(f"in-process pyfunc: {ceiling:.1f} images/s 16 at a time, {single:.1f} one at a time "
+          f"(batching alone can give {ceiling / single:.2f}x on this machine)", flush=True)
 
     port = _free_port()
     ours = run_server(
@@ -195,15 +201,17 @@ def main() -> None:
         "x_mlflow_at_8": at8 and at8["x_mlflow"], "x_mlflow_target": 2.0,
         "lower_p99_at_8": bool(at8 and mlflow8 and at8["p99_ms"] < mlflow8["p99_ms"]),
         "best_of_in_process": best / ceiling, "of_in_process_target": 0.7,
+        "batching_bound": ceiling / single,
     }
     print()
     print(table(rows, ["server", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms", "errors", "rss_mb",
                        "x_mlflow", "of_in_process"]))
-    print(f"\nin-process batched pyfunc ceiling: {ceiling:.1f} images/s; " + ", ".join(
+    print(f"\nin-process pyfunc: {ceiling:.1f} images/s batched, {single:.1f} one at a time; " + ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in targets.items()))
     path = write("serve_throughput", {"seconds": args.seconds, "cpus_per_replica": args.cpus_per_replica,
                                       "replicas": args.replicas,
-                                      "in_process_images_per_s": ceiling, "rows": rows, "targets": targets})
+                                      "in_process_images_per_s": ceiling, "in_process_one_at_a_time": single,
+                                      "rows": rows, "targets": targets})
     print(f"written {path}")
 
 

@@ -81,6 +81,7 @@ def xrai(explainer: Explainer, pixels: torch.Tensor, target: int, xai: XaiParame
     image = x.permute(1, 2, 0).cpu().numpy().astype(np.float64)
     base = ig.mean(0).permute(1, 2, 0).cpu().numpy()
     params = saliency.XRAIParameters(steps=xai.n_steps, algorithm="fast" if xai.xrai_fast else "full")
+    # GetMask requires the model function; with base_attribution given it only segments and ranks regions
     mask = saliency.XRAI().GetMask(image, saliency_call_model(explainer.model, explainer.device),
                                    call_model_args={"target": target}, base_attribution=base,
                                    extra_parameters=params)

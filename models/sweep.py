@@ -21,7 +21,7 @@ from typing import Any
 
 import mlflow
 
-from models.remote import job_from, metric_reporter, portable_job
+from models.remote import job_from, portable_job, train_on_one_thread
 from models.search_space import grid_configs, random_configs, tune_space
 from models.sweep_settings import SweepSettings
 from models.tasks import training_settings
@@ -47,7 +47,6 @@ def _write(path: Path, payload: dict[str, Any]) -> None:
 
 def run_trial(config: dict[str, Any]) -> None:
     """The Ray Tune trainable: one trial = one `train` with the trial's hyperparameters."""
-    import torch
     from ray import tune
 
     ctx = config["__ctx"]
@@ -57,7 +56,6 @@ def run_trial(config: dict[str, Any]) -> None:
     else:
         index, params = None, {k: v for k, v in config.items() if not k.startswith("__")}
     base = job_from(ctx["job"])
-    torch.set_num_threads(max(1, round(ctx["cpus"])))
     folder = base.output_dir / "trials" / trial_id
     now = time.time()
     record = {"trial_id": trial_id, "index": index, "params": params, "started": now}
@@ -79,8 +77,7 @@ def run_trial(config: dict[str, Any]) -> None:
         result = train_distributed(job, report=log.info, workers=ctx["workers"], use_gpu=ctx["use_gpu"],
                                    cpus_per_worker=ctx["cpus"], in_tune_trial=True)
     else:
-        result = train(job, progress=False, report=log.info,
-                       on_epoch=metric_reporter(job.task.primary_metric, tune.report))
+        result = train_on_one_thread(job, tune.report, threads=max(1, round(ctx["cpus"])), report=log.info)
     _write(folder / TRIAL_FILE, {**record, "status": "completed", "parameters": parameters, "run_id": result.run_id,
                                  "model_dir": str(result.model_dir), "metrics": result.best_metrics,
                                  "best_epoch": result.best_epoch, "epochs": result.epochs_run, "ended": time.time()})

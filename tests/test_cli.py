@@ -169,3 +169,12 @@ def test_demo_runs_end_to_end_from_the_console_script(tmp_path):
     assert "sample response" in done.stdout and '"probs"' in done.stdout
     assert (tmp_path / "demo" / "outputs" / "mlflow-model" / "MLmodel").is_file()
     assert (tmp_path / "demo" / "mlflow.db").is_file() and not (tmp_path / "mlruns").exists()
+
+
+def test_the_docker_image_copies_every_package_of_the_wheel():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    packages = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    copied = {line.split()[1] for line in (root / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
+    assert set(packages["packages"]) <= copied

@@ -41,6 +41,8 @@ def test_every_distribution_parses_and_samples_within_its_support():
         assert round(config["beta1"] / 0.1, 6).is_integer() and 0.5 <= config["beta1"] <= 0.9
         assert config["weighted_loss"] in (0, 1, 2)
         assert 0.3 < config["step_lr_gamma"] < 0.7
+        assert abs(config["warmup_cosine_lr_cycles"] - 0.45) < 0.1  # normal(0.45, 0.01): ten sigmas
+        assert round(config["beta2"] / 0.001, 6).is_integer() and abs(config["beta2"] - 0.99) < 0.01
         assert float(config["early_stopping_patience"]).is_integer()
 
 

@@ -41,7 +41,8 @@ def endpoint(ray_session, trained):
     apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(ServiceConfig(
         model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02))),
         name=task, route_prefix=PREFIX[task]) for task in TASKS]
-    secure = ServiceConfig(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4)
+    secure = ServiceConfig(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4,
+                           max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2)
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
                                 route_prefix="/secure"))
     tight = ServiceConfig(model=str(cls_dir), max_batch_size=1)
@@ -223,6 +224,23 @@ def test_unknown_parameter_and_too_many_images_are_refused(endpoint, trained):
     assert response.status_code == 400 and "box_score_thresh: unknown parameter" in response.text
     many = _score(f"{endpoint}/secure/score", rows * 5, headers={"Authorization": f"Bearer {API_KEY}"})
     assert many.status_code == 413 and "at most 4" in many.text
+
+
+def test_explanations_past_the_replica_limits_answer_429_and_504(endpoint, trained):
+    """/secure explains one image at a time, none waiting, for at most 0.2 s."""
+    explain = json.dumps({"image_base64": _images(trained, "image_classification", 1)[0], "model_explainability": True,
+                          "xai_parameters": {"xai_algorithm": "xrai", "n_steps": 100}})
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: _score(f"{endpoint}/secure/score", [explain], headers=auth), range(4)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {429, 504}, [r.text for r in responses]
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["retry-after"] == "5" and rejected.json()["error"]["code"] == "too_many_explanations"
+    late = next(r for r in responses if r.status_code == 504).json()["error"]
+    assert late["code"] == "explanation_timeout" and "explanation_timeout_s" in late["message"]
+    plain = _score(f"{endpoint}/secure/score", _images(trained, "image_classification", 1), headers=auth)
+    assert plain.status_code == 200  # scoring goes on while the explanation thread finishes
 
 
 def test_over_capacity_answers_429_with_retry_after(endpoint, trained):

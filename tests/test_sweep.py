@@ -4,6 +4,7 @@ and the best trial exported as the MLflow model."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlflow
 import pytest
@@ -135,3 +136,36 @@ def test_a_trial_with_node_count_per_trial_2_trains_data_parallel(sweep_job):
     assert (result.model_dir / "MLmodel").is_file()
     [child] = _children(result.run_id)
     assert "accuracy" in child.data.metrics and child.data.params["learning_rate"] == "0.01"
+
+
+def test_a_trial_trains_on_one_thread_and_stops_at_the_epoch_its_report_is_refused(synth, tracking, tmp_path):
+    """What a reused Tune trial actor runs: every trial on the same training thread; a refused report
+    (Tune stopping the trial) ends training at that epoch and reaches the caller."""
+    import threading
+
+    from models.remote import train_on_one_thread
+
+    data = synth("image_classification", images=16)
+    job = build_job(task="image_classification", training_data=data.train_jsonl,
+                    validation_data=data.validation_jsonl, params={**FAST, "number_of_epochs": 4},
+                    output_dir=tmp_path / "a", experiment_name="tests")
+    seen: list[tuple[int, str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def refuse_second(metrics):
+        seen.append((metrics["epoch"], threading.current_thread().name))
+        if len(seen) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_on_one_thread(job, refuse_second, threads=1, report=lambda _: None)
+    assert [epoch for epoch, _ in seen] == [1, 2] and {name for _, name in seen} == {threading.current_thread().name}
+    run_id = mlflow.search_runs(experiment_names=["tests"], output_format="list", max_results=1,
+                                order_by=["start_time DESC"])[0].info.run_id
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, "accuracy")) == 2  # no epoch after the refusal
+
+    result = train_on_one_thread(replace(job, output_dir=tmp_path / "b"), lambda metrics: None, threads=1,
+                                 report=lambda _: None)  # the training thread is free again
+    assert result.epochs_run == 4 and (result.model_dir / "MLmodel").is_file()
