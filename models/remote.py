@@ -1,13 +1,11 @@
 """A training job handed to another process (a Ray Tune trial, a Ray Train worker): plain fields with
 absolute paths and an absolute MLflow tracking URI, since that process has its own working directory;
-the per-validation report such a process sends back to Tune; and the one thread a trial process trains on."""
+the per-validation report such a process sends back to Tune; and a trial's training on the torch thread."""
 
 from __future__ import annotations
 
-import functools
 import queue
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 
 from models.streaming import is_remote
 from models.tasks import get_task
+from models.threads import torch_thread
 from models.training import EpochHook, TrainingJob, TrainingResult, train
 
 
@@ -62,25 +61,16 @@ def metric_reporter(primary: str, send: Callable[[dict[str, Any]], None]) -> Epo
     return on_epoch
 
 
-@functools.cache
-def _training_thread() -> ThreadPoolExecutor:
-    """This process's one training thread (see `train_on_one_thread`)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="visionserve-training")
-
-
 class _Stopped(Exception):
     """The caller's `send` raised: the training thread stops at the epoch end it is waiting at."""
 
 
 def train_on_one_thread(job: TrainingJob, send: Callable[[dict[str, Any]], None], *, threads: int,
                         report: Callable[[str], None]) -> TrainingResult:
-    """`train(job)` on this process's one training thread, each validation of the primary metric handed to
-    `send` on the calling thread, training paused meanwhile (as if `send` were called in place).
-
-    Ray Tune calls each trial of a reused trial actor from a new thread. OpenMP keeps one thread team per
-    calling thread and, once its teams hold more threads than there are CPUs, stops spin-waiting between
-    parallel regions: measured here, an epoch trained on a second thread ran 10-50 % slower. If `send`
-    raises (Tune stopping the trial), training ends at that epoch and the same exception is raised here."""
+    """`train(job)` on this process's torch thread (`models.threads`), each validation of the primary metric
+    handed to `send` on the calling thread, training paused meanwhile (as if `send` were called in place).
+    If `send` raises (Tune stopping the trial), training ends at that epoch and the same exception is raised
+    here."""
     handed: queue.Queue = queue.Queue(maxsize=1)
     answers: queue.Queue = queue.Queue(maxsize=1)
 
@@ -97,7 +87,7 @@ def train_on_one_thread(job: TrainingJob, send: Callable[[dict[str, Any]], None]
         finally:
             handed.put(None)
 
-    training = _training_thread().submit(run)
+    training = torch_thread().submit(run)
     while (metrics := handed.get()) is not None:
         try:
             send(metrics)

@@ -23,7 +23,7 @@ import mlflow
 
 from models.remote import job_from, portable_job, train_on_one_thread
 from models.search_space import grid_configs, random_configs, tune_space
-from models.sweep_settings import SweepSettings
+from models.sweep_settings import Limits, SweepSettings
 from models.tasks import training_settings
 from models.training import TrainingJob, prepare, train
 
@@ -123,7 +123,7 @@ def _resources(concurrent: int, workers: int = 1) -> dict[str, float]:
     return {"cpu": math.floor(share * 1000) / 1000, "gpu": gpus}  # fractional: the trial actors hold the rest
 
 
-def _concurrency(limits, nodes: int, report: Callable[[str], None]) -> int:
+def _concurrency(limits: Limits, nodes: int, report: Callable[[str], None]) -> int:
     """max_concurrent_trials, capped so that concurrent trials × node_count_per_trial <= max_nodes."""
     concurrent = limits.max_concurrent_trials
     if limits.max_nodes is not None and concurrent * nodes > limits.max_nodes:

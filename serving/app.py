@@ -32,6 +32,7 @@ from ray import serve
 
 from models.images import PREDICTION_LIMITS, ImageError, Limits
 from models.params import SettingsError, as_dict
+from models.threads import torch_thread
 from serving.payloads import (
     Entry, ParsedRequest, RequestError, check_images, parse_invocations, parse_json, parse_score,
 )
@@ -112,10 +113,8 @@ class VisionService:
 
         self.config = ServiceConfig(**config)
         self.model_dir = resolve_model(self.config.model)
-        # The model runs on one thread of its own (loading included), explanations on theirs. OpenMP keeps a
-        # thread team per calling thread, and with more team threads than CPUs libgomp stops spin-waiting
-        # between parallel regions: batches spread over asyncio's default thread pool ran slower (measured).
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="visionserve-model")
+        # the model loads and scores on the process's torch thread (see models.threads), explanations on theirs
+        self._model_thread = torch_thread()
         self._explain_threads = ThreadPoolExecutor(self.config.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
         self.predictor = self._model_thread.submit(Predictor.load, self.model_dir,
