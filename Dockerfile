@@ -10,7 +10,11 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_PROJECT_ENVIRONMENT=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+# (Ray Serve's high-throughput mode, also for `ray start` on cluster nodes built from this image:
+#  HAProxy on the HTTP port, requests straight to the replicas; see serving/runtime.py)
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libglib2.0-0 \

@@ -4,16 +4,18 @@
 
 One resnet18 classifier (224 crop, random weights: speed does not depend on them) exported once;
 requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--seconds`:
-- visionserve: `visionserve serve DIR --cpus-per-replica N` (one replica, `@serve.batch` across
-  requests), `POST /score` with the cloud's `input_data` body;
+- visionserve: `visionserve serve DIR --replicas R --cpus-per-replica C` for each `--layout RxC`
+  (default: one replica per CPU, then one replica with every CPU; `@serve.batch` across requests,
+  HAProxy in front, see serving.runtime.serve_environment), `POST /score` with the cloud's
+  `input_data` body;
 - mlflow: `mlflow models serve -m DIR --env-manager local` (one uvicorn worker, its default),
   `POST /invocations` with `dataframe_split`;
 - in-process: `mlflow.pyfunc.load_model(DIR).predict` on 16 images at a time, no HTTP: the
-  ceiling a server could reach.
+  ceiling a server could reach (measured before and after the servers, the best of the two).
 - in-process one at a time: the same, 1 image per predict: what a server without batching could reach.
   The ratio of the two bounds what batching can add on this machine, whatever the server.
-Each server runs alone (the other is stopped). Targets: visionserve >= 2x mlflow's images/s at
-concurrency 8 with a lower p99, and >= 0.7 of the in-process batched throughput. Also reports
+Each server runs alone (the others are stopped). Targets, for the first layout: visionserve >= 2x
+mlflow's images/s at concurrency 8 with a lower p99, and >= 0.7 of the in-process batched throughput. Also reports
 resident memory of the replica / the mlflow server. Writes bench/results/serve_throughput.json.
 """
 
@@ -23,7 +25,6 @@ import argparse
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,14 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table, write  # noqa: E402
 from bench.inference_throughput import _folder, _jpeg  # noqa: E402
+from serving.runtime import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
@@ -121,7 +117,8 @@ def load(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict
 
 def run_server(name: str, command: list[str], ready: str, route: str, bodies: list[dict], args, log: Path,
                rss_match) -> list[dict]:
-    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow runs `uvicorn`
+    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         _wait_ready(ready, proc, log)
         load(route, bodies, 2, 3)  # warm-up
@@ -137,7 +134,7 @@ def run_server(name: str, command: list[str], ready: str, route: str, bodies: li
 
 
 def in_process(folder: Path, jpegs: list[bytes], batches: tuple[int, ...] = (1, 16),
-               repeats: int = 3) -> dict[int, float]:
+               repeats: int = 5) -> dict[int, float]:
     """Images/s of `mlflow.pyfunc.load_model(folder).predict` on `b` images at a time for each `b` in
     `batches`, no HTTP; one model, the batch sizes alternating within each repeat, the best repeat each."""
     import mlflow.pyfunc
@@ -155,6 +152,15 @@ def in_process(folder: Path, jpegs: list[bytes], batches: tuple[int, ...] = (1, 
     return {b: len(jpegs) / best[b] for b in batches}
 
 
+def _layout(text: str) -> tuple[int, float]:
+    """"2x1" → 2 replicas of 1 CPU each."""
+    replicas, _, cpus = text.lower().partition("x")
+    try:
+        return int(replicas), float(cpus)
+    except ValueError:
+        raise SystemExit(f"--layout {text!r}: expected REPLICASxCPUS such as 2x1") from None
+
+
 def _seconds(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -165,28 +171,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--cpus-per-replica", type=float, default=float(os.cpu_count() or 1))
-    parser.add_argument("--replicas", type=int, default=1)
+    cpus = os.cpu_count() or 1
+    parser.add_argument("--layout", action="append", metavar="REPLICASxCPUS",
+                        help=f"replicas x CPUs each; repeatable; the first one is held to the targets "
+                             f"(default: {cpus}x1 then 1x{cpus})")
     args = parser.parse_args()
+    layouts = [_layout(text) for text in args.layout or [f"{cpus}x1", f"1x{cpus}"]]
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-serve-bench-"))
     folder, _, _ = _folder("resnet18", workdir)
     jpegs = [_jpeg(i) for i in range(16)]
     images = [base64.b64encode(j).decode() for j in jpegs]
-    rates = in_process(folder, jpegs)
-    ceiling, single = rates[16], rates[1]
-    print(f"in-process pyfunc: {ceiling:.1f} images/s 16 at a time, {single:.1f} one at a time "
-          f"(batching alone can give {ceiling / single:.2f}x on this machine)", flush=True)
+    first = in_process(folder, jpegs * 4)
+    print(f"in-process pyfunc: {first[16]:.1f} images/s 16 at a time, {first[1]:.1f} one at a time", flush=True)
 
-    port = _free_port()
-    ours = run_server(
-        "visionserve",
-        [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
-         "--cpus-per-replica", str(args.cpus_per_replica), "--replicas", str(args.replicas),
-         "--max-ongoing-requests", "64"],
-        f"http://127.0.0.1:{port}/health/ready", f"http://127.0.0.1:{port}/score",
-        [{"input_data": {"columns": ["image"], "data": [b]}} for b in images], args, workdir / "visionserve.log",
-        lambda cmd: "ServeReplica" in cmd)
-    port = _free_port()
+    ours: list[dict] = []
+    for replicas, cpus_each in layouts:
+        port = free_port()
+        ours += [{**row, "layout": f"{replicas}x{cpus_each:g}"} for row in run_server(
+            f"visionserve {replicas}x{cpus_each:g}",
+            [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
+             "--cpus-per-replica", str(cpus_each), "--replicas", str(replicas), "--max-ongoing-requests", "64"],
+            f"http://127.0.0.1:{port}/health/ready", f"http://127.0.0.1:{port}/score",
+            [{"input_data": {"columns": ["image"], "data": [b]}} for b in images], args, workdir / "visionserve.log",
+            lambda cmd: "ServeReplica" in cmd)]
+    port = free_port()
     theirs = run_server(
         "mlflow",
         [str(BIN / "mlflow"), "models", "serve", "-m", str(folder), "--env-manager", "local",
@@ -195,15 +203,21 @@ def main() -> None:
         [{"dataframe_split": {"columns": ["image"], "data": [[b]]}} for b in images], args, workdir / "mlflow.log",
         lambda cmd: "mlflow" in cmd and ("uvicorn" in cmd or "scoring_server" in cmd or "models serve" in cmd))
 
+    last = in_process(folder, jpegs * 4)  # measured again after the servers: the best of both bounds each
+    ceiling, single = max(first[16], last[16]), max(first[1], last[1])
+    print(f"in-process pyfunc, again: {last[16]:.1f} images/s 16 at a time, {last[1]:.1f} one at a time", flush=True)
+
     rows = ours + theirs
     for row in ours:
         other = next(r for r in theirs if r["concurrency"] == row["concurrency"])
         row["x_mlflow"] = row["images_per_s"] / other["images_per_s"] if other["images_per_s"] else None
         row["of_in_process"] = row["images_per_s"] / ceiling
-    at8 = next((r for r in ours if r["concurrency"] == 8), None)
+    held = [r for r in ours if r["layout"] == ours[0]["layout"]]  # the first layout is held to the targets
+    at8 = next((r for r in held if r["concurrency"] == 8), None)
     mlflow8 = next((r for r in theirs if r["concurrency"] == 8), None)
-    best = max(r["images_per_s"] for r in ours)
+    best = max(r["images_per_s"] for r in held)
     targets = {
+        "layout": held[0]["layout"],
         "x_mlflow_at_8": at8 and at8["x_mlflow"], "x_mlflow_target": 2.0,
         "lower_p99_at_8": bool(at8 and mlflow8 and at8["p99_ms"] < mlflow8["p99_ms"]),
         "best_of_in_process": best / ceiling, "of_in_process_target": 0.7,
@@ -214,8 +228,7 @@ def main() -> None:
                        "x_mlflow", "of_in_process"]))
     print(f"\nin-process pyfunc: {ceiling:.1f} images/s batched, {single:.1f} one at a time; " + ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in targets.items()))
-    path = write("serve_throughput", {"seconds": args.seconds, "cpus_per_replica": args.cpus_per_replica,
-                                      "replicas": args.replicas,
+    path = write("serve_throughput", {"seconds": args.seconds, "layouts": [f"{r}x{c:g}" for r, c in layouts],
                                       "in_process_images_per_s": ceiling, "in_process_one_at_a_time": single,
                                       "rows": rows, "targets": targets})
     print(f"written {path}")

@@ -131,6 +131,7 @@ class VisionService:
                                               boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
         self._explain_slots = asyncio.Semaphore(self.config.max_concurrent_explanations)
         self._explaining = 0  # explanation requests admitted and not finished (running or waiting)
+        self._scoring = 0  # requests with images to score, between admission and answer
         log.info("visionserve replica ready: %s (%s)", self.predictor.spec.model_name, self.predictor.spec.task.name)
 
     def check_health(self) -> None:
@@ -180,7 +181,14 @@ class VisionService:
         if explained:
             jobs.append(self._explain([request.entries[i].data for i in explained], [wishes[i] for i in explained],
                                       request.params, explained))
-        results = await asyncio.gather(*jobs)
+        scoring = 1 if good else 0
+        self._scoring += scoring
+        try:
+            # a batch waits for more images only while another request is being scored: alone, it goes now
+            self._score_images.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s if self._scoring > 1 else 0)
+            results = await asyncio.gather(*jobs)
+        finally:
+            self._scoring -= scoring
         if explained:
             results, explanations = results[:-1], results[-1]
         out: list[dict] = [{"error": {"row": d["index"], "code": d["code"], "message": d["message"]}}

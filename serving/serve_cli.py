@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ def deployment_options(args: argparse.Namespace) -> dict[str, Any]:
     from ray.serve.config import BackpressureConfig
 
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
+        "ray_actor_options": {"num_cpus": _cpus_per_replica(args), "num_gpus": args.gpus_per_replica},
         "max_ongoing_requests": args.max_ongoing_requests,
         "max_queued_requests": args.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
@@ -34,6 +35,16 @@ def deployment_options(args: argparse.Namespace) -> dict[str, Any]:
     else:
         options["num_replicas"] = args.replicas
     return options
+
+
+def _cpus_per_replica(args: argparse.Namespace) -> float:
+    """--cpus-per-replica; by default, on a local instance of CPU replicas, this machine's CPUs shared
+    among the fixed number of replicas (a replica's torch runs that many threads); else 1."""
+    if args.cpus_per_replica is not None:
+        return args.cpus_per_replica
+    if args.autoscale or args.gpus_per_replica or args.address or os.environ.get("RAY_ADDRESS"):
+        return 1.0
+    return (os.cpu_count() or 1) / args.replicas
 
 
 def _config(args: argparse.Namespace):
@@ -104,7 +115,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
         command = [serve_bin, "run", args.config] + (["--address", args.address] if args.address else [])
-        return subprocess.call(command)
+        env = None
+        if not (args.address or os.environ.get("RAY_ADDRESS")):  # `serve run` starts a local instance
+            from serving.runtime import serve_environment
+
+            env = {**serve_environment(), **os.environ}
+        return subprocess.call(command, env=env)
     if not args.model:
         raise SettingsError(["MODEL: give a model folder or MLflow URI (or --config serve.yaml)"], "command line")
     start(args)
@@ -121,7 +137,9 @@ def add_serve_command(sub) -> None:
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=float,
+                   help="CPUs (torch threads) per replica; default: a local instance's CPUs shared among "
+                        "--replicas, else 1")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
     p.add_argument("--api-key-file", help="require Authorization: Bearer <the key in this file>")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",

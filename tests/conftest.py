@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from serving.runtime import free_port  # noqa: F401  (the tests' too)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -33,13 +34,6 @@ RECIPES = {
 }
 NO_AUGMENT = '{"apply_automl_train_augmentations": false}'
 IMAGE_SIZE = (128, 96)  # not square, so a swapped width/height shows
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

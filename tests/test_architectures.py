@@ -12,6 +12,7 @@ from torch import nn
 from models.architectures import Architecture, build_model, freeze_layers, get_architecture, names
 from models.params import SettingsError
 from models.tasks import get_task, training_settings
+from serving.inference import fold_batchnorm
 
 NUM_CLASSES = 3
 FAMILY_TASK = {"classification": "image_classification", "detection": "image_object_detection",
@@ -104,10 +105,15 @@ def test_classifier_builds_and_outputs_one_logit_per_class(family: str, name: st
     settings, arch = small_settings(family, name)
     model = build_model(arch, NUM_CLASSES, settings).eval()
     crop = settings.valid_crop_size
+    pixels = torch.rand(2, 3, crop, crop)
     with torch.no_grad():
-        logits = model(torch.rand(2, 3, crop, crop))
+        logits = model(pixels)
+        folded = fold_batchnorm(model)  # what scoring runs: the same logits
+        assert torch.allclose(folded(pixels), logits, rtol=1e-3, atol=1e-4)
     assert logits.shape == (2, NUM_CLASSES)
     assert torch.isfinite(logits).all()
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and name.startswith(("resnet", "mobilenet")):
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
 @pytest.mark.parametrize(("family", "name"), slow_marked([c for c in ALL if c[0] != "classification"]))

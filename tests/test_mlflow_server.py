@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,13 +25,14 @@ def served(trained, tmp_path_factory):
     """`served(task)` → (base URL, synthetic data) of `mlflow models serve` running that task's model; the
     four servers start side by side."""
     processes, urls = {}, {}
+    env = {**os.environ, "PATH": f"{Path(MLFLOW).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its uvicorn
     for task in TASKS:
         result, data = trained(task)
         port = free_port()
         log = tmp_path_factory.mktemp("mlflow-serve") / "server.log"
         processes[task] = (subprocess.Popen([MLFLOW, "models", "serve", "-m", str(result.model_dir), "--env-manager",
                                              "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
-                                            stderr=subprocess.STDOUT), log)
+                                            stderr=subprocess.STDOUT, env=env), log)
         urls[task] = (f"http://127.0.0.1:{port}", data)
 
     def get(task: str):

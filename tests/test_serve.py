@@ -27,7 +27,8 @@ PREFIX = {"image_classification": "/cls", "image_classification_multilabel": "/m
 @pytest.fixture(scope="module")
 def endpoint(ray_session, trained):
     """All four task models served by one Ray Serve instance, each under its own route prefix,
-    plus `/secure` (API key, small limits) and `/tight` (capacity 1 + 1 queued)."""
+    plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill) and `/tight`
+    (capacity 1 + 1 queued)."""
     from ray import serve
 
     from ray.serve.config import BackpressureConfig
@@ -45,12 +46,15 @@ def endpoint(ray_session, trained):
                            max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2)
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
                                 route_prefix="/secure"))
+    patient = ServiceConfig(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0)
+    apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
+                                route_prefix="/patient"))
     tight = ServiceConfig(model=str(cls_dir), max_batch_size=1)
     apps.append(serve.RunTarget(VisionService.options(
         max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
                                                                                              retry_after_s=2),
         **small).bind(asdict(tight)), name="tight", route_prefix="/tight"))
-    serve.run_many(apps)  # the six replicas start side by side
+    serve.run_many(apps)  # the replicas start side by side
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -127,6 +131,28 @@ def test_32_concurrent_requests_each_get_their_own_answer(endpoint, trained):
         answer = response.json()
         assert np.allclose(answer[0]["probs"], expected[i], atol=1e-5)
         assert np.allclose(answer[1]["probs"], expected[(i + 1) % len(rows)], atol=1e-5)
+
+
+def test_batches_wait_to_fill_only_while_other_requests_are_in_progress(endpoint, trained):
+    url = f"{endpoint}/patient/score"  # batch_wait_timeout_s 3 s, max_batch_size 4
+    small = _images(trained, "image_classification", 1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(4000, dtype=np.uint8), (4000, 1))[..., None].repeat(3, 2)).save(buffer, "JPEG")
+    large = [base64.b64encode(buffer.getvalue()).decode()]  # 4000x4000: a few hundred ms to decode and resize
+    with httpx.Client(timeout=60) as client:
+        client.post(url, json={"input_data": {"columns": ["image"], "data": small}})
+        started = time.perf_counter()
+        assert client.post(url, json={"input_data": {"columns": ["image"], "data": small}}).status_code == 200
+        alone = time.perf_counter() - started
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client:
+        client.get(f"{endpoint}/patient/health/live")
+        first = pool.submit(_score, url, large)
+        time.sleep(0.05)
+        started = time.perf_counter()
+        assert client.post(url, json={"input_data": {"columns": ["image"], "data": small}}).status_code == 200
+        behind = time.perf_counter() - started
+        assert first.result().status_code == 200
+    assert alone < 2.0 < behind  # alone, a request is not held for batch_wait_timeout_s; behind another, it is
 
 
 def test_per_request_params_apply_to_that_request(endpoint, trained):

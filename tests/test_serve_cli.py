@@ -1,0 +1,89 @@
+"""`visionserve serve` as a user runs it: its own local Ray instance, HAProxy on the port, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from conftest import free_port
+
+VISIONSERVE = str(Path(sys.executable).parent / "visionserve")
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _listener(proc: subprocess.Popen, port: int, tries: int = 10) -> str:
+    """The command line of the process (among `proc`'s descendants) that listens on `port` (HAProxy
+    hands its sockets from process to process as replicas come and go: asked again a moment later)."""
+    for _ in range(tries):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if any(c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                       for c in child.net_connections("tcp")):
+                    return " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+        time.sleep(1)
+    return ""
+
+
+@pytest.mark.parametrize("flags, cpus", [
+    ([], os.cpu_count()), (["--replicas", "2"], (os.cpu_count() or 1) / 2), (["--cpus-per-replica", "0.5"], 0.5),
+    (["--autoscale", "1:4"], 1.0), (["--gpus-per-replica", "0.5"], 1.0), (["--address", "ray://head:10001"], 1.0),
+])
+def test_replicas_share_the_local_cpus_unless_told(flags, cpus, monkeypatch):
+    from serving.cli import build_parser
+    from serving.serve_cli import deployment_options
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    options = deployment_options(build_parser().parse_args(["serve", "model", *flags]))
+    assert options["ray_actor_options"]["num_cpus"] == pytest.approx(cpus)
+
+
+@pytest.mark.slow
+def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_path):
+    result, data = trained("image_classification")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = subprocess.Popen([VISIONSERVE, "serve", str(result.model_dir), "--port", str(port), "--replicas", "2",
+                             "--cpus-per-replica", "0.5"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
+        line = json.loads(Path(data.train_jsonl).read_text().splitlines()[0])
+        image = base64.b64encode((Path(data.train_jsonl).parent / line["image_url"]).read_bytes()).decode()
+        answer = httpx.post(f"http://127.0.0.1:{port}/score",
+                            json={"input_data": {"columns": ["image"], "data": [image]}}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert set(answer.json()[0]) == {"probs", "labels"} and answer.headers["x-request-id"]
+        assert "haproxy" in _listener(proc, port)  # HAProxy has the port and sends requests straight to replicas
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+        assert "shutting down the endpoint" in log.read_text()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
