@@ -40,23 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table, write  # noqa: E402
 from bench.inference_throughput import _folder, _jpeg  # noqa: E402
-from serving.runtime import free_port  # noqa: E402
+from serving.runtime import free_port, wait_until_ready  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -120,7 +106,7 @@ def run_server(name: str, command: list[str], ready: str, route: str, bodies: li
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow runs `uvicorn`
     proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        _wait_ready(ready, proc, log)
+        wait_until_ready(ready, proc, log)
         load(route, bodies, 2, 3)  # warm-up
         rows = []
         for c in args.concurrency:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,15 +35,20 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, *, log
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         log.info("joined the Ray cluster at %s", address)
     else:
         _same_environment_for_workers()
-        os.environ.update({k: v for k, v in serve_environment().items() if k not in os.environ})
+        os.environ.update(serve_environment())
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
         log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster to join: `address`, else RAY_ADDRESS; None means a local instance."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def _same_environment_for_workers() -> None:
@@ -55,20 +62,22 @@ def _same_environment_for_workers() -> None:
 
 
 def serve_environment() -> dict[str, str]:
-    """Ray Serve's high-throughput mode, for a Ray instance this process starts (a cluster's nodes need
+    """The variables below that this process's environment does not set already (what is set wins):
+    Ray Serve's high-throughput mode, for a Ray instance this process starts (a cluster's nodes need
     the first two set when they start; the Docker image sets them). HAProxy takes the HTTP port and
     sends each request straight to a replica's own HTTP server (no Serve proxy actor in between), and
     the replica runs request handling on its main event loop. Measured on 2 CPUs (bench/serve_throughput.py):
     2 replicas x 1 CPU went from 44 to 57-63 images/s at concurrency 8. The rest keeps two local instances
     on one machine apart (HAProxy's stats and metrics ports) and lets a local endpoint stop in seconds
     (replicas wait this long for load balancers to drop them before closing; 30 s by default)."""
-    return {
+    wanted = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
+    return {name: value for name, value in wanted.items() if name not in os.environ}
 
 
 def free_port() -> int:
@@ -76,3 +85,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Block until GET `url` answers 200 from the server `proc` started (its output in `log`); a
+    RuntimeError with the log's tail if it exits first or is not ready within `timeout` seconds."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"not ready after {timeout:g} s:\n{log.read_text()[-3000:]}")

@@ -42,7 +42,9 @@ def _cpus_per_replica(args: argparse.Namespace) -> float:
     among the fixed number of replicas (a replica's torch runs that many threads); else 1."""
     if args.cpus_per_replica is not None:
         return args.cpus_per_replica
-    if args.autoscale or args.gpus_per_replica or args.address or os.environ.get("RAY_ADDRESS"):
+    from serving.runtime import cluster_address
+
+    if args.autoscale or args.gpus_per_replica or cluster_address(args.address):
         return 1.0
     return (os.cpu_count() or 1) / args.replicas
 
@@ -115,12 +117,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
         command = [serve_bin, "run", args.config] + (["--address", args.address] if args.address else [])
-        env = None
-        if not (args.address or os.environ.get("RAY_ADDRESS")):  # `serve run` starts a local instance
-            from serving.runtime import serve_environment
+        from serving.runtime import cluster_address, serve_environment
 
-            env = {**serve_environment(), **os.environ}
-        return subprocess.call(command, env=env)
+        local = not cluster_address(args.address)  # then `serve run` starts a local instance
+        return subprocess.call(command, env={**os.environ, **serve_environment()} if local else None)
     if not args.model:
         raise SettingsError(["MODEL: give a model folder or MLflow URI (or --config serve.yaml)"], "command line")
     start(args)

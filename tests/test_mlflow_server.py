@@ -7,13 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import TASKS, free_port
+from serving.runtime import wait_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +37,8 @@ def served(trained, tmp_path_factory):
 
     def get(task: str):
         proc, log = processes[task]
-        url = urls[task][0]
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    return urls[task]
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        pytest.fail("mlflow models serve did not become ready in 180 s")
+        wait_until_ready(f"{urls[task][0]}/ping", proc, log, timeout=180)
+        return urls[task]
 
     yield get
     for proc, _ in processes.values():

@@ -16,21 +16,9 @@ import psutil
 import pytest
 
 from conftest import free_port
+from serving.runtime import wait_until_ready
 
 VISIONSERVE = str(Path(sys.executable).parent / "visionserve")
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def _listener(proc: subprocess.Popen, port: int, tries: int = 10) -> str:
@@ -69,7 +57,7 @@ def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_
                              "--cpus-per-replica", "0.5"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
+        wait_until_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
         line = json.loads(Path(data.train_jsonl).read_text().splitlines()[0])
         image = base64.b64encode((Path(data.train_jsonl).parent / line["image_url"]).read_bytes()).decode()
         answer = httpx.post(f"http://127.0.0.1:{port}/score",
