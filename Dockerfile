@@ -16,8 +16,10 @@ ENV UV_COMPILE_BYTECODE=1 \
 # (Ray Serve's high-throughput mode, also for `ray start` on cluster nodes built from this image:
 #  HAProxy on the HTTP port, requests straight to the replicas; see serving/runtime.py)
 
+# g++: CPU replicas compile their classifier with torch.compile (serving/compiled.py); without a
+# compiler they log a warning and score with the eager model
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libglib2.0-0 \
+ && apt-get install -y --no-install-recommends ca-certificates libglib2.0-0 g++ \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

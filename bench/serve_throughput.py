@@ -1,12 +1,13 @@
 """Online endpoint throughput: visionserve on Ray Serve vs `mlflow models serve`, same model and images.
 
-    uv run python bench/serve_throughput.py [--seconds 20] [--concurrency 1 8 32]
+    uv run python bench/serve_throughput.py [--seconds 15] [--rounds 2] [--concurrency 1 8 32]
 
 One resnet18 classifier (224 crop, random weights: speed does not depend on them) exported once;
 requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--seconds`:
 - visionserve: `visionserve serve DIR --replicas R --cpus-per-replica C` for each `--layout RxC`
   (default: one replica per CPU, then one replica with every CPU; `@serve.batch` across requests,
-  HAProxy in front, see serving.runtime.serve_environment), `POST /score` with the cloud's
+  HAProxy in front, see serving.runtime.serve_environment; the classifier compiled as the replica
+  starts, see serving.compiled, or eager with `--no-compile`), `POST /score` with the cloud's
   `input_data` body;
 - mlflow: `mlflow models serve -m DIR --env-manager local` (one uvicorn worker, its default),
   `POST /invocations` with `dataframe_split`;
@@ -14,9 +15,12 @@ requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--s
   ceiling a server could reach (measured before and after the servers, the best of the two).
 - in-process one at a time: the same, 1 image per predict: what a server without batching could reach.
   The ratio of the two bounds what batching can add on this machine, whatever the server.
-Each server runs alone (the others are stopped). Targets, for the first layout: visionserve >= 2x
-mlflow's images/s at concurrency 8 with a lower p99, and >= 0.7 of the in-process batched throughput. Also reports
-resident memory of the replica / the mlflow server. Writes bench/results/serve_throughput.json.
+Each server runs alone (the others are stopped), in `--rounds` rounds (ours, mlflow, ours, mlflow, ...);
+each server's best round at each concurrency is reported, the same rule for both, so a slow spell of
+a shared machine does not decide the ratio (every round is kept in the JSON). Targets, for the first
+layout: visionserve >= 2x mlflow's images/s at concurrency 8 with a lower p99, and >= 0.7 of the
+in-process batched throughput. Also reports resident memory of the replica / the mlflow server.
+Writes bench/results/serve_throughput.json.
 """
 
 from __future__ import annotations
@@ -138,6 +142,16 @@ def in_process(folder: Path, jpegs: list[bytes], batches: tuple[int, ...] = (1, 
     return {b: len(jpegs) / best[b] for b in batches}
 
 
+def _best_rounds(runs: list[dict]) -> list[dict]:
+    """Per server and concurrency, the round with the most images/s, in first-seen order."""
+    best: dict[tuple[str, int], dict] = {}
+    for run in runs:
+        key = (run["server"], run["concurrency"])
+        if key not in best or run["images_per_s"] > best[key]["images_per_s"]:
+            best[key] = dict(run)
+    return list(best.values())
+
+
 def _layout(text: str) -> tuple[int, float]:
     """"2x1" → 2 replicas of 1 CPU each."""
     replicas, _, cpus = text.lower().partition("x")
@@ -155,12 +169,15 @@ def _seconds(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=15, help="per concurrency level and round")
+    parser.add_argument("--rounds", type=int, default=2, help="every server this many times, alternating")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     cpus = os.cpu_count() or 1
     parser.add_argument("--layout", action="append", metavar="REPLICASxCPUS",
                         help=f"replicas x CPUs each; repeatable; the first one is held to the targets "
                              f"(default: {cpus}x1 then 1x{cpus})")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="serve the eager model (`visionserve serve --no-compile`)")
     args = parser.parse_args()
     layouts = [_layout(text) for text in args.layout or [f"{cpus}x1", f"1x{cpus}"]]
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-serve-bench-"))
@@ -170,24 +187,29 @@ def main() -> None:
     first = in_process(folder, jpegs * 4)
     print(f"in-process pyfunc: {first[16]:.1f} images/s 16 at a time, {first[1]:.1f} one at a time", flush=True)
 
-    ours: list[dict] = []
-    for replicas, cpus_each in layouts:
+    runs: list[dict] = []
+    for round_ in range(1, args.rounds + 1):
+        for replicas, cpus_each in layouts:
+            port = free_port()
+            runs += [{**row, "layout": f"{replicas}x{cpus_each:g}", "round": round_} for row in run_server(
+                f"visionserve {replicas}x{cpus_each:g}",
+                [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
+                 "--cpus-per-replica", str(cpus_each), "--replicas", str(replicas), "--max-ongoing-requests", "64",
+                 *([] if args.compile else ["--no-compile"])],
+                f"http://127.0.0.1:{port}/health/ready", f"http://127.0.0.1:{port}/score",
+                [{"input_data": {"columns": ["image"], "data": [b]}} for b in images], args,
+                workdir / "visionserve.log", lambda cmd: "ServeReplica" in cmd)]
         port = free_port()
-        ours += [{**row, "layout": f"{replicas}x{cpus_each:g}"} for row in run_server(
-            f"visionserve {replicas}x{cpus_each:g}",
-            [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
-             "--cpus-per-replica", str(cpus_each), "--replicas", str(replicas), "--max-ongoing-requests", "64"],
-            f"http://127.0.0.1:{port}/health/ready", f"http://127.0.0.1:{port}/score",
-            [{"input_data": {"columns": ["image"], "data": [b]}} for b in images], args, workdir / "visionserve.log",
-            lambda cmd: "ServeReplica" in cmd)]
-    port = free_port()
-    theirs = run_server(
-        "mlflow",
-        [str(BIN / "mlflow"), "models", "serve", "-m", str(folder), "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        f"http://127.0.0.1:{port}/ping", f"http://127.0.0.1:{port}/invocations",
-        [{"dataframe_split": {"columns": ["image"], "data": [[b]]}} for b in images], args, workdir / "mlflow.log",
-        lambda cmd: "mlflow" in cmd and ("uvicorn" in cmd or "scoring_server" in cmd or "models serve" in cmd))
+        runs += [{**row, "round": round_} for row in run_server(
+            "mlflow",
+            [str(BIN / "mlflow"), "models", "serve", "-m", str(folder), "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            f"http://127.0.0.1:{port}/ping", f"http://127.0.0.1:{port}/invocations",
+            [{"dataframe_split": {"columns": ["image"], "data": [[b]]}} for b in images], args, workdir / "mlflow.log",
+            lambda cmd: "mlflow" in cmd and ("uvicorn" in cmd or "scoring_server" in cmd or "models serve" in cmd))]
+    best_rounds = _best_rounds(runs)
+    ours = [r for r in best_rounds if r["server"] != "mlflow"]
+    theirs = [r for r in best_rounds if r["server"] == "mlflow"]
 
     last = in_process(folder, jpegs * 4)  # measured again after the servers: the best of both bounds each
     ceiling, single = max(first[16], last[16]), max(first[1], last[1])
@@ -209,14 +231,15 @@ def main() -> None:
         "best_of_in_process": best / ceiling, "of_in_process_target": 0.7,
         "batching_bound": ceiling / single,
     }
-    print()
-    print(table(rows, ["server", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms", "errors", "rss_mb",
-                       "x_mlflow", "of_in_process"]))
+    print(f"\nbest of {args.rounds} round(s) per server and concurrency:")
+    print(table(rows, ["server", "round", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms", "errors",
+                       "rss_mb", "x_mlflow", "of_in_process"]))
     print(f"\nin-process pyfunc: {ceiling:.1f} images/s batched, {single:.1f} one at a time; " + ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in targets.items()))
     path = write("serve_throughput", {"seconds": args.seconds, "layouts": [f"{r}x{c:g}" for r, c in layouts],
+                                      "compiled": args.compile,
                                       "in_process_images_per_s": ceiling, "in_process_one_at_a_time": single,
-                                      "rows": rows, "targets": targets})
+                                      "rounds": args.rounds, "rows": rows, "targets": targets, "runs": runs})
     print(f"written {path}")
 
 

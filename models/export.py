@@ -156,5 +156,8 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
             signature=signature(model_settings.task),
             pip_requirements=pip_requirements(),
             metadata={"task": model_settings.task.name, "model_name": model_settings.model_name},
+            # what a loader may set: load_model(..., model_config={"compile": True}) or, for `mlflow models
+            # serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{"compile": true}' (serving.pyfunc, serving.compiled)
+            model_config={"compile": False},
         )
     return path

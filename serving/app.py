@@ -55,6 +55,7 @@ class ServiceConfig:
     max_concurrent_explanations: int = 1
     max_waiting_explanations: int = 4
     explanation_timeout_s: float = 90.0
+    compile: bool = True  # a classifier on the CPU is compiled when the replica starts (serving.compiled)
 
     @property
     def limits(self) -> Limits:
@@ -117,8 +118,8 @@ class VisionService:
         self._model_thread = torch_thread()
         self._explain_threads = ThreadPoolExecutor(self.config.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
-        self.predictor = self._model_thread.submit(Predictor.load, self.model_dir,
-                                                   overrides=self.config.overrides).result()
+        self.predictor = self._model_thread.submit(Predictor.load, self.model_dir, overrides=self.config.overrides,
+                                                   compile_scorer=self.config.compile).result()
         self._score_images.set_max_batch_size(self.config.max_batch_size)
         self._score_images.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.images_total = metrics.Counter("visionserve_images_total", "Images scored", tag_keys=("route",))
@@ -329,6 +330,7 @@ class VisionService:
         return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
                 "settings": as_dict(spec.settings, inference_only=True), "model": self.config.model,
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
+                "compiled": self.predictor.compiled,
                 "limits": {k: v for k, v in asdict(self.config).items()
                            if k in ("max_batch_size", "max_request_mb", "max_images_per_request", "max_image_mb")}}
 
@@ -338,7 +340,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     `args`: `model` (folder or MLflow URI), optional `api_key_file`, `set` (settings overrides),
     `max_batch_size`, `batch_wait_timeout_s`, `max_request_mb`, `max_images_per_request`,
-    `max_concurrent_explanations`, `max_waiting_explanations`, `explanation_timeout_s`.
+    `max_concurrent_explanations`, `max_waiting_explanations`, `explanation_timeout_s`, `compile`.
     """
     args = dict(args)
     key_file = args.pop("api_key_file", None)

@@ -105,7 +105,9 @@ class Predictor:
 
     @classmethod
     def from_files(cls, settings_path: str | Path, weights_path: str | Path, *, device: torch.device | None = None,
-                   overrides: dict[str, Any] | None = None) -> "Predictor":
+                   overrides: dict[str, Any] | None = None, compile_scorer: bool = False) -> "Predictor":
+        """The model of an exported folder, ready to score; `compile_scorer`: a classifier on the CPU is
+        compiled now (serving.compiled: slower to load, faster per image; for long-lived processes)."""
         spec = read_settings(settings_path, overrides)
         device = device or default_device()
         arch = get_architecture(spec.model_name, spec.task.family)
@@ -127,6 +129,11 @@ class Predictor:
                 module.to(memory_format=torch.channels_last)
             if spec.settings.half_precision and device.type == "cuda":
                 module.half()
+        if compile_scorer and device.type == "cpu" and spec.task.is_classification:
+            from serving.compiled import compile_for_cpu
+
+            crop = spec.settings.valid_crop_size
+            scorer = compile_for_cpu(scorer, (3, crop, crop))
         log.info("loaded %s (%s, %d labels) on %s", spec.model_name, spec.task.name, len(spec.labels), device)
         return cls(spec, arch, model, device, scorer=scorer)
 
@@ -137,6 +144,13 @@ class Predictor:
     @property
     def labels(self) -> list[str]:
         return self.spec.labels
+
+    @property
+    def compiled(self) -> bool:
+        """Whether scoring runs compiled code (see serving.compiled)."""
+        from serving.compiled import Compiled
+
+        return isinstance(self.scorer, Compiled)
 
     @property
     def dtype(self) -> torch.dtype:

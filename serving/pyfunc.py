@@ -27,12 +27,17 @@ def image_rows(model_input: Any) -> list[Any]:
 
 
 class VisionModel(mlflow.pyfunc.PythonModel):
-    """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row."""
+    """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row.
+
+    `mlflow.pyfunc.load_model(DIR, model_config={"compile": True})` compiles a classifier for the CPU
+    while loading (serving.compiled): worth it in a process that scores for a long time."""
 
     def load_context(self, context) -> None:
         from serving.inference import Predictor
 
-        self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"])
+        config = getattr(context, "model_config", None) or {}
+        self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"],
+                                              compile_scorer=bool(config.get("compile", False)))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict]:
         """One response per image row; `params` may override inference settings for this call."""

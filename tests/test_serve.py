@@ -28,7 +28,8 @@ PREFIX = {"image_classification": "/cls", "image_classification_multilabel": "/m
 def endpoint(ray_session, trained):
     """All four task models served by one Ray Serve instance, each under its own route prefix,
     plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill) and `/tight`
-    (capacity 1 + 1 queued)."""
+    (capacity 1 + 1 queued). `/cls` runs the default, a compiled classifier; the other classifier
+    apps score eagerly (compiling takes a replica 10-25 s on 2 CPUs)."""
     from ray import serve
 
     from ray.serve.config import BackpressureConfig
@@ -40,16 +41,17 @@ def endpoint(ray_session, trained):
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     cls_dir = trained("image_classification")[0].model_dir
     apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(ServiceConfig(
-        model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02))),
-        name=task, route_prefix=PREFIX[task]) for task in TASKS]
+        model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02,
+        compile=task == "image_classification"))), name=task, route_prefix=PREFIX[task]) for task in TASKS]
     secure = ServiceConfig(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4,
-                           max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2)
+                           max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2,
+                           compile=False)
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
                                 route_prefix="/secure"))
-    patient = ServiceConfig(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0)
+    patient = ServiceConfig(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False)
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
                                 route_prefix="/patient"))
-    tight = ServiceConfig(model=str(cls_dir), max_batch_size=1)
+    tight = ServiceConfig(model=str(cls_dir), max_batch_size=1, compile=False)
     apps.append(serve.RunTarget(VisionService.options(
         max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
                                                                                              retry_after_s=2),
@@ -110,9 +112,11 @@ def test_invocations_accepts_every_mlflow_format(endpoint, trained, body):
     assert [set(p) for p in response.json()["predictions"]] == [{"boxes"}, {"boxes"}]
 
 
-def test_answers_match_the_pyfunc_for_the_same_images(endpoint, trained):
+def test_answers_of_the_compiled_classifier_match_the_pyfunc(endpoint, trained):
     from serving.inference import Predictor
 
+    assert httpx.get(f"{endpoint}/cls/metadata").json()["compiled"] is True
+    assert httpx.get(f"{endpoint}/patient/metadata").json()["compiled"] is False
     rows = _images(trained, "image_classification", 3)
     served = _score(f"{endpoint}/cls/score", rows).json()
     local = Predictor.load(trained("image_classification")[0].model_dir).predict_encoded(rows)

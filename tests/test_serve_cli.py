@@ -54,7 +54,7 @@ def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_
     result, data = trained("image_classification")
     port, log = free_port(), tmp_path / "serve.log"
     proc = subprocess.Popen([VISIONSERVE, "serve", str(result.model_dir), "--port", str(port), "--replicas", "2",
-                             "--cpus-per-replica", "0.5"],
+                             "--cpus-per-replica", "0.5", "--no-compile"],  # tests/test_serve.py has a compiled one
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
@@ -64,6 +64,7 @@ def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_
                             json={"input_data": {"columns": ["image"], "data": [image]}}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert set(answer.json()[0]) == {"probs", "labels"} and answer.headers["x-request-id"]
+        assert httpx.get(f"http://127.0.0.1:{port}/metadata").json()["compiled"] is False
         assert "haproxy" in _listener(proc, port)  # HAProxy has the port and sends requests straight to replicas
 
         proc.send_signal(signal.SIGINT)
