@@ -133,7 +133,8 @@ class VisionService:
         self._explain_slots = asyncio.Semaphore(self.config.max_concurrent_explanations)
         self._explaining = 0  # explanation requests admitted and not finished (running or waiting)
         self._scoring = 0  # requests with images to score, between admission and answer
-        log.info("visionserve replica ready: %s (%s)", self.predictor.spec.model_name, self.predictor.spec.task.name)
+        log.info("visionserve replica ready: %s (%s), %s scoring", self.predictor.spec.model_name,
+                 self.predictor.spec.task.name, "compiled" if self.predictor.compiled else "eager")
 
     def check_health(self) -> None:
         """Ray Serve's probe: a replica whose model is gone is replaced."""

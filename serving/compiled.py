@@ -3,9 +3,10 @@
 Measured on this project's 2-core VM, resnet18 at 224, one torch thread: the eager model (BatchNorm
 folded, channels_last) takes 25.9 ms per image one at a time and 19.1 at four; compiled, 17.7 and 16.7.
 Batches that a busy endpoint forms are mostly small, so that is where it pays (the served
-throughput at concurrency 8 went up by about a quarter, see README). The price is start-up: each
-batch size is compiled once, 15-25 s for a replica on a fresh machine (inductor's on-disk cache
-makes it about half that the next time), and a C++ compiler on the machine (g++).
+throughput at concurrency 8 went up by about a third, see README). The price is start-up: each
+batch size is compiled once, 15-25 s for a resnet replica on a fresh machine (inductor's on-disk
+cache makes it about half that the next time; vits16r224: 40 s, for 5-16 % less time per image),
+and a C++ compiler on the machine (g++).
 
 Compiled code is specialised to shapes, so `Compiled` keeps a few fixed batch sizes and runs any
 batch as chunks of them; an input of another shape (a request that sets valid_crop_size) goes to
@@ -62,6 +63,5 @@ def compile_for_cpu(model: torch.nn.Module, shape: tuple[int, ...],
         log.warning("torch.compile failed, scoring with the eager model (%s: %s)", type(exc).__name__,
                     str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         return model
-    log.info("compiled %s for batches of %s in %.1f s", type(model).__name__, "/".join(map(str, sizes)),
-             time.perf_counter() - started)
+    log.info("scorer compiled for batches of %s in %.1f s", "/".join(map(str, sizes)), time.perf_counter() - started)
     return Compiled(compiled, model, shape, sorted(sizes, reverse=True))

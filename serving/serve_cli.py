@@ -83,22 +83,25 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     from serving.app import VisionService
     from serving.runtime import ensure_ray
 
+    import ray
+
     config = _config(args)
     _check_model(config)
-    ensure_ray(args.address)
-    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
-    app = VisionService.options(**deployment_options(args)).bind(asdict(config))
-    serve.run(app, name="visionserve", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
-    print(f"visionserve is serving {args.model} at {url}  (POST /score, /invocations; docs at {url}/docs)",
-          flush=True)
-    if block:
+    if block:  # from here on: the endpoint answers 200 on /health/ready before serve.run returns
         _stop_on_signals()
-        try:
-            while True:
-                time.sleep(3600)
-        except (KeyboardInterrupt, SystemExit):
-            print("shutting down the endpoint", flush=True)
+    try:
+        ensure_ray(args.address)
+        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+        app = VisionService.options(**deployment_options(args)).bind(asdict(config))
+        serve.run(app, name="visionserve", route_prefix="/")
+        print(f"visionserve is serving {args.model} at {url}  (POST /score, /invocations; docs at {url}/docs)",
+              flush=True)
+        while block:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):
+        print("shutting down the endpoint", flush=True)
+        if ray.is_initialized():
             serve.shutdown()
     return url
 
