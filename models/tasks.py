@@ -39,6 +39,10 @@ class ClassificationOps:
     def preprocess(self, settings) -> Callable:
         return classification.eval_transform(settings)
 
+    def input_shape(self, settings) -> tuple[int, ...] | None:
+        """What one preprocessed image is: every one the same size (scoring can compile for it)."""
+        return (3, settings.valid_crop_size, settings.valid_crop_size)
+
     def configure(self, model: nn.Module, settings) -> None:
         """Nothing in a classifier depends on the inference settings."""
 
@@ -87,6 +91,10 @@ class DetectionOps:
 
     def preprocess(self, settings) -> Callable:
         return detection.eval_transform(settings)
+
+    def input_shape(self, settings) -> tuple[int, ...] | None:
+        """None: each image keeps its own size (and the model's output size depends on the data)."""
+        return None
 
     def configure(self, model: nn.Module, settings) -> None:
         detection.configure(model, settings)

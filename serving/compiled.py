@@ -31,7 +31,8 @@ class Compiled(torch.nn.Module):
 
     def __init__(self, compiled, eager: torch.nn.Module, shape: tuple[int, ...], sizes: Sequence[int]):
         super().__init__()
-        self.compiled, self.eager, self.shape, self.sizes = compiled, eager, tuple(shape), tuple(sizes)
+        self.compiled, self.eager, self.shape = compiled, eager, tuple(shape)
+        self.sizes = tuple(sorted(sizes, reverse=True))  # chunks, largest first
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[1:]) != self.shape or not images.is_contiguous():
@@ -61,7 +62,7 @@ def compile_for_cpu(model: torch.nn.Module, shape: tuple[int, ...],
                 compiled(torch.zeros(size, *shape))
     except Exception as exc:  # noqa: BLE001  (any compiler failure: score with the eager model)
         log.warning("torch.compile failed, scoring with the eager model (%s: %s)", type(exc).__name__,
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                    (str(exc).strip().splitlines() or [""])[0])
         return model
     log.info("scorer compiled for batches of %s in %.1f s", "/".join(map(str, sizes)), time.perf_counter() - started)
-    return Compiled(compiled, model, shape, sorted(sizes, reverse=True))
+    return Compiled(compiled, model, shape, sizes)

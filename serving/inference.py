@@ -124,16 +124,16 @@ class Predictor:
                              "was valid_crop_size changed for a ViT model?") from None
         model.eval().to(device)
         scorer = fold_batchnorm(model)
-        for module in {id(model): model, id(scorer): scorer}.values():
+        for module in {model, scorer}:
             if arch.channels_last:
                 module.to(memory_format=torch.channels_last)
             if spec.settings.half_precision and device.type == "cuda":
                 module.half()
-        if compile_scorer and device.type == "cpu" and spec.task.is_classification:
+        shape = spec.task.ops.input_shape(spec.settings)
+        if compile_scorer and device.type == "cpu" and shape:
             from serving.compiled import compile_for_cpu
 
-            crop = spec.settings.valid_crop_size
-            scorer = compile_for_cpu(scorer, (3, crop, crop))
+            scorer = compile_for_cpu(scorer, shape)
         log.info("loaded %s (%s, %d labels) on %s", spec.model_name, spec.task.name, len(spec.labels), device)
         return cls(spec, arch, model, device, scorer=scorer)
 

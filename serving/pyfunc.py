@@ -35,7 +35,7 @@ class VisionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from serving.inference import Predictor
 
-        config = getattr(context, "model_config", None) or {}
+        config = context.model_config or {}
         self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"],
                                               compile_scorer=bool(config.get("compile", False)))
 
