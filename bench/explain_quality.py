@@ -34,10 +34,11 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table, write  # noqa: E402
-from explain import ALGORITHMS, make_explainer, parse_xai  # noqa: E402
+from explain import make_explainer
+from explain.params import ALGORITHMS, parse_xai
 from explain.methods import attribute  # noqa: E402
 from explain.visualize import heat  # noqa: E402
-from models.classification import normalize  # noqa: E402
+from models.tasks.classification import normalize  # noqa: E402
 
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

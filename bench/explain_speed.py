@@ -24,12 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table, write  # noqa: E402
-from explain import ALGORITHMS, make_explainer, parse_xai  # noqa: E402
+from explain import make_explainer
+from explain.params import ALGORITHMS, parse_xai
 from explain.methods import attribute  # noqa: E402
 from explain.visualize import render  # noqa: E402
-from models.architectures import build_model, get_architecture  # noqa: E402
-from models.tasks import get_task, inference_settings  # noqa: E402
-from serving.inference import default_device  # noqa: E402
+from models.tasks.architectures import build_model, get_architecture  # noqa: E402
+from models.tasks.registry import get_task, inference_settings  # noqa: E402
+from serving.predictor import default_device  # noqa: E402
 
 STEPPED = ("xrai", "integrated_gradients")
 

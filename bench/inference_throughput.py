@@ -33,9 +33,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import peak_rss_mb, table, write  # noqa: E402
-from models.architectures import build_model, get_architecture  # noqa: E402
+from models.tasks.architectures import build_model, get_architecture  # noqa: E402
 from models.export import ModelSettings, export_model  # noqa: E402
-from models.tasks import get_task, inference_settings  # noqa: E402
+from models.tasks.registry import get_task, inference_settings  # noqa: E402
 
 LABELS = ["circle", "square", "star", "triangle"]
 CASES = {

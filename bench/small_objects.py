@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import peak_rss_mb, private_mlflow_store, table, write  # noqa: E402
-from models.job import build_job  # noqa: E402
-from models.metrics import detection_metrics  # noqa: E402
-from models.synth import write_synthetic_dataset  # noqa: E402
-from models.training import train  # noqa: E402
-from serving.inference import Predictor  # noqa: E402
+from models.train.job import build_job  # noqa: E402
+from models.tasks.metrics import detection_metrics  # noqa: E402
+from models.data.synth import write_synthetic_dataset  # noqa: E402
+from models.train.loop import train  # noqa: E402
+from serving.predictor import Predictor  # noqa: E402
 
 TRAIN = {"model_name": "fasterrcnn_resnet18_fpn", "training_batch_size": 2, "validation_batch_size": 2,
           "learning_rate": 0.01, "warmup_cosine_lr_warmup_epochs": 1,

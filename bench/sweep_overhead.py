@@ -31,8 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import peak_rss_mb, private_mlflow_store, table, write
-from models.job import TrainingJob, build_job
-from models.synth import write_synthetic_dataset
+from models.train.job import build_job
+from models.train.loop import TrainingJob
+from models.data.synth import write_synthetic_dataset
 
 PARAMS = {"model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
           "training_batch_size": 8, "validation_batch_size": 16, "num_workers": 0, "early_stopping": 0,
@@ -52,7 +53,7 @@ def _rates(trials: int) -> list[float]:
 
 def sequential(work: Path, args: argparse.Namespace) -> float:
     """Seconds for the N plain trainings, after one warm-up training; run in a process of its own."""
-    from models.training import train
+    from models.train.loop import train
 
     private_mlflow_store()
     job, quiet = _job(work, args.images, args.epochs), (lambda _: None)
@@ -72,9 +73,9 @@ def _sequential_in_subprocess(work: Path, args: argparse.Namespace) -> float:
 
 
 def _sweep(job: TrainingJob, args: argparse.Namespace, concurrent: int, output: Path) -> dict:
-    from models.search_space import Distribution
-    from models.sweep import run_sweep
-    from models.sweep_settings import Limits, SweepSettings
+    from models.sweep.search_space import Distribution
+    from models.sweep.run import run_sweep
+    from models.sweep.settings import Limits, SweepSettings
 
     space = ({"learning_rate": Distribution("choice", tuple(_rates(args.trials)))},)
     sweep = SweepSettings(Limits(max_trials=args.trials, max_concurrent_trials=concurrent), "grid", None, space)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.models import VisionTransformer
 
-from models.classification import normalize
+from models.tasks.classification import normalize
 
 _GUIDED_TYPES = (nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Hardtanh)
 

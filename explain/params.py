@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from models.params import SettingsError, param, parse_settings
+from models.errors import SettingsError
+from models.tasks.fields import param, parse_settings
 
 ALGORITHMS = ("xrai", "integrated_gradients", "guided_gradcam", "guided_backprop")
 APPROXIMATIONS = ("riemann_middle", "gausslegendre")

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from models.params import SettingsError, as_dict, field_specs
-from models.tasks import Task, get_task, inference_settings
+from models.errors import SettingsError
+from models.tasks.fields import as_dict, field_specs
+from models.tasks.registry import Task, get_task, inference_settings
 
 SETTINGS_FILE = "settings.json"
 WEIGHTS_FILE = "model.pt"

@@ -30,10 +30,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from models.images import PREDICTION_LIMITS, ImageError, Limits
-from models.params import SettingsError, as_dict
-from models.threads import torch_thread
-from serving.payloads import (
+from models.data.images import PREDICTION_LIMITS, Limits
+from models.errors import ImageError
+from models.errors import SettingsError
+from models.tasks.fields import as_dict
+from models.runtime import torch_thread
+from serving.contract import (
     Entry, ParsedRequest, RequestError, check_images, parse_invocations, parse_json, parse_score,
 )
 
@@ -109,12 +111,12 @@ class VisionService:
     def __init__(self, config: dict[str, Any]):
         from ray.serve import metrics
 
-        from serving.inference import Predictor
+        from serving.predictor import Predictor
         from serving.runtime import resolve_model
 
         self.config = ServiceConfig(**config)
         self.model_dir = resolve_model(self.config.model)
-        # the model loads and scores on the process's torch thread (see models.threads), explanations on theirs
+        # the model loads and scores on the process's torch thread (see models.runtime), explanations on theirs
         self._model_thread = torch_thread()
         self._explain_threads = ThreadPoolExecutor(self.config.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
@@ -205,7 +207,7 @@ class VisionService:
 
     def _explanation_wishes(self, entries: list[Entry]) -> dict[int, Any]:
         """Validated xai_parameters of every explanation entry; a 400 naming each bad one."""
-        from explain import parse_xai
+        from explain.params import parse_xai
 
         asked = [i for i, e in enumerate(entries) if e.explain]
         if asked and not self.predictor.spec.task.is_classification:

@@ -47,9 +47,9 @@ def run_demo(out: Path, *, task: str = "image_classification", images: int | Non
     import mlflow.pyfunc
     import pandas as pd
 
-    from models.job import build_job
-    from models.synth import write_synthetic_dataset
-    from models.training import train
+    from models.train.job import build_job
+    from models.data.synth import write_synthetic_dataset
+    from models.train.loop import train
 
     if task not in DEMOS:
         raise ValueError(f"--task {task!r}: the demo covers {', '.join(DEMOS)}")

@@ -33,7 +33,7 @@ class VisionModel(mlflow.pyfunc.PythonModel):
     while loading (serving.compiled): worth it in a process that scores for a long time."""
 
     def load_context(self, context) -> None:
-        from serving.inference import Predictor
+        from serving.predictor import Predictor
 
         config = context.model_config or {}
         self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"],
@@ -44,7 +44,7 @@ class VisionModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        from models.params import SettingsError
+        from models.errors import SettingsError
 
         try:
             return self.predictor.predict_encoded(image_rows(model_input), params)

@@ -61,7 +61,7 @@ def tracking(mlflow_uri, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """`synth(task, images=..., size=..., seed=...)` → SynthSummary, each dataset written once."""
-    from models.synth import write_synthetic_dataset
+    from models.data.synth import write_synthetic_dataset
 
     cache: dict = {}
 
@@ -80,8 +80,8 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(synth, tracking, tmp_path_factory):
     """`trained(task)` → TrainingResult of a tiny model that has memorised its 12 training images."""
-    from models.job import build_job
-    from models.training import train
+    from models.train.job import build_job
+    from models.train.loop import train
 
     cache: dict = {}
 

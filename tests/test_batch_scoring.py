@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.data import DataError
-from models.params import SettingsError
-from serving import batch
-from serving.batch import list_inputs, main, score
+from models.errors import DataError
+from models.errors import SettingsError
+from serving.batch import run as batch
+from serving.batch.inputs import list_inputs
+from serving.batch.run import score
+from serving.cli import main
 
 
 def _lines(path: Path) -> list[dict]:

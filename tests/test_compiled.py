@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # compiling takes 10-20 s on 2 CPUs
 
 @pytest.fixture(scope="module")
 def predictors(trained):
-    from serving.inference import Predictor
+    from serving.predictor import Predictor
 
     model_dir = trained("image_classification")[0].model_dir
     return Predictor.load(model_dir), Predictor.load(model_dir, compile_scorer=True)

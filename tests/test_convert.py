@@ -12,8 +12,9 @@ import pytest
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from models.convert import coco_to_jsonl, voc_to_jsonl
-from serving.cli_data import add_data_commands
+from models.data.coco import coco_to_jsonl
+from models.data.voc import voc_to_jsonl
+from serving.cli.data import add_data_commands
 
 BOX_KEYS = ("topX", "topY", "bottomX", "bottomY")
 W, H = 200, 100

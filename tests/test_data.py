@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models.data import (
-    Box,
-    DataError,
-    Dataset,
-    check_training_set,
-    read_dataset,
-    read_jsonl,
-    resolve_image_url,
-)
+from models.data.checks import check_training_set
+from models.data.records import Box
+from models.data.jsonl import read_dataset, read_jsonl, resolve_image_url
+from models.data.records import Dataset
+from models.errors import DataError
 
 CLASSES = "image_classification"
 MULTILABEL = "image_classification_multilabel"

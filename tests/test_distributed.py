@@ -11,8 +11,8 @@ import yaml
 from conftest import run_pyfunc_in_new_process
 
 from models.export import signature
-from models.job import build_job
-from models.sweep import run_job
+from models.train.job import build_job
+from models.sweep.run import run_job
 
 FAST = {"model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
         "training_batch_size": 4, "validation_batch_size": 8, "number_of_epochs": 2, "num_workers": 0,

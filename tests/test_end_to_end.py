@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import IMAGE_SIZE, TASKS, run_pyfunc_in_new_process
-from models.polygons import polygons_to_mask
+from models.tasks.polygons import polygons_to_mask
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from explain import ALGORITHMS, XaiParameters, make_explainer, parse_xai
+from explain import make_explainer
+from explain.params import ALGORITHMS, XaiParameters, parse_xai
 from explain.methods import attribute, path_integrated_gradients
 from explain.visualize import heat
-from models.params import SettingsError
+from models.errors import SettingsError
 
 LABELS = ["cat", "dog", "fox"]
 
@@ -37,10 +38,10 @@ def _row(image: str, **xai) -> str:
 
 def _predictor(task: str, model_name: str, crop: int = 32, labels=LABELS):
     """A Predictor around a freshly initialised (untrained) model: scoring and explaining are real."""
-    from models.architectures import build_model, get_architecture
+    from models.tasks.architectures import build_model, get_architecture
     from models.export import ModelSettings
-    from models.tasks import get_task, inference_settings
-    from serving.inference import Predictor
+    from models.tasks.registry import get_task, inference_settings
+    from serving.predictor import Predictor
 
     task_ = get_task(task)
     sizes = {"valid_resize_size": crop + 4, "valid_crop_size": crop} if task_.is_classification else {
@@ -232,7 +233,7 @@ def test_vit_guided_gradcam_uses_the_patch_grid():
     explainer = make_explainer(vit, "vits16r224", multilabel=False, device=torch.device("cpu"))
     pixels = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        from models.classification import normalize
+        from models.tasks.classification import normalize
 
         assert torch.allclose(explainer.model(pixels), torch.softmax(vit(normalize(pixels)), 1), atol=1e-6)
     for algorithm in ("guided_gradcam", "guided_backprop"):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import ImageError, Limits, decode, image_size
-from serving.inference import decode_base64, row_error
+from models.data.images import Limits, decode, image_size
+from models.errors import ImageError
+from serving.predictor import decode_base64, row_error
 
 ORIENTATION = 0x0112
 

@@ -1,4 +1,4 @@
-"""Tests for models.metrics: classification, multilabel, detection and segmentation metrics."""
+"""Tests for models.tasks.metrics: classification, multilabel, detection and segmentation metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import (
+from models.tasks.metrics import (
     COCO_STAT_NAMES,
     classification_metrics,
     detection_metrics,

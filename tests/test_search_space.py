@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from models.params import SettingsError
-from models.search_space import auto_search_space, grid_configs, parse_search_space, random_configs, tune_space
-from models.sweep_settings import EarlyTermination, parse_early_termination, parse_limits, parse_sweep
-from models.tasks import get_task
+from models.errors import SettingsError
+from models.sweep.search_space import auto_search_space, grid_configs, parse_search_space, random_configs, tune_space
+from models.sweep.settings import EarlyTermination, parse_early_termination, parse_limits, parse_sweep
+from models.tasks.registry import get_task
 
 CLS = get_task("image_classification")
 DET = get_task("image_object_detection")
@@ -106,7 +106,7 @@ def test_limits_defaults_and_concurrency_capped_at_max_trials():
 
 
 def test_exit_score_max_nodes_and_enable_early_termination_limits():
-    from models.sweep import _concurrency
+    from models.sweep.run import _concurrency
 
     limits = parse_limits({"max_trials": 6, "max_concurrent_trials": 4, "exit_score": 0.9, "max_nodes": 4})
     assert (limits.exit_score, limits.max_nodes, limits.enable_early_termination) == (0.9, 4, True)
@@ -126,7 +126,7 @@ def test_exit_score_max_nodes_and_enable_early_termination_limits():
 
 
 def test_exit_score_stopper_stops_every_trial_once_one_reaches_the_score():
-    from models.termination import ExitScoreStopper
+    from models.sweep.termination import ExitScoreStopper
 
     stopper = ExitScoreStopper("accuracy", 0.8)
     assert stopper("a", {"accuracy": 0.5}) is False and not stopper.stop_all()

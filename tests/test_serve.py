@@ -113,7 +113,7 @@ def test_invocations_accepts_every_mlflow_format(endpoint, trained, body):
 
 
 def test_answers_of_the_compiled_classifier_match_the_pyfunc(endpoint, trained):
-    from serving.inference import Predictor
+    from serving.predictor import Predictor
 
     assert httpx.get(f"{endpoint}/cls/metadata").json()["compiled"] is True
     assert httpx.get(f"{endpoint}/patient/metadata").json()["compiled"] is False

@@ -42,7 +42,7 @@ def _listener(proc: subprocess.Popen, port: int, tries: int = 10) -> str:
 ])
 def test_replicas_share_the_local_cpus_unless_told(flags, cpus, monkeypatch):
     from serving.cli import build_parser
-    from serving.serve_cli import deployment_options
+    from serving.cli.serve import deployment_options
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     options = deployment_options(build_parser().parse_args(["serve", "model", *flags]))

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from models.export import ModelSettings, read_settings
-from models.params import SettingsError, as_dict
-from models.tasks import TASKS, get_task, inference_settings, training_settings
-from models.tiling import parse_tile_grid_size, tile_grid
+from models.errors import SettingsError
+from models.tasks.fields import as_dict
+from models.tasks.registry import TASKS, get_task, inference_settings, training_settings
+from models.tasks.tiling import parse_tile_grid_size, tile_grid
 
 
 def _train(task: str, **raw):

@@ -8,9 +8,9 @@ import os
 import fsspec
 import pytest
 
-from models.job import build_job
-from models.streaming import ImageCache, StreamedImage
-from models.training import prepare, train
+from models.train.job import build_job
+from models.data.streaming import ImageCache, StreamedImage
+from models.train.loop import prepare, train
 
 
 def _upload(data, prefix: str) -> tuple:

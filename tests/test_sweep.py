@@ -10,8 +10,8 @@ import mlflow
 import pytest
 import yaml
 
-from models.job import build_job
-from models.sweep import run_job
+from models.train.job import build_job
+from models.sweep.run import run_job
 
 FAST = {"model_name": "mobilenetv2", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
         "training_batch_size": 4, "validation_batch_size": 8, "number_of_epochs": 2, "num_workers": 0,
@@ -143,7 +143,7 @@ def test_a_trial_trains_on_one_thread_and_stops_at_the_epoch_its_report_is_refus
     (Tune stopping the trial) ends training at that epoch and reaches the caller."""
     import threading
 
-    from models.remote import train_on_one_thread
+    from models.train.remote import train_on_one_thread
 
     data = synth("image_classification", images=16)
     job = build_job(task="image_classification", training_data=data.train_jsonl,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from models.sweep_settings import EarlyTermination
-from models.termination import BanditPolicy, TruncationPolicy, applies
+from models.sweep.settings import EarlyTermination
+from models.sweep.termination import BanditPolicy, TruncationPolicy, applies
 
 
 def _replay(policy, curves: dict[str, list[float]]) -> dict[str, int | None]:
@@ -74,7 +74,7 @@ def test_truncation_counts_finished_trials_unless_excluded():
 def test_each_policy_maps_to_a_tune_scheduler():
     from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule
 
-    from models.termination import make_scheduler
+    from models.sweep.termination import make_scheduler
 
     median = make_scheduler(EarlyTermination("median_stopping", evaluation_interval=2, delay_evaluation=3), "iou")
     assert isinstance(median, MedianStoppingRule) and median._grace_period == 3 and median.interval == 2

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models import detection
-from models.params import SettingsError
-from models.tasks import get_task, inference_settings
-from models.tile_merge import merge_detections
-from serving.inference import Predictor
+from models.tasks import detection
+from models.errors import SettingsError
+from models.tasks.registry import get_task, inference_settings
+from models.tasks.tile_merge import merge_detections
+from serving.predictor import Predictor
 
 
 def _settings(**raw):
@@ -94,7 +94,7 @@ def test_merged_detections_are_capped_at_box_detections_per_img():
 
 @pytest.mark.parametrize("model_name", ["fasterrcnn_resnet18_fpn", "retinanet_resnet50_fpn"])
 def test_tiling_runs_on_every_detection_architecture(model_name):
-    from models.architectures import build_model, get_architecture
+    from models.tasks.architectures import build_model, get_architecture
 
     settings = _settings(tile_grid_size="3x2", min_size=64, max_size=96, box_score_thresh=0.0)
     model = build_model(get_architecture(model_name, "detection"), 3, settings).eval()

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from conftest import IMAGE_SIZE
-from models import optim
-from models.data import DataError, Record, read_dataset
-from models.job import build_job
-from models.params import SettingsError
-from models.tasks import get_task, training_settings
-from models.training import prepare, split, train
+from models.train import optim
+from models.data.jsonl import read_dataset
+from models.data.records import Record
+from models.errors import DataError
+from models.train.job import build_job
+from models.errors import SettingsError
+from models.tasks.registry import get_task, training_settings
+from models.train.loop import prepare, split, train
 
 FAST = {"model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
         "training_batch_size": 3, "validation_batch_size": 8, "number_of_epochs": 1}
@@ -196,7 +198,7 @@ def test_split_is_reproducible_by_seed():
 
 
 def test_weighted_loss_gives_rare_classes_more_weight():
-    from models.classification import class_weights
+    from models.tasks.classification import class_weights
 
     records = [Record("x", "a", "f", i) for i in range(9)] + [Record("y", "b", "f", 9)]
     none = class_weights(records, ["a", "b"], 0, multilabel=False)

@@ -12,9 +12,9 @@ import torch
 import torchvision
 from torch import nn
 
-from models.architectures import Architecture, build_model
-from models.tasks import get_task, training_settings
-from models.weights import WeightsError, cached_file, load_weights
+from models.tasks.architectures import Architecture, build_model
+from models.tasks.registry import get_task, training_settings
+from models.train.weights import WeightsError, cached_file, load_weights
 
 NUM_CLASSES = 3
 FAMILY_TASK = {"classification": "image_classification", "detection": "image_object_detection",
@@ -107,7 +107,7 @@ def test_local_file_may_wrap_the_state_dict_and_carry_dataparallel_prefixes(tmp_
 
 
 def test_a_visionserve_checkpoint_file_loads_as_weights(tmp_path: Path) -> None:
-    from models.checkpoints import save_checkpoint
+    from models.train.checkpoints import save_checkpoint
 
     trained, arch = make("resnet18", seed=5)
     file = save_checkpoint(tmp_path / "ckpt.pt", model=trained, task="image_classification", model_name="resnet18",

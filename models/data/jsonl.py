@@ -1,0 +1,136 @@
+"""Reading labelled data: JSONL files and MLTable folders (data.md), and where each `image_url` is.
+
+Reading never drops a line quietly: every problem becomes a `Problem` naming file, line and
+field, and `DataError` reports all of them at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import yaml
+
+from models.data.records import LABEL_PARSERS, Dataset, LabelError, Record
+from models.errors import Problem
+
+
+# ---------------------------------------------------------------- image_url resolution
+
+
+def resolve_image_url(url: str, base_dir: Path, image_root: Path | None) -> str:
+    """Map `image_url` to a local path (data.md): relative, absolute, file://, cloud URLs."""
+    url = url.strip()
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    root = image_root if image_root is not None else base_dir
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):  # file://./images/a.jpg: relative, not /images/a.jpg
+            relative = Path(unquote(url[len("file://"):]))
+            return str(relative if relative.is_absolute() else base_dir / relative)
+        return unquote(parsed.path)
+    if scheme == "azureml":
+        marker = "/paths/"
+        if marker in url:
+            return str(root / unquote(url.split(marker, 1)[1]))
+        return str(root / unquote(parsed.path.lstrip("/")))
+    if scheme == "amldatastore":
+        return str(root / unquote(url.split("://", 1)[1]))
+    if scheme in ("http", "https", "wasb", "wasbs", "abfs", "abfss", "s3", "gs", "gcs", "adl"):
+        path = unquote(parsed.path.lstrip("/"))
+        if scheme in ("http", "https") and ".blob.core.windows.net" in parsed.netloc:
+            path = path.split("/", 1)[1] if "/" in path else path  # drop the container
+        return str(root / path)
+    if len(scheme) == 1:  # a Windows drive letter, e.g. C:/data
+        return url
+    path = Path(url)
+    return str(path if path.is_absolute() else base_dir / path)
+
+
+# ---------------------------------------------------------------- JSONL and MLTable
+
+
+def _parse_line(obj: Any, task: str, source: str, lineno: int, base: Path, root: Path | None) -> Record:
+    if not isinstance(obj, dict):
+        raise LabelError("", f"expected a JSON object, got {type(obj).__name__}")
+    url = obj.get("image_url")
+    if not isinstance(url, str) or not url.strip():
+        raise LabelError("image_url", "missing or not a string")
+    if "label" not in obj:
+        raise LabelError("label", "missing")
+    label = LABEL_PARSERS[task](obj["label"])
+    return Record(resolve_image_url(url, base, root), label, source, lineno)
+
+
+def read_jsonl(
+    path: str | Path, task: str, *, image_root: str | Path | None = None, invalid_lines: str = "error"
+) -> Dataset:
+    """Read one JSONL file. `invalid_lines="drop"` (MLTable's option) turns problems into warnings."""
+    path = Path(path)
+    dataset = Dataset(source=str(path))
+    root = Path(image_root) if image_root is not None else None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        dataset.problems.append(Problem(str(path), None, "", "file not found"))
+        return dataset
+    except UnicodeDecodeError as exc:
+        dataset.problems.append(Problem(str(path), None, "", f"not UTF-8 text ({exc.reason})"))
+        return dataset
+    sink = dataset.warnings if invalid_lines == "drop" else dataset.problems
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            sink.append(Problem(path.name, lineno, "", f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        try:
+            dataset.records.append(_parse_line(obj, task, path.name, lineno, path.parent, root))
+        except LabelError as exc:
+            sink.append(Problem(path.name, lineno, exc.field, str(exc)))
+    if not dataset.records and not dataset.problems:
+        dataset.problems.append(Problem(str(path), None, "", "no images listed"))
+    return dataset
+
+
+def mltable_files(folder: Path) -> tuple[list[Path], dict]:
+    spec_file = folder / "MLTable" if folder.is_dir() else folder
+    spec = yaml.safe_load(spec_file.read_text()) or {}
+    base = spec_file.parent
+    files: list[Path] = []
+    for entry in spec.get("paths", []):
+        if "file" in entry:
+            files.append(base / str(entry["file"]).removeprefix("file://"))
+        elif "pattern" in entry:
+            files.extend(sorted(base.glob(str(entry["pattern"]).removeprefix("./"))))
+        elif "folder" in entry:
+            files.extend(sorted((base / str(entry["folder"])).glob("*.jsonl")))
+    options: dict = {}
+    for step in spec.get("transformations", []) or []:
+        if isinstance(step, dict) and "read_json_lines" in step:
+            options = step["read_json_lines"] or {}
+    return files, options
+
+
+def read_dataset(path: str | Path, task: str, *, image_root: str | Path | None = None) -> Dataset:
+    """A JSONL file, an MLTable folder (or its MLTable file) → records and problems."""
+    path = Path(path)
+    if path.is_dir() or path.name == "MLTable":
+        if not (path / "MLTable").exists() and path.name != "MLTable":
+            return Dataset(problems=[Problem(str(path), None, "", "folder has no MLTable file")], source=str(path))
+        files, options = mltable_files(path)
+        invalid = str(options.get("invalid_lines", "error"))
+        merged = Dataset(source=str(path))
+        if not files:
+            merged.problems.append(Problem(str(path), None, "paths", "the MLTable lists no JSONL file"))
+        for file in files:
+            part = read_jsonl(file, task, image_root=image_root, invalid_lines=invalid)
+            merged.records += part.records
+            merged.problems += part.problems
+            merged.warnings += part.warnings
+        return merged
+    return read_jsonl(path, task, image_root=image_root)

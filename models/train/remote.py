@@ -1,0 +1,99 @@
+"""A training job handed to another process (a Ray Tune trial, a Ray Train worker): plain fields with
+absolute paths and an absolute MLflow tracking URI, since that process has its own working directory;
+the per-validation report such a process sends back to Tune; and a trial's training on the torch thread."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from models.data.streaming import is_remote
+from models.tasks.registry import get_task
+from models.runtime import torch_thread
+from models.train.loop import EpochHook, TrainingJob, TrainingResult, train
+
+
+def tracking_uri() -> str:
+    """The current MLflow tracking URI, made absolute."""
+    uri = mlflow.get_tracking_uri()
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def _absolute(path: Any) -> str | None:
+    return None if path is None else str(path) if is_remote(path) else str(Path(path).resolve())
+
+
+def portable_job(job: TrainingJob) -> dict[str, Any]:
+    """`job` as plain fields another process can rebuild with `job_from` (a sweep's settings stay behind)."""
+    return {"task": job.task.name, "training_data": _absolute(job.training_data),
+            "validation_data": _absolute(job.validation_data), "image_root": _absolute(job.image_root),
+            "parameters": dict(job.parameters), "output_dir": str(Path(job.output_dir).resolve()),
+            "experiment_name": job.experiment_name, "run_name": job.run_name,
+            "timeout_minutes": job.timeout_minutes, "parent_run_id": job.parent_run_id,
+            "node_count": job.node_count, "workers_per_node": job.workers_per_node,
+            "tracking_uri": tracking_uri()}
+
+
+def job_from(fields: dict[str, Any]) -> TrainingJob:
+    """The TrainingJob `portable_job` described, in this process (its MLflow tracking URI set)."""
+    fields = dict(fields)
+    mlflow.set_tracking_uri(fields.pop("tracking_uri"))
+    return TrainingJob(**{**fields, "task": get_task(fields["task"]), "output_dir": Path(fields["output_dir"])})
+
+
+def metric_reporter(primary: str, send: Callable[[dict[str, Any]], None]) -> EpochHook:
+    """An `on_epoch` hook that sends each validation of the primary metric (`tune.report`, `ray.train.report`)."""
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if primary in row:
+            run = mlflow.active_run()
+            send({**row, "epoch": epoch, "mlflow_run_id": run.info.run_id if run else ""})
+
+    return on_epoch
+
+
+class _Stopped(Exception):
+    """The caller's `send` raised: the training thread stops at the epoch end it is waiting at."""
+
+
+def train_on_one_thread(job: TrainingJob, send: Callable[[dict[str, Any]], None], *, threads: int,
+                        report: Callable[[str], None]) -> TrainingResult:
+    """`train(job)` on this process's torch thread (`models.runtime`), each validation of the primary metric
+    handed to `send` on the calling thread, training paused meanwhile (as if `send` were called in place).
+    If `send` raises (Tune stopping the trial), training ends at that epoch and the same exception is raised
+    here."""
+    handed: queue.Queue = queue.Queue(maxsize=1)
+    answers: queue.Queue = queue.Queue(maxsize=1)
+
+    def hand_over(metrics: dict[str, Any]) -> None:
+        handed.put(metrics)
+        if not answers.get():
+            raise _Stopped
+
+    def run() -> TrainingResult:
+        torch.set_num_threads(threads)  # a per-thread OpenMP setting
+        try:
+            return train(job, progress=False, report=report,
+                         on_epoch=metric_reporter(job.task.primary_metric, hand_over))
+        finally:
+            handed.put(None)
+
+    training = torch_thread().submit(run)
+    while (metrics := handed.get()) is not None:
+        try:
+            send(metrics)
+        except BaseException:
+            answers.put(False)
+            training.exception()  # wait until the training thread has let go of the trial
+            raise
+        answers.put(True)
+    return training.result()

@@ -1,0 +1,245 @@
+"""Batch scoring on Ray Data: a folder, JSONL file or MLTable of images → predictions.jsonl.
+
+Ray Data reads the image bytes in parallel tasks and scores them in an actor pool (one
+`Predictor` per actor, on a GPU when asked). The driver streams the results into part files
+under `<output>.parts/` (each written to a temp name, then renamed), so a killed run resumes
+where it stopped; at the end the parts are assembled into the output in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import SettingsError
+from models.tasks.fields import parse_param_flags
+from serving.batch.inputs import Item, list_inputs, say
+from serving.batch.parts import PART_SIZE, Index, PartWriter, fingerprint, open_parts
+from serving.runtime import ensure_ray, resolve_model
+
+_READ_TASK_CPUS = 0.25
+_ACTOR_CPUS = 0.5
+
+
+@dataclass
+class ScoreSummary:
+    """A run: output lines (= input images), error lines, scored now, already done, wall time."""
+
+    output: Path
+    images: int
+    errors: int
+    scored: int
+    skipped: int
+    seconds: float
+    images_per_s: float
+
+    def __str__(self) -> str:
+        return (f"{self.images} images ({self.errors} errors) in {self.output}; scored {self.scored} in "
+                f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped} already done")
+
+def _read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read each `path`'s bytes; a missing or unreadable file gets an error code instead."""
+    data, codes, messages = [], [], []
+    for path in batch.pop("path"):
+        code, message, raw = "", "", b""
+        try:
+            raw = Path(str(path)).read_bytes()
+        except FileNotFoundError:
+            code, message = "missing", f"file not found: {path}"
+        except OSError as exc:
+            code, message = "unreadable", f"cannot read {path}: {exc.strerror or exc}"
+        data.append(raw)
+        codes.append(code)
+        messages.append(message)
+    column = lambda values: np.array(values, dtype=object)  # noqa: E731
+    return {**batch, "data": column(data), "code": column(codes), "message": column(messages)}
+
+
+def _with_row(response: dict, row: int) -> dict:
+    """An error response renumbered with the image's input position instead of its batch row."""
+    if "error" not in response:
+        return response
+    error = dict(response["error"])
+    message = str(error.get("message", "")).removeprefix(f"image {error.get('row')}: ")
+    return {"error": {**error, "row": row, "message": f"image {row}: {message}"}}
+
+
+class Scorer:
+    """A Ray actor holding one `Predictor`: a batch of bytes → one JSON line per image."""
+
+    def __init__(self, model: str, local: str, overrides: dict[str, Any] | None, device: str,
+                 threads: int | None) -> None:
+        import torch
+
+        from serving.predictor import Predictor
+
+        if threads:
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        folder = Path(local) if (Path(local) / "MLmodel").is_file() else resolve_model(model)  # another node
+        self.predictor = Predictor.load(folder, overrides=overrides, device=torch.device(device))
+
+    def _predict(self, items: list[bytes | Exception]) -> list[dict]:
+        """Responses for a batch; if it fails unexpectedly, image by image, so a bad image costs only itself."""
+        try:
+            return self.predictor.predict_bytes(items)
+        except Exception as exc:  # noqa: BLE001 - an exception here would fail the whole run
+            if len(items) > 1:
+                return [self._predict([item])[0] for item in items]
+            return [{"error": {"row": 0, "code": "inference_failed", "message": f"image 0: {exc}"}}]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from models.errors import ImageError
+
+        items = [ImageError(str(code), str(message)) if code else bytes(data)
+                 for data, code, message in zip(batch["data"], batch["code"], batch["message"])]
+        lines = [json.dumps({"image": str(key), **_with_row(response, int(idx))})
+                 for key, idx, response in zip(batch["image"], batch["idx"], self._predict(items))]
+        return {"idx": batch["idx"], "line": np.array(lines, dtype=object)}
+
+
+def _resources(concurrency: int | None, gpus: float) -> tuple[int, int | None]:
+    """Actors (default: one per GPU share, else one per 4 CPUs) and torch threads per CPU actor."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if gpus > 0:
+        if cluster.get("GPU", 0) < gpus:
+            raise ValueError(f"--gpus-per-actor {gpus}: the Ray cluster has {cluster.get('GPU', 0):g} GPUs")
+        return concurrency or max(1, int(cluster["GPU"] / gpus)), None
+    cpus = int(cluster.get("CPU", 1))
+    actors = concurrency or max(1, cpus // 4)
+    return actors, max(1, cpus // actors)
+
+
+def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Path], overrides: dict | None,
+             batch_size: int, concurrency: int | None, gpus: float) -> Iterator[tuple[int, str]]:
+    """(input index, output line) of each pending image, streamed as Ray Data produces them."""
+    import pyarrow as pa
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+    actors, threads = _resources(concurrency, gpus)
+    rows = max(batch_size, -(-len(pending) // 5000))
+    blocks = [pa.table({"idx": pa.array(chunk, pa.int64()), "image": [items[i].key for i in chunk],
+                        "path": [items[i].path for i in chunk]})
+              for chunk in (pending[s:s + rows] for s in range(0, len(pending), rows))]
+    context = DataContext.get_current()
+    saved = context.enable_progress_bars, context.print_on_execution_start
+    context.enable_progress_bars, context.print_on_execution_start = False, False  # our own bar instead
+    try:
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _read_batch, batch_size=batch_size, num_cpus=_READ_TASK_CPUS,
+            compute=TaskPoolStrategy(size=max(1, min(2 * actors, len(blocks)))))
+        ds = ds.map_batches(Scorer, batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
+                            num_cpus=_ACTOR_CPUS, num_gpus=gpus,
+                            fn_constructor_kwargs={"model": model[0], "local": str(model[1]), "overrides": overrides,
+                                                   "device": "cuda" if gpus > 0 else "cpu", "threads": threads})
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            yield from zip((int(i) for i in batch["idx"]), (str(line) for line in batch["line"]))
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved
+
+
+
+def _summary(output: Path, index: Index, scored: int, skipped: int, start: float) -> ScoreSummary:
+    seconds = time.monotonic() - start
+    return ScoreSummary(output, len(index.position), index.errors, scored, skipped, round(seconds, 3),
+                        round(scored / seconds, 2) if seconds > 0 else 0.0)
+
+
+def score(model: str | Path, input: str | Path, output: str | Path, *, batch_size: int | None = None,
+          concurrency: int | None = None, num_gpus_per_actor: float = 0.0, params: Mapping[str, Any] | None = None,
+          image_root: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+          part_size: int = PART_SIZE, address: str | None = None, num_cpus: float | None = None) -> ScoreSummary:
+    """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run."""
+    from tqdm import tqdm
+
+    start = time.monotonic()
+    bad = [f"{name}={value}: must be at least 1" for name, value in
+           (("batch_size", batch_size), ("concurrency", concurrency), ("part_size", part_size))
+           if value is not None and value < 1]
+    if bad or num_gpus_per_actor < 0:
+        raise SettingsError(bad + ([f"num_gpus_per_actor={num_gpus_per_actor}: must be >= 0"]
+                                   if num_gpus_per_actor < 0 else []), "scoring options")
+    model_dir = resolve_model(model)
+    settings = fingerprint(model_dir, params)  # an unknown or invalid --set fails here, before Ray starts
+    items = list_inputs(input, image_root)
+    output, index = Path(output), Index(items)
+    parts = output.with_name(output.name + ".parts")
+    if overwrite:
+        shutil.rmtree(parts, ignore_errors=True)
+    elif output.exists() and not parts.exists():
+        if index.scan(output) < len(items):
+            raise ValueError(f"{output} exists and lacks {len(index.missing())} of the {len(items)} input images; "
+                             "pass --overwrite to re-score, or choose another --output")
+        say(f"{output} already has all {len(items)} images: nothing to do (--overwrite re-scores)")
+        return _summary(output, index, 0, len(items), start)
+    skipped = sum(index.scan(part) for part in open_parts(parts, settings))
+    pending = index.missing()
+    if skipped:
+        say(f"resuming: {skipped} of {len(items)} images already scored in {parts}, skipping them")
+    if pending:
+        ensure_ray(address, num_cpus)
+        writer = PartWriter(parts, part_size)
+        with tqdm(total=len(items), initial=skipped, unit="img", file=sys.stderr, disable=not progress,
+                  desc="scoring") as bar:
+            for idx, line in _results(items, pending, (str(model), model_dir), dict(params or {}) or None,
+                                      batch_size or max(32, settings["batch_size"]), concurrency,
+                                      num_gpus_per_actor):
+                writer.add(idx, line)
+                bar.update(1)
+        writer.flush()
+        for part in sorted(parts.glob(f"part-{writer.run}-*.jsonl")):
+            index.scan(part)
+    if index.missing():
+        raise RuntimeError(f"{len(index.missing())} images got no result; run again to score them")
+    index.assemble(output)
+    shutil.rmtree(parts, ignore_errors=True)
+    summary = _summary(output, index, len(pending), skipped, start)
+    say(str(summary))
+    return summary
+
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`visionserve score`: the exit code."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    score(args.model, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
+          num_gpus_per_actor=args.gpus_per_actor, params=parse_param_flags(args.set, "--set"), image_root=args.image_root,
+          progress=not args.no_progress, overwrite=args.overwrite, part_size=args.part_size, address=args.address,
+          num_cpus=args.num_cpus)
+    return 0
+
+
+def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `score MODEL --input ... --output ...` on an argparse subparsers object."""
+    p = subparsers.add_parser("score", help="batch-score a folder, JSONL file or MLTable of images on Ray Data")
+    p.add_argument("model", help="MLflow model folder or MLflow URI (models:/name/1, runs:/...)")
+    p.add_argument("--input", required=True, help="folder of images (recursive), JSONL file or MLTable folder")
+    p.add_argument("--output", required=True, help="predictions JSONL: one line per image, in input order")
+    p.add_argument("--batch-size", type=int, help="images per actor call (default: max(32, the model's batch_size))")
+    p.add_argument("--concurrency", type=int, help="scoring actors (default: one per GPU share, else CPUs / 4)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5 (default: CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override an inference setting for this run, e.g. --set box_score_thresh=0.5")
+    p.add_argument("--image-root", help="folder that cloud image URLs of a JSONL/MLTable map under")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local instance)")
+    p.add_argument("--num-cpus", type=float, help="CPUs of the local Ray instance it starts (default: all)")
+    p.add_argument("--part-size", type=int, default=PART_SIZE, help="images per part file (what a resume redoes)")
+    p.add_argument("--overwrite", action="store_true", help="re-score even if the output or part files exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+    return p
+

@@ -1,0 +1,164 @@
+"""`visionserve serve`: start the online endpoint on Ray Serve and block until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from models.errors import SettingsError
+
+
+def deployment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Ray Serve deployment options from the flags: replicas or autoscaling, CPUs/GPUs, capacity."""
+    from ray.serve.config import BackpressureConfig
+
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": _cpus_per_replica(args), "num_gpus": args.gpus_per_replica},
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
+    }
+    if args.autoscale:
+        low, sep, high = args.autoscale.partition(":")
+        if not sep or not low.isdigit() or not high.isdigit() or int(high) < max(int(low), 1):
+            raise SettingsError([f"--autoscale {args.autoscale!r}: expected MIN:MAX such as 1:4"], "command line")
+        options["autoscaling_config"] = {"min_replicas": int(low), "max_replicas": int(high),
+                                         "target_ongoing_requests": max(1, args.max_batch_size // 2)}
+    else:
+        options["num_replicas"] = args.replicas
+    return options
+
+
+def _cpus_per_replica(args: argparse.Namespace) -> float:
+    """--cpus-per-replica; by default, on a local instance of CPU replicas, this machine's CPUs shared
+    among the fixed number of replicas (a replica's torch runs that many threads); else 1."""
+    if args.cpus_per_replica is not None:
+        return args.cpus_per_replica
+    from serving.runtime import cluster_address
+
+    if args.autoscale or args.gpus_per_replica or cluster_address(args.address):
+        return 1.0
+    return (os.cpu_count() or 1) / args.replicas
+
+
+def _config(args: argparse.Namespace):
+    from models.tasks.fields import parse_param_flags
+    from serving.app import ServiceConfig, key_digest
+
+    digest = None
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise SettingsError([f"--api-key-file {args.api_key_file}: the file is empty"], "command line")
+        digest = key_digest(key)
+    return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set, "--set"), api_key_sha256=digest,
+                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                         max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
+                         max_concurrent_explanations=args.max_concurrent_explanations,
+                         max_waiting_explanations=args.max_waiting_explanations,
+                         explanation_timeout_s=args.explanation_timeout_s, compile=args.compile)
+
+
+def _check_model(config) -> None:
+    """Fail before Ray starts: the model folder exists and the settings (with --set) are valid."""
+    from models.export import read_settings
+    from serving.predictor import find_artifacts
+    from serving.runtime import resolve_model
+
+    read_settings(find_artifacts(resolve_model(config.model))[0], config.overrides)
+
+
+def start(args: argparse.Namespace, *, block: bool = True) -> str:
+    """Deploy the endpoint on the local Ray instance (or --address) and return its URL."""
+    from ray import serve
+
+    from serving.app import VisionService
+    from serving.runtime import ensure_ray
+
+    import ray
+
+    config = _config(args)
+    _check_model(config)
+    url = f"http://{args.host}:{args.port}"
+    if block:  # from here on: the endpoint answers 200 on /health/ready before serve.run returns
+        _stop_on_signals()
+    try:
+        ensure_ray(args.address)
+        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+        app = VisionService.options(**deployment_options(args)).bind(asdict(config))
+        serve.run(app, name="visionserve", route_prefix="/")
+        print(f"visionserve is serving {args.model} at {url}  (POST /score, /invocations; docs at {url}/docs)",
+              flush=True)
+        while block:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):
+        print("shutting down the endpoint", flush=True)
+        if ray.is_initialized():
+            serve.shutdown()
+    return url
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C, and the SIGTERM of `docker stop` or Kubernetes, shut the endpoint down cleanly
+    (also when started in the background, where a shell would ignore SIGINT)."""
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.config:
+        serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+        command = [serve_bin, "run", args.config] + (["--address", args.address] if args.address else [])
+        from serving.runtime import cluster_address, serve_environment
+
+        local = not cluster_address(args.address)  # then `serve run` starts a local instance
+        return subprocess.call(command, env={**os.environ, **serve_environment()} if local else None)
+    if not args.model:
+        raise SettingsError(["MODEL: give a model folder or MLflow URI (or --config serve.yaml)"], "command line")
+    start(args)
+    return 0
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model on Ray Serve (POST /score, /invocations)")
+    p.add_argument("model", nargs="?", help="MLflow model folder or URI (models:/name/1, runs:/<id>/mlflow-model)")
+    p.add_argument("--config", help="a Ray Serve config file (applications: import_path serving.app:build_app)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
+    p.add_argument("--cpus-per-replica", type=float,
+                   help="CPUs (torch threads) per replica; default: a local instance's CPUs shared among "
+                        "--replicas, else 1")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument("--api-key-file", help="require Authorization: Bearer <the key in this file>")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a settings.json inference setting, e.g. --set box_score_thresh=0.5")
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per forward pass across requests")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--max-ongoing-requests", type=int, default=16, help="concurrent requests per replica")
+    p.add_argument("--max-queued-requests", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After of a 429")
+    p.add_argument("--request-timeout-s", type=float, default=90.0)
+    p.add_argument("--max-request-mb", type=float, default=100.0)
+    p.add_argument("--max-images-per-request", type=int, default=64)
+    p.add_argument("--max-concurrent-explanations", type=int, default=1, help="explanation requests running at once")
+    p.add_argument("--max-waiting-explanations", type=int, default=4, help="waiting explanation requests before 429")
+    p.add_argument("--explanation-timeout-s", type=float, default=90.0, help="then 504 explanation_timeout")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="score with the eager model; by default a classifier on CPU replicas is compiled "
+                        "(torch.compile) as the replica starts: 15-25 s more start-up, more images/s")
+    p.set_defaults(func=_serve)
