@@ -14,7 +14,6 @@ separately. Writes bench/results/explain_speed.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,13 +29,13 @@ from explain.methods import attribute  # noqa: E402
 from explain.visualize import render  # noqa: E402
 from models.tasks.architectures import build_model, get_architecture  # noqa: E402
 from models.tasks.registry import get_task, inference_settings  # noqa: E402
-from serving.predictor import default_device  # noqa: E402
+from serving.loading import default_device
 
 STEPPED = ("xrai", "integrated_gradients")
 
 
 def _seconds(explainer, pixels, xai, repeats: int) -> float:
-    attribute(explainer, pixels, 0, dataclasses.replace(xai, n_steps=2))  # warm-up: allocations, imports
+    attribute(explainer, pixels, 0, xai.model_copy(update={"n_steps": 2}))  # warm-up: allocations, imports
     started = time.perf_counter()
     for _ in range(repeats):
         attribute(explainer, pixels, 0, xai)

@@ -6,7 +6,7 @@ One resnet18 classifier (224 crop, random weights: speed does not depend on them
 requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--seconds`:
 - visionserve: `visionserve serve DIR --replicas R --cpus-per-replica C` for each `--layout RxC`
   (default: one replica per CPU, then one replica with every CPU; `@serve.batch` across requests,
-  HAProxy in front, see serving.runtime.serve_environment; the classifier compiled as the replica
+  HAProxy in front, see models.runtime.serve_environment; the classifier compiled as the replica
   starts, see serving.compiled, or eager with `--no-compile`), `POST /score` with the cloud's
   `input_data` body;
 - mlflow: `mlflow models serve -m DIR --env-manager local` (one uvicorn worker, its default),
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table, write  # noqa: E402
 from bench.inference_throughput import _folder, _jpeg  # noqa: E402
-from serving.runtime import free_port, wait_until_ready  # noqa: E402
+from models.runtime import free_port, wait_until_ready  # noqa: E402
 
 BIN = Path(sys.executable).parent
 

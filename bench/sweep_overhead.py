@@ -75,10 +75,10 @@ def _sequential_in_subprocess(work: Path, args: argparse.Namespace) -> float:
 def _sweep(job: TrainingJob, args: argparse.Namespace, concurrent: int, output: Path) -> dict:
     from models.sweep.search_space import Distribution
     from models.sweep.run import run_sweep
-    from models.sweep.settings import Limits, SweepSettings
+    from models.sweep.settings import JobLimits, SweepSettings
 
     space = ({"learning_rate": Distribution("choice", tuple(_rates(args.trials)))},)
-    sweep = SweepSettings(Limits(max_trials=args.trials, max_concurrent_trials=concurrent), "grid", None, space)
+    sweep = SweepSettings(JobLimits(max_trials=args.trials, max_concurrent_trials=concurrent), "grid", None, space)
     start, wall = time.perf_counter(), time.time()
     result = run_sweep(replace(job, sweep=sweep, output_dir=output), report=lambda _: None)
     seconds = time.perf_counter() - start
@@ -102,7 +102,7 @@ def main() -> None:
         print(json.dumps({"seconds": sequential(args.work, args)}))
         return
 
-    from serving.runtime import ensure_ray
+    from models.runtime import ensure_ray
 
     private_mlflow_store()
     work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))

@@ -1,30 +1,26 @@
 """`xai_parameters` of an explanation request (scoring.md, Explanations): names, defaults, checks."""
 
-from __future__ import annotations
-
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from models.errors import SettingsError
-from models.tasks.fields import param, parse_settings
+from models.tasks.fields import Flag, Float, Int, SettingsModel, one_of, param, parse_settings
 
 ALGORITHMS = ("xrai", "integrated_gradients", "guided_gradcam", "guided_backprop")
 APPROXIMATIONS = ("riemann_middle", "gausslegendre")
 
 
-@dataclass(frozen=True)
-class XaiParameters:
+class XaiParameters(SettingsModel):
     """One image's explanation wishes; the spec's names and defaults plus `internal_batch_size`."""
 
-    xai_algorithm: str = param("xrai", choices=ALGORITHMS, doc="which attribution method")
-    visualizations: bool = param(True, doc="return the 2x2 PNG")
-    attributions: bool = param(False, doc="return the [3, crop, crop] pixel attributions")
-    confidence_score_threshold_multilabel: float = param(0.5, ge=0, le=1, doc="multilabel: explain prob >= this")
-    n_steps: int = param(50, ge=2, le=1000, doc="xrai / integrated_gradients approximation steps")
-    xrai_fast: bool = param(True, doc="xrai: the fast, less precise variant")
-    approximation_method: str = param("riemann_middle", choices=APPROXIMATIONS, doc="integrated_gradients rule")
-    internal_batch_size: int = param(16, ge=1, le=512, doc="visionserve: images per backward pass (steps x baselines)")
+    xai_algorithm: one_of(*ALGORITHMS) = param("xrai", doc="which attribution method")
+    visualizations: Flag = param(True, doc="return the 2x2 PNG")
+    attributions: Flag = param(False, doc="return the [3, crop, crop] pixel attributions")
+    confidence_score_threshold_multilabel: Float = param(0.5, ge=0, le=1, doc="multilabel: explain prob >= this")
+    n_steps: Int = param(50, ge=2, le=1000, doc="xrai / integrated_gradients approximation steps")
+    xrai_fast: Flag = param(True, doc="xrai: the fast, less precise variant")
+    approximation_method: one_of(*APPROXIMATIONS) = param("riemann_middle", doc="integrated_gradients rule")
+    internal_batch_size: Int = param(16, ge=1, le=512, doc="visionserve: images per backward pass (steps x baselines)")
 
 
 DEFAULT = XaiParameters()

@@ -38,7 +38,8 @@ from pathlib import Path
 from locust import HttpUser, constant, events, task
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from models.data.formats import IMAGE_EXTENSIONS, image_files
+
 DEFAULT_XAI_PARAMETERS = {"xai_algorithm": "xrai", "visualizations": True, "attributions": False}
 
 
@@ -56,9 +57,9 @@ def _load_images(folder: str) -> list[str]:
     if not folder:
         raise ValueError("set VISIONSERVE_IMAGES to a folder of images")
     root = Path(folder)
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(root)
     if not paths:
-        raise ValueError(f"VISIONSERVE_IMAGES={folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+        raise ValueError(f"VISIONSERVE_IMAGES={folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return [base64.encodebytes(p.read_bytes()).decode("utf-8") for p in paths]
 
 

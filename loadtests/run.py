@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.data.formats import IMAGE_EXTENSIONS, is_image_file
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-# Keep in step with locustfile.py.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 ENV_VARS = ("VISIONSERVE_IMAGES", "VISIONSERVE_IMAGES_PER_REQUEST", "VISIONSERVE_API_KEY", "VISIONSERVE_EXPLAIN_SHARE",
             "VISIONSERVE_XAI_PARAMETERS", "VISIONSERVE_PARAMS", "VISIONSERVE_ROUTE", "VISIONSERVE_TIMEOUT")
 
@@ -207,7 +207,7 @@ def read_failures(csv_path: Path) -> list[dict]:
 
 
 def _has_images(folder: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*"))
+    return any(is_image_file(p) for p in folder.rglob("*"))
 
 
 def run_loadtest(host: str, images_dir: str | Path, *, users: int = 4, spawn_rate: float = 2, duration: str = "30s",
@@ -222,7 +222,7 @@ def run_loadtest(host: str, images_dir: str | Path, *, users: int = 4, spawn_rat
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: not a folder of images")
     if not _has_images(images_dir):
-        raise ValueError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     if users < 1 or spawn_rate <= 0 or images_per_request < 1:
         raise ValueError("users and images_per_request must be >= 1, spawn_rate > 0")
     if not 0 <= explain_share <= 1:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from models.errors import SettingsError
-from models.tasks.fields import as_dict, field_specs
+from models.tasks.fields import as_dict, is_per_request, kind_of
 from models.tasks.registry import Task, get_task, inference_settings
 
 SETTINGS_FILE = "settings.json"
@@ -109,8 +109,8 @@ def signature(task: Task):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    specs = [ParamSpec(name, _PARAM_TYPES[spec.kind], None)
-             for name, spec in field_specs(task.inference_cls).items() if spec.per_request]
+    specs = [ParamSpec(name, _PARAM_TYPES[kind_of(field)[0]], None)
+             for name, field in task.inference_cls.model_fields.items() if is_per_request(field)]
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), params=ParamSchema(specs))
 
 

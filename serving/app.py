@@ -30,13 +30,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from models.data.images import PREDICTION_LIMITS, Limits
-from models.errors import ImageError
-from models.errors import SettingsError
-from models.tasks.fields import as_dict
+from models.data.formats import PREDICTION_LIMITS, ImageLimits
+from models.errors import ErrorCode, ImageError, SettingsError
 from models.runtime import torch_thread
+from models.tasks.fields import as_dict
 from serving.contract import (
-    Entry, ParsedRequest, RequestError, check_images, parse_invocations, parse_json, parse_score,
+    ParsedRequest, RequestError, Route, check_xai, openapi_components, parameter_error, parse_json,
+    parse_request, probe_images,
 )
 
 log = logging.getLogger("ray.serve")
@@ -60,8 +60,8 @@ class ServiceConfig:
     compile: bool = True  # a classifier on the CPU is compiled when the replica starts (serving.compiled)
 
     @property
-    def limits(self) -> Limits:
-        return Limits(max_bytes=int(self.max_image_mb * 2**20))
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=int(self.max_image_mb * 2**20))
 
 
 def key_digest(key: str) -> str:
@@ -73,6 +73,36 @@ app = FastAPI(
     description="Scoring endpoint for a visionserve model: the cloud's `input_data` schema on `/score`, "
                 "MLflow's scoring formats on `/invocations`.",
 )
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document plus the request bodies, which the routes read themselves (size-capped, parsed
+    off the event loop) and so do not declare as parameters."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from explain.params import XaiParameters
+        from models.tasks.settings import ClassificationInference, DetectionInference, SegmentationInference
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        params = {"ClassificationParams": ClassificationInference, "DetectionParams": DetectionInference,
+                  "SegmentationParams": SegmentationInference}
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components(params, XaiParameters))
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
+def _route_doc(body: str) -> dict[str, Any]:
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{body}"}}}},
+        "responses": {status: {"description": text, **error} for status, text in (
+            ("400", "malformed JSON, a refused image or parameter"), ("401", "API key missing or wrong"),
+            ("413", "body or image count over the limits"), ("422", "a field of the body is missing or wrong"),
+            ("429", "over capacity; see Retry-After"), ("504", "an explanation took too long"))}}
 
 
 def _error(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
@@ -87,10 +117,6 @@ def _key(params: dict[str, Any]) -> str:
 def _unkey(key: str) -> dict[str, Any]:
     return json.loads(key)
 
-
-def _field_of(problem: str) -> str:
-    """The parameter a settings problem names: "box_score_thresh=2: must be ..." → box_score_thresh."""
-    return problem.split(":")[0].split("=")[0].split(" ")[0]
 
 
 def _mlmodel(model_dir: Path) -> dict:
@@ -112,7 +138,7 @@ class VisionService:
         from ray.serve import metrics
 
         from serving.predictor import Predictor
-        from serving.runtime import resolve_model
+        from serving.loading import resolve_model
 
         self.config = ServiceConfig(**config)
         self.model_dir = resolve_model(self.config.model)
@@ -163,20 +189,25 @@ class VisionService:
                 answers[i] = result
         return answers
 
-    async def _answer(self, request: ParsedRequest, partial: bool) -> list[dict]:
+    def _read(self, body: bytes, route: Route) -> tuple[ParsedRequest, list[dict], dict[int, Any]]:
+        """Everything about a request that needs no model: its JSON and shape, the image count, the
+        parameters, base64 and image headers, explanation wishes. CPU work: it runs off the event loop."""
+        parsed = parse_request(parse_json(body), route, self.config.max_images_per_request)
         try:
-            self.predictor.settings_for(request.params)
+            self.predictor.settings_for(parsed.params)
         except SettingsError as exc:
-            raise RequestError(400, "invalid_parameter", str(exc),
-                               [{"field": f"params.{_field_of(p)}", "message": p}
-                                for p in exc.problems]) from None
-        details = check_images(request, self.config.limits, self.config.max_images_per_request)
-        wishes = self._explanation_wishes(request.entries)
+            raise parameter_error(exc) from None
+        details = probe_images(parsed, self.config.limits)
+        task = self.predictor.spec.task
+        return parsed, details, check_xai(parsed.entries, task.is_classification, task.name)
+
+    async def _answer(self, request: ParsedRequest, details: list[dict], wishes: dict[int, Any],
+                      partial: bool) -> list[dict]:
         for d in details:
             self.errors_total.inc(tags={"code": d["code"]})
         if details and not partial:
-            raise RequestError(400, "invalid_image", f"{len(details)} of {len(request.entries)} images cannot be "
-                               "scored (add ?partial=true to score the others)", details)
+            raise RequestError(400, ErrorCode.INVALID_IMAGE, f"{len(details)} of {len(request.entries)} images "
+                               "cannot be scored (add ?partial=true to score the others)", details)
         key = _key(request.params)
         good = [(i, e.data) for i, e in enumerate(request.entries)
                 if not isinstance(e.data, ImageError) and i not in wishes]
@@ -205,37 +236,15 @@ class VisionService:
 
     # ------------------------------------------------------------------ explanations
 
-    def _explanation_wishes(self, entries: list[Entry]) -> dict[int, Any]:
-        """Validated xai_parameters of every explanation entry; a 400 naming each bad one."""
-        from explain.params import parse_xai
-
-        asked = [i for i, e in enumerate(entries) if e.explain]
-        if asked and not self.predictor.spec.task.is_classification:
-            raise RequestError(400, "explanations_unsupported",
-                               f"explanations are for classification models only; this "
-                               f"{self.predictor.spec.task.name} model can only score "
-                               "(set model_explainability to false)",
-                               [{"field": entries[i].field, "index": i} for i in asked])
-        wishes, problems = {}, []
-        for i in asked:
-            try:
-                wishes[i] = parse_xai(entries[i].xai_parameters)
-            except SettingsError as exc:
-                problems += [{"field": f"{entries[i].field}.{_field_of(p)}",
-                              "index": i, "message": f"image {i}: {p}"} for p in exc.problems]
-        if problems:
-            raise RequestError(400, "invalid_parameter", "; ".join(d["message"] for d in problems), problems)
-        return wishes
-
     async def _explain(self, items: list[bytes], wishes: list[Any], params: dict, rows: list[int]) -> list[dict]:
         """Explanations off the batcher: a few at a time, a long timeout, 429 when too many wait."""
         limit = self.config.max_concurrent_explanations + self.config.max_waiting_explanations
         if self._explaining >= limit:
-            raise RequestError(429, "too_many_explanations", f"{self._explaining} explanation requests are in "
+            raise RequestError(429, ErrorCode.TOO_MANY_EXPLANATIONS, f"{self._explaining} explanation requests are in "
                                "progress on this replica; retry later", headers={"retry-after": "5"})
         self._explaining += 1
         deadline = time.monotonic() + self.config.explanation_timeout_s
-        timeout = RequestError(504, "explanation_timeout", f"the explanation took over "
+        timeout = RequestError(504, ErrorCode.EXPLANATION_TIMEOUT, f"the explanation took over "
                                f"{self.config.explanation_timeout_s:g} s (explanation_timeout_s); try fewer "
                                "images, a smaller n_steps or a faster xai_algorithm")
         try:
@@ -270,19 +279,19 @@ class VisionService:
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
         if token and hmac.compare_digest(key_digest(token), self.config.api_key_sha256):
             return None
-        return _error(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+        return _error(401, ErrorCode.UNAUTHORIZED, "a valid API key is required: Authorization: Bearer <key>",
                       request.state.request_id, {"www-authenticate": "Bearer"})
 
     async def _body(self, request: Request) -> Any:
         limit = self.config.max_request_mb * 2**20
         if int(request.headers.get("content-length") or 0) > limit:
-            raise RequestError(413, "request_too_large", f"the request body is over {self.config.max_request_mb:g} MB")
+            raise RequestError(413, ErrorCode.REQUEST_TOO_LARGE, f"the request body is over {self.config.max_request_mb:g} MB")
         body = await request.body()
         if len(body) > limit:
-            raise RequestError(413, "request_too_large", f"the request body is over {self.config.max_request_mb:g} MB")
+            raise RequestError(413, ErrorCode.REQUEST_TOO_LARGE, f"the request body is over {self.config.max_request_mb:g} MB")
         return parse_json(body)
 
-    async def _handle(self, request: Request, parse, wrap) -> JSONResponse:
+    async def _handle(self, request: Request, route: Route, wrap) -> JSONResponse:
         """Parse, check, score; every refusal is a JSON error naming what is wrong, never a traceback."""
         started = time.perf_counter()
         denied = self._denied(request)
@@ -291,9 +300,10 @@ class VisionService:
         request_id = request.state.request_id
         status, images = 200, 0
         try:
-            parsed = parse(await self._body(request))
+            parsed, details, wishes = await asyncio.to_thread(self._read, await self._body(request), route)
             images = len(parsed.entries)
-            answers = await self._answer(parsed, request.query_params.get("partial", "").lower() in ("1", "true"))
+            partial = request.query_params.get("partial", "").lower() in ("1", "true")
+            answers = await self._answer(parsed, details, wishes, partial)
             self.images_total.inc(len(answers), tags={"route": request.url.path})
             return JSONResponse(wrap(answers), headers={"x-request-id": request_id})
         except RequestError as exc:
@@ -302,18 +312,22 @@ class VisionService:
         except Exception:  # our own bug: logged with its traceback, answered without one
             status = 500
             log.exception("request_id=%s failed", request_id)
-            return _error(500, "internal_error", "internal error; the server log has the details", request_id)
+            return _error(500, ErrorCode.INTERNAL_ERROR, "internal error; the server log has the details", request_id)
         finally:
             log.info("request_id=%s path=%s status=%s images=%d ms=%.1f", request_id, request.url.path, status,
                      images, (time.perf_counter() - started) * 1000)
 
-    @app.post("/score", summary="Score images (the cloud's input_data schema)")
+    @app.post("/score", summary="Score images (the cloud's input_data schema)", openapi_extra=_route_doc("ScoreRequest"),
+              description="One answer per image, in input order: a JSON list (scoring.md's response per task). "
+                          "`?partial=true`: refused images become error rows instead of a 400.")
     async def score(self, request: Request) -> JSONResponse:
-        return await self._handle(request, parse_score, lambda answers: answers)
+        return await self._handle(request, "score", lambda answers: answers)
 
-    @app.post("/invocations", summary="Score images (MLflow's dataframe_split / records / instances / inputs)")
+    @app.post("/invocations", summary="Score images (MLflow's dataframe_split / records / instances / inputs)",
+              openapi_extra=_route_doc("InvocationsRequest"),
+              description='`{"predictions": [...]}`, one answer per image as on /score.')
     async def invocations(self, request: Request) -> JSONResponse:
-        return await self._handle(request, parse_invocations, lambda answers: {"predictions": answers})
+        return await self._handle(request, "invocations", lambda answers: {"predictions": answers})
 
     @app.get("/health/live")
     async def live(self) -> dict:

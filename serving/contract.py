@@ -1,30 +1,43 @@
-"""Request bodies of the online endpoint → image rows and parameters, with errors naming the field.
+"""The request contract of the online endpoint: body schemas (pydantic, shown at `/docs`), parsing and
+validation, per-request settings, and the error bodies that name the offending field or image.
 
 `POST /score` takes the cloud's `{"input_data": {"columns": ["image"], "data": [...]}}`;
 `POST /invocations` takes MLflow's `dataframe_split`, `dataframe_records`, `instances` and
-`inputs`. Both may carry `"params"` (per-request inference settings). A `data` entry may also be a
-JSON string `{"image_base64": ..., "model_explainability": ..., "xai_parameters": {...}}`.
+`inputs`. Both may carry `"params"` (per-request inference settings). A `data` entry is a base64
+image or a JSON string `{"image_base64": ..., "model_explainability": ..., "xai_parameters": {...}}`.
+Everything here is synchronous and CPU-bound: the app runs it off its event loop.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from models.data.images import Limits, probe
-from models.errors import ImageError
-from models.tasks.fields import _to_bool
-from serving.predictor import decode_base64
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.json_schema import models_json_schema
+
+from models.data.formats import ImageLimits
+from models.data.images import probe
+from models.errors import ErrorCode, ImageError, SettingsError
+from models.values import to_flag
+
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+_IMAGE = "a base64 image (standard or URL-safe, newlines allowed), or a JSON string of an ExplanationEntry"
 
 
 class RequestError(ValueError):
     """A request the endpoint refuses: HTTP `status`, and one detail per offending field or image."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict] | None = None,
+    def __init__(self, status: int, code: ErrorCode, message: str, details: list[dict] | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.code, self.details, self.headers = status, code, details or [], headers or {}
+        self.status, self.code, self.details, self.headers = status, ErrorCode(code), details or [], headers or {}
 
     def body(self, request_id: str | None = None) -> dict:
         error: dict[str, Any] = {"code": self.code, "message": str(self)}
@@ -33,6 +46,120 @@ class RequestError(ValueError):
         if request_id:
             error["request_id"] = request_id
         return {"error": error}
+
+
+# ---------------------------------------------------------------- the bodies, as documented at /docs
+
+
+def _one_image_column(columns: list[str]) -> list[str]:
+    if columns != ["image"]:
+        raise ValueError(f'expected ["image"], got {json.dumps(columns)[:100]}')
+    return columns
+
+
+ImageColumns = Annotated[list[str], AfterValidator(_one_image_column), Field(description='exactly ["image"]')]
+
+
+class _Body(BaseModel):
+    """A top-level body: an unknown key is refused by name (a misspelt `params` would be lost otherwise)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputData(BaseModel):
+    columns: ImageColumns
+    data: list[Any] = Field(min_length=1, description=f"one entry per image: {_IMAGE}",
+                            json_schema_extra={"items": {"type": "string"}})
+
+
+_PARAMS = Field(None, description="per-request inference settings (the model's settings.json otherwise); which "
+                                  "ones depends on the model's task", json_schema_extra={"anyOf": [
+                                      {"$ref": "#/components/schemas/ClassificationParams"},
+                                      {"$ref": "#/components/schemas/DetectionParams"},
+                                      {"$ref": "#/components/schemas/SegmentationParams"}]})
+
+
+class ScoreRequest(_Body):
+    """`POST /score`: the cloud's online-endpoint body (scoring.md)."""
+
+    input_data: InputData = Field(examples=[{"columns": ["image"], "data": ["<base64>"]}])
+    params: dict[str, Any] | None = _PARAMS
+
+
+class DataframeSplit(BaseModel):
+    columns: ImageColumns
+    data: list[Any] = Field(min_length=1, description=f"one row per image, [image]: {_IMAGE}")
+
+
+class ImageColumn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: Any = Field(description=f"{_IMAGE}; a list of them for instances / inputs")
+
+
+class InvocationsRequest(_Body):
+    """`POST /invocations`: MLflow's scoring-server formats, with exactly one of the four keys."""
+
+    dataframe_split: DataframeSplit | None = None
+    dataframe_records: list[Any] | None = Field(None, min_length=1, description='[{"image": ...}, ...]')
+    instances: list[Any] | ImageColumn | None = Field(None, description='[image, ...] or {"image": [...]}')
+    inputs: list[Any] | ImageColumn | None = Field(None, description='[image, ...] or {"image": [...]}')
+    params: dict[str, Any] | None = _PARAMS
+
+    @model_validator(mode="after")
+    def _exactly_one_format(self) -> InvocationsRequest:
+        given = [k for k in _FORMATS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of dataframe_split, dataframe_records, instances, inputs")
+        if isinstance(self.instances or self.inputs, list) and not (self.instances or self.inputs):
+            raise ValueError(f"{given[0]}: expected a non-empty list")
+        return self
+
+
+_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+class ExplanationEntry(BaseModel):
+    """A `data` entry asking for an explanation, sent as a JSON *string* (scoring.md, Explanations)."""
+    image_base64: str
+    model_explainability: bool = False
+    xai_parameters: dict[str, Any] = Field(default_factory=dict, json_schema_extra={
+        "$ref": "#/components/schemas/XaiParameters"})
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+    request_id: str | None = None
+    details: list[dict[str, Any]] | None = Field(None, description="one per offending field or image: field, "
+                                                                   "index, code, message")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def openapi_components(params: Mapping[str, type[BaseModel]], xai: type[BaseModel]) -> dict[str, Any]:
+    """Component schemas of the bodies, the per-task request params (per-request settings only) and the
+    xai parameters, for the app's OpenAPI document."""
+    _, schemas = models_json_schema([(m, "validation") for m in (ScoreRequest, InvocationsRequest,
+                                                                 ExplanationEntry, ErrorResponse, xai)],
+                                    ref_template="#/components/schemas/{model}")
+    components = schemas["$defs"]
+    for name, cls in params.items():
+        full = cls.model_json_schema()
+        keep = {k: {**v, "default": None} for k, v in full["properties"].items()
+                if v.get("inference") and v.get("per_request", True)}
+        for prop in keep.values():
+            prop.pop("inference", None)
+            prop.pop("title", None)
+        components[name] = {"type": "object", "properties": keep, "additionalProperties": False,
+                            "description": f"per-request settings of {name.removesuffix('Params').lower()} models "
+                                           "(unset: the model's settings.json)"}
+    return components
+
+
+# ---------------------------------------------------------------- parsing
 
 
 @dataclass
@@ -51,22 +178,78 @@ class ParsedRequest:
     params: dict[str, Any]
 
 
-def _require(condition: bool, field_name: str, message: str, status: int = 422) -> None:
-    if not condition:
-        raise RequestError(status, "invalid_request", f"{field_name}: {message}", [{"field": field_name, "message": message}])
+Route = Literal["score", "invocations"]
+
+
+def decode_base64(text: Any) -> bytes:
+    """Standard or URL-safe base64, with or without the newlines `base64.encodebytes` inserts."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("ascii", errors="replace")
+    if not isinstance(text, str):
+        raise ImageError(ErrorCode.INVALID_INPUT, f"expected a base64 string, got {type(text).__name__}")
+    cleaned = _WHITESPACE.sub("", _DATA_URL.sub("", text.strip()))
+    if not cleaned:
+        raise ImageError(ErrorCode.INVALID_BASE64, "empty image string")
+    cleaned = cleaned.replace("-", "+").replace("_", "/")
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(ErrorCode.INVALID_BASE64, "not valid base64") from None
 
 
 def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, "malformed_json", f"the request body is not valid JSON ({exc})") from None
+        raise RequestError(400, ErrorCode.MALFORMED_JSON, f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError(400, ErrorCode.MALFORMED_JSON, "the request body is nested too deeply") from None
 
 
-def _params(doc: dict) -> dict[str, Any]:
-    params = doc.get("params") or {}
-    _require(isinstance(params, dict), "params", "expected an object of inference settings")
-    return params
+_WORDS = {"missing": "missing", "list_type": "expected a list", "dict_type": "expected an object",
+          "model_type": "expected an object", "model_attributes_type": "expected an object",
+          "too_short": "is empty", "extra_forbidden": "unknown field", "string_type": "expected a string"}
+
+
+def _shape_error(exc: ValidationError, cls: type[BaseModel]) -> RequestError:
+    """pydantic's errors as our 422: each detail names the field by its JSON path."""
+    details = []
+    for e in exc.errors():
+        loc = [str(p) for p in e["loc"] if not str(p).startswith(("list[", "ImageColumn", "DataframeSplit"))]
+        name = ".".join(loc) or "body"
+        message = str(e["ctx"]["error"]) if e["type"] == "value_error" else _WORDS.get(e["type"], e["msg"])
+        if e["type"] == "missing" and loc and loc[-1] == "input_data":
+            message = 'missing (expected {"columns": ["image"], "data": [...]})'
+        if e["type"] == "model_type" and not loc:
+            message = f"expected a JSON object ({', '.join(cls.model_fields)})"
+        details.append({"field": name, "message": message})
+    unique = list({d["field"]: d for d in details}.values())
+    return RequestError(422, ErrorCode.INVALID_REQUEST, "; ".join(f"{d['field']}: {d['message']}" for d in unique),
+                        unique)
+
+
+def _rows(doc: Any, route: Route) -> tuple[str, list[Any], dict[str, Any]]:
+    """(field name of the rows, the rows, params) of a body of `route`, its shape checked."""
+    cls = ScoreRequest if route == "score" else InvocationsRequest
+    try:
+        body = cls.model_validate(doc)
+    except ValidationError as exc:
+        raise _shape_error(exc, cls) from None
+    params = body.params or {}
+    if isinstance(body, ScoreRequest):
+        return "input_data.data", body.input_data.data, params
+    key = next(k for k in _FORMATS if getattr(body, k) is not None)
+    value = getattr(body, key)
+    if key == "dataframe_split":
+        return f"{key}.data", value.data, params
+    if isinstance(value, ImageColumn):
+        return key, value.image if isinstance(value.image, list) else [value.image], params
+    return key, value, params
+
+
+def _field(prefix: str, i: int) -> str:
+    return f"{prefix}[{i}]"
 
 
 def parse_entry(value: Any, field_name: str) -> Entry:
@@ -78,17 +261,17 @@ def parse_entry(value: Any, field_name: str) -> Entry:
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
             doc = json.loads(value)
-        except json.JSONDecodeError as exc:
-            return Entry(field_name, ImageError("invalid_input", f"not valid JSON ({exc.msg})"))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, f"not valid JSON ({exc})"))
         if not isinstance(doc, dict) or not isinstance(doc.get("image_base64"), str):
-            return Entry(field_name, ImageError("invalid_input", "a JSON entry needs an image_base64 string"))
+            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, "a JSON entry needs an image_base64 string"))
         xai = doc.get("xai_parameters") or {}
         if not isinstance(xai, dict):
-            return Entry(field_name, ImageError("invalid_input", "xai_parameters must be an object"))
+            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, "xai_parameters must be an object"))
         try:
-            explain = _to_bool(doc.get("model_explainability", False))
+            explain = to_flag(doc.get("model_explainability", False))
         except ValueError:
-            return Entry(field_name, ImageError("invalid_input", "model_explainability must be true or false"))
+            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, "model_explainability must be true or false"))
         return Entry(field_name, _bytes(doc["image_base64"]), explain, xai)
     return Entry(field_name, _bytes(value))
 
@@ -100,50 +283,17 @@ def _bytes(value: Any) -> bytes | ImageError:
         return exc
 
 
-def parse_score(doc: Any) -> ParsedRequest:
-    """The cloud's body: {"input_data": {"columns": ["image"], "data": [...]}, "params"?: {...}}."""
-    _require(isinstance(doc, dict), "body", "expected a JSON object with input_data")
-    _require("input_data" in doc, "input_data", "missing (expected {\"columns\": [\"image\"], \"data\": [...]})")
-    data = doc["input_data"]
-    _require(isinstance(data, dict), "input_data", "expected an object with columns and data")
-    columns = data.get("columns")
-    _require(isinstance(columns, list), "input_data.columns", "missing or not a list (expected [\"image\"])")
-    _require(columns == ["image"], "input_data.columns", f"expected [\"image\"], got {json.dumps(columns)[:100]}")
-    rows = data.get("data")
-    _require(isinstance(rows, list), "input_data.data", "missing or not a list of base64 images")
-    _require(len(rows) > 0, "input_data.data", "is empty")
-    return ParsedRequest([parse_entry(v, f"input_data.data[{i}]") for i, v in enumerate(rows)], _params(doc))
+def parse_request(doc: Any, route: Route, max_images: int | None = None) -> ParsedRequest:
+    """A decoded JSON body → its images (decoded from base64, or the error of each) and params; the
+    shape is checked first, then the image count (before any image is decoded)."""
+    prefix, rows, params = _rows(doc, route)
+    if max_images is not None and len(rows) > max_images:
+        raise RequestError(413, ErrorCode.TOO_MANY_IMAGES, f"{len(rows)} images in one request; at most {max_images}")
+    return ParsedRequest([parse_entry(v, _field(prefix, i)) for i, v in enumerate(rows)], params)
 
 
-def parse_invocations(doc: Any) -> ParsedRequest:
-    """MLflow's scoring-server formats with one `image` column."""
-    _require(isinstance(doc, dict), "body", "expected a JSON object (dataframe_split, dataframe_records, "
-                                            "instances or inputs)")
-    keys = [k for k in ("dataframe_split", "dataframe_records", "instances", "inputs") if k in doc]
-    _require(len(keys) == 1, "body", "expected exactly one of dataframe_split, dataframe_records, instances, inputs")
-    key, value = keys[0], doc[keys[0]]
-    if key == "dataframe_split":
-        _require(isinstance(value, dict), key, "expected {\"columns\": [\"image\"], \"data\": [[...]]}")
-        _require(value.get("columns") == ["image"], f"{key}.columns", "expected [\"image\"]")
-        rows = value.get("data")
-        _require(isinstance(rows, list) and rows, f"{key}.data", "missing, empty or not a list")
-    elif key == "dataframe_records":
-        _require(isinstance(value, list) and value, key, "expected a non-empty list of {\"image\": ...} records")
-        rows = value
-    elif isinstance(value, dict):
-        _require(list(value) == ["image"], key, "expected {\"image\": [...]}")
-        rows = value["image"] if isinstance(value["image"], list) else [value["image"]]
-    else:
-        _require(isinstance(value, list) and value, key, "expected a non-empty list")
-        rows = value
-    return ParsedRequest([parse_entry(v, f"{key}[{i}]") for i, v in enumerate(rows)], _params(doc))
-
-
-def check_images(request: ParsedRequest, limits: Limits, max_images: int) -> list[dict]:
-    """Header-check every image (no decoding); returns one detail per bad image."""
-    count = len(request.entries)
-    if count > max_images:
-        raise RequestError(413, "too_many_images", f"{count} images in one request; at most {max_images}")
+def probe_images(request: ParsedRequest, limits: ImageLimits) -> list[dict]:
+    """Header-check every image (no decoding); returns one detail per bad image (its entry gets the error)."""
     details = []
     for index, entry in enumerate(request.entries):
         try:
@@ -154,3 +304,54 @@ def check_images(request: ParsedRequest, limits: Limits, max_images: int) -> lis
             entry.data = exc
             details.append({"field": entry.field, "index": index, "code": exc.code, "message": str(exc)})
     return details
+
+
+def row_error(row: int, exc: ImageError) -> dict:
+    """The response entry of an image that could not be scored (its neighbours still are)."""
+    return {"error": {"row": row, "code": exc.code, "message": f"image {row}: {exc}"}}
+
+
+# ---------------------------------------------------------------- per-request settings
+
+
+def field_of(problem: str) -> str:
+    """The parameter a settings problem names: "box_score_thresh=2: must be ..." → box_score_thresh."""
+    return problem.split(":")[0].split("=")[0].split(" ")[0]
+
+
+def parameter_error(exc: SettingsError, prefix: str = "params.", index: int | None = None) -> RequestError:
+    """A 400 naming each refused parameter (`params.<name>`, or an entry's `...xai_parameters.<name>`)."""
+    details = [{"field": f"{prefix}{field_of(p)}", "message": p, **({"index": index} if index is not None else {})}
+               for p in exc.problems]
+    return RequestError(400, ErrorCode.INVALID_PARAMETER, str(exc), details)
+
+
+def per_request_problems(inference_cls: type[BaseModel], given: Mapping[str, Any]) -> list[str]:
+    """Settings a request names that only the model's loading may set."""
+    from models.tasks.fields import is_per_request
+
+    fields = inference_cls.model_fields
+    return [f"{k}: set when the model loads (settings.json or --set), not per request"
+            for k in given if k in fields and not is_per_request(fields[k])]
+
+
+def check_xai(entries: Sequence[Entry], is_classification: bool, task_name: str) -> dict[int, Any]:
+    """Validated xai_parameters of every explanation entry; a 400 naming each bad one."""
+    from explain.params import parse_xai
+
+    asked = [i for i, e in enumerate(entries) if e.explain]
+    if asked and not is_classification:
+        raise RequestError(400, ErrorCode.EXPLANATIONS_UNSUPPORTED,
+                           f"explanations are for classification models only; this {task_name} model can only "
+                           "score (set model_explainability to false)",
+                           [{"field": entries[i].field, "index": i} for i in asked])
+    wishes, details = {}, []
+    for i in asked:
+        try:
+            wishes[i] = parse_xai(entries[i].xai_parameters)
+        except SettingsError as exc:
+            details += [{"field": f"{entries[i].field}.{field_of(p)}", "index": i, "message": f"image {i}: {p}"}
+                        for p in exc.problems]
+    if details:
+        raise RequestError(400, ErrorCode.INVALID_PARAMETER, "; ".join(d["message"] for d in details), details)
+    return wishes

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.runtime import free_port  # noqa: F401  (the tests' too)
+from models.runtime import free_port  # noqa: F401  (the tests' too)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -121,7 +121,7 @@ def ray_session():
     """One local Ray instance for the whole test session (it takes ~15 s to start here)."""
     import ray
 
-    from serving.runtime import ensure_ray
+    from models.runtime import ensure_ray
 
     ensure_ray(num_cpus=2, log_to_driver=False)
     yield ray

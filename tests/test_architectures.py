@@ -12,7 +12,7 @@ from torch import nn
 from models.tasks.architectures import Architecture, build_model, freeze_layers, get_architecture, names
 from models.errors import SettingsError
 from models.tasks.registry import get_task, training_settings
-from serving.predictor import fold_batchnorm
+from serving.loading import fold_batchnorm
 
 NUM_CLASSES = 3
 FAMILY_TASK = {"classification": "image_classification", "detection": "image_object_detection",

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from models.data.coco import coco_to_jsonl
 from models.data.voc import voc_to_jsonl
-from serving.cli.data import add_data_commands
+from serving.cli.data import add_commands as add_data_commands
 
 BOX_KEYS = ("topX", "topY", "bottomX", "bottomY")
 W, H = 200, 100

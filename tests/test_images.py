@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data.images import Limits, decode, image_size
+from models.data.formats import ImageLimits
+from models.data.images import decode, image_size
 from models.errors import ImageError
-from serving.predictor import decode_base64, row_error
+from serving.contract import decode_base64, row_error
 
 ORIENTATION = 0x0112
 
@@ -167,19 +168,19 @@ def test_file_over_the_byte_limit_is_too_large(tmp_path):
     data = png_bytes(noise())
     assert len(data) > 10_000
     with pytest.raises(ImageError) as info:
-        decode(data, Limits(max_bytes=10_000))
+        decode(data, ImageLimits(max_bytes=10_000))
     assert info.value.code == "too_large"
     path = tmp_path / "big.png"
     path.write_bytes(data)
     with pytest.raises(ImageError) as info:
-        decode(path, Limits(max_bytes=10_000))
+        decode(path, ImageLimits(max_bytes=10_000))
     assert info.value.code == "too_large"
-    assert decode(data, Limits(max_bytes=len(data))).size == (80, 60)
+    assert decode(data, ImageLimits(max_bytes=len(data))).size == (80, 60)
 
 
 def test_image_over_the_side_limit_is_too_large():
     with pytest.raises(ImageError) as info:
-        decode(png_bytes(Image.new("RGB", (120, 60))), Limits(max_side=100))
+        decode(png_bytes(Image.new("RGB", (120, 60))), ImageLimits(max_side=100))
     assert info.value.code == "too_large"
 
 
@@ -217,7 +218,7 @@ def test_missing_file_gives_missing(tmp_path):
         decode(tmp_path / "nope.png")
     assert info.value.code == "missing"
     with pytest.raises(ImageError) as info:
-        decode(tmp_path / "nope.png", Limits(max_bytes=1000))
+        decode(tmp_path / "nope.png", ImageLimits(max_bytes=1000))
     assert info.value.code == "missing"
 
 

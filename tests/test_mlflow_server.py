@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import TASKS, free_port
-from serving.runtime import wait_until_ready
+from models.runtime import wait_until_ready
 
 pytestmark = pytest.mark.slow
 

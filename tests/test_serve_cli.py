@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from conftest import free_port
-from serving.runtime import wait_until_ready
+from models.runtime import wait_until_ready
 
 VISIONSERVE = str(Path(sys.executable).parent / "visionserve")
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from models.data.synth import DEFAULT_SHAPES, TASKS, render_shape_image, write_synthetic_dataset
-from serving.cli.data import add_data_commands
+from models.data.synth import DEFAULT_SHAPES, render_shape_image, write_synthetic_dataset
+from models.data.records import TASK_NAMES as TASKS
+from serving.cli.data import add_commands as add_data_commands
 
 BOX_KEYS = ("topX", "topY", "bottomX", "bottomY")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
-from models.data.images import MIN_SIDE, MAX_TRAINING_BYTES, MAX_TRAINING_SIDE, image_size
+from models.data.formats import MAX_TRAINING_BYTES, MAX_TRAINING_SIDE, MIN_SIDE
+from models.data.images import image_size
 from models.data.records import Dataset, Record
 from models.errors import DataError, ImageError, Problem
 

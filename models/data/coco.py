@@ -1,24 +1,14 @@
-"""Convert COCO JSON and Pascal VOC XML annotations to the JSONL training format (data.md).
+"""Convert COCO JSON to the JSONL training format (data.md), for all four tasks.
 
-COCO is here, with the helpers both converters share; Pascal VOC is in `models.data.voc`
-(`voc_to_jsonl` is importable from either module).
-
-Output objects hold normalised floats in [0, 1] rounded to 6 decimals: detection
-``{"label", "topX", "topY", "bottomX", "bottomY", "isCrowd"}``; instance segmentation
-``{"label", "isCrowd", "polygon": [[x1, y1, ...], ...], "topX", "topY", "bottomX", "bottomY"}``.
-``image_url`` is relative to the output JSONL's folder unless a prefix or remote URL is used.
-Malformed input raises ``ValueError`` naming the file and the annotation / xml file / field.
-Boxes and polygons outside the image are clipped (``warnings``, ``n_clipped``); objects with zero
-area after clipping are skipped (``warnings``, ``n_skipped``); nothing is dropped silently.
+Malformed input raises ``ValueError`` naming the file, the annotation and the field. What the output
+holds, and how clipping and skipping are reported, is in `models.data.convert`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,104 +17,13 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-BBoxFormat = Literal["auto", "pixel", "relative"]
-COCO_TASKS = (
-    "image_object_detection",
-    "image_instance_segmentation",
-    "image_classification",
-    "image_classification_multilabel",
+from models.data.records import check_task_name
+from models.data.convert import (
+    EPS, ConvertSummary, Json, Size, box_keys, clip_box, crowd_flag, finite_number, jsonl_line, positive,
+    relative_url, rounded, write_jsonl,
 )
-_EPS = 1e-6
-Json = dict[str, Any]
-Size = tuple[int, int]
 
-
-@dataclass
-class ConvertSummary:
-    """What a converter wrote; `labels` are the sorted names that made it into the output."""
-
-    out_jsonl: Path
-    n_images: int = 0
-    n_annotations: int = 0
-    n_skipped: int = 0
-    n_clipped: int = 0
-    labels: list[str] = field(default_factory=list)
-    bbox_format_used: str = "pixel"
-    warnings: list[str] = field(default_factory=list)
-
-    def warn_missing(self, where: str, missing: list[str]) -> None:
-        """Record one warning listing image files that were not found."""
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            self.warnings.append(f"{where}: {len(missing)} image file(s) not found: {shown}")
-
-
-# ---------------------------------------------------------------- shared helpers
-
-
-def _r(value: float) -> float:
-    """Round a normalised coordinate for output."""
-    return round(float(value), 6)
-
-
-def _clip_box(box: Sequence[float], where: str, summary: ConvertSummary) -> tuple[float, ...] | None:
-    """Clip a normalised (x0, y0, x1, y1) box to [0, 1]; None (with a warning) when degenerate."""
-    clipped = tuple(min(max(v, 0.0), 1.0) for v in box)
-    if any(abs(a - b) > _EPS for a, b in zip(box, clipped)):
-        summary.n_clipped += 1
-        summary.warnings.append(f"{where}: box {[_r(v) for v in box]} outside the image, clipped")
-    if clipped[2] - clipped[0] <= _EPS or clipped[3] - clipped[1] <= _EPS:
-        summary.n_skipped += 1
-        summary.warnings.append(f"{where}: box has zero area after clipping, skipped")
-        return None
-    return clipped
-
-
-def _box_keys(box: Sequence[float]) -> dict[str, float]:
-    """The topX/topY/bottomX/bottomY keys of a normalised box."""
-    return {"topX": _r(box[0]), "topY": _r(box[1]), "bottomX": _r(box[2]), "bottomY": _r(box[3])}
-
-
-def _line(url: str, name: str, size: Size | None, label: Any) -> Json:
-    """One JSONL line; image_details has the format from the extension and the size when known."""
-    details: dict[str, str] = {}
-    suffix = Path(name.split("?")[0]).suffix.lower().lstrip(".")
-    if suffix:
-        details["format"] = suffix
-    if size:
-        details["width"], details["height"] = f"{size[0]}px", f"{size[1]}px"
-    return {"image_url": url, "image_details": details, "label": label}
-
-
-def _relative_url(image: Path, out_jsonl: Path) -> str:
-    """Path of `image` relative to the folder of the JSONL file, with forward slashes."""
-    return Path(os.path.relpath(image.resolve(), out_jsonl.resolve().parent)).as_posix()
-
-
-def _write_jsonl(out_jsonl: Path, lines: list[Json], summary: ConvertSummary, used: set[str]) -> ConvertSummary:
-    """Write one JSON object per line and complete the summary."""
-    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    out_jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    summary.n_images, summary.labels = len(lines), sorted(used)
-    return summary
-
-
-def _number(value: Any, where: str) -> float:
-    """A finite number, or ValueError naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise ValueError(f"{where} is {value!r}, expected a number")
-    return float(value)
-
-
-def _positive(value: Any) -> float | None:
-    """A positive number, else None."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    return float(value) if ok else None
-
-
-def _crowd(value: Any) -> int:
-    """iscrowd / difficult (0/1, bool, strings) -> 0/1."""
-    return 1 if str(value).strip().lower() in ("1", "true") else 0
+BBoxFormat = Literal["auto", "pixel", "relative"]
 
 
 # ---------------------------------------------------------------- COCO: reading and checking
@@ -191,7 +90,7 @@ def _detect_bbox_format(annotations: list[Json], images: dict[Any, Json], summar
     """'relative' when every bbox value is <= 1 and every image's pixel size is known, else 'pixel'."""
     boxes = [a["bbox"] for a in annotations if isinstance(a.get("bbox"), list) and a["bbox"]]
     all_small = bool(boxes) and all(isinstance(v, (int, float)) and v <= 1 for b in boxes for v in b)
-    sizes_known = all(_positive(im.get("width")) and _positive(im.get("height")) for im in images.values())
+    sizes_known = all(positive(im.get("width")) and positive(im.get("height")) for im in images.values())
     if all_small and not sizes_known:
         summary.warnings.append("all bbox values are <= 1 but image sizes are missing: read as pixels "
                                 "(pass bbox_format='relative' if they are relative)")
@@ -209,7 +108,7 @@ def _coco_bbox(ann: Json, size: Size, fmt: str, where: str) -> list[float] | Non
     if not isinstance(bbox, list) or len(bbox) != 4:
         n = len(bbox) if isinstance(bbox, list) else type(bbox).__name__
         raise ValueError(f"{where}: bbox has {n} values, expected 4 [left, top, width, height]")
-    left, top, w, h = (_number(v, f"{where}: bbox value") for v in bbox)
+    left, top, w, h = (finite_number(v, f"{where}: bbox value") for v in bbox)
     if w < 0 or h < 0:
         raise ValueError(f"{where}: bbox has a negative width or height {bbox}")
     sx, sy = (1, 1) if fmt == "relative" else size
@@ -245,29 +144,29 @@ def _coco_polygons(ann: Json, size: Size, fmt: str, where: str) -> list[list[flo
     for k, poly in enumerate(polygons):
         if len(poly) % 2 or len(poly) < 6:
             raise ValueError(f"{where}: segmentation polygon {k} has {len(poly)} values, expected an even number >= 6")
-        out.append([_number(v, f"{where}: segmentation value") / scale[i % 2] for i, v in enumerate(poly)])
+        out.append([finite_number(v, f"{where}: segmentation value") / scale[i % 2] for i, v in enumerate(poly)])
     return out
 
 
 def _clip_polygons(polygons: list[list[float]], where: str, summary: ConvertSummary) -> list[list[float]]:
     """Clip normalised polygon coordinates to [0, 1] (with a warning when anything moved)."""
     clipped = [[min(max(v, 0.0), 1.0) for v in poly] for poly in polygons]
-    if any(abs(a - b) > _EPS for p, q in zip(polygons, clipped) for a, b in zip(p, q)):
+    if any(abs(a - b) > EPS for p, q in zip(polygons, clipped) for a, b in zip(p, q)):
         summary.n_clipped += 1
         summary.warnings.append(f"{where}: polygon outside the image, clipped")
-    return [[_r(v) for v in poly] for poly in clipped]
+    return [[rounded(v) for v in poly] for poly in clipped]
 
 
 def _coco_object(ann: Json, label: str, size: Size, fmt: str, task: str, where: str, summary: ConvertSummary
                  ) -> Json | None:
     """One JSONL object for a detection/segmentation annotation, or None when skipped."""
-    crowd = _crowd(ann.get("iscrowd", 0))
+    crowd = crowd_flag(ann.get("iscrowd", 0), where)
     raw_box = _coco_bbox(ann, size, fmt, where)
     if task == "image_object_detection":
         if raw_box is None:
             raise ValueError(f"{where}: missing 'bbox'")
-        box = _clip_box(raw_box, where, summary)
-        return None if box is None else {"label": label, **_box_keys(box), "isCrowd": crowd}
+        box = clip_box(raw_box, where, summary)
+        return None if box is None else {"label": label, **box_keys(box), "isCrowd": crowd}
     raw_polys = _coco_polygons(ann, size, fmt, where)
     if not raw_polys:
         summary.n_skipped += 1
@@ -275,10 +174,10 @@ def _coco_object(ann: Json, label: str, size: Size, fmt: str, task: str, where: 
         return None
     xs = [v for p in raw_polys for v in p[0::2]]
     ys = [v for p in raw_polys for v in p[1::2]]
-    box = _clip_box(raw_box or [min(xs), min(ys), max(xs), max(ys)], where, summary)
+    box = clip_box(raw_box or [min(xs), min(ys), max(xs), max(ys)], where, summary)
     if box is None:
         return None
-    return {"label": label, "isCrowd": crowd, "polygon": _clip_polygons(raw_polys, where, summary), **_box_keys(box)}
+    return {"label": label, "isCrowd": crowd, "polygon": _clip_polygons(raw_polys, where, summary), **box_keys(box)}
 
 
 # ---------------------------------------------------------------- COCO: images and labels
@@ -293,17 +192,17 @@ def _coco_image_url(image: Json, coco_dir: Path, out_jsonl: Path, prefix: str | 
     if prefix is not None:
         return prefix + name, found
     if found:
-        return _relative_url(local, out_jsonl), found
+        return relative_url(local, out_jsonl), found
     remote = image.get("absolute_url") or image.get("coco_url")
     if remote:
         return str(remote), None
     missing.append(name)
-    return _relative_url(local, out_jsonl), None
+    return relative_url(local, out_jsonl), None
 
 
 def _coco_size(image: Json, local: Path | None, fname: str) -> Size:
     """(width, height) from the COCO image entry, else from the local file."""
-    w, h = _positive(image.get("width")), _positive(image.get("height"))
+    w, h = positive(image.get("width")), positive(image.get("height"))
     if w and h:
         return int(w), int(h)
     if local is not None:
@@ -347,8 +246,7 @@ def coco_to_jsonl(
     Classification needs exactly one distinct category per image; multilabel takes the sorted set.
     """
     path, out = Path(coco_json), Path(out_jsonl)
-    if task not in COCO_TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(COCO_TASKS)}")
+    check_task_name(task)
     if bbox_format not in ("auto", "pixel", "relative"):
         raise ValueError(f"bbox_format must be auto, pixel or relative, got {bbox_format!r}")
     fname, data = path.name, _load_coco(path)
@@ -376,15 +274,7 @@ def coco_to_jsonl(
             label = [obj for _, obj in objects if obj is not None]
             summary.n_annotations += len(label)
             used.update(n for n, obj in objects if obj is not None)
-        lines.append(_line(url, str(image["file_name"]), size, label))
+        lines.append(jsonl_line(url, str(image["file_name"]), size, label))
     summary.warn_missing(fname, missing)
-    return _write_jsonl(out, lines, summary, used)
+    return write_jsonl(out, lines, summary, used)
 
-
-def __getattr__(name: str) -> Any:
-    """`from models.data.coco import voc_to_jsonl` keeps working (loaded lazily: no import cycle)."""
-    if name == "voc_to_jsonl":
-        from models.data.voc import voc_to_jsonl
-
-        return voc_to_jsonl
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,28 +15,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from models.data.formats import MAX_SIDE, ImageLimits
 from models.errors import ImageError
-
-MIN_SIDE = 50
-MAX_SIDE = 16_000
-MAX_TRAINING_SIDE = 10_240
-MAX_TRAINING_BYTES = 20 * 1024 * 1024
-MAX_PREDICTION_BYTES = 6 * 1024 * 1024
 
 # We check dimensions ourselves before decoding; Pillow's own bomb guard would fire first
 # for legitimate 16,000 x 16,000 images.
 Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE + 1
-
-
-@dataclass(frozen=True)
-class Limits:
-    min_side: int = MIN_SIDE
-    max_side: int = MAX_SIDE
-    max_bytes: int | None = None
-
-
-PREDICTION_LIMITS = Limits(max_bytes=MAX_PREDICTION_BYTES)
-TRAINING_LIMITS = Limits(max_side=MAX_TRAINING_SIDE, max_bytes=MAX_TRAINING_BYTES)
 
 
 def _open(data: bytes | str | Path) -> Image.Image:
@@ -54,7 +37,7 @@ def _open(data: bytes | str | Path) -> Image.Image:
         raise ImageError("unreadable", f"cannot read image: {exc}") from None
 
 
-def check_size(width: int, height: int, limits: Limits) -> None:
+def check_size(width: int, height: int, limits: ImageLimits) -> None:
     if width < limits.min_side or height < limits.min_side:
         raise ImageError(
             "too_small", f"image is {width}x{height} pixels; at least {limits.min_side}x{limits.min_side} is required"
@@ -65,7 +48,7 @@ def check_size(width: int, height: int, limits: Limits) -> None:
         )
 
 
-def check_bytes(size: int, limits: Limits) -> None:
+def check_bytes(size: int, limits: ImageLimits) -> None:
     if limits.max_bytes is not None and size > limits.max_bytes:
         raise ImageError(
             "too_large",
@@ -114,7 +97,7 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def decode(data: bytes | str | Path, limits: Limits = Limits()) -> Image.Image:
+def decode(data: bytes | str | Path, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Bytes or a path → 8-bit RGB PIL image, within `limits` (ImageError otherwise)."""
     if isinstance(data, (bytes, bytearray)):
         check_bytes(len(data), limits)
@@ -132,7 +115,7 @@ def decode(data: bytes | str | Path, limits: Limits = Limits()) -> Image.Image:
         raise ImageError("unreadable", f"image data is corrupt or truncated: {exc}") from None
 
 
-def probe(data: bytes, limits: Limits = Limits()) -> tuple[int, int]:
+def probe(data: bytes, limits: ImageLimits = ImageLimits()) -> tuple[int, int]:
     """(width, height) of encoded image bytes, checked against `limits` without decoding the pixels."""
     check_bytes(len(data), limits)
     width, height = image_size(data)
@@ -148,7 +131,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 _JPEG = b"\xff\xd8\xff"
 
 
-def decode_tensor(data: bytes, limits: Limits = Limits(), device: torch.device | str = "cpu") -> torch.Tensor:
+def decode_tensor(data: bytes, limits: ImageLimits = ImageLimits(), device: torch.device | str = "cpu") -> torch.Tensor:
     """Bytes → uint8 [3, H, W] on `device`. On a GPU, JPEGs are decoded there (nvJPEG, EXIF
     orientation applied) after the same size checks; anything else goes through `decode`."""
     device = torch.device(device)

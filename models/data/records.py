@@ -175,3 +175,10 @@ LABEL_PARSERS = {
     "image_object_detection": lambda label: parse_boxes(label, polygons=False),
     "image_instance_segmentation": lambda label: parse_boxes(label, polygons=True),
 }
+TASK_NAMES: tuple[str, ...] = tuple(LABEL_PARSERS)  # the four tasks, each defined first by its label format
+
+
+def check_task_name(task: str) -> None:
+    """ValueError naming the four tasks when `task` is not one of them."""
+    if task not in TASK_NAMES:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_NAMES)}")

@@ -21,13 +21,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from models.data.records import check_task_name
+
 DEFAULT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
-TASKS: tuple[str, ...] = (
-    "image_classification",
-    "image_classification_multilabel",
-    "image_object_detection",
-    "image_instance_segmentation",
-)
 DEFAULT_IMAGE_SIZE: tuple[int, int] = (160, 120)
 SMALL_OBJECTS_IMAGE_SIZE: tuple[int, int] = (1600, 1200)
 SMALL_OBJECT_PIXELS: tuple[int, int] = (10, 30)
@@ -274,8 +270,7 @@ def _label(task: str, shapes: Sequence[DrawnShape], width: int, height: int) -> 
 def _validate(task: str, images: int, small_objects: bool, image_size: tuple[int, int] | None,
               validation_fraction: float, shapes: Sequence[str]) -> tuple[int, int]:
     """Check the arguments; return the image size (width, height)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    check_task_name(task)
     if small_objects and task not in ("image_object_detection", "image_instance_segmentation"):
         raise ValueError(f"small_objects is only for detection and segmentation, not for task {task!r}")
     if images < 1:

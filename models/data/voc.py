@@ -1,7 +1,5 @@
-"""Convert Pascal VOC XML annotations to object-detection JSONL (data.md).
-
-The shared output helpers (`ConvertSummary`, box clipping, line writing) live in `models.data.coco`.
-"""
+"""Convert Pascal VOC XML annotations to object-detection JSONL (data.md); the output is described in
+`models.data.convert`."""
 
 from __future__ import annotations
 
@@ -10,20 +8,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from models.data.coco import (
-    ConvertSummary,
-    Json,
-    Size,
-    _box_keys,
-    _clip_box,
-    _crowd,
-    _line,
-    _number,
-    _relative_url,
-    _write_jsonl,
+from models.data.convert import (
+    ConvertSummary, Json, Size, box_keys, clip_box, crowd_flag, finite_number, jsonl_line, relative_url, write_jsonl,
 )
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+from models.data.formats import IMAGE_EXTENSIONS
 
 
 def _voc_files(voc_dir: Path, annotations_subdir: str, images_subdir: str) -> tuple[list[Path], Path]:
@@ -65,7 +53,7 @@ def _xml_float(node: ET.Element, tag: str, where: str) -> float:
     """A numeric child element."""
     text = _xml_text(node, tag, where)
     try:
-        return _number(float(text or ""), f"{where}: <{tag}>")
+        return finite_number(float(text or ""), f"{where}: <{tag}>")
     except ValueError:
         raise ValueError(f"{where}: <{tag}> is {text!r}, expected a number") from None
 
@@ -109,11 +97,11 @@ def _voc_object(obj: ET.Element, size: Size, where: str, summary: ConvertSummary
     xmin, ymin, xmax, ymax = (_xml_float(bnd, t, f"{where}: <bndbox>") for t in ("xmin", "ymin", "xmax", "ymax"))
     if xmax < xmin or ymax < ymin:
         raise ValueError(f"{where}: <bndbox> has xmax < xmin or ymax < ymin ({xmin}, {ymin}, {xmax}, {ymax})")
-    box = _clip_box([(xmin - 1) / size[0], (ymin - 1) / size[1], xmax / size[0], ymax / size[1]], where, summary)
+    box = clip_box([(xmin - 1) / size[0], (ymin - 1) / size[1], xmax / size[0], ymax / size[1]], where, summary)
     if box is None:
         return None
-    crowd = _crowd(_xml_text(obj, "difficult", where, required=False) or 0)
-    return {"label": name, **_box_keys(box), "isCrowd": crowd}
+    crowd = crowd_flag(_xml_text(obj, "difficult", where, required=False) or 0, where)
+    return {"label": name, **box_keys(box), "isCrowd": crowd}
 
 
 def voc_to_jsonl(
@@ -148,6 +136,6 @@ def voc_to_jsonl(
         label = [o for o in objects if o is not None]
         summary.n_annotations += len(label)
         used.update(o["label"] for o in label)
-        lines.append(_line(_relative_url(image, out), image.name, size, label))
+        lines.append(jsonl_line(relative_url(image, out), image.name, size, label))
     summary.warn_missing(root_dir.name, missing)
-    return _write_jsonl(out, lines, summary, used)
+    return write_jsonl(out, lines, summary, used)

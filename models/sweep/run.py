@@ -23,7 +23,7 @@ import mlflow
 
 from models.train.remote import job_from, portable_job, train_on_one_thread
 from models.sweep.search_space import grid_configs, random_configs, tune_space
-from models.sweep.settings import Limits, SweepSettings
+from models.sweep.settings import JobLimits, SweepSettings
 from models.tasks.registry import training_settings
 from models.train.loop import TrainingJob, prepare, train
 
@@ -123,7 +123,7 @@ def _resources(concurrent: int, workers: int = 1) -> dict[str, float]:
     return {"cpu": math.floor(share * 1000) / 1000, "gpu": gpus}  # fractional: the trial actors hold the rest
 
 
-def _concurrency(limits: Limits, nodes: int, report: Callable[[str], None]) -> int:
+def _concurrency(limits: JobLimits, nodes: int, report: Callable[[str], None]) -> int:
     """max_concurrent_trials, capped so that concurrent trials × node_count_per_trial <= max_nodes."""
     concurrent = limits.max_concurrent_trials
     if limits.max_nodes is not None and concurrent * nodes > limits.max_nodes:
@@ -147,7 +147,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
     from ray import tune
 
     from models.sweep.termination import ExitScoreStopper, make_scheduler
-    from serving.runtime import ensure_ray
+    from models.runtime import ensure_ray
 
     report = report or (lambda message: print(message, file=sys.stderr))
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial skipped at the timeout reports nothing

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from models.tasks.architectures import get_architecture
-from models.tasks.fields import check, coerce, field_specs, unknown_name_message
-from models.tasks.settings import ALIASES
+from models.tasks.fields import aliases_of, check_value, unknown_name_message
 from models.tasks.registry import Task
 
 # type → the keys it takes (all required)
@@ -173,16 +172,14 @@ def _check_values(task: Task, name: str, dist: Distribution, where: str) -> list
             except ValueError as exc:
                 problems.append(f"{where}: {exc}")
         return problems
-    spec = field_specs(task.settings_cls)[ALIASES.get(name, name)]
+    canonical = aliases_of(task.settings_cls).get(name, name)
     problems = []
     for value in dist.bounds():
-        try:
-            ok = check(coerce(value, spec), spec)
-        except ValueError as exc:
-            problems.append(f"{where}: {value!r}: {exc}; {name} must be {spec.describe()}")
-            continue
-        if not ok:
-            problems.append(f"{where}: {value!r} is out of range: {name} must be {spec.describe()}")
+        reason, allowed = check_value(task.settings_cls, canonical, value)
+        if reason == "out of range":
+            problems.append(f"{where}: {value!r} is out of range: {name} must be {allowed}")
+        elif reason:
+            problems.append(f"{where}: {value!r}: {reason}; {name} must be {allowed}")
     return problems
 
 
@@ -195,7 +192,7 @@ def parse_search_space(raw: Any, task: Task, key: str = "search_space") -> tuple
     if not isinstance(raw, list) or not raw:
         raise SettingsError([f"{key}: expected a list of subspaces (mappings of hyperparameter: distribution)"],
                             "job file")
-    known = sorted(set(field_specs(task.settings_cls)) | set(ALIASES))
+    known = sorted(set(task.settings_cls.model_fields) | set(aliases_of(task.settings_cls)))
     problems: list[str] = []
     subspaces = []
     for i, entry in enumerate(raw):

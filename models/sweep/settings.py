@@ -21,7 +21,7 @@ _POLICY_KEYS = {"type", "evaluation_interval", "delay_evaluation", "slack_factor
 
 
 @dataclass(frozen=True)
-class Limits:
+class JobLimits:
     """`limits`: trial count, concurrency (capped at max_trials) and time."""
 
     max_trials: int = 1
@@ -51,7 +51,7 @@ class EarlyTermination:
 class SweepSettings:
     """Everything a sweep needs beyond one trial's training parameters."""
 
-    limits: Limits
+    limits: JobLimits
     sampling_algorithm: str = "random"
     early_termination: EarlyTermination | None = None
     search_space: tuple[Subspace, ...] = ()
@@ -79,10 +79,10 @@ def _positive(value: Any, key: str, problems: list[str]) -> float | None:
     return float(value)
 
 
-def parse_limits(raw: Any) -> Limits:
-    """`limits:` → Limits; max_concurrent_trials is capped at max_trials."""
+def parse_limits(raw: Any) -> JobLimits:
+    """`limits:` → JobLimits; max_concurrent_trials is capped at max_trials."""
     if raw is None:
-        return Limits()
+        return JobLimits()
     if not isinstance(raw, Mapping):
         raise SettingsError(["limits: expected a mapping"], "job file")
     problems = [f"limits.{k}: unknown key" for k in sorted(set(raw) - _LIMIT_KEYS)]
@@ -104,7 +104,7 @@ def parse_limits(raw: Any) -> Limits:
         problems.append(f"limits.enable_early_termination={enabled!r}: must be true or false")
     if problems:
         raise SettingsError(problems, "job file")
-    return Limits(trials, min(concurrent, trials), timeout or DEFAULT_TIMEOUT_MINUTES, trial_timeout,
+    return JobLimits(trials, min(concurrent, trials), timeout or DEFAULT_TIMEOUT_MINUTES, trial_timeout,
                   timeout is not None, None if exit_score is None else float(exit_score), max_nodes, enabled)
 
 

@@ -24,9 +24,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 Family = Literal["classification", "detection", "segmentation"]
 Builder = Callable[[int, Any, bool], nn.Module]
 
-CLASSIFICATION_TASKS = ("image_classification", "image_classification_multilabel")
-
-
 @dataclass(frozen=True)
 class Architecture:
     name: str

@@ -1,155 +1,44 @@
-"""Declarative settings fields (default, allowed range, aliases) and one parser for all of them.
+"""How settings are declared (pydantic models with the spec's names, defaults, ranges and aliases) and
+parsed, with every problem reported at once, each naming the parameter and its allowed range.
 
-Every settings dataclass in `models.tasks.settings` is made of `param(...)` fields. `parse_settings`
-turns a user's mapping (CLI `--param name=value` strings, YAML values, settings.json) into a
-validated, frozen instance and reports *every* problem at once, each naming the parameter and
-its allowed range.
+A settings class is a `SettingsModel` whose fields use the value types below (`Int`, `Float`, `Flag`,
+`Text`, `one_of(...)`, `maybe(...)`) and `param(...)` for the default, bounds, documentation, aliases
+and role (`inference`: part of settings.json; `per_request`: a request may override it). pydantic
+does the coercion and the checks; `parse_settings` adds what users of the cloud expect on top:
+aliases, "did you mean", "given twice", names the spec knows but this project does not provide, and
+messages in the spec's words (`learning_rate=3 is out of range: must be a float in [0, 1]`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from models.errors import SettingsError
+from models.values import to_flag
 
-T = TypeVar("T")
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+T = TypeVar("T", bound="SettingsModel")
 
 
-@dataclass(frozen=True)
-class Spec:
-    """What a field accepts: its kind, bounds or choices, and whether it is an inference setting."""
+class SettingsModel(BaseModel):
+    """Frozen, no unknown keys; values of the types below; compared and hashed by value."""
 
-    kind: type
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    choices: tuple[Any, ...] | None = None
-    nullable: bool = False
-    inference: bool = False
-    per_request: bool = True  # an inference setting a request may override (False: fixed at load)
-    doc: str = ""
-
-    def describe(self) -> str:
-        """Human wording of the allowed values, used in every error message."""
-        if dataclasses.is_dataclass(self.kind):
-            text = "a JSON object with keys " + ", ".join(field_specs(self.kind))
-        elif self.choices is not None:
-            text = "one of " + ", ".join(repr(c) for c in self.choices)
-        elif self.kind is bool:
-            text = "0 or 1 (or true/false)"
-        else:
-            noun = {int: "an integer", float: "a float", str: "a string"}.get(self.kind, self.kind.__name__)
-            text = noun + _describe_bounds(self)
-        return text + (" or null" if self.nullable else "")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _describe_bounds(spec: Spec) -> str:
-    low = spec.ge if spec.ge is not None else spec.gt
-    high = spec.le if spec.le is not None else spec.lt
-    if low is not None and high is not None:
-        left = "[" if spec.ge is not None else "("
-        right = "]" if spec.le is not None else ")"
-        return f" in {left}{_num(low)}, {_num(high)}{right}"
-    if low is not None:
-        return f" {'>=' if spec.ge is not None else '>'} {_num(low)}"
-    if high is not None:
-        return f" {'<=' if spec.le is not None else '<'} {_num(high)}"
-    return ""
+# ---------------------------------------------------------------- value types (lenient input, strict result)
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def param(
-    default: Any,
-    kind: type | None = None,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    choices: Sequence[Any] | None = None,
-    nullable: bool | None = None,
-    inference: bool = False,
-    per_request: bool = True,
-    doc: str = "",
-) -> Any:
-    """A dataclass field carrying its `Spec` in metadata."""
-    if kind is None:
-        kind = type(default) if default is not None else str
-    spec = Spec(
-        kind=kind, ge=ge, gt=gt, le=le, lt=lt,
-        choices=tuple(choices) if choices is not None else None,
-        nullable=default is None if nullable is None else nullable,
-        inference=inference, per_request=per_request, doc=doc,
-    )
-    return dataclasses.field(default=default, metadata={"spec": spec})
-
-
-def spec_of(field: dataclasses.Field) -> Spec:
-    return field.metadata["spec"]
-
-
-def coerce(value: Any, spec: Spec) -> Any:
-    """Convert one raw value (often a string from the command line) to the field's kind."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null"}):
-        if spec.nullable:
-            return None
-        raise ValueError("a value is required")
-    if spec.kind is bool:
-        return _to_bool(value)
-    if spec.kind is int:
-        return _to_int(value)
-    if spec.kind is float:
-        return _to_float(value)
-    if spec.kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
-        return value.strip()
-    if dataclasses.is_dataclass(spec.kind):
-        return _to_nested(value, spec.kind)
-    return value
-
-
-def _to_nested(value: Any, cls: type) -> Any:
-    """A nested settings object given as a dict or as a JSON string (`advanced_settings`)."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(value, Mapping):
-        raise ValueError(f"expected a JSON object, got {value!r}")
-    try:
-        return parse_settings(cls, value)
-    except SettingsError as exc:
-        raise ValueError("; ".join(exc.problems)) from None
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"expected 0 or 1, got {value!r}")
-
-
-def _to_int(value: Any) -> int:
+def _to_int(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"expected an integer, got {value!r}")
     if isinstance(value, int):
@@ -163,7 +52,7 @@ def _to_int(value: Any) -> int:
     return int(number)
 
 
-def _to_float(value: Any) -> float:
+def _to_float(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
     try:
@@ -175,31 +64,180 @@ def _to_float(value: Any) -> float:
     return number
 
 
-def check(value: Any, spec: Spec) -> bool:
-    """Whether an already-coerced value is within the spec's range or choices."""
-    if value is None:
-        return spec.nullable
-    if spec.choices is not None:
-        return value in spec.choices
-    if spec.ge is not None and value < spec.ge:
-        return False
-    if spec.gt is not None and value <= spec.gt:
-        return False
-    if spec.le is not None and value > spec.le:
-        return False
-    if spec.lt is not None and value >= spec.lt:
-        return False
-    return True
+def _to_text(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value.strip()
 
 
-def _match_choice(value: Any, spec: Spec) -> Any:
-    """Choices are case-insensitive for strings (`SGD` is `sgd`)."""
-    if spec.choices is None or not isinstance(value, str):
+def _nested(cls: type[SettingsModel]) -> Callable[[Any], Any]:
+    """A nested settings object given as a mapping or as a JSON string (`advanced_settings`)."""
+
+    def read(value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a JSON object, got {value!r}")
+        try:
+            return parse_settings(cls, value)
+        except SettingsError as exc:
+            raise ValueError("; ".join(exc.problems)) from None
+
+    return read
+
+
+def _choice(choices: tuple[Any, ...]) -> Callable[[Any], Any]:
+    """Choices are case-insensitive for strings (`SGD` is `sgd`); integer choices take "1" too."""
+    numbers = all(isinstance(c, int) and not isinstance(c, bool) for c in choices)
+
+    def match(value: Any) -> Any:
+        if numbers:
+            return _to_int(value)
+        if isinstance(value, str):
+            for choice in choices:
+                if isinstance(choice, str) and choice.lower() == value.strip().lower():
+                    return choice
         return value
-    for choice in spec.choices:
-        if isinstance(choice, str) and choice.lower() == value.lower():
-            return choice
-    return value
+
+    return match
+
+
+def _nullable(read: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    def maybe_read(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null"}):
+            return None
+        return read(value) if read is not None else value
+
+    return maybe_read
+
+
+Int = Annotated[int, BeforeValidator(_to_int)]
+Float = Annotated[float, BeforeValidator(_to_float)]
+Flag = Annotated[bool, BeforeValidator(to_flag)]
+Text = Annotated[str, BeforeValidator(_to_text)]
+
+
+def one_of(*choices: Any) -> Any:
+    """A value among `choices` (strings matched without regard to case)."""
+    return Annotated[Literal[choices], BeforeValidator(_choice(choices))]
+
+
+def nested(cls: type[SettingsModel]) -> Any:
+    """A nested settings object (a mapping or its JSON string)."""
+    return Annotated[cls, BeforeValidator(_nested(cls))]
+
+
+def maybe(kind: Any) -> Any:
+    """`kind` or None (also written "none" / "null")."""
+    base, read = _unwrap(kind)
+    return Annotated[base | None, BeforeValidator(_nullable(read))]
+
+
+def _unwrap(kind: Any) -> tuple[Any, Callable[[Any], Any] | None]:
+    if typing.get_origin(kind) is Annotated:
+        base, *meta = typing.get_args(kind)
+        reads = [m.func for m in meta if isinstance(m, BeforeValidator)]
+        return base, reads[0] if reads else None
+    return kind, None
+
+
+def param(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None, inference: bool = False, per_request: bool = True, doc: str = "",
+          aliases: Sequence[str] = ()) -> Any:
+    """A field's default, bounds and documentation; `inference`: stored in settings.json; `per_request`:
+    an inference setting a request may override (False: fixed when the model loads); `aliases`: other
+    spellings from the cloud's documents."""
+    extra: dict[str, Any] = {}
+    if inference:
+        extra["inference"] = True
+        if not per_request:
+            extra["per_request"] = False
+    if aliases:
+        extra["aliases"] = list(aliases)
+    return Field(default, ge=ge, gt=gt, le=le, lt=lt, description=doc or None, json_schema_extra=extra or None)
+
+
+# ---------------------------------------------------------------- what a field is
+
+
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def is_inference(field: FieldInfo) -> bool:
+    return bool(_extra(field).get("inference"))
+
+
+def is_per_request(field: FieldInfo) -> bool:
+    return is_inference(field) and _extra(field).get("per_request", True)
+
+
+def aliases_of(cls: type[SettingsModel]) -> dict[str, str]:
+    """alias → field name, for every alias a class's fields declare."""
+    return {alias: name for name, f in cls.model_fields.items() for alias in _extra(f).get("aliases", ())}
+
+
+def kind_of(field: FieldInfo) -> tuple[Any, tuple[Any, ...] | None, bool]:
+    """(base type, choices or None, nullable) of a field."""
+    annotation, nullable = field.annotation, False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation, nullable = args[0], True
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices, nullable
+    return annotation, None, nullable
+
+
+def _bounds(field: FieldInfo) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in field.metadata:
+        for kind, attr in ((Ge, "ge"), (Gt, "gt"), (Le, "le"), (Lt, "lt")):
+            if isinstance(m, kind):
+                out[attr] = getattr(m, attr)
+    return out
+
+
+def describe(field: FieldInfo) -> str:
+    """Human wording of the allowed values, used in every error message."""
+    kind, choices, nullable = kind_of(field)
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        text = "a JSON object with keys " + ", ".join(kind.model_fields)
+    elif choices is not None:
+        text = "one of " + ", ".join(repr(c) for c in choices)
+    elif kind is bool:
+        text = "0 or 1 (or true/false)"
+    else:
+        noun = {int: "an integer", float: "a float", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+        text = noun + _describe_bounds(_bounds(field))
+    return text + (" or null" if nullable else "")
+
+
+def _describe_bounds(b: Mapping[str, float]) -> str:
+    low, high = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
+    if low is not None and high is not None:
+        return f" in {'[' if 'ge' in b else '('}{_num(low)}, {_num(high)}{']' if 'le' in b else ')'}"
+    if low is not None:
+        return f" {'>=' if 'ge' in b else '>'} {_num(low)}"
+    if high is not None:
+        return f" {'<=' if 'le' in b else '<'} {_num(high)}"
+    return ""
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- parsing
 
 
 def unknown_name_message(name: str, known: Sequence[str]) -> str:
@@ -208,25 +246,34 @@ def unknown_name_message(name: str, known: Sequence[str]) -> str:
     return f"{name}: unknown parameter{hint}"
 
 
-def parse_settings(
-    cls: type[T],
-    raw: Mapping[str, Any],
-    *,
-    source: str = "settings",
-    defaults: Mapping[str, Any] | None = None,
-    aliases: Mapping[str, str] | None = None,
-    ignore: Sequence[str] = (),
-    unsupported: Mapping[str, str] | None = None,
-    cross_check: Callable[[T], list[str]] | None = None,
-) -> T:
+def _problems(cls: type[SettingsModel], error: ValidationError, given_by: Mapping[str, str],
+              raw: Mapping[str, Any]) -> list[str]:
+    """pydantic's errors in the spec's words, one per parameter, in the order they were given."""
+    out: dict[str, str] = {}
+    for e in error.errors():
+        name = str(e["loc"][0]) if e["loc"] else ""
+        if name in out or name not in cls.model_fields:
+            continue
+        key = given_by.get(name, name)
+        value = raw.get(key, e.get("input"))
+        field = cls.model_fields[name]
+        if e["type"] == "value_error":
+            out[name] = f"{key}={_show(value)}: {e['ctx']['error']}; must be {describe(field)}"
+        else:
+            out[name] = f"{key}={_show(value)} is out of range: must be {describe(field)}"
+    order = {name: i for i, name in enumerate(given_by)}
+    return [out[name] for name in sorted(out, key=lambda n: order.get(n, len(order)))]
+
+
+def parse_settings(cls: type[T], raw: Mapping[str, Any], *, source: str = "settings",
+                   defaults: Mapping[str, Any] | None = None, ignore: Sequence[str] = (),
+                   unsupported: Mapping[str, str] | None = None,
+                   cross_check: Callable[[T], list[str]] | None = None) -> T:
     """Build `cls` from `raw` on top of `defaults`; raise `SettingsError` listing every problem.
 
-    `aliases` maps an alternative spelling to the canonical name; `unsupported` maps names the
-    spec knows but this project does not provide to the reason; `ignore` names keys that are
-    accepted and dropped (metadata kept next to the settings).
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls) if "spec" in f.metadata}
-    aliases = dict(aliases or {})
+    `unsupported` maps names the spec knows but this project does not provide to the reason;
+    `ignore` names keys that are accepted and dropped (metadata kept next to the settings)."""
+    aliases = aliases_of(cls)
     problems: list[str] = []
     values: dict[str, Any] = {}
     given_by: dict[str, str] = {}
@@ -236,30 +283,21 @@ def parse_settings(
             continue
         if unsupported and name in unsupported:
             problems.append(f"{key}: {unsupported[name]}")
-            continue
-        if name not in fields:
-            problems.append(unknown_name_message(key, sorted(set(fields) | set(aliases))))
-            continue
-        if name in given_by:
+        elif name not in cls.model_fields:
+            problems.append(unknown_name_message(key, sorted(set(cls.model_fields) | set(aliases))))
+        elif name in given_by:
             problems.append(f"{key}: given twice (also as {given_by[name]!r})")
-            continue
-        given_by[name] = key
-        spec = spec_of(fields[name])
-        try:
-            coerced = _match_choice(coerce(value, spec), spec)
-        except ValueError as exc:
-            problems.append(f"{key}={_show(value)}: {exc}; must be {spec.describe()}")
-            continue
-        if not check(coerced, spec):
-            problems.append(f"{key}={_show(value)} is out of range: must be {spec.describe()}")
-            continue
-        values[name] = coerced
-    for name, value in (defaults or {}).items():
-        if name in fields and name not in values:
+        else:
+            given_by[name] = key
             values[name] = value
+    values = {**{k: v for k, v in (defaults or {}).items() if k in cls.model_fields}, **values}
+    try:
+        instance = cls.model_validate(values)
+    except ValidationError as exc:
+        problems += _problems(cls, exc, given_by, raw)
+        instance = None
     if problems:
         raise SettingsError(problems, source)
-    instance = cls(**values)
     if cross_check is not None:
         problems = cross_check(instance)
         if problems:
@@ -267,34 +305,22 @@ def parse_settings(
     return instance
 
 
-def _show(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
+def check_value(cls: type[SettingsModel], name: str, value: Any) -> tuple[str | None, str]:
+    """(None or why `value` is refused as `name` of `cls`, the wording of what is allowed); the reason is
+    "out of range" for a value of the right type outside the field's bounds or choices."""
+    field = cls.model_fields[name]
+    try:
+        cls.model_validate({name: value})
+    except ValidationError as exc:
+        for e in exc.errors():
+            if e["loc"] and e["loc"][0] == name:
+                reason = str(e["ctx"]["error"]) if e["type"] == "value_error" else "out of range"
+                return reason, describe(field)
+    return None, describe(field)
 
 
-def field_specs(cls: type) -> dict[str, Spec]:
-    """Name → Spec for every declared parameter of a settings class."""
-    return {f.name: spec_of(f) for f in dataclasses.fields(cls) if "spec" in f.metadata}
-
-
-def as_dict(instance: Any, *, inference_only: bool = False) -> dict[str, Any]:
+def as_dict(instance: SettingsModel, *, inference_only: bool = False) -> dict[str, Any]:
     """The declared parameters of a settings instance as plain JSON-able values."""
-    out = {}
-    for f in dataclasses.fields(instance):
-        if "spec" not in f.metadata:
-            continue
-        if inference_only and not spec_of(f).inference:
-            continue
-        value = getattr(instance, f.name)
-        out[f.name] = value.to_json() if hasattr(value, "to_json") else value
-    return out
-
-
-def parse_param_flags(pairs: Sequence[str], flag: str = "--param") -> dict[str, str]:
-    """`--param name=value` (or `--set`) flags → {name: value}; a pair without `=` is an error naming it."""
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise SettingsError([f"{flag} {pair!r}: expected name=value"], "command line")
-        out[name.strip()] = value.strip()
-    return out
+    fields = type(instance).model_fields
+    include = {n for n, f in fields.items() if is_inference(f)} if inference_only else None
+    return instance.model_dump(include=include)

@@ -1,142 +1,25 @@
-"""The task registry: the four task names → settings, architectures, data, loss, metric, output.
+"""The task registry: the four task names → settings, default architecture, ops, metric.
 
-Everything that differs between tasks is looked up here; training, validation and scoring
-call `task.ops` and never branch on the task name themselves.
+Everything that differs between tasks is looked up here (`Task.ops`, in `models.tasks.ops`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import nn
-
-from models.tasks import classification
-from models.tasks import detection
+from models.errors import SettingsError
+from models.data.records import TASK_NAMES
 from models.tasks import metrics
 from models.tasks.architectures import Architecture, Family, get_architecture
-from models.data.records import Record
-from models.errors import SettingsError
 from models.tasks.fields import parse_settings
+from models.tasks.ops import ClassificationOps, DetectionOps
 from models.tasks.settings import (
-    ALIASES, UNSUPPORTED, ClassificationInference, ClassificationSettings, DetectionInference,
-    DetectionSettings, SegmentationInference, SegmentationSettings, cross_check_classification,
-    cross_check_detection, cross_check_segmentation,
+    UNSUPPORTED, ClassificationInference, ClassificationSettings, DetectionInference, DetectionSettings,
+    SegmentationInference, SegmentationSettings, cross_check_classification, cross_check_detection,
+    cross_check_segmentation,
 )
-
-
-class ClassificationOps:
-    """Data, loss, prediction and output for image_classification(_multilabel)."""
-
-    def __init__(self, multilabel: bool):
-        self.multilabel = multilabel
-
-    def dataset(self, records: Sequence[Record], labels: Sequence[str], settings, *, train: bool):
-        transform = classification.train_transform(settings) if train else classification.eval_transform(settings)
-        return classification.ImageDataset(records, labels, transform, self.multilabel)
-
-    collate = None  # default collation stacks the fixed-size crops
-
-    def preprocess(self, settings) -> Callable:
-        return classification.eval_transform(settings)
-
-    def input_shape(self, settings) -> tuple[int, ...] | None:
-        """What one preprocessed image is: every one the same size (scoring can compile for it)."""
-        return (3, settings.valid_crop_size, settings.valid_crop_size)
-
-    def configure(self, model: nn.Module, settings) -> None:
-        """Nothing in a classifier depends on the inference settings."""
-
-    def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
-        return classification.class_weights(records, labels, settings.weighted_loss, self.multilabel)
-
-    def loss(self, model: nn.Module, batch, device: torch.device, context: Any) -> torch.Tensor:
-        images, targets = batch
-        weights = context.to(device) if context is not None else None
-        return classification.loss(model, images.to(device, non_blocking=True), targets.to(device), weights,
-                                   self.multilabel)
-
-    def predict(self, model: nn.Module, inputs: Sequence[torch.Tensor], settings) -> list[torch.Tensor]:
-        batch = torch.stack(list(inputs)).to(_device(model), non_blocking=True)
-        return list(classification.predict(model, batch, self.multilabel).cpu())
-
-    def evaluate(self, model: nn.Module, loader, labels: Sequence[str], settings) -> dict[str, float]:
-        probs, targets = [], []
-        for images, target in loader:
-            probs += self.predict(model, images, settings)
-            targets.append(target)
-        p = torch.stack(probs).numpy()
-        t = torch.cat(targets).numpy()
-        if self.multilabel:
-            return metrics.multilabel_metrics(p, t, labels)
-        return metrics.classification_metrics(p, t, labels)
-
-    def format(self, output: torch.Tensor, size: tuple[int, int], labels: Sequence[str], settings) -> dict:
-        return classification.format_output(output.tolist(), labels)
-
-
-class DetectionOps:
-    """Data, loss, prediction and output for image_object_detection / image_instance_segmentation."""
-
-    def __init__(self, masks: bool):
-        self.masks = masks
-
-    def dataset(self, records: Sequence[Record], labels: Sequence[str], settings, *, train: bool):
-        tiles = ()
-        if train and settings.tile_grid is not None:
-            tiles = detection.training_tiles(records, settings.tile_grid, settings.tile_overlap_ratio)
-        transform = detection.train_transform(settings) if train else detection.eval_transform(settings)
-        return detection.DetectionDataset(records, labels, transform, masks=self.masks, drop_crowd=train, tiles=tiles)
-
-    collate = staticmethod(detection.collate)
-
-    def preprocess(self, settings) -> Callable:
-        return detection.eval_transform(settings)
-
-    def input_shape(self, settings) -> tuple[int, ...] | None:
-        """None: each image keeps its own size (and the model's output size depends on the data)."""
-        return None
-
-    def configure(self, model: nn.Module, settings) -> None:
-        detection.configure(model, settings)
-
-    def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
-        return None
-
-    def loss(self, model: nn.Module, batch, device: torch.device, context: Any) -> torch.Tensor:
-        images, targets = batch
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        return detection.loss(model, images, targets)
-
-    def predict(self, model: nn.Module, inputs: Sequence[torch.Tensor], settings) -> list[dict]:
-        device = _device(model)
-        outputs = detection.predict(model, [im.to(device, non_blocking=True) for im in inputs], settings)
-        return [{k: v.cpu() for k, v in out.items()} for out in outputs]
-
-    def evaluate(self, model: nn.Module, loader, labels: Sequence[str], settings) -> dict[str, float]:
-        predictions, targets = [], []
-        for images, batch_targets in loader:
-            for out, target in zip(self.predict(model, images, settings), batch_targets):
-                if self.masks:
-                    out["masks"] = out["masks"][:, 0] > settings.mask_pixel_score_threshold
-                    target = {**target, "masks": target["masks"].bool()}
-                predictions.append(out)
-                targets.append({k: v.as_subclass(torch.Tensor) for k, v in target.items()})
-        return metrics.detection_metrics(
-            predictions, targets, labels, metric_type=settings.validation_metric_type,
-            iou_threshold=settings.validation_iou_threshold, iou_type="segm" if self.masks else "bbox",
-            score_threshold=settings.box_score_thresh, max_detections=settings.box_detections_per_img,
-        )
-
-    def format(self, output: dict, size: tuple[int, int], labels: Sequence[str], settings) -> dict:
-        return detection.format_output(output, size[0], size[1], labels, settings)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @dataclass(frozen=True)
@@ -174,6 +57,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("image_instance_segmentation", "segmentation", SegmentationSettings, SegmentationInference,
          "maskrcnn_resnet50_fpn", DetectionOps(masks=True), cross_check_segmentation, _DETECTION_DEFAULTS),
 )}
+assert tuple(TASKS) == TASK_NAMES, "models.data.records.TASK_NAMES and the registry disagree"
 
 
 def get_task(name: str) -> Task:
@@ -203,7 +87,7 @@ def training_settings(task: Task, raw: Mapping[str, Any], source: str = "trainin
         raise SettingsError([str(exc)], source) from None
     defaults = {**task.defaults, **arch.defaults.get(task.name, {}), "model_name": arch.name}
     raw = {k: v for k, v in raw.items() if k != "model_name"}
-    settings = parse_settings(task.settings_cls, raw, source=source, defaults=defaults, aliases=ALIASES,
+    settings = parse_settings(task.settings_cls, raw, source=source, defaults=defaults,
                               unsupported=UNSUPPORTED,
                               cross_check=lambda s: _architecture_checks(task, arch, s))
     return settings, arch
@@ -211,4 +95,4 @@ def training_settings(task: Task, raw: Mapping[str, Any], source: str = "trainin
 
 def inference_settings(task: Task, raw: Mapping[str, Any], source: str = "settings.json") -> Any:
     """Validated inference settings (settings.json, deploy-time or per-request overrides)."""
-    return parse_settings(task.inference_cls, raw, source=source, aliases=ALIASES, cross_check=task.cross_check)
+    return parse_settings(task.inference_cls, raw, source=source, cross_check=task.cross_check)

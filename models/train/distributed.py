@@ -87,7 +87,7 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from serving.runtime import ensure_ray
+    from models.runtime import ensure_ray
 
     report = report or (lambda message: print(message, file=sys.stderr))
     started = time.time()

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.data.formats import image_files
+
 if TYPE_CHECKING:  # the model code loads where used, so Ray's read tasks start without it
     from models.errors import Problem
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jfif", ".jpe"})
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,7 @@ def say(message: str) -> None:
 
 def _folder_items(folder: Path) -> list[Item]:
     """Image files under `folder`, recursively, sorted by relative path."""
-    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return [Item(str(p), str(p)) for p in sorted(files, key=lambda p: p.relative_to(folder).as_posix())]
+    return [Item(str(p), str(p)) for p in image_files(folder)]
 
 
 def _jsonl_items(path: Path, image_root: Path | None, problems: list[Problem]) -> list[Item]:

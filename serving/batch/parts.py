@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from models.errors import SettingsError
-from models.tasks.fields import as_dict
 from serving.batch.inputs import Item
 
 PART_SIZE = 256
@@ -112,7 +111,8 @@ class Index:
 def fingerprint(model_dir: Path, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """What makes results of two runs interchangeable: the model files and the effective settings."""
     from models.export import read_settings
-    from serving.predictor import find_artifacts
+    from models.tasks.fields import as_dict
+    from serving.loading import find_artifacts
 
     settings_path, weights_path = find_artifacts(model_dir)
     try:

@@ -8,7 +8,6 @@ where it stopped; at the end the parts are assembled into the output in input or
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from models.errors import SettingsError
-from models.tasks.fields import parse_param_flags
 from serving.batch.inputs import Item, list_inputs, say
 from serving.batch.parts import PART_SIZE, Index, PartWriter, fingerprint, open_parts
-from serving.runtime import ensure_ray, resolve_model
+from models.runtime import ensure_ray
+from serving.loading import resolve_model
 
 _READ_TASK_CPUS = 0.25
 _ACTOR_CPUS = 0.5
@@ -208,38 +207,3 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
     summary = _summary(output, index, len(pending), skipped, start)
     say(str(summary))
     return summary
-
-
-
-def _run(args: argparse.Namespace) -> int:
-    """`visionserve score`: the exit code."""
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    score(args.model, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
-          num_gpus_per_actor=args.gpus_per_actor, params=parse_param_flags(args.set, "--set"), image_root=args.image_root,
-          progress=not args.no_progress, overwrite=args.overwrite, part_size=args.part_size, address=args.address,
-          num_cpus=args.num_cpus)
-    return 0
-
-
-def add_score_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `score MODEL --input ... --output ...` on an argparse subparsers object."""
-    p = subparsers.add_parser("score", help="batch-score a folder, JSONL file or MLTable of images on Ray Data")
-    p.add_argument("model", help="MLflow model folder or MLflow URI (models:/name/1, runs:/...)")
-    p.add_argument("--input", required=True, help="folder of images (recursive), JSONL file or MLTable folder")
-    p.add_argument("--output", required=True, help="predictions JSONL: one line per image, in input order")
-    p.add_argument("--batch-size", type=int, help="images per actor call (default: max(32, the model's batch_size))")
-    p.add_argument("--concurrency", type=int, help="scoring actors (default: one per GPU share, else CPUs / 4)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5 (default: CPU)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="override an inference setting for this run, e.g. --set box_score_thresh=0.5")
-    p.add_argument("--image-root", help="folder that cloud image URLs of a JSONL/MLTable map under")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local instance)")
-    p.add_argument("--num-cpus", type=float, help="CPUs of the local Ray instance it starts (default: all)")
-    p.add_argument("--part-size", type=int, default=PART_SIZE, help="images per part file (what a resume redoes)")
-    p.add_argument("--overwrite", action="store_true", help="re-score even if the output or part files exist")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-    return p
-

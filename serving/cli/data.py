@@ -6,9 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from models.data.coco import COCO_TASKS, ConvertSummary, coco_to_jsonl
-from models.data.voc import voc_to_jsonl
-from models.data.synth import TASKS, write_synthetic_dataset
+from models.data.records import TASK_NAMES
 
 _SHOWN_WARNINGS = 10
 
@@ -35,6 +33,8 @@ def _fraction(text: str) -> float:
 
 def _run_synth(args: argparse.Namespace) -> int:
     """Write a synthetic dataset and describe it."""
+    from models.data.synth import write_synthetic_dataset
+
     try:
         s = write_synthetic_dataset(
             args.task, args.out, args.images, small_objects=args.small_objects, image_size=args.size,
@@ -51,7 +51,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(summary: ConvertSummary, source: Any) -> None:
+def _report(summary: Any, source: Any) -> None:
     """Print a one-paragraph summary of a conversion, then its first warnings."""
     print(
         f"Converted {source}: {summary.n_images} images and {summary.n_annotations} annotations written "
@@ -67,6 +67,8 @@ def _report(summary: ConvertSummary, source: Any) -> None:
 
 def _run_from_coco(args: argparse.Namespace) -> int:
     """Convert a COCO JSON file."""
+    from models.data.coco import coco_to_jsonl
+
     try:
         summary = coco_to_jsonl(
             args.coco_json, args.out, task=args.task, image_url_prefix=args.image_url_prefix,
@@ -81,6 +83,8 @@ def _run_from_coco(args: argparse.Namespace) -> int:
 
 def _run_from_voc(args: argparse.Namespace) -> int:
     """Convert a Pascal VOC folder."""
+    from models.data.voc import voc_to_jsonl
+
     try:
         summary = voc_to_jsonl(args.voc_dir, args.out)
     except ValueError as e:
@@ -90,13 +94,13 @@ def _run_from_voc(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_commands(subparsers: Any) -> None:
+def add_commands(subparsers: Any) -> None:
     """Register `data synth`, `data from-coco` and `data from-voc` on an argparse subparsers object."""
     data = subparsers.add_parser("data", help="make synthetic datasets or convert COCO / VOC to JSONL")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     synth = sub.add_parser("synth", help="write a synthetic shapes dataset (train.jsonl, validation.jsonl, images/)")
-    synth.add_argument("--task", required=True, choices=TASKS)
+    synth.add_argument("--task", required=True, choices=TASK_NAMES)
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--images", required=True, type=int, help="number of images (training + validation)")
     synth.add_argument("--small-objects", action="store_true", help="1600x1200 images with 8-20 objects of 10-30 px")
@@ -108,7 +112,7 @@ def add_data_commands(subparsers: Any) -> None:
     coco = sub.add_parser("from-coco", help="convert a COCO JSON file to JSONL")
     coco.add_argument("coco_json", help="COCO annotations file")
     coco.add_argument("--out", required=True, help="output JSONL file")
-    coco.add_argument("--task", choices=COCO_TASKS, default="image_object_detection")
+    coco.add_argument("--task", choices=TASK_NAMES, default="image_object_detection")
     coco.add_argument("--image-url-prefix", default=None, help="image_url = PREFIX + file_name")
     coco.add_argument("--bbox-format", choices=("auto", "pixel", "relative"), default="auto")
     coco.set_defaults(func=_run_from_coco)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import SettingsError
+from serving.cli.flags import add_set_flag, parse_param_flags
 
 
 def deployment_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def _cpus_per_replica(args: argparse.Namespace) -> float:
     among the fixed number of replicas (a replica's torch runs that many threads); else 1."""
     if args.cpus_per_replica is not None:
         return args.cpus_per_replica
-    from serving.runtime import cluster_address
+    from models.runtime import cluster_address
 
     if args.autoscale or args.gpus_per_replica or cluster_address(args.address):
         return 1.0
@@ -50,7 +51,6 @@ def _cpus_per_replica(args: argparse.Namespace) -> float:
 
 
 def _config(args: argparse.Namespace):
-    from models.tasks.fields import parse_param_flags
     from serving.app import ServiceConfig, key_digest
 
     digest = None
@@ -70,8 +70,8 @@ def _config(args: argparse.Namespace):
 def _check_model(config) -> None:
     """Fail before Ray starts: the model folder exists and the settings (with --set) are valid."""
     from models.export import read_settings
-    from serving.predictor import find_artifacts
-    from serving.runtime import resolve_model
+    from serving.loading import find_artifacts
+    from serving.loading import resolve_model
 
     read_settings(find_artifacts(resolve_model(config.model))[0], config.overrides)
 
@@ -81,7 +81,7 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     from ray import serve
 
     from serving.app import VisionService
-    from serving.runtime import ensure_ray
+    from models.runtime import ensure_ray
 
     import ray
 
@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         serve_bin = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
         command = [serve_bin, "run", args.config] + (["--address", args.address] if args.address else [])
-        from serving.runtime import cluster_address, serve_environment
+        from models.runtime import cluster_address, serve_environment
 
         local = not cluster_address(args.address)  # then `serve run` starts a local instance
         return subprocess.call(command, env={**os.environ, **serve_environment()} if local else None)
@@ -130,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve_command(sub) -> None:
+def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve a model on Ray Serve (POST /score, /invocations)")
     p.add_argument("model", nargs="?", help="MLflow model folder or URI (models:/name/1, runs:/<id>/mlflow-model)")
     p.add_argument("--config", help="a Ray Serve config file (applications: import_path serving.app:build_app)")
@@ -145,8 +145,7 @@ def add_serve_command(sub) -> None:
                         "--replicas, else 1")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
     p.add_argument("--api-key-file", help="require Authorization: Bearer <the key in this file>")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a settings.json inference setting, e.g. --set box_score_thresh=0.5")
+    add_set_flag(p, "override a settings.json inference setting, e.g. --set box_score_thresh=0.5")
     p.add_argument("--max-batch-size", type=int, default=16, help="images per forward pass across requests")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
     p.add_argument("--max-ongoing-requests", type=int, default=16, help="concurrent requests per replica")

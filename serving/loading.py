@@ -1,0 +1,116 @@
+"""Where a model comes from and how it is made ready to score: an MLflow model folder or URI → its
+settings, the network with its weights on a device, and the scorer (BatchNorm folded, compiled)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.export import SETTINGS_FILE, WEIGHTS_FILE, ModelSettings, read_settings
+from models.tasks.architectures import Architecture, build_model, get_architecture
+
+log = logging.getLogger(__name__)
+
+_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "wasbs://", "abfss://", "dbfs:/",
+                "http://", "https://")
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local MLflow model folder for `model`: a folder as is, or an MLflow URI (`models:/name/1`,
+    `runs:/<id>/mlflow-model`, …) downloaded through MLflow's artifact API."""
+    text = str(model)
+    if text.startswith(_URI_SCHEMES):
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+    path = Path(text.removeprefix("file://")).expanduser()
+    if not (path / "MLmodel").is_file():
+        raise FileNotFoundError(f"{model}: not an MLflow model folder (no MLmodel file) nor an MLflow URI")
+    return path.resolve()
+
+
+def find_artifacts(model_dir: str | Path) -> tuple[Path, Path]:
+    """settings.json and model.pt of an MLflow model folder (or of a bare artifacts folder)."""
+    root = Path(model_dir)
+    for folder in (root / "artifacts", root):
+        if (folder / SETTINGS_FILE).exists():
+            return folder / SETTINGS_FILE, folder / WEIGHTS_FILE
+    raise FileNotFoundError(f"{model_dir}: no artifacts/{SETTINGS_FILE}; is this a visionserve model folder?")
+
+
+def default_device() -> torch.device:
+    """`VISIONSERVE_DEVICE` if set, else the first GPU when one is visible, else the CPU."""
+    name = os.environ.get("VISIONSERVE_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy of `model` with each BatchNorm folded into the convolution before it (torch.fx):
+    the same outputs to ~1e-6, 3-16 % less time per image for resnet18 on a CPU. `model` itself when it
+    has no BatchNorm2d (the detectors' is frozen into their backbones already) or torch.fx cannot trace it."""
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model)
+    except Exception as exc:  # noqa: BLE001  (a model fx cannot trace is scored as it is)
+        log.info("BatchNorm not folded for %s: %s", type(model).__name__, exc)
+        return model
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to score: `model` (eval mode, on `device`; explanations use it) and `scorer`
+    (what scoring calls: `model` with BatchNorm folded, compiled when asked)."""
+
+    spec: ModelSettings
+    arch: Architecture
+    model: torch.nn.Module
+    scorer: torch.nn.Module
+    device: torch.device
+
+
+def _weights(model: torch.nn.Module, spec: ModelSettings, weights_path: Path, settings_path: Path) -> None:
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    except RuntimeError as exc:
+        raise ValueError(f"{weights_path} does not fit {spec.model_name} with {len(spec.labels)} labels "
+                         f"and the settings in {settings_path} ({str(exc).splitlines()[0]}); "
+                         "was valid_crop_size changed for a ViT model?") from None
+
+
+def load_model(settings_path: str | Path, weights_path: str | Path, *, device: torch.device | None = None,
+               overrides: dict[str, Any] | None = None, compile_scorer: bool = False) -> LoadedModel:
+    """The model of an exported folder's files; `compile_scorer`: a classifier on the CPU is compiled now
+    (serving.compiled: slower to load, faster per image; for long-lived processes)."""
+    spec = read_settings(settings_path, overrides)
+    device = device or default_device()
+    arch = get_architecture(spec.model_name, spec.task.family)
+    model = build_model(arch, len(spec.labels), spec.settings)
+    _weights(model, spec, Path(weights_path), Path(settings_path))
+    model.eval().to(device)
+    scorer = fold_batchnorm(model)
+    for module in {model, scorer}:
+        if arch.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if spec.settings.half_precision and device.type == "cuda":
+            module.half()
+    shape = spec.task.ops.input_shape(spec.settings)
+    if compile_scorer and device.type == "cpu" and shape:
+        from serving.compiled import compile_for_cpu
+
+        scorer = compile_for_cpu(scorer, shape)
+    log.info("loaded %s (%s, %d labels) on %s", spec.model_name, spec.task.name, len(spec.labels), device)
+    return LoadedModel(spec, arch, model, scorer, device)
