@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import peak_rss_mb, private_mlflow_store, table, write  # noqa: E402
-from models.train.job import build_job  # noqa: E402
+from models.job import build_job  # noqa: E402
 from models.data.synth import write_synthetic_dataset  # noqa: E402
 from models.train.loop import train  # noqa: E402
 

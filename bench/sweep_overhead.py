@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import peak_rss_mb, private_mlflow_store, table, write
-from models.train.job import build_job
+from models.job import build_job
 from models.train.loop import TrainingJob
 from models.data.synth import write_synthetic_dataset
 

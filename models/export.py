@@ -12,6 +12,7 @@ imported from the installed package when the folder is loaded; nothing is pickle
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -31,6 +32,9 @@ from models.tasks.fields import as_dict, is_per_request, kind_of
 from models.tasks.registry import Task, get_task, inference_settings
 
 SETTINGS_FILE = "settings.json"
+# The file MLflow runs to find the pyfunc class (models from code). The folder names it; `models` never
+# imports it (serving sits above models, see ARCHITECTURE.md).
+PYFUNC_ENTRY = "serving.mlflow_model"
 WEIGHTS_FILE = "model.pt"
 _META_KEYS = ("task", "model_name", "labels", "visionserve_version")
 _RUNTIME_PACKAGES = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "opencv-python-headless",
@@ -114,6 +118,13 @@ def signature(task: Task):
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), params=ParamSchema(specs))
 
 
+def _pyfunc_entry() -> str:
+    spec = importlib.util.find_spec(PYFUNC_ENTRY)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"{PYFUNC_ENTRY} is not importable: is visionserve installed?")
+    return spec.origin
+
+
 @contextlib.contextmanager
 def _quiet_save() -> Iterator[None]:
     """MLflow save settings for one call: don't copy the *current directory's* uv.lock/pyproject.toml
@@ -136,8 +147,6 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
     """Write the MLflow model folder at `path` (replaced if it exists)."""
     import mlflow.pyfunc
 
-    import serving
-
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
@@ -152,7 +161,7 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
                    weights_file)
         mlflow.pyfunc.save_model(
             path=str(path),
-            python_model=str(Path(serving.__file__).parent / "mlflow_model.py"),
+            python_model=_pyfunc_entry(),
             artifacts={"settings": str(settings_file), "weights": str(weights_file)},
             signature=signature(model_settings.task),
             pip_requirements=pip_requirements(),

@@ -282,14 +282,24 @@ class VisionService:
         return _error(401, ErrorCode.UNAUTHORIZED, "a valid API key is required: Authorization: Bearer <key>",
                       request.state.request_id, {"www-authenticate": "Bearer"})
 
-    async def _body(self, request: Request) -> Any:
+    async def _body(self, request: Request) -> bytes:
+        """The body, read up to the size cap: a declared or chunked body over it is refused while reading."""
         limit = self.config.max_request_mb * 2**20
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise RequestError(413, ErrorCode.REQUEST_TOO_LARGE, f"the request body is over {self.config.max_request_mb:g} MB")
-        body = await request.body()
-        if len(body) > limit:
-            raise RequestError(413, ErrorCode.REQUEST_TOO_LARGE, f"the request body is over {self.config.max_request_mb:g} MB")
-        return parse_json(body)
+        too_large = RequestError(413, ErrorCode.REQUEST_TOO_LARGE,
+                                 f"the request body is over {self.config.max_request_mb:g} MB (max_request_mb)")
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _handle(self, request: Request, route: Route, wrap) -> JSONResponse:
         """Parse, check, score; every refusal is a JSON error naming what is wrong, never a traceback."""

@@ -47,7 +47,7 @@ def run_demo(out: Path, *, task: str = "image_classification", images: int | Non
     import mlflow.pyfunc
     import pandas as pd
 
-    from models.train.job import build_job
+    from models.job import build_job
     from models.data.synth import write_synthetic_dataset
     from models.train.loop import train
 

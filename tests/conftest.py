@@ -80,7 +80,7 @@ def synth(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(synth, tracking, tmp_path_factory):
     """`trained(task)` → TrainingResult of a tiny model that has memorised its 12 training images."""
-    from models.train.job import build_job
+    from models.job import build_job
     from models.train.loop import train
 
     cache: dict = {}

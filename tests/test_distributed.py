@@ -11,7 +11,7 @@ import yaml
 from conftest import run_pyfunc_in_new_process
 
 from models.export import signature
-from models.train.job import build_job
+from models.job import build_job
 from models.sweep.run import run_job
 
 FAST = {"model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,

@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.tasks.metrics import (
-    COCO_STAT_NAMES,
-    classification_metrics,
-    detection_metrics,
-    label_keys,
-    multilabel_metrics,
-    primary_metric_name,
-)
+from models.tasks.detection_metrics import detection_metrics
+from models.tasks.metrics import COCO_STAT_NAMES, classification_metrics, label_keys, multilabel_metrics, primary_metric_name
 
 MLFLOW_NAME = re.compile(r"^[A-Za-z0-9_\-. /]+$")
 

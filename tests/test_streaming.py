@@ -8,7 +8,7 @@ import os
 import fsspec
 import pytest
 
-from models.train.job import build_job
+from models.job import build_job
 from models.data.streaming import ImageCache, StreamedImage
 from models.train.loop import prepare, train
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import yaml
 
-from models.train.job import build_job
+from models.job import build_job
 from models.sweep.run import run_job
 
 FAST = {"model_name": "mobilenetv2", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,

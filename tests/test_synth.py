@@ -1,4 +1,4 @@
-"""Tests for models/synth.py and `data synth`."""
+"""Tests for models/data/synth.py, models/data/shapes.py and `data synth`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from models.data.synth import DEFAULT_SHAPES, render_shape_image, write_synthetic_dataset
+from models.data.shapes import render_shape_image
+from models.data.synth import DEFAULT_SHAPES, write_synthetic_dataset
 from models.data.records import TASK_NAMES as TASKS
 from serving.cli.data import add_commands as add_data_commands
 

@@ -17,7 +17,7 @@ from models.train import optim
 from models.data.jsonl import read_dataset
 from models.data.records import Record
 from models.errors import DataError
-from models.train.job import build_job
+from models.job import build_job
 from models.errors import SettingsError
 from models.tasks.registry import get_task, training_settings
 from models.train.loop import prepare, split, train

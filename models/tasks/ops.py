@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.data.records import Record
-from models.tasks import classification, detection, metrics
+from models.tasks import classification, detection, detection_metrics, metrics
 
 
 class ClassificationOps:
@@ -113,7 +113,7 @@ class DetectionOps:
                     target = {**target, "masks": target["masks"].bool()}
                 predictions.append(out)
                 targets.append({k: v.as_subclass(torch.Tensor) for k, v in target.items()})
-        return metrics.detection_metrics(
+        return detection_metrics.detection_metrics(
             predictions, targets, labels, metric_type=settings.validation_metric_type,
             iou_threshold=settings.validation_iou_threshold, iou_type="segm" if self.masks else "bbox",
             score_threshold=settings.box_score_thresh, max_detections=settings.box_detections_per_img,

@@ -11,7 +11,7 @@ from serving.cli.flags import add_training_flags, parse_param_flags
 
 def _train(args: argparse.Namespace) -> int:
     from models.sweep.run import SweepResult, run_job
-    from models.train.job import build_job
+    from models.job import build_job
 
     job = build_job(
         args.job_file, task=args.task, training_data=args.training_data, validation_data=args.validation_data,
@@ -30,7 +30,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from models.train.job import build_job
+    from models.job import build_job
     from models.train.loop import prepare
 
     job = build_job(args.job_file, task=args.task, training_data=args.training_data,
