@@ -147,7 +147,8 @@ class VisionService:
         self._explain_threads = ThreadPoolExecutor(self.config.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
         self.predictor = self._model_thread.submit(Predictor.load, self.model_dir, overrides=self.config.overrides,
-                                                   compile_scorer=self.config.compile).result()
+                                                   compile_scorer=self.config.compile,
+                                                   limits=self.config.limits).result()
         self._score_images.set_max_batch_size(self.config.max_batch_size)
         self._score_images.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.images_total = metrics.Counter("visionserve_images_total", "Images scored", tag_keys=("route",))
@@ -172,21 +173,22 @@ class VisionService:
     # ------------------------------------------------------------------ batching
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _score_images(self, jobs: list[tuple[bytes, str]]) -> list[dict]:
-        """Images from any number of requests; those with the same parameters share forward passes."""
+    async def _score_images(self, jobs: list[tuple[bytes, str, int]]) -> list[tuple[dict, int]]:
+        """Images from any number of requests (bytes, params key, the image's row in its request); those with
+        the same parameters share forward passes. Each answer comes back with the size of its model call."""
         groups: dict[str, list[int]] = {}
-        for i, (_, params_key) in enumerate(jobs):
+        for i, (_, params_key, _) in enumerate(jobs):
             groups.setdefault(params_key, []).append(i)
-        answers: list[dict | None] = [None] * len(jobs)
+        answers: list[tuple[dict, int] | None] = [None] * len(jobs)
         for params_key, indices in groups.items():
-            params = _unkey(params_key)
             started = time.perf_counter()
             results = await asyncio.get_running_loop().run_in_executor(
-                self._model_thread, self.predictor.predict_bytes, [jobs[i][0] for i in indices], params)
+                self._model_thread, functools.partial(self.predictor.predict_bytes, [jobs[i][0] for i in indices],
+                                                      _unkey(params_key), rows=[jobs[i][2] for i in indices]))
             self.model_seconds.observe(time.perf_counter() - started)
             self.batch_images.observe(len(indices))
             for i, result in zip(indices, results):
-                answers[i] = result
+                answers[i] = (result, len(indices))
         return answers
 
     def _read(self, body: bytes, route: Route) -> tuple[ParsedRequest, list[dict], dict[int, Any]]:
@@ -202,7 +204,8 @@ class VisionService:
         return parsed, details, check_xai(parsed.entries, task.is_classification, task.name)
 
     async def _answer(self, request: ParsedRequest, details: list[dict], wishes: dict[int, Any],
-                      partial: bool) -> list[dict]:
+                      partial: bool) -> tuple[list[dict], dict[str, str]]:
+        """One answer per entry, in order, and the headers that say how its images were batched."""
         for d in details:
             self.errors_total.inc(tags={"code": d["code"]})
         if details and not partial:
@@ -212,27 +215,39 @@ class VisionService:
         good = [(i, e.data) for i, e in enumerate(request.entries)
                 if not isinstance(e.data, ImageError) and i not in wishes]
         explained = [i for i in wishes if not isinstance(request.entries[i].data, ImageError)]
-        jobs = [self._score_images((data, key)) for _, data in good]
+        jobs = [self._score_images((data, key, i)) for i, data in good]
         if explained:
             jobs.append(self._explain([request.entries[i].data for i in explained], [wishes[i] for i in explained],
                                       request.params, explained))
         scoring = 1 if good else 0
         self._scoring += scoring
+        # a batch waits for more images only while another request is being scored: alone, it goes now
+        wait = self.config.batch_wait_timeout_s if self._scoring > 1 else 0.0
         try:
-            # a batch waits for more images only while another request is being scored: alone, it goes now
-            self._score_images.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s if self._scoring > 1 else 0)
+            self._score_images.set_batch_wait_timeout_s(wait)
             results = await asyncio.gather(*jobs)
         finally:
             self._scoring -= scoring
-        if explained:
-            results, explanations = results[:-1], results[-1]
-        out: list[dict] = [{"error": {"row": d["index"], "code": d["code"], "message": d["message"]}}
-                           for d in details]
-        answers = dict(zip((i for i, _ in good), results))
-        if explained:
-            answers.update(zip(explained, explanations))
-        errors = {d["index"]: e for d, e in zip(details, out)}
-        return [answers.get(i) or errors[i] for i in range(len(request.entries))]
+        explanations = results.pop() if explained else []
+        answers = {i: answer for (i, _), (answer, _) in zip(good, results)}
+        answers.update(zip(explained, explanations))
+        for d in details:
+            answers[d["index"]] = {"error": {"row": d["index"], "code": d["code"], "message": d["message"]}}
+        out = [answers[i] for i in range(len(request.entries))]
+        failed = [{"field": request.entries[i].field, "index": i, "code": a["error"]["code"],
+                   "message": a["error"]["message"]} for i, a in enumerate(out) if "error" in a]
+        refused = {d["index"] for d in details}
+        for d in failed:
+            if d["index"] not in refused:
+                self.errors_total.inc(tags={"code": d["code"]})
+        if failed and not partial:  # found only when decoded or scored: the request fails as a whole all the same
+            ours = [d for d in failed if d["code"] == ErrorCode.INFERENCE_FAILED]
+            raise RequestError(500 if ours else 400, ErrorCode.INTERNAL_ERROR if ours else ErrorCode.INVALID_IMAGE,
+                               f"{len(failed)} of {len(out)} images could not be scored (add ?partial=true to get "
+                               "the others' answers)", failed)
+        headers = {"x-visionserve-batch-wait-ms": f"{wait * 1000:g}",
+                   "x-visionserve-batch-images": str(max((n for _, n in results), default=0))}
+        return out, headers
 
     # ------------------------------------------------------------------ explanations
 
@@ -313,9 +328,9 @@ class VisionService:
             parsed, details, wishes = await asyncio.to_thread(self._read, await self._body(request), route)
             images = len(parsed.entries)
             partial = request.query_params.get("partial", "").lower() in ("1", "true")
-            answers = await self._answer(parsed, details, wishes, partial)
+            answers, batching = await self._answer(parsed, details, wishes, partial)
             self.images_total.inc(len(answers), tags={"route": request.url.path})
-            return JSONResponse(wrap(answers), headers={"x-request-id": request_id})
+            return JSONResponse(wrap(answers), headers={"x-request-id": request_id, **batching})
         except RequestError as exc:
             status = exc.status
             return JSONResponse(exc.body(request_id), exc.status, headers={"x-request-id": request_id, **exc.headers})
@@ -358,6 +373,7 @@ class VisionService:
                 "settings": as_dict(spec.settings, inference_only=True), "model": self.config.model,
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
                 "compiled": self.predictor.compiled,
+                "in_progress": {"scoring": self._scoring, "explaining": self._explaining},
                 "limits": {k: v for k, v in asdict(self.config).items()
                            if k in ("max_batch_size", "max_request_mb", "max_images_per_request", "max_image_mb")}}
 

@@ -8,6 +8,7 @@ row; the other rows are still answered (`serving.contract.row_error`).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from serving.contract import parse_entry, per_request_problems, row_error
 from serving.explaining import Explanations
 from serving.loading import LoadedModel, find_artifacts, load_model
 
+log = logging.getLogger(__name__)
+_FAILED = ImageError(ErrorCode.INFERENCE_FAILED, "the model failed on this image (the server log has the details)")
+
 
 @dataclass
 class Predictor:
@@ -44,10 +48,12 @@ class Predictor:
         self.scorer = self.scorer or self.model
 
     @classmethod
-    def from_files(cls, settings_path: str | Path, weights_path: str | Path, **kwargs: Any) -> Predictor:
-        """The model of an exported folder's files, ready to score (see `serving.loading.load_model`)."""
+    def from_files(cls, settings_path: str | Path, weights_path: str | Path, *,
+                   limits: ImageLimits = PREDICTION_LIMITS, **kwargs: Any) -> Predictor:
+        """The model of an exported folder's files, ready to score (see `serving.loading.load_model`);
+        `limits`: what one image may be (the synchronous 6 MB by default, batch scoring's 20 MB)."""
         loaded = load_model(settings_path, weights_path, **kwargs)
-        return cls(loaded.spec, loaded.arch, loaded.model, loaded.device, scorer=loaded.scorer)
+        return cls(loaded.spec, loaded.arch, loaded.model, loaded.device, limits, scorer=loaded.scorer)
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs: Any) -> Predictor:
@@ -85,7 +91,8 @@ class Predictor:
     def _score(self, count: int, sizes: Sequence[tuple[int, int]], load, params) -> list[dict | ImageError]:
         """Score `count` images, `batch_size` per forward pass, loading each (`load(i)` → uint8
         [3, H, W]) only when its batch comes, so memory holds one batch of pixels at a time. Images
-        of similar shape are batched together (less padding for detectors); answers keep input order."""
+        of similar shape are batched together (less padding for detectors); answers keep input order.
+        One image's failure is its own: a batch that fails is scored again image by image."""
         settings = self.settings_for(params)
         ops = self.spec.task.ops
         preprocess = ops.preprocess(settings)
@@ -100,12 +107,28 @@ class Predictor:
                         loaded.append((i, preprocess(load(i).to(self.device, non_blocking=True)).to(self.dtype)))
                     except ImageError as exc:
                         results[i] = exc
-                if not loaded:
-                    continue
-                outputs = ops.predict(self.scorer, [x for _, x in loaded], settings)
-                for (i, _), out in zip(loaded, outputs):
-                    results[i] = ops.format(out, sizes[i], self.labels, settings)
+                    except Exception:  # noqa: BLE001  (this image only; logged with its traceback)
+                        log.exception("image %d: preprocessing failed", i)
+                        results[i] = _FAILED
+                if loaded:
+                    self._forward(loaded, sizes, settings, results)
         return results
+
+    def _forward(self, loaded: list[tuple[int, torch.Tensor]], sizes, settings, results: list) -> None:
+        """Answers of one batch into `results`; when the batch fails, each image alone."""
+        ops = self.spec.task.ops
+        try:
+            outputs = ops.predict(self.scorer, [x for _, x in loaded], settings)
+            answers = [ops.format(out, sizes[i], self.labels, settings) for (i, _), out in zip(loaded, outputs)]
+        except Exception:  # noqa: BLE001
+            if len(loaded) > 1:
+                for one in loaded:
+                    self._forward([one], sizes, settings, results)
+                return
+            log.exception("image %d: the model failed", loaded[0][0])
+            answers = [_FAILED]
+        for (i, _), answer in zip(loaded, answers):
+            results[i] = answer
 
     def predict_images(self, images: Sequence[Image.Image | torch.Tensor],
                        params: Mapping[str, Any] | None = None) -> list[dict]:

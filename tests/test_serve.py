@@ -138,25 +138,28 @@ def test_32_concurrent_requests_each_get_their_own_answer(endpoint, trained):
 
 
 def test_batches_wait_to_fill_only_while_other_requests_are_in_progress(endpoint, trained):
+    """Observed through the replica's own report (headers, /metadata), not through timing."""
     url = f"{endpoint}/patient/score"  # batch_wait_timeout_s 3 s, max_batch_size 4
     small = _images(trained, "image_classification", 1)
     buffer = io.BytesIO()
     Image.fromarray(np.tile(np.arange(4000, dtype=np.uint8), (4000, 1))[..., None].repeat(3, 2)).save(buffer, "JPEG")
-    large = [base64.b64encode(buffer.getvalue()).decode()]  # 4000x4000: a few hundred ms to decode and resize
+    large = [base64.b64encode(buffer.getvalue()).decode()] * 12  # 4000x4000 each: seconds of decoding in all
     with httpx.Client(timeout=60) as client:
-        client.post(url, json={"input_data": {"columns": ["image"], "data": small}})
-        started = time.perf_counter()
-        assert client.post(url, json={"input_data": {"columns": ["image"], "data": small}}).status_code == 200
-        alone = time.perf_counter() - started
+        alone = client.post(url, json={"input_data": {"columns": ["image"], "data": small}})
+        assert alone.status_code == 200
+        assert alone.headers["x-visionserve-batch-wait-ms"] == "0"  # alone: no wait for more images
+        assert alone.headers["x-visionserve-batch-images"] == "1"
     with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client:
-        client.get(f"{endpoint}/patient/health/live")
         first = pool.submit(_score, url, large)
-        time.sleep(0.05)
-        started = time.perf_counter()
-        assert client.post(url, json={"input_data": {"columns": ["image"], "data": small}}).status_code == 200
-        behind = time.perf_counter() - started
+        deadline = time.monotonic() + 30
+        while client.get(f"{endpoint}/patient/metadata").json()["in_progress"]["scoring"] < 1:
+            assert time.monotonic() < deadline and not first.done(), "the large request was never seen in progress"
+            time.sleep(0.01)
+        behind = client.post(url, json={"input_data": {"columns": ["image"], "data": small}})
+        assert behind.status_code == 200
         assert first.result().status_code == 200
-    assert alone < 2.0 < behind  # alone, a request is not held for batch_wait_timeout_s; behind another, it is
+    assert behind.headers["x-visionserve-batch-wait-ms"] == "3000"  # behind another request: it waited to fill
+    assert first.result().headers["x-visionserve-batch-images"] == "4"  # the large request filled whole batches
 
 
 def test_per_request_params_apply_to_that_request(endpoint, trained):
@@ -182,6 +185,31 @@ def test_api_key_is_required_except_on_health_routes(endpoint, trained):
     assert httpx.get(f"{url}/metadata").status_code == 401
     meta = httpx.get(f"{url}/metadata", headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert meta["task"] == "image_classification" and meta["labels"] == trained("image_classification")[1].labels
+
+
+def test_docs_show_every_route_body_and_per_request_parameter(endpoint):
+    assert httpx.get(f"{endpoint}/cls/docs").status_code == 200
+    doc = httpx.get(f"{endpoint}/cls/openapi.json").json()
+    paths = {path.removeprefix("/cls"): spec for path, spec in doc["paths"].items()}
+    schemas = doc["components"]["schemas"]
+    for route, body in (("/score", "ScoreRequest"), ("/invocations", "InvocationsRequest")):
+        content = paths[route]["post"]["requestBody"]["content"]["application/json"]
+        assert content["schema"]["$ref"] == f"#/components/schemas/{body}"
+        assert paths[route]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] == \
+            "#/components/schemas/ErrorResponse"
+    assert set(schemas["ScoreRequest"]["properties"]) == {"input_data", "params"}
+    assert {r["$ref"].rsplit("/", 1)[1] for r in schemas["ScoreRequest"]["properties"]["params"]["anyOf"]} == {
+        "ClassificationParams", "DetectionParams", "SegmentationParams"}
+    assert set(schemas["InvocationsRequest"]["properties"]) == {"dataframe_split", "dataframe_records", "instances",
+                                                                "inputs", "params"}
+    detection = schemas["DetectionParams"]["properties"]
+    assert detection["box_score_thresh"]["maximum"] == 1 and detection["box_score_thresh"]["minimum"] == 0
+    assert "half_precision" not in detection  # set when the model loads, not per request
+    assert {"tile_grid_size", "nms_iou_thresh", "min_size"} <= set(detection)
+    assert {"mask_pixel_score_threshold", "image_type"} <= set(schemas["SegmentationParams"]["properties"])
+    assert schemas["ClassificationParams"]["properties"]["valid_crop_size"]["minimum"] == 1
+    assert schemas["XaiParameters"]["properties"]["n_steps"]["maximum"] == 1000
+    assert schemas["ExplanationEntry"]["required"] == ["image_base64"]
 
 
 @pytest.mark.parametrize("body, status, field", [

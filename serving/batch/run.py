@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from models.data.formats import BATCH_LIMITS
 from models.errors import SettingsError
 from serving.batch.inputs import Item, list_inputs, say
 from serving.batch.parts import PART_SIZE, Index, PartWriter, fingerprint, open_parts
@@ -64,15 +65,6 @@ def _read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**batch, "data": column(data), "code": column(codes), "message": column(messages)}
 
 
-def _with_row(response: dict, row: int) -> dict:
-    """An error response renumbered with the image's input position instead of its batch row."""
-    if "error" not in response:
-        return response
-    error = dict(response["error"])
-    message = str(error.get("message", "")).removeprefix(f"image {error.get('row')}: ")
-    return {"error": {**error, "row": row, "message": f"image {row}: {message}"}}
-
-
 class Scorer:
     """A Ray actor holding one `Predictor`: a batch of bytes → one JSON line per image."""
 
@@ -85,24 +77,17 @@ class Scorer:
         if threads:
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         folder = Path(local) if (Path(local) / "MLmodel").is_file() else resolve_model(model)  # another node
-        self.predictor = Predictor.load(folder, overrides=overrides, device=torch.device(device))
-
-    def _predict(self, items: list[bytes | Exception]) -> list[dict]:
-        """Responses for a batch; if it fails unexpectedly, image by image, so a bad image costs only itself."""
-        try:
-            return self.predictor.predict_bytes(items)
-        except Exception as exc:  # noqa: BLE001 - an exception here would fail the whole run
-            if len(items) > 1:
-                return [self._predict([item])[0] for item in items]
-            return [{"error": {"row": 0, "code": "inference_failed", "message": f"image 0: {exc}"}}]
+        self.predictor = Predictor.load(folder, overrides=overrides, device=torch.device(device), limits=BATCH_LIMITS)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One line per image; an image that cannot be scored gets an error line naming its input position
+        (the Predictor scores a failing batch again image by image, so a bad image costs only itself)."""
         from models.errors import ImageError
 
         items = [ImageError(str(code), str(message)) if code else bytes(data)
                  for data, code, message in zip(batch["data"], batch["code"], batch["message"])]
-        lines = [json.dumps({"image": str(key), **_with_row(response, int(idx))})
-                 for key, idx, response in zip(batch["image"], batch["idx"], self._predict(items))]
+        responses = self.predictor.predict_bytes(items, rows=[int(i) for i in batch["idx"]])
+        lines = [json.dumps({"image": str(key), **response}) for key, response in zip(batch["image"], responses)]
         return {"idx": batch["idx"], "line": np.array(lines, dtype=object)}
 
 
