@@ -24,7 +24,7 @@ from pydantic.json_schema import models_json_schema
 from models.data.formats import ImageLimits
 from models.data.images import probe
 from models.errors import ErrorCode, ImageError, SettingsError
-from models.values import to_flag
+from models.tasks.fields import Flag
 
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -121,10 +121,15 @@ _FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 class ExplanationEntry(BaseModel):
     """A `data` entry asking for an explanation, sent as a JSON *string* (scoring.md, Explanations)."""
-    image_base64: str
-    model_explainability: bool = False
-    xai_parameters: dict[str, Any] = Field(default_factory=dict, json_schema_extra={
-        "$ref": "#/components/schemas/XaiParameters"})
+
+    image_base64: str = Field(description="the image, base64")
+    model_explainability: Flag = Field(False, description="explain (true) or only score")
+    xai_parameters: dict[str, Any] | None = Field(None, description="see XaiParameters")
+
+
+_ENTRY_ERRORS = {"image_base64": "a JSON entry needs an image_base64 string",
+                 "model_explainability": "model_explainability must be true or false",
+                 "xai_parameters": "xai_parameters must be an object"}
 
 
 class ErrorBody(BaseModel):
@@ -146,6 +151,7 @@ def openapi_components(params: Mapping[str, type[BaseModel]], xai: type[BaseMode
                                                                  ExplanationEntry, ErrorResponse, xai)],
                                     ref_template="#/components/schemas/{model}")
     components = schemas["$defs"]
+    components["ExplanationEntry"]["properties"]["xai_parameters"] = {"$ref": f"#/components/schemas/{xai.__name__}"}
     for name, cls in params.items():
         full = cls.model_json_schema()
         keep = {k: {**v, "default": None} for k, v in full["properties"].items()
@@ -260,19 +266,13 @@ def parse_entry(value: Any, field_name: str) -> Entry:
         value = value["image"]
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
-            doc = json.loads(value)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, f"not valid JSON ({exc})"))
-        if not isinstance(doc, dict) or not isinstance(doc.get("image_base64"), str):
-            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, "a JSON entry needs an image_base64 string"))
-        xai = doc.get("xai_parameters") or {}
-        if not isinstance(xai, dict):
-            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, "xai_parameters must be an object"))
-        try:
-            explain = to_flag(doc.get("model_explainability", False))
-        except ValueError:
-            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, "model_explainability must be true or false"))
-        return Entry(field_name, _bytes(doc["image_base64"]), explain, xai)
+            entry = ExplanationEntry.model_validate_json(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            message = _ENTRY_ERRORS.get(str(first["loc"][0]) if first["loc"] else "",
+                                        f"not valid JSON ({first['msg']})")
+            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, message))
+        return Entry(field_name, _bytes(entry.image_base64), entry.model_explainability, entry.xai_parameters or {})
     return Entry(field_name, _bytes(value))
 
 

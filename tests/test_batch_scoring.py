@@ -64,6 +64,19 @@ def test_list_folder_recursive_images_only(tmp_path):
     assert keys == [str(tmp_path / "in" / n) for n in ("a.png", "b/1.webp", "b/2.JPG", "c/d/3.jfif")]
 
 
+@pytest.mark.parametrize("fmt, suffix", [("ICO", ".ico"), ("MPO", ".mpo"), ("GIF", ".gif"), ("TIFF", ".tif"),
+                                          ("BMP", ".bmp"), ("WEBP", ".webp"), ("JPEG", ".jpe")])
+def test_every_format_the_spec_lists_is_found_in_a_folder_and_decodes(tmp_path, fmt, suffix):
+    from models.data.images import decode
+
+    path = tmp_path / "in" / f"image{suffix}"
+    path.parent.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path, format=fmt)
+    [item] = list_inputs(tmp_path / "in")
+    assert item.path == str(path)
+    assert decode(path.read_bytes()).size == (64, 64)
+
+
 def test_list_jsonl_and_mltable_keep_order_and_dedupe(tmp_path):
     urls = ["images/b.png", "images/a.png", "images/b.png", "/abs/c.png"]
     jsonl = tmp_path / "data" / "score.jsonl"
