@@ -4,13 +4,14 @@ task, and the checks before training, each problem named by file, line and field
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from models.data.checks import check_training_set
-from models.data.records import Box
+from models.data.records import Box, LabelError
 from models.data.jsonl import read_dataset, read_jsonl, resolve_image_url
 from models.data.records import Dataset
 from models.errors import DataError
@@ -235,6 +236,41 @@ def test_cloud_url_without_an_image_root_maps_under_the_jsonl_folder(tmp_path):
 def test_cloud_url_with_escaped_characters_is_unquoted(tmp_path):
     url = CLOUD + "image%20data/a%2Bb.jpg"
     assert Path(resolve_image_url(url, tmp_path, tmp_path / "root")) == tmp_path / "root" / "image data" / "a+b.jpg"
+
+
+@pytest.mark.parametrize("url, reaches", [
+    (CLOUD + "/etc/shadow", "/etc/shadow"),  # azureml://.../paths//etc/shadow
+    (CLOUD + "image_data/../../secret.jpg", "secret.jpg"),
+    ("AmlDatastore://../etc/passwd", "etc/passwd"),
+    ("s3://bucket/a/../../b.jpg", "b.jpg"),
+    ("https://account.blob.core.windows.net/container/sub/%2e%2e/%2E%2E/c.jpg", "c.jpg"),
+    ("gs://bucket/..", ""),
+])
+def test_a_cloud_url_that_climbs_out_of_the_image_root_is_refused(tmp_path, url, reaches):
+    root = tmp_path / "root"
+    mapped = reaches if reaches.startswith("/") else str(Path(tmp_path, reaches)).rstrip("/")
+    with pytest.raises(LabelError, match=f"maps to {re.escape(mapped)}, outside the image root {re.escape(str(root))}"):
+        resolve_image_url(url, tmp_path / "data", root)
+    with pytest.raises(LabelError, match="outside .*the JSONL file's folder"):  # no image root: the same rule
+        resolve_image_url(url, tmp_path / "data" / "deeper" / "still", None)
+
+
+def test_a_cloud_url_may_use_dots_that_stay_inside_the_image_root(tmp_path):
+    root = tmp_path / "root"
+    assert Path(resolve_image_url(CLOUD + "a/../b/./c.jpg", tmp_path, root)).resolve() == root / "b" / "c.jpg"
+    assert Path(resolve_image_url(CLOUD + "a//b.jpg", tmp_path, root)).resolve() == root / "a" / "b.jpg"
+
+
+def test_training_data_names_the_line_of_a_cloud_url_that_escapes(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"image_url": CLOUD + "image_data/a.jpg", "label": "can"},
+                                                  {"image_url": CLOUD + "/etc/shadow", "label": "can"},
+                                                  {"image_url": "../images/b.jpg", "label": "can"},
+                                                  {"image_url": "/elsewhere/c.jpg", "label": "can"}])
+    dataset = read_jsonl(path, CLASSES, image_root=tmp_path / "root")
+    assert [str(p) for p in dataset.problems] == [
+        f"train.jsonl:2: image_url: {CLOUD}/etc/shadow maps to /etc/shadow, outside the image root {tmp_path / 'root'}"]
+    assert [r.line for r in dataset.records] == [1, 3, 4]  # relative and absolute paths are as before
+    assert [r.image for r in dataset.records][1:] == [str(tmp_path / "../images/b.jpg"), "/elsewhere/c.jpg"]
 
 
 def test_images_behind_cloud_urls_are_found_under_the_image_root(tmp_path):

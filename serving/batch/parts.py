@@ -1,11 +1,12 @@
 """Resumable output of batch scoring: part files written atomically, an index of finished images,
-and the manifest that ties `<output>.parts/` to one model and its settings."""
+and the manifests that tie `<output>.parts/` and a finished output to one model and its settings."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import time
 from array import array
 from collections import OrderedDict
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from models.errors import SettingsError
+from serving.batch.files import atomic_write, commit, fsync_dir, temp_name
 from serving.batch.inputs import Item
 
 PART_SIZE = 256
@@ -29,16 +31,6 @@ def _key_of(line: str) -> tuple[str, bool] | None:
     except json.JSONDecodeError:
         return None
     return (key, line.startswith(_ERROR_MARK, end)) if isinstance(key, str) else None
-
-
-def _atomic_write(path: Path, lines: Sequence[str]) -> None:
-    """Write lines to a temp name, fsync, rename: a reader (or a resume) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class PartWriter:
@@ -57,7 +49,7 @@ class PartWriter:
         if self.buffer:
             self.count += 1
             lines = [line for _, line in sorted(self.buffer)]
-            _atomic_write(self.folder / f"part-{self.run}-{self.count:06d}.jsonl", lines)
+            atomic_write(self.folder / f"part-{self.run}-{self.count:06d}.jsonl", lines)
             self.buffer = []
 
 
@@ -91,7 +83,7 @@ class Index:
     def assemble(self, output: Path) -> None:
         """Copy every image's line in input order into `output` (a temp name, then an atomic rename)."""
         handles: OrderedDict[int, BinaryIO] = OrderedDict()
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        tmp = temp_name(output)
         try:
             with open(tmp, "wb") as out:
                 for number, offset, length in zip(self.file_of, self.offset, self.length):
@@ -102,10 +94,13 @@ class Index:
                     out.write(handles[number].read(length))
                 out.flush()
                 os.fsync(out.fileno())
+            commit(tmp, output)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
             for handle in handles.values():
                 handle.close()
-        os.replace(tmp, output)
 
 
 def fingerprint(model_dir: Path, params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -128,22 +123,72 @@ def fingerprint(model_dir: Path, params: Mapping[str, Any] | None) -> dict[str, 
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     settings = as_dict(spec.settings, inference_only=True)
-    return {"model": str(model_dir), "model_sha256": digest.hexdigest(), "batch_size": settings.pop("batch_size"),
-            "settings": settings}
+    fields = {"model": str(model_dir), "model_sha256": digest.hexdigest(), "batch_size": settings.pop("batch_size"),
+              "settings": settings}
+    return json.loads(json.dumps(fields))  # as a manifest reads back (lists, not tuples), so they compare
+
+
+def differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between the fingerprint results were made with and this run's, in words."""
+    found = []
+    if previous.get("model_sha256") != current["model_sha256"]:
+        found.append(f"the model: sha256 {previous.get('model_sha256')} (from {previous.get('model')}), "
+                     f"this run's {current['model_sha256']} (from {current['model']})")
+    old, new = previous.get("settings") or {}, current["settings"]
+    show = lambda values, name: json.dumps(values[name]) if name in values else "not set"  # noqa: E731
+    for name in sorted(set(old) | set(new)):
+        if name not in old or name not in new or old[name] != new[name]:
+            found.append(f"setting {name}: {show(old, name)} then, {show(new, name)} in this run")
+    return found
+
+
+def _refuse(what: Path, holds: str, found: Sequence[str]) -> ValueError:
+    lines = "".join(f"\n  - {line}" for line in found)
+    return ValueError(f"{what} holds results of {holds}:{lines}\n"
+                      "pass --overwrite to re-score with this run's model and settings, or choose another --output")
 
 
 def open_parts(parts: Path, settings: dict[str, Any]) -> list[Path]:
     """Create `<output>.parts/` or check it holds results of the same model and settings; its parts."""
     manifest = parts / MANIFEST
-    same = ("model_sha256", "settings")
     if manifest.is_file():
         previous = json.loads(manifest.read_text())
-        if any(previous.get(k) != settings[k] for k in same):
-            raise ValueError(f"{parts} holds results of another model or other settings ({previous.get('model')}, "
-                             f"{previous.get('settings')}); pass --overwrite to start again")
+        if found := differences(previous, settings):
+            raise _refuse(parts, "another model or other settings", found)
     else:
         parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write(manifest, [json.dumps(settings)])
+        fsync_dir(parts.parent)
+        atomic_write(manifest, [json.dumps(settings)])
     for stale in parts.glob(".*.tmp"):  # a killed run's unfinished part
         stale.unlink(missing_ok=True)
     return sorted(parts.glob("part-*.jsonl"))
+
+
+def output_manifest(output: Path) -> Path:
+    """`<output>.manifest.json`: the model and settings a finished output was scored with."""
+    return output.with_name(output.name + ".manifest.json")
+
+
+def check_finished(output: Path, settings: dict[str, Any]) -> None:
+    """Refuse a finished output unless its manifest says this run's model and settings made it."""
+    manifest = output_manifest(output)
+    try:
+        previous = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _refuse(output, "an unknown model and settings",
+                      [f"{manifest.name}, which names them, is missing"]) from None
+    except (OSError, ValueError) as exc:
+        raise _refuse(output, "an unknown model and settings", [f"{manifest} cannot be read ({exc})"]) from None
+    if not isinstance(previous, dict) or (found := differences(previous, settings)):
+        raise _refuse(output, "another model or other settings", found if isinstance(previous, dict)
+                      else [f"{manifest} is not a JSON object"])
+
+
+def finish(parts: Path, output: Path, index: Index, settings: dict[str, Any]) -> None:
+    """Assemble the output, record its manifest, and drop the parts. A crash anywhere in between leaves
+    the parts folder (with its own manifest), so the next run assembles again."""
+    manifest = output_manifest(output)
+    manifest.unlink(missing_ok=True)  # never a manifest beside an output another run made
+    index.assemble(output)
+    atomic_write(manifest, [json.dumps({**settings, "images": len(index.position), "errors": index.errors})])
+    shutil.rmtree(parts, ignore_errors=True)

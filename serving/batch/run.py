@@ -3,7 +3,9 @@
 Ray Data reads the image bytes in parallel tasks and scores them in an actor pool (one
 `Predictor` per actor, on a GPU when asked). The driver streams the results into part files
 under `<output>.parts/` (each written to a temp name, then renamed), so a killed run resumes
-where it stopped; at the end the parts are assembled into the output in input order.
+where it stopped; at the end the parts are assembled into the output in input order, and
+`<output>.manifest.json` records the model and settings that made it. A run holds a lock on its
+output from start to end, so a second run on the same output is refused.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import numpy as np
 
 from models.data.formats import BATCH_LIMITS
 from models.errors import SettingsError
-from serving.batch.inputs import Item, list_inputs, say
-from serving.batch.parts import PART_SIZE, Index, PartWriter, fingerprint, open_parts
+from serving.batch.files import OutputLock, remove_temps
+from serving.batch.inputs import Item, list_inputs, read_image, say
+from serving.batch.parts import (PART_SIZE, Index, PartWriter, check_finished, fingerprint, finish, open_parts,
+                                 output_manifest)
 from models.runtime import ensure_ray
 from serving.loading import resolve_model
 
@@ -48,16 +52,11 @@ class ScoreSummary:
                 f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped} already done")
 
 def _read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read each `path`'s bytes; a missing or unreadable file gets an error code instead."""
+    """Read each `path`'s bytes (regular files of at most the batch limit, 20 MB); a missing, unreadable
+    or too large file gets an error code and message instead, and becomes its own error line."""
     data, codes, messages = [], [], []
     for path in batch.pop("path"):
-        code, message, raw = "", "", b""
-        try:
-            raw = Path(str(path)).read_bytes()
-        except FileNotFoundError:
-            code, message = "missing", f"file not found: {path}"
-        except OSError as exc:
-            code, message = "unreadable", f"cannot read {path}: {exc.strerror or exc}"
+        code, message, raw = read_image(str(path), BATCH_LIMITS.max_bytes)
         data.append(raw)
         codes.append(code)
         messages.append(message)
@@ -145,7 +144,8 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
           concurrency: int | None = None, num_gpus_per_actor: float = 0.0, params: Mapping[str, Any] | None = None,
           image_root: str | Path | None = None, progress: bool = True, overwrite: bool = False,
           part_size: int = PART_SIZE, address: str | None = None, num_cpus: float | None = None) -> ScoreSummary:
-    """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run."""
+    """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run.
+    A finished output of another model or other settings is refused (`overwrite` re-scores it)."""
     from tqdm import tqdm
 
     start = time.monotonic()
@@ -160,35 +160,38 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
     items = list_inputs(input, image_root)
     output, index = Path(output), Index(items)
     parts = output.with_name(output.name + ".parts")
-    if overwrite:
-        shutil.rmtree(parts, ignore_errors=True)
-    elif output.exists() and not parts.exists():
-        if index.scan(output) < len(items):
-            raise ValueError(f"{output} exists and lacks {len(index.missing())} of the {len(items)} input images; "
-                             "pass --overwrite to re-score, or choose another --output")
-        say(f"{output} already has all {len(items)} images: nothing to do (--overwrite re-scores)")
-        return _summary(output, index, 0, len(items), start)
-    skipped = sum(index.scan(part) for part in open_parts(parts, settings))
-    pending = index.missing()
-    if skipped:
-        say(f"resuming: {skipped} of {len(items)} images already scored in {parts}, skipping them")
-    if pending:
-        ensure_ray(address, num_cpus)
-        writer = PartWriter(parts, part_size)
-        with tqdm(total=len(items), initial=skipped, unit="img", file=sys.stderr, disable=not progress,
-                  desc="scoring") as bar:
-            for idx, line in _results(items, pending, (str(model), model_dir), dict(params or {}) or None,
-                                      batch_size or max(32, settings["batch_size"]), concurrency,
-                                      num_gpus_per_actor):
-                writer.add(idx, line)
-                bar.update(1)
-        writer.flush()
-        for part in sorted(parts.glob(f"part-{writer.run}-*.jsonl")):
-            index.scan(part)
-    if index.missing():
-        raise RuntimeError(f"{len(index.missing())} images got no result; run again to score them")
-    index.assemble(output)
-    shutil.rmtree(parts, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(output):  # a second run on this output is refused until this one ends
+        remove_temps(output.parent, [output.name, output_manifest(output).name])  # a killed run's
+        if overwrite:
+            shutil.rmtree(parts, ignore_errors=True)
+        elif output.exists() and not parts.exists():
+            check_finished(output, settings)  # another model's or other settings' results are never kept
+            if index.scan(output) < len(items):
+                raise ValueError(f"{output} exists and lacks {len(index.missing())} of the {len(items)} input "
+                                 "images; pass --overwrite to re-score, or choose another --output")
+            say(f"{output} already has all {len(items)} images: nothing to do (--overwrite re-scores)")
+            return _summary(output, index, 0, len(items), start)
+        skipped = sum(index.scan(part) for part in open_parts(parts, settings))
+        pending = index.missing()
+        if skipped:
+            say(f"resuming: {skipped} of {len(items)} images already scored in {parts}, skipping them")
+        if pending:
+            ensure_ray(address, num_cpus)
+            writer = PartWriter(parts, part_size)
+            with tqdm(total=len(items), initial=skipped, unit="img", file=sys.stderr, disable=not progress,
+                      desc="scoring") as bar:
+                for idx, line in _results(items, pending, (str(model), model_dir), dict(params or {}) or None,
+                                          batch_size or max(32, settings["batch_size"]), concurrency,
+                                          num_gpus_per_actor):
+                    writer.add(idx, line)
+                    bar.update(1)
+            writer.flush()
+            for part in sorted(parts.glob(f"part-{writer.run}-*.jsonl")):
+                index.scan(part)
+        if index.missing():
+            raise RuntimeError(f"{len(index.missing())} images got no result; run again to score them")
+        finish(parts, output, index, settings)
     summary = _summary(output, index, len(pending), skipped, start)
     say(str(summary))
     return summary

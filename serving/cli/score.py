@@ -28,16 +28,19 @@ def add_commands(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("score", help="batch-score a folder, JSONL file or MLTable of images on Ray Data")
     p.add_argument("model", help="MLflow model folder or MLflow URI (models:/name/1, runs:/...)")
     p.add_argument("--input", required=True, help="folder of images (recursive), JSONL file or MLTable folder")
-    p.add_argument("--output", required=True, help="predictions JSONL: one line per image, in input order")
+    p.add_argument("--output", required=True, help="predictions JSONL: one line per image, in input order "
+                   "(with <output>.manifest.json: the model and settings that made it)")
     p.add_argument("--batch-size", type=int, help="images per actor call (default: max(32, the model's batch_size))")
     p.add_argument("--concurrency", type=int, help="scoring actors (default: one per GPU share, else CPUs / 4)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5 (default: CPU)")
     add_set_flag(p, "override an inference setting for this run, e.g. --set box_score_thresh=0.5")
-    p.add_argument("--image-root", help="folder that cloud image URLs of a JSONL/MLTable map under")
+    p.add_argument("--image-root", help="folder that cloud image URLs of a JSONL/MLTable map under "
+                   "(they must stay inside it)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local instance)")
     p.add_argument("--num-cpus", type=float, help="CPUs of the local Ray instance it starts (default: all)")
     p.add_argument("--part-size", type=int, default=PART_SIZE, help="images per part file (what a resume redoes)")
-    p.add_argument("--overwrite", action="store_true", help="re-score even if the output or part files exist")
+    p.add_argument("--overwrite", action="store_true", help="re-score even if the output or part files exist "
+                   "(a finished output of another model or other --set values is refused without it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
     return p
