@@ -45,7 +45,7 @@ def _image(case: str, folder: Path) -> Path:
     if case == "png16_8000":
         ramp = np.linspace(0, 65535, 8000, dtype=np.float32)
         pixels = ((ramp[None, :] + ramp[:, None]) / 2).astype(np.uint16)
-        Image.fromarray(pixels, mode="I;16").save(path, format="PNG", compress_level=6)
+        Image.fromarray(pixels).save(path, format="PNG", compress_level=6)  # mode I;16
         return path
     width, height = (16000, 16000) if case == "jpeg_16000" else (16000, 12000)
     small = np.random.default_rng(0).integers(0, 255, size=(height // 250, width // 250, 3), dtype=np.uint8)

@@ -3,17 +3,17 @@ guided GradCAM and guided backprop on the evaluation center crop, drawn as the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from explain.guided import prepare
 from explain.methods import METHODS, Explainer, attribute
-from explain.params import ALGORITHMS, DEFAULT, XaiParameters, parse_xai
+from explain.params import ALGORITHMS, DEFAULT, MAX_EXPLAINED_LABELS, XaiParameters, parse_xai
 from explain.visualize import render
 
-__all__ = ["ALGORITHMS", "DEFAULT", "METHODS", "Explainer", "XaiParameters", "attribute", "explain_crop",
-           "make_explainer", "parse_xai", "targets"]
+__all__ = ["ALGORITHMS", "DEFAULT", "MAX_EXPLAINED_LABELS", "METHODS", "Explainer", "Stopped", "TooManyLabels",
+           "XaiParameters", "attribute", "explain_crop", "make_explainer", "parse_xai", "targets"]
 
 
 def make_explainer(model: torch.nn.Module, arch_name: str, multilabel: bool, device: torch.device) -> Explainer:
@@ -28,9 +28,19 @@ def targets(probs: torch.Tensor, multilabel: bool, threshold: float) -> list[int
     return [int(probs.argmax())]
 
 
-def explain_crop(explainer: Explainer, crop: torch.Tensor, labels: Sequence[str],
-                 xai: XaiParameters) -> tuple[torch.Tensor, dict]:
-    """uint8 center crop [3, S, S] → (probabilities, the explanation keys of the response)."""
+class TooManyLabels(ValueError):
+    """More labels qualify for an explanation than one image may have explained."""
+
+
+class Stopped(Exception):
+    """The caller stopped waiting: the explanation was abandoned between two labels."""
+
+
+def explain_crop(explainer: Explainer, crop: torch.Tensor, labels: Sequence[str], xai: XaiParameters,
+                 should_stop: Callable[[], bool] = lambda: False) -> tuple[torch.Tensor, dict]:
+    """uint8 center crop [3, S, S] → (probabilities, the explanation keys of the response). At most
+    MAX_EXPLAINED_LABELS labels are explained (TooManyLabels otherwise, before any attribution work);
+    `should_stop` is asked before each label (Stopped)."""
     pixels = (crop.to(explainer.device).float() / 255).unsqueeze(0)
     with torch.no_grad():
         probs = explainer.model(pixels)[0].float().cpu()
@@ -39,7 +49,15 @@ def explain_crop(explainer: Explainer, crop: torch.Tensor, labels: Sequence[str]
     if not (xai.visualizations or xai.attributions):
         return probs, out
     chosen = targets(probs, multilabel, xai.confidence_score_threshold_multilabel)
-    maps = [attribute(explainer, pixels, t, xai) for t in chosen]
+    if len(chosen) > MAX_EXPLAINED_LABELS:
+        raise TooManyLabels(f"{len(chosen)} labels have prob >= confidence_score_threshold_multilabel="
+                            f"{xai.confidence_score_threshold_multilabel:g}; at most {MAX_EXPLAINED_LABELS} are "
+                            "explained per image: raise the threshold")
+    maps = []
+    for target in chosen:
+        if should_stop():
+            raise Stopped
+        maps.append(attribute(explainer, pixels, target, xai))
     if xai.visualizations:
         pictures = [render(pixels[0].cpu(), a, f"{labels[t]}: {probs[t]:.3f} ({xai.xai_algorithm})")
                     for t, a in zip(chosen, maps)]

@@ -8,6 +8,7 @@ from models.tasks.fields import Flag, Float, Int, SettingsModel, one_of, param, 
 
 ALGORITHMS = ("xrai", "integrated_gradients", "guided_gradcam", "guided_backprop")
 APPROXIMATIONS = ("riemann_middle", "gausslegendre")
+MAX_EXPLAINED_LABELS = 10  # per image (multilabel): each is a full attribution, seconds of work
 
 
 class XaiParameters(SettingsModel):

@@ -2,11 +2,14 @@
 
     mlflow-model/
       MLmodel, conda.yaml, python_env.yaml, requirements.txt, mlflow_model.py
+      code/models, code/serving, code/explain   visionserve's own packages (MLflow `code_paths`)
       artifacts/settings.json   task, model_name, labels and inference.md's parameters
       artifacts/model.pt        the weights, a plain state_dict
 
-The pyfunc is MLflow "models from code": `mlflow_model.py` names `serving.pyfunc.VisionModel`,
-imported from the installed package when the folder is loaded; nothing is pickled.
+The pyfunc is MLflow "models from code": `mlflow_model.py` names `serving.pyfunc.VisionModel`, imported
+from the folder's own `code/` when it is loaded; nothing is pickled. `requirements.txt` pins only packages
+of the package registry, so `mlflow models serve --env-manager uv|virtualenv` rebuilds the environment
+anywhere, visionserve installed or not.
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ SETTINGS_FILE = "settings.json"
 PYFUNC_ENTRY = "serving.mlflow_model"
 WEIGHTS_FILE = "model.pt"
 _META_KEYS = ("task", "model_name", "labels", "visionserve_version")
-_RUNTIME_PACKAGES = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "opencv-python-headless",
-                     "pycocotools", "torchmetrics", "scikit-learn", "timm")
+# What the pyfunc imports, explanations included (pip resolves what these need in turn);
+# tests/test_exported_environment.py checks the list against what loading, scoring and explaining import.
+_RUNTIME_PACKAGES = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "tqdm",
+                     "opencv-python-headless", "pycocotools", "timm", "captum", "saliency", "scikit-image",
+                     "matplotlib", "colorcet")
+# visionserve's packages copied into the folder; `loadtests` and the tests are not needed to load it
+CODE_PACKAGES = ("models", "serving", "explain")
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,17 @@ def read_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> 
 
 def pip_requirements() -> list[str]:
     """The packages the pyfunc needs at load time, pinned to this environment's versions."""
-    pins = [f"{name}=={_version(name)}" for name in _RUNTIME_PACKAGES if _version(name)]
-    version = _version("visionserve")
-    return pins + ([f"visionserve=={version}"] if version else [])
+    return [f"{name}=={_version(name)}" for name in _RUNTIME_PACKAGES if _version(name)]
+
+
+def _code_paths(into: Path) -> list[str]:
+    """visionserve's packages, copied without bytecode caches, for MLflow's `code_paths`."""
+    root = Path(__file__).resolve().parent.parent
+    paths = []
+    for package in CODE_PACKAGES:
+        shutil.copytree(root / package, into / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        paths.append(str(into / package))
+    return paths
 
 
 _PARAM_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
@@ -165,6 +181,7 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
             artifacts={"settings": str(settings_file), "weights": str(weights_file)},
             signature=signature(model_settings.task),
             pip_requirements=pip_requirements(),
+            code_paths=_code_paths(Path(tmp) / "code"),
             metadata={"task": model_settings.task.name, "model_name": model_settings.model_name},
             # what a loader may set: load_model(..., model_config={"compile": True}) or, for `mlflow models
             # serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{"compile": true}' (serving.pyfunc, serving.compiled)

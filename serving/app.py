@@ -15,12 +15,9 @@ predictor's private model copy, at most `max_concurrent_explanations` at a time 
 
 import asyncio
 import functools
-import hashlib
-import hmac
 import json
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +31,8 @@ from models.data.formats import PREDICTION_LIMITS, ImageLimits
 from models.errors import ErrorCode, ImageError, SettingsError
 from models.runtime import torch_thread
 from models.tasks.fields import as_dict
+from serving.access import key_matches, read_key_file, request_id_of
+from serving.admission import Admission, Busy, TimedOut
 from serving.contract import (
     ParsedRequest, RequestError, Route, check_xai, openapi_components, parameter_error, parse_json,
     parse_request, probe_images,
@@ -62,10 +61,6 @@ class ServiceConfig:
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=int(self.max_image_mb * 2**20))
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.strip().encode("utf-8")).hexdigest()
 
 
 app = FastAPI(
@@ -105,9 +100,9 @@ def _route_doc(body: str) -> dict[str, Any]:
             ("429", "over capacity; see Retry-After"), ("504", "an explanation took too long"))}}
 
 
-def _error(status: int, code: str, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id}}, status,
-                        headers={"x-request-id": request_id, **(headers or {})})
+def _error(status: int, code: str, message: str, request: Request, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": request.state.request_id}},
+                        status, headers={**request.state.id_headers, **(headers or {})})
 
 
 def _key(params: dict[str, Any]) -> str:
@@ -147,8 +142,8 @@ class VisionService:
         self._explain_threads = ThreadPoolExecutor(self.config.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
         self.predictor = self._model_thread.submit(Predictor.load, self.model_dir, overrides=self.config.overrides,
-                                                   compile_scorer=self.config.compile,
-                                                   limits=self.config.limits).result()
+                                                   compile_scorer=self.config.compile, limits=self.config.limits,
+                                                   explainers=self.config.max_concurrent_explanations).result()
         self._score_images.set_max_batch_size(self.config.max_batch_size)
         self._score_images.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.images_total = metrics.Counter("visionserve_images_total", "Images scored", tag_keys=("route",))
@@ -159,8 +154,8 @@ class VisionService:
                                                  boundaries=[0.5, 1, 2.5, 5, 10, 30, 60, 120, 300])
         self.batch_images = metrics.Histogram("visionserve_batch_images", "Images per model call",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
-        self._explain_slots = asyncio.Semaphore(self.config.max_concurrent_explanations)
-        self._explaining = 0  # explanation requests admitted and not finished (running or waiting)
+        self._explanations = Admission(self.config.max_concurrent_explanations, self.config.max_waiting_explanations,
+                                       self.config.explanation_timeout_s, self._explain_threads)
         self._scoring = 0  # requests with images to score, between admission and answer
         log.info("visionserve replica ready: %s (%s), %s scoring", self.predictor.spec.model_name,
                  self.predictor.spec.task.name, "compiled" if self.predictor.compiled else "eager")
@@ -253,33 +248,18 @@ class VisionService:
 
     async def _explain(self, items: list[bytes], wishes: list[Any], params: dict, rows: list[int]) -> list[dict]:
         """Explanations off the batcher: a few at a time, a long timeout, 429 when too many wait."""
-        limit = self.config.max_concurrent_explanations + self.config.max_waiting_explanations
-        if self._explaining >= limit:
-            raise RequestError(429, ErrorCode.TOO_MANY_EXPLANATIONS, f"{self._explaining} explanation requests are in "
-                               "progress on this replica; retry later", headers={"retry-after": "5"})
-        self._explaining += 1
-        deadline = time.monotonic() + self.config.explanation_timeout_s
-        timeout = RequestError(504, ErrorCode.EXPLANATION_TIMEOUT, f"the explanation took over "
-                               f"{self.config.explanation_timeout_s:g} s (explanation_timeout_s); try fewer "
-                               "images, a smaller n_steps or a faster xai_algorithm")
-        try:
-            await asyncio.wait_for(self._explain_slots.acquire(), self.config.explanation_timeout_s)
-        except TimeoutError:
-            self._explaining -= 1
-            raise timeout from None
-
-        def finished(_: Any) -> None:
-            self._explain_slots.release()
-            self._explaining -= 1
-
         started = time.perf_counter()
-        work = asyncio.get_running_loop().run_in_executor(
-            self._explain_threads, functools.partial(self.predictor.explain_bytes, items, wishes, params, rows=rows))
-        work.add_done_callback(finished)  # the slot stays taken until the thread is really done
         try:
-            return await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise timeout from None
+            return await self._explanations.run(functools.partial(self.predictor.explain_bytes, items, wishes, params,
+                                                                  rows=rows))
+        except Busy:
+            raise RequestError(429, ErrorCode.TOO_MANY_EXPLANATIONS, f"{self._explanations.admitted} explanation "
+                               "requests are in progress on this replica; retry later",
+                               headers={"retry-after": "5"}) from None
+        except TimedOut:
+            raise RequestError(504, ErrorCode.EXPLANATION_TIMEOUT, f"the explanation took over "
+                               f"{self.config.explanation_timeout_s:g} s (explanation_timeout_s); try fewer images, a "
+                               "smaller n_steps or a faster xai_algorithm") from None
         finally:
             self.explain_seconds.observe(time.perf_counter() - started)
 
@@ -287,15 +267,20 @@ class VisionService:
 
     def _denied(self, request: Request) -> JSONResponse | None:
         """The request id for logs and replies; a 401 when an API key is configured and not given."""
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # Ray Serve answers with the x-request-id it was sent (or one it made up); when that is not a plain
+        # short token, this replica's logs and error bodies use its own, sent back as x-visionserve-request-id
+        given = request.headers.get("x-request-id")
+        request.state.request_id = request_id_of(given)
+        request.state.id_headers = {} if request.state.request_id == given else {
+            "x-visionserve-request-id": request.state.request_id}
         if not self.config.api_key_sha256:
             return None
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if token and hmac.compare_digest(key_digest(token), self.config.api_key_sha256):
+        if key_matches(token, self.config.api_key_sha256):
             return None
         return _error(401, ErrorCode.UNAUTHORIZED, "a valid API key is required: Authorization: Bearer <key>",
-                      request.state.request_id, {"www-authenticate": "Bearer"})
+                      request, {"www-authenticate": "Bearer"})
 
     async def _body(self, request: Request) -> bytes:
         """The body, read up to the size cap: a declared or chunked body over it is refused while reading."""
@@ -330,14 +315,14 @@ class VisionService:
             partial = request.query_params.get("partial", "").lower() in ("1", "true")
             answers, batching = await self._answer(parsed, details, wishes, partial)
             self.images_total.inc(len(answers), tags={"route": request.url.path})
-            return JSONResponse(wrap(answers), headers={"x-request-id": request_id, **batching})
+            return JSONResponse(wrap(answers), headers={**request.state.id_headers, **batching})
         except RequestError as exc:
             status = exc.status
-            return JSONResponse(exc.body(request_id), exc.status, headers={"x-request-id": request_id, **exc.headers})
+            return JSONResponse(exc.body(request_id), exc.status, headers={**request.state.id_headers, **exc.headers})
         except Exception:  # our own bug: logged with its traceback, answered without one
             status = 500
             log.exception("request_id=%s failed", request_id)
-            return _error(500, ErrorCode.INTERNAL_ERROR, "internal error; the server log has the details", request_id)
+            return _error(500, ErrorCode.INTERNAL_ERROR, "internal error; the server log has the details", request)
         finally:
             log.info("request_id=%s path=%s status=%s images=%d ms=%.1f", request_id, request.url.path, status,
                      images, (time.perf_counter() - started) * 1000)
@@ -372,8 +357,8 @@ class VisionService:
         return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
                 "settings": as_dict(spec.settings, inference_only=True), "model": self.config.model,
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
-                "compiled": self.predictor.compiled,
-                "in_progress": {"scoring": self._scoring, "explaining": self._explaining},
+                "compiled": self.predictor.compiled, "replica": serve.get_replica_context().replica_id.unique_id,
+                "in_progress": {"scoring": self._scoring, "explaining": self._explanations.admitted},
                 "limits": {k: v for k, v in asdict(self.config).items()
                            if k in ("max_batch_size", "max_request_mb", "max_images_per_request", "max_image_mb")}}
 
@@ -388,6 +373,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     args = dict(args)
     key_file = args.pop("api_key_file", None)
     overrides = args.pop("set", None) or args.pop("overrides", None) or {}
-    digest = key_digest(Path(key_file).read_text()) if key_file else None
+    digest = read_key_file(key_file, "api_key_file") if key_file else None
     config = ServiceConfig(overrides=overrides, api_key_sha256=digest, **args)
     return VisionService.bind(asdict(config))

@@ -1,9 +1,10 @@
 """Explanations of a classifier's answers (XRAI, integrated gradients, guided GradCAM / backprop) for
-the pyfunc, the endpoint and batch scoring: on a private guided copy of the model, one image at a time,
-so scoring is not held up."""
+the pyfunc, the endpoint and batch scoring: on private guided copies of the model, so scoring is not
+held up; as many at once as there are copies."""
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -11,10 +12,12 @@ from typing import Any
 import torch
 
 from models.data.formats import ImageLimits
-from models.data.images import decode_tensor
+from models.data.images import decode_tensor, probe
 from models.errors import ErrorCode, ImageError
 from serving.contract import row_error
 from serving.loading import LoadedModel
+
+STOPPED = ImageError(ErrorCode.EXPLANATION_TIMEOUT, "not explained: the request stopped waiting")
 
 
 def unsupported(task_name: str) -> ImageError:
@@ -23,36 +26,58 @@ def unsupported(task_name: str) -> ImageError:
 
 
 class Explanations:
-    """The explainer of one loaded classifier, made on first use; one explanation runs at a time."""
+    """Up to `copies` explainers of one loaded classifier, each made on first use; an explanation takes one
+    for its duration (so `copies` run at once and the rest wait) and gives it back."""
 
-    def __init__(self, loaded: LoadedModel, limits: ImageLimits):
-        self.loaded, self.limits = loaded, limits
-        self._explainer: Any = None  # explain.Explainer
+    def __init__(self, loaded: LoadedModel, limits: ImageLimits, copies: int = 1):
+        self.loaded, self.limits, self.copies = loaded, limits, max(1, copies)
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._made = 0
         self._lock = threading.Lock()
 
-    def explain(self, items: Sequence[bytes | ImageError], xai: Sequence[Any], settings: Any,
-                rows: Sequence[int]) -> list[dict]:
-        """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order."""
-        from explain import explain_crop, make_explainer
+    def _take(self) -> Any:
+        from explain import make_explainer
+
+        with self._lock:
+            if self._idle.empty() and self._made < self.copies:
+                self._made += 1
+                spec = self.loaded.spec
+                return make_explainer(self.loaded.model, self.loaded.arch.name, spec.task.ops.multilabel,
+                                      self.loaded.device)
+        return self._idle.get()
+
+    def explain(self, items: Sequence[bytes | ImageError], xai: Sequence[Any], settings: Any, rows: Sequence[int],
+                stop: threading.Event | None = None) -> list[dict]:
+        """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order; once
+        `stop` is set, what is left is answered as not explained."""
+        from explain import Stopped, TooManyLabels, explain_crop
         from models.tasks.classification import eval_crop
 
         spec = self.loaded.spec
         if not spec.task.is_classification:
             return [row_error(r, unsupported(spec.task.name)) for r in rows]
         crop = eval_crop(settings)
+        stopped = stop.is_set if stop is not None else (lambda: False)
         out = []
-        with self._lock:
-            if self._explainer is None:
-                self._explainer = make_explainer(self.loaded.model, self.loaded.arch.name, spec.task.ops.multilabel,
-                                                 self.loaded.device)
+        explainer = self._take()
+        try:
             for row, item, wishes in zip(rows, items, xai):
                 try:
+                    if stopped():
+                        raise Stopped
                     if isinstance(item, ImageError):
                         raise item
-                    with torch.inference_mode():  # decode_tensor checks bytes and size from the header first
-                        pixels = crop(decode_tensor(item, self.limits, self.loaded.device))
-                    probs, extra = explain_crop(self._explainer, pixels, spec.labels, wishes)
+                    size = spec.task.ops.decode_size(settings, *probe(item, self.limits))  # header checks first
+                    with torch.inference_mode():
+                        pixels = crop(decode_tensor(item, self.limits, self.loaded.device, size))
+                    probs, extra = explain_crop(explainer, pixels, spec.labels, wishes, stopped)
                     out.append({**spec.task.ops.format(probs, (0, 0), spec.labels, settings), **extra})
                 except ImageError as exc:
                     out.append(row_error(row, exc))
+                except TooManyLabels as exc:
+                    out.append(row_error(row, ImageError(ErrorCode.INVALID_XAI_PARAMETERS, str(exc))))
+                except Stopped:
+                    out.append(row_error(row, STOPPED))
+        finally:
+            self._idle.put(explainer)
         return out

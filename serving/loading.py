@@ -107,6 +107,10 @@ def load_model(settings_path: str | Path, weights_path: str | Path, *, device: t
             module.to(memory_format=torch.channels_last)
         if spec.settings.half_precision and device.type == "cuda":
             module.half()
+    if spec.task.family == "segmentation":
+        from models.tasks.detection import paste_masks_one_at_a_time
+
+        paste_masks_one_at_a_time(scorer)
     shape = spec.task.ops.input_shape(spec.settings)
     if compile_scorer and device.type == "cpu" and shape:
         from serving.compiled import compile_for_cpu

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from models.data.formats import PREDICTION_LIMITS, ImageLimits
-from models.data.images import decode_tensor, probe, to_tensor
+from models.data.images import decode_tensor, probe, shrink, to_tensor
 from models.errors import ErrorCode, ImageError, SettingsError
 from models.export import ModelSettings
 from models.tasks.architectures import Architecture
@@ -41,19 +41,22 @@ class Predictor:
     device: torch.device
     limits: ImageLimits = PREDICTION_LIMITS
     scorer: torch.nn.Module | None = None  # what scores (default `model`); explanations use `model`
+    explainers: int = 1  # explanations that may run at once (each on its own copy of the model)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _explanations: Explanations | None = field(default=None, repr=False)  # made on first use
+    _explanations: Explanations = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.scorer = self.scorer or self.model
+        loaded = LoadedModel(self.spec, self.arch, self.model, self.scorer, self.device)
+        self._explanations = Explanations(loaded, self.limits, self.explainers)  # explainers made on first use
 
     @classmethod
-    def from_files(cls, settings_path: str | Path, weights_path: str | Path, *,
-                   limits: ImageLimits = PREDICTION_LIMITS, **kwargs: Any) -> Predictor:
+    def from_files(cls, settings_path: str | Path, weights_path: str | Path, *, limits: ImageLimits = PREDICTION_LIMITS,
+                   explainers: int = 1, **kwargs: Any) -> Predictor:
         """The model of an exported folder's files, ready to score (see `serving.loading.load_model`);
         `limits`: what one image may be (the synchronous 6 MB by default, batch scoring's 20 MB)."""
         loaded = load_model(settings_path, weights_path, **kwargs)
-        return cls(loaded.spec, loaded.arch, loaded.model, loaded.device, limits, scorer=loaded.scorer)
+        return cls(loaded.spec, loaded.arch, loaded.model, loaded.device, limits, loaded.scorer, explainers)
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs: Any) -> Predictor:
@@ -89,10 +92,11 @@ class Predictor:
         return inference_settings(self.spec.task, {**current, **given}, source="request parameters")
 
     def _score(self, count: int, sizes: Sequence[tuple[int, int]], load, params) -> list[dict | ImageError]:
-        """Score `count` images, `batch_size` per forward pass, loading each (`load(i)` → uint8
-        [3, H, W]) only when its batch comes, so memory holds one batch of pixels at a time. Images
-        of similar shape are batched together (less padding for detectors); answers keep input order.
-        One image's failure is its own: a batch that fails is scored again image by image."""
+        """Score `count` images (`sizes`: width, height), `batch_size` per forward pass (fewer for large
+        inputs), loading each only when its batch comes (`load(i, size)` → uint8 [3, H, W], decoded no larger
+        than `size`, the size the model needs), so memory holds one batch of model-sized pixels at a time.
+        Images of similar shape are batched together (less padding for detectors); answers keep input
+        order. One image's failure is its own: a batch that fails is scored again image by image."""
         settings = self.settings_for(params)
         ops = self.spec.task.ops
         preprocess = ops.preprocess(settings)
@@ -100,30 +104,35 @@ class Predictor:
         results: list[dict | ImageError | None] = [None] * count
         with self._lock, torch.inference_mode():
             ops.configure(self.scorer, settings)
-            for start in range(0, count, settings.batch_size):
+            step = settings.images_per_pass()
+            for start in range(0, count, step):
                 loaded = []
-                for i in order[start:start + settings.batch_size]:
+                for i in order[start:start + step]:
                     try:
-                        loaded.append((i, preprocess(load(i).to(self.device, non_blocking=True)).to(self.dtype)))
+                        size = ops.decode_size(settings, *sizes[i])
+                        pixels = shrink(load(i, size).to(self.device, non_blocking=True), size)
+                        loaded.append((i, preprocess(pixels).to(self.dtype)))
                     except ImageError as exc:
                         results[i] = exc
                     except Exception:  # noqa: BLE001  (this image only; logged with its traceback)
                         log.exception("image %d: preprocessing failed", i)
                         results[i] = _FAILED
                 if loaded:
-                    self._forward(loaded, sizes, settings, results)
+                    self._forward(loaded, settings, results)
         return results
 
-    def _forward(self, loaded: list[tuple[int, torch.Tensor]], sizes, settings, results: list) -> None:
-        """Answers of one batch into `results`; when the batch fails, each image alone."""
+    def _forward(self, loaded: list[tuple[int, torch.Tensor]], settings, results: list) -> None:
+        """Answers of one batch into `results` (boxes are fractions of the tensor the model saw); when the
+        batch fails, each image alone."""
         ops = self.spec.task.ops
         try:
             outputs = ops.predict(self.scorer, [x for _, x in loaded], settings)
-            answers = [ops.format(out, sizes[i], self.labels, settings) for (i, _), out in zip(loaded, outputs)]
+            answers = [ops.format(out, (x.shape[-1], x.shape[-2]), self.labels, settings)
+                       for (_, x), out in zip(loaded, outputs)]
         except Exception:  # noqa: BLE001
             if len(loaded) > 1:
                 for one in loaded:
-                    self._forward([one], sizes, settings, results)
+                    self._forward([one], settings, results)
                 return
             log.exception("image %d: the model failed", loaded[0][0])
             answers = [_FAILED]
@@ -135,7 +144,7 @@ class Predictor:
         """Responses for decoded images (RGB PIL or uint8 [3, H, W] tensors), in input order."""
         tensors = [to_tensor(im) if isinstance(im, Image.Image) else im for im in images]
         sizes = [(t.shape[-1], t.shape[-2]) for t in tensors]
-        return self._score(len(tensors), sizes, tensors.__getitem__, params)
+        return self._score(len(tensors), sizes, lambda i, _: tensors[i], params)
 
     def predict_bytes(self, items: Sequence[bytes | ImageError], params: Mapping[str, Any] | None = None, *,
                       rows: Sequence[int] | None = None) -> list[dict]:
@@ -155,8 +164,8 @@ class Predictor:
                 usable.append(i)
             except ImageError as exc:
                 errors[i] = exc
-        scored = self._score(len(usable), sizes, lambda k: decode_tensor(items[usable[k]], self.limits, self.device),
-                             params)
+        scored = self._score(len(usable), sizes,
+                             lambda k, size: decode_tensor(items[usable[k]], self.limits, self.device, size), params)
         for k, result in enumerate(scored):
             if isinstance(result, ImageError):
                 errors[usable[k]] = result
@@ -164,13 +173,12 @@ class Predictor:
         return [row_error(rows[i], errors[i]) if i in errors else answers[i] for i in range(len(items))]
 
     def explain_bytes(self, items: Sequence[bytes | ImageError], xai: Sequence[Any],
-                      params: Mapping[str, Any] | None = None, *, rows: Sequence[int] | None = None) -> list[dict]:
-        """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order."""
+                      params: Mapping[str, Any] | None = None, stop: threading.Event | None = None, *,
+                      rows: Sequence[int] | None = None) -> list[dict]:
+        """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order; once
+        `stop` is set, the images not yet explained are answered as stopped."""
         settings = self.settings_for(params)
-        if self._explanations is None:
-            loaded = LoadedModel(self.spec, self.arch, self.model, self.scorer, self.device)
-            self._explanations = Explanations(loaded, self.limits)
-        return self._explanations.explain(items, xai, settings, rows if rows is not None else range(len(items)))
+        return self._explanations.explain(items, xai, settings, rows if rows is not None else range(len(items)), stop)
 
     def predict_files(self, paths: Sequence[str | Path], params: Mapping[str, Any] | None = None) -> list[dict]:
         return self.predict_bytes([_read_or_error(p) for p in paths], params)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 def image_rows(model_input: Any) -> list[Any]:
@@ -40,13 +44,18 @@ class VisionModel(mlflow.pyfunc.PythonModel):
                                               compile_scorer=bool(config.get("compile", False)))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict]:
-        """One response per image row; `params` may override inference settings for this call."""
+        """One response per image row; `params` may override inference settings for this call. Refusals are
+        MlflowExceptions without a traceback: a 400 from `mlflow models serve` for bad input, a 500 naming a
+        log id for our own failure (the traceback goes to the log, never into a response)."""
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from models.errors import SettingsError
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
         try:
             return self.predictor.predict_encoded(image_rows(model_input), params)
-        except (SettingsError, ValueError) as exc:  # bad input: a 400 from `mlflow models serve`, not a 500
+        except ValueError as exc:  # SettingsError, ImageError, a wrong frame: the caller's input
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception:  # noqa: BLE001
+            log_id = uuid.uuid4().hex
+            log.exception("scoring failed (log id %s)", log_id)
+            raise MlflowException(f"internal error while scoring; the server log has the details (log id {log_id})",
+                                  error_code=INTERNAL_ERROR) from None

@@ -14,6 +14,10 @@ import pytest
 from models.runtime import free_port  # noqa: F401  (the tests' too)
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Processes the tests start that join the session's Ray instance (batch scoring, the CLI) run in this very
+# environment: under `uv run`, Ray would otherwise build a fresh one from a copy of the working directory for
+# every worker they start (models.runtime disables that only for the local instance it starts itself).
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 TASKS = ("image_classification", "image_classification_multilabel", "image_object_detection",
          "image_instance_segmentation")

@@ -292,3 +292,86 @@ def test_images_written_to_disk_and_bytes_decode_identically(tmp_path):
     img.save(path)
     assert np.array_equal(np.asarray(decode(path)), np.asarray(decode(path.read_bytes())))
     assert np.array_equal(np.asarray(decode(path)), np.asarray(img))
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels and holds almost nothing: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [30_000, 100_000])
+def test_a_decompression_bomb_is_too_large_before_anything_is_decoded(side):
+    from models.data.images import probe
+
+    bomb = _bomb_png(side, side)
+    assert len(bomb) < 100
+    for check in (probe, decode, image_size):
+        with pytest.raises(ImageError) as info:
+            check(bomb)
+        assert info.value.code == "too_large"
+
+
+def test_training_validation_names_the_line_of_a_bomb(tmp_path):
+    from models.data.checks import check_training_images
+    from models.data.records import Record
+
+    (tmp_path / "bomb.png").write_bytes(_bomb_png(30_000, 30_000))
+    [problem] = check_training_images([Record(str(tmp_path / "bomb.png"), "a", "train.jsonl", 7)])
+    assert problem.line == 7 and problem.field == "image_url" and "pixels" in problem.message
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_depth_images_convert_exactly_in_blocks_of_rows(mode):
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 65536, (2500, 70)).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    img = Image.fromarray(values)
+    assert img.mode == mode
+    from models.data.images import to_rgb
+
+    gray = np.asarray(to_rgb(img))[..., 0]
+    array = values.astype(np.float64)
+    expected = (array - array.min()) / (array.max() - array.min()) * 255 if mode == "F" else array / 257
+    assert np.array_equal(gray, np.clip(np.rint(expected), 0, 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_is_decoded_at_the_size_asked_for(tmp_path):
+    big = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (2048, 8))[..., None].repeat(3, 2))  # 2048x2048
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    small = decode(data, size=(300, 300))
+    assert small.size == (300, 300)
+    full = np.asarray(decode(data).resize((300, 300), Image.Resampling.BILINEAR), dtype=np.float32)
+    assert np.abs(np.asarray(small, dtype=np.float32) - full).mean() < 3  # the same picture, made smaller
+    assert decode(data, size=(4000, 4000)).size == (2048, 2048)  # never enlarged
+
+
+def test_size_asked_for_is_after_exif_orientation(tmp_path):
+    img = rotated_source(400, 200)
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", exif=with_orientation_6(img))
+    decoded = decode(buffer.getvalue(), size=(100, 200))  # stored 400x200, shown 200x400
+    assert decoded.size == (100, 200)
+    red = np.asarray(decoded)[:6, -6:]  # the stored top-left corner is shown top-right
+    assert red[..., 0].mean() > 150 and red[..., 1].mean() < 100
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x89PNG\r\n\x1a\n" + b"\0" * 40,  # a PNG signature and a broken header
+    b"GIF89a" + b"\xff" * 20,
+    b"BM" + b"\0" * 60,
+    b"\xff\xd8\xff\xe0" + b"\0" * 30,
+])
+def test_any_broken_header_is_this_image_s_error(payload):
+    from models.data.images import probe
+
+    with pytest.raises(ImageError) as info:
+        probe(payload)
+    assert info.value.code in ("not_an_image", "unreadable", "too_small")

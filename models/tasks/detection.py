@@ -168,6 +168,11 @@ def loss(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequence[dic
     return sum(model(list(images), list(targets)).values())
 
 
+def model_scale(width: float, height: float, settings) -> float:
+    """The factor torchvision's detector transform resizes a width x height input by (min_size, max_size)."""
+    return min(settings.min_size / min(width, height), settings.max_size / max(width, height))
+
+
 def configure(model: nn.Module, settings) -> None:
     """Apply sizes and thresholds of `settings` to a torchvision detector (they live on the model)."""
     model.transform.min_size = (settings.min_size,)
@@ -221,9 +226,12 @@ def _predict_tiled(model: nn.Module, image: torch.Tensor, grid: tuple[int, int],
     crops = [image[:, top:bottom, left:right] for left, top, right, bottom in boxes]
     offsets = [(left, top) for left, top, _, _ in boxes] + [(0, 0)]
     share = crops[0].shape[-1] * crops[0].shape[-2] / (width * height)
-    # the tiles share one size, so they batch without padding; the whole image goes on its own
+    # the tiles share one size, so they batch without padding, a few per pass; the whole image goes on its own
+    step = settings.images_per_pass()
+    outputs = []
     with _proposal_budget(model, share):
-        outputs = model(crops)
+        for start in range(0, len(crops), step):
+            outputs += model(crops[start:start + step])
     outputs += model([image])
     shift = torch.tensor([[x, y, x, y] for x, y in offsets], dtype=torch.float32, device=image.device)
     all_boxes = torch.cat([out["boxes"] + shift[i] for i, out in enumerate(outputs)])
@@ -242,6 +250,39 @@ def _mask_image(mask: np.ndarray, image_type: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def paste_masks_one_at_a_time(model: nn.Module) -> None:
+    """Scoring: Mask R-CNN returns each detection's 28x28 mask probabilities (`mask_probs`) instead of
+    pasting them all as full-size float masks at once (N x H x W floats: 0.5 GB for 100 detections on a
+    1333 x 1000 image); `format_output` pastes them one at a time with torchvision's own paste."""
+    transform = model.transform
+    paste_all = transform.postprocess
+
+    def postprocess(result, image_shapes, original_image_sizes):
+        for prediction in result:
+            if "masks" in prediction:
+                prediction["mask_probs"] = prediction.pop("masks")
+        return paste_all(result, image_shapes, original_image_sizes)
+
+    transform.postprocess = postprocess
+
+
+def _binary_masks(prediction: dict, width: int, height: int, threshold: float) -> Iterator[np.ndarray | None]:
+    """Each detection's mask over the whole image, thresholded, one at a time (None: no masks)."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    if "mask_probs" in prediction:
+        probs, boxes = prediction["mask_probs"], prediction["boxes"]
+        for i in range(len(boxes)):
+            pasted = paste_masks_in_image(probs[i:i + 1].float(), boxes[i:i + 1].float(), (height, width))
+            yield (pasted[0, 0] > threshold).cpu().numpy()
+    elif "masks" in prediction:
+        for mask in prediction["masks"]:
+            yield (mask[0] > threshold).cpu().numpy()
+    else:
+        while True:
+            yield None
+
+
 def format_output(prediction: dict, width: int, height: int, labels: Sequence[str], settings) -> dict:
     """scoring.md's response: boxes as fractions of the image, label and score (+ polygons)."""
     boxes = prediction["boxes"].detach().float().cpu()
@@ -249,16 +290,16 @@ def format_output(prediction: dict, width: int, height: int, labels: Sequence[st
     normalised = (boxes / scale).clamp_(0.0, 1.0).tolist()
     scores = prediction["scores"].detach().float().cpu().tolist()
     classes = prediction["labels"].detach().cpu().tolist()
-    masks = prediction.get("masks")
+    threshold = getattr(settings, "mask_pixel_score_threshold", 0.5)
     out = []
-    for i, (box, score, cls) in enumerate(zip(normalised, scores, classes)):
+    for box, score, cls, binary in zip(normalised, scores, classes, _binary_masks(prediction, width, height,
+                                                                                  threshold)):
         item = {
             "box": {"topX": box[0], "topY": box[1], "bottomX": box[2], "bottomY": box[3]},
             "label": labels[cls - 1],
             "score": score,
         }
-        if masks is not None:
-            binary = (masks[i, 0] > settings.mask_pixel_score_threshold).cpu().numpy()
+        if binary is not None:
             item["polygon"] = mask_to_polygons(binary, settings.max_number_of_polygon_points)
             if settings.export_as_image:
                 item["mask"] = _mask_image(binary, settings.image_type)

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.data.records import Record
 from models.tasks import classification, detection, detection_metrics, metrics
+from models.tasks.tiling import tile_grid
 
 
 class ClassificationOps:
@@ -33,6 +34,11 @@ class ClassificationOps:
     def input_shape(self, settings) -> tuple[int, ...] | None:
         """What one preprocessed image is: every one the same size (scoring can compile for it)."""
         return (3, settings.valid_crop_size, settings.valid_crop_size)
+
+    def decode_size(self, settings, width: int, height: int) -> tuple[int, int] | None:
+        """The size a width x height image needs to be decoded at (None: its own): the shorter side at
+        valid_resize_size, what the evaluation transform resizes it to."""
+        return _scaled(width, height, settings.valid_resize_size / min(width, height))
 
     def configure(self, model: nn.Module, settings) -> None:
         """Nothing in a classifier depends on the inference settings."""
@@ -87,6 +93,15 @@ class DetectionOps:
         """None: each image keeps its own size (and the model's output size depends on the data)."""
         return None
 
+    def decode_size(self, settings, width: int, height: int) -> tuple[int, int] | None:
+        """The size a width x height image needs to be decoded at (None: its own): what the detector's own
+        transform would scale it to (min_size / max_size), or more when its tiles need more pixels."""
+        scale = detection.model_scale(width, height, settings)
+        if settings.tile_grid is not None:
+            tile = tile_grid(width, height, settings.tile_grid, settings.tile_overlap_ratio)[0]
+            scale = max(scale, detection.model_scale(tile.width, tile.height, settings))
+        return _scaled(width, height, scale)
+
     def configure(self, model: nn.Module, settings) -> None:
         detection.configure(model, settings)
 
@@ -121,6 +136,13 @@ class DetectionOps:
 
     def format(self, output: dict, size: tuple[int, int], labels: Sequence[str], settings) -> dict:
         return detection.format_output(output, size[0], size[1], labels, settings)
+
+
+def _scaled(width: int, height: int, scale: float) -> tuple[int, int] | None:
+    """(width, height) times `scale` when that shrinks the image, else None."""
+    if scale >= 1.0:
+        return None
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -8,7 +8,7 @@ and architecture registries when parsing; the class defaults here are the generi
 """
 
 from models.tasks.fields import Flag, Float, Int, SettingsModel, Text, maybe, nested, one_of, param
-from models.tasks.tiling import check_overlap, parse_tile_grid_size
+from models.tasks.tiling import MAX_TILES, check_overlap, parse_tile_grid_size
 
 YOLO_ONLY = ("img_size", "model_size", "multi_scale")
 UNSUPPORTED = {
@@ -28,37 +28,58 @@ class AdvancedSettings(SettingsModel):
 
 
 # ---------------------------------------------------------------- inference (settings.json)
+#
+# Every inference setting has an upper bound, so that no request can ask one replica for unbounded
+# memory or time: the spec's limits where it gives them (1,000 regions per image), otherwise caps
+# well above any sensible value (4x the defaults' sizes). A forward pass also holds at most
+# PASS_PIXELS[family] input pixels: larger images go through in smaller batches (`images_per_pass`).
+
+MAX_CROP = 1024  # valid_resize_size / valid_crop_size
+MAX_DETECTION_SIDE = 2667  # min_size / max_size: twice the default max_size
+MAX_REGIONS = 1000  # box_detections_per_img: the spec's regions per image
+PASS_PIXELS = {"classification": 64 * 224 * 224, "detection": 4 * 1333 * 1333}
 
 
 class ClassificationInference(SettingsModel):
-    valid_resize_size: Int = param(256, ge=1, inference=True, doc="resize before the center crop")
-    valid_crop_size: Int = param(224, ge=1, inference=True, doc="center crop fed to the network")
-    batch_size: Int = param(16, ge=1, inference=True, doc="images per forward pass when scoring")
+    valid_resize_size: Int = param(256, ge=1, le=MAX_CROP, inference=True, doc="resize before the center crop")
+    valid_crop_size: Int = param(224, ge=1, le=MAX_CROP, inference=True, doc="center crop fed to the network")
+    batch_size: Int = param(16, ge=1, le=64, inference=True,
+                            doc="images per forward pass when scoring (fewer when the crop is large)")
     half_precision: Flag = param(False, inference=True, per_request=False, doc="float16 on a GPU (ignored on a CPU)")
+
+    def images_per_pass(self) -> int:
+        """batch_size, or fewer so that a forward pass holds at most PASS_PIXELS input pixels."""
+        return max(1, min(self.batch_size, PASS_PIXELS["classification"] // self.valid_crop_size ** 2))
 
 
 class DetectionInference(SettingsModel):
-    min_size: Int = param(600, ge=1, inference=True, doc="shorter side rescaled to this")
-    max_size: Int = param(1333, ge=1, inference=True, doc="longer side capped at this")
+    min_size: Int = param(600, ge=1, le=MAX_DETECTION_SIDE, inference=True, doc="shorter side rescaled to this")
+    max_size: Int = param(1333, ge=1, le=MAX_DETECTION_SIDE, inference=True, doc="longer side capped at this")
     box_score_thresh: Float = param(0.3, ge=0, le=1, inference=True)
     nms_iou_thresh: Float = param(0.5, ge=0, le=1, inference=True, aliases=("box_nms_thresh", "box_iou_thresh"))
-    box_detections_per_img: Int = param(100, ge=1, inference=True)
-    tile_grid_size: maybe(Text) = param(None, inference=True, doc='e.g. "3x2": tiles across x down')
+    box_detections_per_img: Int = param(100, ge=1, le=MAX_REGIONS, inference=True)
+    tile_grid_size: maybe(Text) = param(None, inference=True,
+                                        doc=f'e.g. "3x2": tiles across x down, at most {MAX_TILES} tiles')
     tile_overlap_ratio: Float = param(0.25, ge=0, lt=1, inference=True)
     tile_predictions_nms_thresh: Float = param(0.25, ge=0, le=1, inference=True)
     tile_merge: one_of("nms", "greedy_nmm") = param("nms", inference=True,
-                            doc="how tile and whole-image detections are merged")
-    batch_size: Int = param(4, ge=1, inference=True, doc="images per forward pass when scoring")
+                                                    doc="how tile and whole-image detections are merged")
+    batch_size: Int = param(4, ge=1, le=16, inference=True,
+                            doc="images (or tiles) per forward pass when scoring (fewer when max_size is large)")
     half_precision: Flag = param(False, inference=True, per_request=False, doc="float16 on a GPU (ignored on a CPU)")
 
     @property
     def tile_grid(self) -> tuple[int, int] | None:
         return parse_tile_grid_size(self.tile_grid_size) if self.tile_grid_size else None
 
+    def images_per_pass(self) -> int:
+        """batch_size, or fewer so that a forward pass holds at most PASS_PIXELS input pixels."""
+        return max(1, min(self.batch_size, PASS_PIXELS["detection"] // self.max_size ** 2))
+
 
 class SegmentationInference(DetectionInference):
     mask_pixel_score_threshold: Float = param(0.5, ge=0, le=1, inference=True)
-    max_number_of_polygon_points: Int = param(100, ge=3, inference=True)
+    max_number_of_polygon_points: Int = param(100, ge=3, le=1000, inference=True)
     export_as_image: Flag = param(False, inference=True, doc="also return each mask as an image")
     image_type: one_of("JPG", "PNG", "BMP") = param("JPG", inference=True)
 

@@ -19,6 +19,7 @@ import torch
 from torchvision.ops import box_area, box_iou
 
 MergeMode = Literal["nms", "greedy_nmm"]
+MAX_CANDIDATES = 3000  # boxes the merge considers, highest scores first: its pairwise matrix stays at 3000²
 
 
 def _intersection_over_smaller(boxes: torch.Tensor) -> torch.Tensor:
@@ -47,13 +48,14 @@ def merge_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Te
 
     `sources` names the tile each box came from (any integers; the whole image is one of them).
     Returns `boxes`, `scores`, `labels` sorted by score, plus `index` (the kept/leading boxes), on
-    the CPU: a few hundred boxes are merged faster there than with a GPU sync per step.
+    the CPU: a few hundred boxes are merged faster there than with a GPU sync per step. Only the
+    MAX_CANDIDATES highest-scoring boxes are considered (at most box_detections_per_img are kept anyway).
     """
     boxes, scores, labels, sources = (t.detach().cpu() for t in (boxes, scores, labels, sources))
     if boxes.numel() == 0:
         return {"boxes": boxes.reshape(0, 4), "scores": scores, "labels": labels,
                 "index": torch.zeros(0, dtype=torch.long)}
-    order = torch.argsort(scores, descending=True)
+    order = torch.argsort(scores, descending=True)[:MAX_CANDIDATES]
     boxes, scores, labels, sources = boxes[order], scores[order], labels[order], sources[order]
     linked = _candidates(boxes, labels, sources, threshold, mode)
     alive = torch.ones(len(boxes), dtype=torch.bool)

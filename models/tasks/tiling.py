@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+MAX_TILES = 25  # tiles per image: each is scored like a whole image
 _GRID = re.compile(r"^\s*\(?\s*(-?\d+)\s*(?:[xX,]|\s)\s*(-?\d+)\s*\)?\s*$")
 
 
@@ -53,6 +54,9 @@ def parse_tile_grid_size(value: str | tuple[int, int] | list[int]) -> tuple[int,
         raise ValueError(f"tile_grid_size {value!r}: both numbers must be positive")
     if cols * rows == 1:
         raise ValueError(f"tile_grid_size {value!r} is a single tile: use at least 2 tiles, e.g. \"2x1\"")
+    if cols * rows > MAX_TILES:
+        raise ValueError(f"tile_grid_size {value!r} is {cols * rows} tiles; at most {MAX_TILES} per image "
+                         "(e.g. \"5x5\"), each scored as a whole image would be")
     return cols, rows
 
 

@@ -51,20 +51,30 @@ def _cpus_per_replica(args: argparse.Namespace) -> float:
 
 
 def _config(args: argparse.Namespace):
-    from serving.app import ServiceConfig, key_digest
+    from serving.access import read_key_file
+    from serving.app import ServiceConfig
 
-    digest = None
-    if args.api_key_file:
-        key = Path(args.api_key_file).read_text().strip()
-        if not key:
-            raise SettingsError([f"--api-key-file {args.api_key_file}: the file is empty"], "command line")
-        digest = key_digest(key)
+    digest = read_key_file(args.api_key_file) if args.api_key_file else None
+    if digest is None and not _loopback(args.host) and not args.insecure:
+        raise SettingsError([f"--host {args.host}: serving beyond this machine without an API key; give "
+                             "--api-key-file KEYFILE, or --insecure to serve without one anyway"], "command line")
     return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set, "--set"), api_key_sha256=digest,
                          max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                          max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
                          max_concurrent_explanations=args.max_concurrent_explanations,
                          max_waiting_explanations=args.max_waiting_explanations,
                          explanation_timeout_s=args.explanation_timeout_s, compile=args.compile)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_model(config) -> None:
@@ -145,6 +155,8 @@ def add_commands(sub) -> None:
                         "--replicas, else 1")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
     p.add_argument("--api-key-file", help="require Authorization: Bearer <the key in this file>")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without --api-key-file (anyone who can reach it may score)")
     add_set_flag(p, "override a settings.json inference setting, e.g. --set box_score_thresh=0.5")
     p.add_argument("--max-batch-size", type=int, default=16, help="images per forward pass across requests")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
