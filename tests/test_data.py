@@ -12,7 +12,7 @@ from PIL import Image
 
 from models.data.checks import check_training_set
 from models.data.records import Box, LabelError
-from models.data.jsonl import read_dataset, read_jsonl, resolve_image_url
+from models.data.jsonl import mltable_files, read_dataset, read_jsonl, resolve_image_url
 from models.data.records import Dataset
 from models.errors import DataError
 
@@ -351,6 +351,35 @@ def test_mltable_whose_lines_are_all_dropped_is_still_an_error(tmp_path):
     dataset = read_dataset(folder, CLASSES)
     assert len(dataset.warnings) == 2
     assert any("no images listed" in str(p) for p in dataset.problems)
+
+
+@pytest.mark.parametrize("paths", ["paths: [train_annotations.jsonl]\n",
+                                   "paths:\n  - train_annotations.jsonl\n"])
+def test_mltable_plain_string_path_entries_are_refused_naming_the_file_line_and_entry(tmp_path, paths):
+    folder = write_mltable(tmp_path / "t", [{"image_url": "a.jpg", "label": "can"}])
+    (folder / "MLTable").write_text("# written by hand\n" + paths)
+    [problem] = [str(p) for p in read_dataset(folder, CLASSES).problems]
+    line = 2 if paths.startswith("paths: [") else 3
+    assert problem.startswith(f"{folder / 'MLTable'}:{line}: paths[0]: 'train_annotations.jsonl' is a plain string")
+    assert "write `- file: train_annotations.jsonl`" in problem
+    with pytest.raises(DataError) as info:  # what batch scoring reads: the same problem, raised
+        mltable_files(folder)
+    assert info.value.problems == [problem] and str(folder) in str(info.value)
+
+
+def test_mltable_entries_that_are_not_paths_and_broken_yaml_are_problems_not_silence(tmp_path):
+    folder = write_mltable(tmp_path / "t", [{"image_url": "a.jpg", "label": "can"}])
+    spec = folder / "MLTable"
+    spec.write_text("paths:\n  - file: ./train_annotations.jsonl\n  - path: other.jsonl\n")
+    dataset = read_dataset(folder, CLASSES)
+    assert len(dataset.records) == 1  # the good entry is still read
+    assert [str(p) for p in dataset.problems] == [
+        f"{spec}:3: paths[1]: {{'path': 'other.jsonl'}} is not a path entry; use `- file: ...`, "
+        "`- pattern: ...` or `- folder: ...`"]
+    spec.write_text("paths: train_annotations.jsonl\n")
+    assert str(read_dataset(folder, CLASSES).problems[0]).startswith(f"{spec}: paths: must be a list of entries")
+    spec.write_text("paths:\n  - file: [\n")
+    assert str(read_dataset(folder, CLASSES).problems[0]).startswith(f"{spec}:3: not valid YAML")
 
 
 def test_folder_without_mltable_file_is_a_problem(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 
 import mlflow
 import pytest
@@ -29,8 +30,18 @@ def test_two_worker_ray_train_run_exports_a_model_with_the_same_schema(synth, tr
         "training_parameters": FAST, "properties": {"node_count_per_trial": "2"}}))
     job = build_job(job_file, output_dir=tmp_path / "out")
     assert job.node_count == 2
-    result = run_job(job, report=lambda _: None)
+    messages = []
+    result = run_job(job, report=messages.append)
     assert result.epochs_run == 2 and "accuracy" in result.best_metrics
+    # two workers really trained, each on its half of the training images (what each rank reported): one
+    # worker alone would have run all 12 images, 3 batches of 4 per epoch
+    per_rank = math.ceil(data.n_train / 2) // FAST["training_batch_size"]  # DistributedSampler, drop_last
+    assert per_rank == 1 and any("Ray Train: 2 workers" in m for m in messages)
+    assert result.workers == [{"rank": rank, "batches": 2 * per_rank, "images": 2 * per_rank * 4,
+                               "optimizer_steps": 2 * per_rank} for rank in (0, 1)]
+    assert result.history[-1]["optimizer_steps"] == 2 * per_rank
+    logged = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/workers.json")
+    assert logged == {"workers": result.workers}
     model = mlflow.models.Model.load(str(result.model_dir / "MLmodel"))
     assert model.signature == signature(job.task)
     settings = json.loads((result.model_dir / "artifacts" / "settings.json").read_text())

@@ -129,6 +129,49 @@ def test_instance_polygons_cover_the_drawn_shapes(scored):
             assert max(overlaps, default=0) >= 0.5, (line["image_url"], truth["label"])
 
 
+def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:
+    import cv2
+
+    return cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=pixels).astype(bool)
+
+
+@pytest.mark.parametrize("image_type", ["PNG", "JPG"])
+def test_export_as_image_returns_each_mask_as_an_image_of_the_image_size_matching_its_polygon(trained, image_type):
+    from serving.predictor import Predictor
+
+    result, data = trained("image_instance_segmentation")
+    predictor = Predictor.load(result.model_dir)
+    lines = _lines(Path(data.train_jsonl))[:4]
+    images = [Image.open(Path(data.train_jsonl).parent / line["image_url"]).convert("RGB") for line in lines]
+    plain = predictor.predict_images(images)
+    answers = predictor.predict_images(images, {"export_as_image": True, "image_type": image_type})
+    assert all("mask" not in box for response in plain for box in response["boxes"])  # off by default
+    checked = 0
+    for image, response, without in zip(images, answers, plain):
+        assert [{k: v for k, v in b.items() if k != "mask"} for b in response["boxes"]] == without["boxes"]
+        for box in response["boxes"]:
+            picture = Image.open(io.BytesIO(base64.b64decode(box["mask"], validate=True)))
+            assert picture.format == {"PNG": "PNG", "JPG": "JPEG"}[image_type]
+            assert picture.size == image.size and picture.mode == "L"  # the whole image, one channel
+            pixels = np.asarray(picture)
+            if image_type == "PNG":
+                assert set(np.unique(pixels)) <= {0, 255}  # lossless: exactly the binary mask
+            mask = pixels > 127
+            drawn = polygons_to_mask(box["polygon"], *image.size).astype(bool)
+            # the polygon is the mask's outline through its boundary pixels' centres, simplified by under a
+            # pixel: on shapes of ~100 px (a star's thin arms) that is no IoU test, but each lies within a
+            # pixel or two of the other
+            assert mask.sum() > 0 and drawn.sum() > 0, box["label"]
+            assert (drawn & _grown(mask, 1)).sum() >= 0.95 * drawn.sum(), box["label"]
+            assert (mask & _grown(drawn, 2)).sum() >= 0.95 * mask.sum(), box["label"]
+            ys, xs = np.nonzero(mask)  # and it lies inside its box
+            b = box["box"]
+            assert xs.min() >= b["topX"] * image.width - 2 and xs.max() <= b["bottomX"] * image.width + 2
+            assert ys.min() >= b["topY"] * image.height - 2 and ys.max() <= b["bottomY"] * image.height + 2
+            checked += 1
+    assert checked >= len(lines)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_bad_rows_get_an_error_in_place_and_the_rest_are_answered(scored, task):
     good, errors, lines, _ = scored(task)

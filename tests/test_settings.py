@@ -124,6 +124,40 @@ def test_cross_field_rules_are_checked():
                for p in _problems("image_classification", model_name="resnet18", layers_to_freeze=6))
 
 
+def test_values_the_training_code_cannot_run_with_are_refused_with_their_range():
+    problems = _problems("image_object_detection", validation_iou_threshold=0, beta1=1, beta2=1, seed=2**32,
+                         box_batch_size_per_image=3, rpn_batch_size_per_image=1)
+    assert problems == [
+        "validation_iou_threshold=0 is out of range: must be a float in (0, 1]",
+        "beta1=1 is out of range: must be a float in [0, 1)",
+        "beta2=1 is out of range: must be a float in [0, 1)",
+        "seed=4294967296 is out of range: must be an integer in [0, 4294967295]",
+        "box_batch_size_per_image=3 is out of range: must be an integer >= 4",
+        "rpn_batch_size_per_image=1 is out of range: must be an integer >= 2",
+    ]
+    s = _train("image_object_detection", validation_iou_threshold=1, beta1=0.99, seed=2**32 - 1,
+               box_batch_size_per_image=4, rpn_batch_size_per_image=2)
+    assert (s.validation_iou_threshold, s.seed, s.box_batch_size_per_image) == (1, 2**32 - 1, 4)
+
+
+def test_architecture_limits_on_sizes_and_batches_are_checked_before_training():
+    [problem] = _problems("image_classification", model_name="vits16r224", valid_crop_size=200, train_crop_size=200)
+    assert problem.startswith("valid_crop_size=200 is out of range for vits16r224: must be a multiple of 16")
+    assert _train("image_classification", model_name="vits16r224", valid_crop_size=192,
+                  train_crop_size=192).valid_crop_size == 192
+    [problem] = _problems("image_classification", model_name="resnest50", training_batch_size=1)
+    assert problem.startswith("training_batch_size=1 is out of range for resnest50") and ">= 2" in problem
+    [problem] = _problems("image_classification", model_name="resnet18", training_batch_size=1, train_crop_size=32)
+    assert problem.startswith("train_crop_size=32 with training_batch_size=1 is too small for resnet18")
+    assert "must be an integer >= 33" in problem
+    for fine in ({"training_batch_size": 1, "train_crop_size": 33}, {"training_batch_size": 2, "train_crop_size": 16}):
+        _train("image_classification", model_name="resnet18", **fine)
+    [problem] = _problems("image_instance_segmentation", min_size=32, max_size=64)
+    assert problem.startswith("min_size=32 is too small to train maskrcnn_resnet50_fpn from random initialisation")
+    assert "must be an integer >= 33 (or start from weights)" in problem
+    assert _train("image_object_detection", min_size=32, max_size=64, weights="DEFAULT").min_size == 32
+
+
 @pytest.mark.parametrize("grid, message", [
     ("1x1", "single tile"), ("0x2", "positive"), ("3-2", "malformed"), ("(3, -2)", "positive"), ("three", "malformed"),
 ])

@@ -158,9 +158,20 @@ def test_per_request_parameters_override_settings_json_for_that_request_only(tra
     [default] = predictor.predict_images([image])
     [strict] = predictor.predict_images([image], {"box_score_thresh": 0.99})
     [loose] = predictor.predict_images([image], {"box_score_thresh": 0.01, "box_detections_per_img": 3})
+    [uncapped] = predictor.predict_images([image], {"box_score_thresh": 0.01})
     [again] = predictor.predict_images([image])
-    assert all(b["score"] >= 0.99 for b in strict["boxes"]) and len(strict["boxes"]) < len(default["boxes"]) + 1
-    assert len(loose["boxes"]) == 3
+    # the threshold drops boxes before NMS, which suppresses a box only for a higher-scoring one: a stricter
+    # threshold answers exactly the boxes of a looser one that score above it, in the same order
+    assert all(b["score"] >= 0.99 for b in strict["boxes"])
+    assert strict["boxes"] == [b for b in default["boxes"] if b["score"] > 0.99]
+    assert default["boxes"] == [b for b in uncapped["boxes"] if b["score"] > 0.3]  # settings.json's threshold
+    scores = [b["score"] for b in uncapped["boxes"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
+    middle = (scores[0] + scores[-1]) / 2  # a threshold that must drop some boxes and keep others
+    [cut] = predictor.predict_images([image], {"box_score_thresh": middle})
+    assert cut["boxes"] == [b for b in uncapped["boxes"] if b["score"] > middle]
+    assert 0 < len(cut["boxes"]) < len(uncapped["boxes"])
+    assert len(loose["boxes"]) == 3 and loose["boxes"] == uncapped["boxes"][:3]
     assert again == default
 
 

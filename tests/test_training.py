@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -115,6 +116,39 @@ def test_evaluation_and_checkpoint_frequency(run, tmp_path):
     assert ckpts == ["best.pt", "epoch_002.pt", "epoch_004.pt"]
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "checkpoints")}
     assert logged == {"checkpoints/best.pt", "checkpoints/epoch_002.pt", "checkpoints/epoch_004.pt"}
+
+
+def test_a_run_cut_before_its_first_evaluation_exports_its_own_model_not_a_stale_best_pt(synth, tracking, tmp_path):
+    """An earlier run left checkpoints/best.pt in the same output folder; this run's deadline passes before
+    its first evaluation (evaluation_frequency 5): it evaluates once and exports its own weights."""
+    data = synth("image_classification", images=16)
+
+    def job(**params):
+        return build_job(task="image_classification", training_data=data.train_jsonl,
+                         validation_data=data.validation_jsonl, params={**FAST, **params},
+                         output_dir=tmp_path / "out", experiment_name="tests")
+
+    train(job(seed=1, learning_rate=0.05), progress=False, report=lambda _: None)
+    best = tmp_path / "out" / "checkpoints" / "best.pt"
+    stale = torch.load(best, weights_only=True)
+    assert stale["settings"]["seed"] == 1
+    seen, messages = [], []
+    cut = replace(job(seed=2, number_of_epochs=5, evaluation_frequency=5), timeout_minutes=1e-9)  # due at once
+    result = train(cut, progress=False, report=messages.append, on_epoch=lambda epoch, row: seen.append(dict(row)))
+    # what the loop observed: the deadline after epoch 1, whose row had no validation in it
+    assert result.epochs_run == 1 and len(seen) == 1 and "accuracy" not in seen[0]
+    assert "timeout_minutes reached: stopping with the best epoch so far" in messages
+    assert "no evaluation yet: evaluating epoch 1 before exporting" in messages
+    assert result.best_epoch == 1 and "accuracy" in result.best_metrics and "accuracy" in result.history[0]
+    own = torch.load(best, weights_only=True)
+    assert own["settings"]["seed"] == 2 and own["epoch"] == 1 and own["metrics"] == result.best_metrics
+    exported = torch.load(result.model_dir / "artifacts" / "model.pt", weights_only=True)
+    assert all(torch.equal(exported[k], v) for k, v in own["model"].items())
+    assert any(not torch.equal(exported[k], v) for k, v in stale["model"].items())
+    logged = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="checkpoints/best.pt",
+                                                 dst_path=str(tmp_path / "logged"))
+    assert torch.load(logged, weights_only=True)["settings"]["seed"] == 2
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(result.run_id, "accuracy")] == [1]
 
 
 def _parameters(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from models.data.records import LABEL_PARSERS, Dataset, LabelError, Record
-from models.errors import Problem
+from models.errors import DataError, Problem
 
 
 # ---------------------------------------------------------------- image_url resolution
@@ -111,22 +111,78 @@ def read_jsonl(
     return dataset
 
 
-def mltable_files(folder: Path) -> tuple[list[Path], dict]:
+PATH_KINDS = ("file", "pattern", "folder")  # what an MLTable `paths:` entry may be
+
+
+def _entry_lines(text: str) -> list[int | None]:
+    """The line (1-based) of each entry under `paths:` in an MLTable's YAML text."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if key.value == "paths" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def _entry_files(entry: dict, base: Path) -> list[Path]:
+    if "file" in entry:
+        return [base / str(entry["file"]).removeprefix("file://")]
+    if "pattern" in entry:
+        return sorted(base.glob(str(entry["pattern"]).removeprefix("./")))
+    return sorted((base / str(entry["folder"])).glob("*.jsonl"))
+
+
+def read_mltable(folder: Path) -> tuple[list[Path], dict, list[Problem]]:
+    """An MLTable folder (or its MLTable file) → (the JSONL files it lists, its read_json_lines options,
+    the problems of the MLTable file itself, each naming the file, the line and the `paths` entry)."""
     spec_file = folder / "MLTable" if folder.is_dir() else folder
-    spec = yaml.safe_load(spec_file.read_text()) or {}
-    base = spec_file.parent
+    where = str(spec_file)
+    try:
+        text = spec_file.read_text(encoding="utf-8-sig")
+        spec = yaml.safe_load(text) or {}
+    except FileNotFoundError:
+        return [], {}, [Problem(where, None, "", "file not found")]
+    except UnicodeDecodeError as exc:
+        return [], {}, [Problem(where, None, "", f"not UTF-8 text ({exc.reason})")]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        reason = getattr(exc, "problem", None) or str(exc)
+        return [], {}, [Problem(where, mark.line + 1 if mark else None, "", f"not valid YAML ({reason})")]
+    if not isinstance(spec, dict):
+        return [], {}, [Problem(where, None, "", "expected a YAML mapping with a paths: list")]
+    paths = spec.get("paths", [])
+    if not isinstance(paths, list):
+        return [], {}, [Problem(where, None, "paths", "must be a list of entries such as `- file: train.jsonl` "
+                                                      "(or `- pattern: ...`, `- folder: ...`)")]
+    base, lines = spec_file.parent, _entry_lines(text)
     files: list[Path] = []
-    for entry in spec.get("paths", []):
-        if "file" in entry:
-            files.append(base / str(entry["file"]).removeprefix("file://"))
-        elif "pattern" in entry:
-            files.extend(sorted(base.glob(str(entry["pattern"]).removeprefix("./"))))
-        elif "folder" in entry:
-            files.extend(sorted((base / str(entry["folder"])).glob("*.jsonl")))
+    problems: list[Problem] = []
+    for i, entry in enumerate(paths):
+        line = lines[i] if i < len(lines) else None
+        if isinstance(entry, dict) and any(kind in entry for kind in PATH_KINDS):
+            files += _entry_files(entry, base)
+        elif isinstance(entry, str):
+            problems.append(Problem(where, line, f"paths[{i}]", f"{entry!r} is a plain string; an MLTable lists "
+                                    f"files as mappings: write `- file: {entry}` (or `- pattern: ...`, `- folder: ...`)"))
+        else:
+            problems.append(Problem(where, line, f"paths[{i}]", f"{entry!r} is not a path entry; use `- file: ...`, "
+                                    "`- pattern: ...` or `- folder: ...`"))
     options: dict = {}
     for step in spec.get("transformations", []) or []:
         if isinstance(step, dict) and "read_json_lines" in step:
             options = step["read_json_lines"] or {}
+    return files, options, problems
+
+
+def mltable_files(folder: Path) -> tuple[list[Path], dict]:
+    """The JSONL files an MLTable lists and its read_json_lines options; `DataError` for a malformed MLTable."""
+    files, options, problems = read_mltable(folder)
+    if problems:
+        raise DataError(problems, f"the MLTable {folder}")
     return files, options
 
 
@@ -136,10 +192,10 @@ def read_dataset(path: str | Path, task: str, *, image_root: str | Path | None =
     if path.is_dir() or path.name == "MLTable":
         if not (path / "MLTable").exists() and path.name != "MLTable":
             return Dataset(problems=[Problem(str(path), None, "", "folder has no MLTable file")], source=str(path))
-        files, options = mltable_files(path)
+        files, options, problems = read_mltable(path)
         invalid = str(options.get("invalid_lines", "error"))
-        merged = Dataset(source=str(path))
-        if not files:
+        merged = Dataset(source=str(path), problems=problems)
+        if not files and not problems:
             merged.problems.append(Problem(str(path), None, "paths", "the MLTable lists no JSONL file"))
         for file in files:
             part = read_jsonl(file, task, image_root=image_root, invalid_lines=invalid)

@@ -62,7 +62,9 @@ def run_trial(config: dict[str, Any]) -> None:
     deadline = ctx["deadline"]
     if ctx["trial_timeout_s"]:
         deadline = min(deadline, now + ctx["trial_timeout_s"])
-    exportable = any((base.output_dir / "trials").glob("*/checkpoints/best.pt"))
+    # a best checkpoint of this sweep's trials (one an earlier sweep left in the same output does not count)
+    exportable = any(p.stat().st_mtime >= ctx["started"]
+                     for p in (base.output_dir / "trials").glob("*/checkpoints/best.pt"))
     if now >= ctx["deadline"] and exportable:  # past the timeout with something to export: start no more trials
         _write(folder / TRIAL_FILE, {**record, "status": "skipped (timeout)", "ended": now})
         return
@@ -182,7 +184,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
                          "training_parameters": base}, "sweep.json")
         trial_job = replace(job, parameters=base, output_dir=output, run_name=job.run_name or "sweep",
                             parent_run_id=parent.info.run_id, sweep=None)
-        ctx = {"job": portable_job(trial_job), "deadline": deadline, "cpus": resources["cpu"],
+        ctx = {"job": portable_job(trial_job), "started": started, "deadline": deadline, "cpus": resources["cpu"],
                "trial_timeout_s": (sweep.limits.trial_timeout_minutes or 0) * 60, "workers": workers,
                "use_gpu": use_gpu}
         if configs is not None:

@@ -24,6 +24,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 Family = Literal["classification", "detection", "segmentation"]
 Builder = Callable[[int, Any, bool], nn.Module]
 
+FEATURE_STRIDE = 32  # the last feature map of every convolutional network here is 1/32 of its input
+VIT_PATCH = 16  # every ViT here cuts its input into 16x16 patches
+
 @dataclass(frozen=True)
 class Architecture:
     name: str
@@ -37,6 +40,12 @@ class Architecture:
     timm: bool = False
     fixed_input: bool = False  # ViT: train_crop_size must equal valid_crop_size
     channels_last: bool = True  # convolutional: inference runs in channels_last memory format (14-34 % faster on CPU)
+    pooled_batchnorm: bool = False  # BatchNorm on globally pooled features (ResNeSt): cannot train on one image
+
+
+def trains_batchnorm(settings: Any) -> bool:
+    """Whether a detector's backbone BatchNorm learns (random initialisation: no weights, no checkpoint)."""
+    return settings.weights is None and not (settings.checkpoint_path or settings.checkpoint_run_id)
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -137,8 +146,10 @@ register(Architecture("vitl16r224", "classification", _vit("vit_l_16"), _vit_gro
                       defaults=_classification_defaults(10, 0.001, 0.002), weights="ViT_L_16_Weights.DEFAULT",
                       fixed_input=True, channels_last=False))
 register(Architecture("seresnext", "classification", _timm("seresnext50_32x4d"), RESNET_GROUPS, timm=True))
-register(Architecture("resnest50", "classification", _timm("resnest50d"), RESNET_GROUPS, timm=True))
-register(Architecture("resnest101", "classification", _timm("resnest101e"), RESNET_GROUPS, timm=True))
+register(Architecture("resnest50", "classification", _timm("resnest50d"), RESNET_GROUPS, timm=True,
+                      pooled_batchnorm=True))
+register(Architecture("resnest101", "classification", _timm("resnest101e"), RESNET_GROUPS, timm=True,
+                      pooled_batchnorm=True))
 
 # ---------------------------------------------------------------- detection and segmentation
 

@@ -12,7 +12,9 @@ from typing import Any
 from models.errors import SettingsError
 from models.data.records import TASK_NAMES
 from models.tasks import metrics
-from models.tasks.architectures import Architecture, Family, get_architecture
+from models.tasks.architectures import (
+    FEATURE_STRIDE, VIT_PATCH, Architecture, Family, get_architecture, trains_batchnorm,
+)
 from models.tasks.fields import parse_settings
 from models.tasks.ops import ClassificationOps, DetectionOps
 from models.tasks.settings import (
@@ -67,14 +69,45 @@ def get_task(name: str) -> Task:
         raise ValueError(f"task={name!r} is not a task; use one of: {', '.join(TASKS)}") from None
 
 
+_ONE_VALUE = "which BatchNorm cannot train on"
+
+
 def _architecture_checks(task: Task, arch: Architecture, settings: Any) -> list[str]:
-    problems = task.cross_check(settings)
-    if settings.layers_to_freeze is not None and settings.layers_to_freeze > len(arch.freeze_groups):
-        problems.append(f"layers_to_freeze={settings.layers_to_freeze} is out of range for {arch.name}: "
+    """The task's own checks, then what training this architecture needs of the settings."""
+    s = settings
+    problems = task.cross_check(s)
+    if s.layers_to_freeze is not None and s.layers_to_freeze > len(arch.freeze_groups):
+        problems.append(f"layers_to_freeze={s.layers_to_freeze} is out of range for {arch.name}: "
                         f"it has {len(arch.freeze_groups)} layer groups")
-    if arch.fixed_input and settings.train_crop_size != settings.valid_crop_size:
-        problems.append(f"train_crop_size={settings.train_crop_size} must equal valid_crop_size="
-                        f"{settings.valid_crop_size} for {arch.name} (ViT input size is fixed)")
+    if task.is_classification:
+        problems += _classifier_checks(arch, s)
+    elif trains_batchnorm(s) and s.min_size <= FEATURE_STRIDE:
+        problems.append(f"min_size={s.min_size} is too small to train {arch.name} from random initialisation: "
+                        f"an image rescaled to {s.min_size} px leaves one value per channel in the backbone's "
+                        f"last feature map (1/{FEATURE_STRIDE} of the image), {_ONE_VALUE}; "
+                        f"must be an integer >= {FEATURE_STRIDE + 1} (or start from weights)")
+    return problems
+
+
+def _classifier_checks(arch: Architecture, s: Any) -> list[str]:
+    problems = []
+    if arch.fixed_input:
+        if s.train_crop_size != s.valid_crop_size:
+            problems.append(f"train_crop_size={s.train_crop_size} must equal valid_crop_size="
+                            f"{s.valid_crop_size} for {arch.name} (ViT input size is fixed)")
+        if s.valid_crop_size % VIT_PATCH:
+            near = max(1, round(s.valid_crop_size / VIT_PATCH)) * VIT_PATCH
+            problems.append(f"valid_crop_size={s.valid_crop_size} is out of range for {arch.name}: must be a "
+                            f"multiple of {VIT_PATCH} (its patch size), e.g. {near}")
+        return problems
+    if s.training_batch_size == 1 and arch.pooled_batchnorm:
+        problems.append(f"training_batch_size=1 is out of range for {arch.name}: its split-attention layers pool "
+                        f"each image to one value per channel, {_ONE_VALUE}; must be an integer >= 2")
+    elif s.training_batch_size == 1 and s.train_crop_size <= FEATURE_STRIDE:
+        problems.append(f"train_crop_size={s.train_crop_size} with training_batch_size=1 is too small for "
+                        f"{arch.name}: its last feature map (1/{FEATURE_STRIDE} of the crop) holds one value per "
+                        f"channel, {_ONE_VALUE}; must be an integer >= {FEATURE_STRIDE + 1} "
+                        "(or training_batch_size >= 2)")
     return problems
 
 

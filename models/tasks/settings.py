@@ -108,8 +108,8 @@ class CommonTraining(SettingsModel):
     momentum: Float = param(0.9, ge=0, le=1)
     weight_decay: Float = param(1e-4, ge=0, le=1)
     nesterov: Flag = param(True)
-    beta1: Float = param(0.9, ge=0, le=1)
-    beta2: Float = param(0.999, ge=0, le=1)
+    beta1: Float = param(0.9, ge=0, lt=1, doc="adam/adamw; torch refuses 1")
+    beta2: Float = param(0.999, ge=0, lt=1, doc="adam/adamw; torch refuses 1")
     amsgrad: Flag = param(False)
     evaluation_frequency: Int = param(1, ge=1)
     validation_data_size: Float = param(0.2, gt=0, lt=1, aliases=("split_ratio",),
@@ -120,7 +120,7 @@ class CommonTraining(SettingsModel):
     weights: maybe(Text) = param(None, doc="local state_dict file, or torchvision weights name")
     checkpoint_path: maybe(Text) = param(None, doc="continue training from this checkpoint")
     checkpoint_run_id: maybe(Text) = param(None, doc="continue from this MLflow run's checkpoint")
-    seed: Int = param(0, ge=0)
+    seed: Int = param(0, ge=0, le=2**32 - 1, doc="numpy seeds are 32-bit")
     num_workers: maybe(Int) = param(None, ge=0, doc="data loader processes; unset: automatic")
 
 
@@ -131,10 +131,12 @@ class ClassificationSettings(CommonTraining, ClassificationInference):
 
 class _DetectionTraining(SettingsModel):
     validation_metric_type: one_of("none", "coco", "voc", "coco_voc") = param("voc")
-    validation_iou_threshold: Float = param(0.5, ge=0, le=1)
+    validation_iou_threshold: Float = param(0.5, gt=0, le=1, doc="IoU at which a detection matches (voc)")
     # torchvision's sampler sizes; the defaults are torchvision's, lower them to train faster on CPU
-    box_batch_size_per_image: Int = param(512, ge=1, doc="RoIs sampled per image for the box head")
-    rpn_batch_size_per_image: Int = param(256, ge=1, doc="anchors sampled per image for the RPN loss")
+    # a quarter of the box head's samples are positives, half of the RPN's: fewer than 4 (2) sample none, and an
+    # image whose proposals are all positives then samples nothing at all (a NaN loss)
+    box_batch_size_per_image: Int = param(512, ge=4, doc="RoIs sampled per image for the box head")
+    rpn_batch_size_per_image: Int = param(256, ge=2, doc="anchors sampled per image for the RPN loss")
     rpn_pre_nms_top_n_train: Int = param(2000, ge=1)
     rpn_post_nms_top_n_train: Int = param(2000, ge=1)
 

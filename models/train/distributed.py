@@ -33,6 +33,7 @@ class RayTrainDistribute:
         import ray.train.torch
 
         self.rank = ray.train.get_context().get_world_rank()
+        self.world_size = ray.train.get_context().get_world_size()
         self.device = ray.train.torch.get_device()
 
     def loader(self, loader):
@@ -51,6 +52,12 @@ class RayTrainDistribute:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every worker's value, in rank order, on every worker (what each rank trained on)."""
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, value)
+        return out
+
 
 def _worker(ctx: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker."""
@@ -67,7 +74,7 @@ def _worker(ctx: dict[str, Any]) -> None:
         Path(job.output_dir, RESULT_FILE).write_text(json.dumps({
             "model_dir": str(result.model_dir), "run_id": result.run_id, "labels": result.labels,
             "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "epochs_run": result.epochs_run,
-            "history": result.history}))
+            "history": result.history, "workers": result.workers}))
 
 
 def worker_count(job: TrainingJob) -> tuple[int, bool]:
@@ -114,4 +121,5 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
     done = json.loads((output / RESULT_FILE).read_text())
     report(f"MLflow model: {done['model_dir']}  (run {done['run_id']})")
     return TrainingResult(Path(done["model_dir"]), done["run_id"], done["labels"], done["best_epoch"],
-                          done["best_metrics"], done["epochs_run"], done["history"], time.time() - started)
+                          done["best_metrics"], done["epochs_run"], done["history"], time.time() - started,
+                          done["workers"])

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from models.train import checkpoints
 from models.data import streaming
-from models.tasks.architectures import Architecture, build_model, freeze_layers
+from models.tasks.architectures import Architecture, build_model, freeze_layers, trains_batchnorm
 from models.data.checks import check_training_set
 from models.data.jsonl import read_dataset
 from models.data.records import Dataset, Record
@@ -81,6 +81,7 @@ class TrainingResult:
     epochs_run: int
     history: list[dict[str, float]]
     seconds: float
+    workers: list[dict[str, int]] = field(default_factory=list)  # what each rank trained on (`_Loop.work`)
 
 
 def split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -145,7 +146,7 @@ def _flat_params(settings, extra: dict[str, Any]) -> dict[str, Any]:
 def _build(prepared: Prepared, task: Task, report: Callable[[str], None]) -> torch.nn.Module:
     s, arch = prepared.settings, prepared.arch
     resume = s.checkpoint_path or s.checkpoint_run_id
-    model = build_model(arch, len(prepared.labels), s, trainable_bn=s.weights is None and not resume)
+    model = build_model(arch, len(prepared.labels), s, trainable_bn=trains_batchnorm(s))
     if s.weights and not resume:
         report(str(load_weights(model, arch, s.weights)))
     elif not resume:
@@ -189,7 +190,10 @@ class _Loop:
         self.ckpt_dir = job.output_dir / "checkpoints"
         self.history: list[dict[str, float]] = []
         self.updates = 0
+        self.batches = self.images = 0  # trained on by this rank, all epochs
         self.best_epoch, self.best_metrics = 0, {}
+        self.best_path: Path | None = None  # this run's own best checkpoint, never one an earlier run left here
+        self.evaluated: tuple[int, dict[str, float]] = (0, {})  # the latest evaluation: (epoch, metrics)
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
@@ -211,8 +215,14 @@ class _Loop:
                 self.updates += 1
             total += loss.item()
             count += 1
+            self.batches, self.images = self.batches + 1, self.images + len(batch[0])
             bar.set_postfix(loss=f"{total / count:.4f}")
         return total / max(count, 1)
+
+    def work(self) -> dict[str, int]:
+        """What this rank trained on: its rank, batches, images and optimizer steps over all epochs."""
+        rank = self.dist.rank if self.dist is not None else 0
+        return {"rank": rank, "batches": self.batches, "images": self.images, "optimizer_steps": self.updates}
 
     @property
     def net(self) -> torch.nn.Module:
@@ -233,6 +243,30 @@ class _Loop:
             labels=self.p.labels, settings=_flat_params(self.s, {}), epoch=epoch, metrics=metrics)
 
     def run(self, deadline: float | None, on_epoch: EpochHook | None = None) -> int:
+        """Train until the last epoch, early stopping or the deadline; → the epochs run. Every rank ends with
+        this run's best epoch settled (and rank 0 with its checkpoint in `best_path`)."""
+        epochs_run = self._epochs(deadline, on_epoch)
+        if self.best_epoch == 0:
+            self._settle_best(epochs_run)
+        return epochs_run
+
+    def _settle_best(self, epoch: int) -> None:
+        """No evaluation of this run became its best (the deadline came before the first one, or the primary
+        metric was never a number): the model as it is now is the best, evaluated first if it was not."""
+        at, metrics = self.evaluated
+        if at != epoch:
+            if self.lead:
+                self.report(f"no evaluation yet: evaluating epoch {epoch} before exporting")
+            metrics = self.evaluate()
+            self.evaluated = (epoch, metrics)
+            self.history[-1].update(metrics)
+            if self.lead:
+                mlflow.log_metrics(metrics, step=epoch)
+        self.best_epoch, self.best_metrics = epoch, metrics
+        if self.lead:
+            self.best_path = self.checkpoint("best.pt", epoch, metrics)
+
+    def _epochs(self, deadline: float | None, on_epoch: EpochHook | None) -> int:
         primary = self.task.primary_metric
         epochs = self.s.number_of_epochs
         for epoch in range(1, epochs + 1):
@@ -243,12 +277,13 @@ class _Loop:
             note = ""
             if epoch % self.s.evaluation_frequency == 0 or epoch == epochs:
                 metrics = self.evaluate()
+                self.evaluated = (epoch, metrics)
                 row.update(metrics)
                 value = metrics.get(primary, float(epoch))  # no metric (validation_metric_type none): latest wins
                 if self.stopper.update(value):
                     self.best_epoch, self.best_metrics = epoch, metrics
                     if self.lead:
-                        self.checkpoint("best.pt", epoch, metrics)
+                        self.best_path = self.checkpoint("best.pt", epoch, metrics)
                     note = " (best)"
             row["epoch_seconds"] = time.perf_counter() - start
             self.history.append(row)
@@ -288,7 +323,9 @@ def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], No
     device = distribute.device if distribute is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if distribute is not None and distribute.rank != 0:
         deadline = started + job.timeout_minutes * 60 if job.timeout_minutes else None
-        _Loop(job, prepared, device, lambda _: None, False, distribute).run(deadline, on_epoch)
+        loop = _Loop(job, prepared, device, lambda _: None, False, distribute)
+        loop.run(deadline, on_epoch)
+        distribute.gather(loop.work())  # collective: rank 0 records every rank's work
         return None
     job.output_dir.mkdir(parents=True, exist_ok=True)
     report(f"{job.task.name}: {prepared.arch.name}, {len(prepared.train)} training / {len(prepared.validation)} "
@@ -303,8 +340,13 @@ def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], No
         loop = _Loop(job, prepared, device, report, progress, distribute)
         deadline = started + job.timeout_minutes * 60 if job.timeout_minutes else None
         epochs_run = loop.run(deadline, on_epoch)
-        best = checkpoints.read_checkpoint(loop.ckpt_dir / "best.pt")
-        mlflow.log_artifact(str(loop.ckpt_dir / "best.pt"), "checkpoints")
+        workers = distribute.gather(loop.work()) if distribute is not None else [loop.work()]
+        if distribute is not None:
+            mlflow.log_dict({"workers": workers}, "workers.json")
+            report("Ray Train workers: " + ", ".join(f"rank {w['rank']} trained on {w['images']} images in "
+                                                     f"{w['batches']} batches" for w in workers))
+        best = checkpoints.read_checkpoint(loop.best_path)  # this run's own: run() always settles one
+        mlflow.log_artifact(str(loop.best_path), "checkpoints")
         spec = model_settings_from_training(job.task, prepared.arch.name, prepared.labels, prepared.settings)
         model_dir = export_model(job.output_dir / "mlflow-model", spec, best["model"])
         mlflow.log_artifacts(str(model_dir), "mlflow-model")
@@ -312,7 +354,7 @@ def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], No
         report(f"best epoch {loop.best_epoch}: {json.dumps({k: round(v, 4) for k, v in loop.best_metrics.items()})}")
         report(f"MLflow model: {model_dir}  (run {run.info.run_id})")
     return TrainingResult(model_dir, run.info.run_id, prepared.labels, loop.best_epoch, loop.best_metrics,
-                          epochs_run, loop.history, time.time() - started)
+                          epochs_run, loop.history, time.time() - started, workers)
 
 
 __all__ = ["TrainingJob", "TrainingResult", "train", "prepare", "split", "DataError"]
