@@ -32,7 +32,7 @@ TARGET = 0.10
 
 
 def _replica(cmd: str) -> bool:
-    return "ServeReplica" in cmd
+    return "ServeReplica:visionserve:" in cmd  # this endpoint's replica only
 
 
 def _load_while_sampling(url: str, images: Path, args, duration: str, out: Path) -> tuple[dict, list[float]]:

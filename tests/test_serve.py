@@ -323,7 +323,7 @@ def test_a_replica_killed_mid_load_is_replaced_by_a_new_one_and_no_request_hangs
     replica_actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
                       if "image_classification_multilabel" in a["name"] and "VisionService" in a["name"]]
     assert len(replica_actors) == 1
-    outcomes: list[tuple[int | str, float]] = []
+    outcomes: list[tuple[float, int | str, float]] = []  # (sent at, status or error, seconds)
     stop = threading.Event()
 
     def load() -> None:  # a client that keeps sending while the replica dies and comes back
@@ -332,19 +332,17 @@ def test_a_replica_killed_mid_load_is_replaced_by_a_new_one_and_no_request_hangs
             try:
                 status: int | str = httpx.post(url, json={"input_data": {"columns": ["image"], "data": rows}},
                                                 timeout=60).status_code
-            except httpx.TimeoutException:
-                status = "timeout"
-            except httpx.TransportError:
-                status = "connection refused"  # the proxy itself is never killed; kept for the message
-            outcomes.append((status, time.monotonic() - started))
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            outcomes.append((started, status, time.monotonic() - started))
             time.sleep(0.1)
 
     with ThreadPoolExecutor(3) as pool:
         clients = [pool.submit(load) for _ in range(3)]
         time.sleep(2)
         actor = replica_actors[0]
+        killed_at = time.monotonic()
         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-        killed_at = len(outcomes)
         deadline = time.time() + 120
         after = before
         while time.time() < deadline and after == before:
@@ -356,10 +354,20 @@ def test_a_replica_killed_mid_load_is_replaced_by_a_new_one_and_no_request_hangs
         for client in clients:
             client.result()
     assert after != before, "no new replica answered within 120 s"
-    statuses = [status for status, _ in outcomes]
-    assert set(statuses) <= {200, 429, 503}, statuses  # recovery fails cleanly, never a hang or a 500
-    assert 200 in statuses[:killed_at] and statuses[-1] == 200
-    assert max(seconds for _, seconds in outcomes) < 60
+    before_kill = [status for sent, status, took in outcomes if sent + took < killed_at]
+    in_flight = [status for sent, status, took in outcomes if sent < killed_at <= sent + took]
+    sent_after = [status for sent, status, _ in outcomes if sent >= killed_at]
+    assert before_kill and set(before_kill) == {200}
+    # A request the dying replica was working on, or that HAProxy sends it before marking it down (after 3
+    # failed connections: Ray Serve's `observe layer4 error-limit 3`), loses its connection; nothing the
+    # endpoint can answer for. Such drops come only before the first answer after the kill; from then on
+    # every request is answered, 503/429 at worst, and none hangs.
+    assert set(in_flight) <= {200, 429, 503, "RemoteProtocolError", "ReadError"}, in_flight
+    answered = next(i for i, status in enumerate(sent_after) if status == 200)
+    dropped = [s for s in sent_after[:answered] if s not in (200, 429, 503)]
+    assert set(dropped) <= {"RemoteProtocolError"} and len(dropped) + len(in_flight) <= 3 * 3, sent_after
+    assert set(sent_after[answered:]) <= {200, 429, 503}, sent_after
+    assert sent_after[-1] == 200 and max(took for _, _, took in outcomes) < 60
     assert all(_score(url, rows).status_code == 200 for _ in range(3))
 
 
