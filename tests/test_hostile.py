@@ -132,7 +132,7 @@ def endpoint(ray_session, trained):
     serve.run(VisionService.options(ray_actor_options={"num_cpus": 0.1}).bind(asdict(config)), name="hostile",
               route_prefix="/hostile")
     yield f"http://127.0.0.1:{port}/hostile"
-    serve.delete("hostile")
+    serve.shutdown()  # the next module starts Serve on a port of its own
 
 
 def _post(url: str, body, **kw) -> httpx.Response:
