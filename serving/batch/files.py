@@ -4,11 +4,12 @@ the lock that keeps a second run off an output another run is writing. Standard 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,18 +38,26 @@ def commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, lines: Iterable[str]) -> None:
-    """Write lines to a temp name, fsync, rename: a reader (or a resume) never sees half a file."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temp name for writing; on success fsync it and rename it to `path`, on any failure remove it:
+    a reader (or a resume) never sees half a file."""
     tmp = temp_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, lines: Iterable[str]) -> None:
+    """Write lines to `path` atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.writelines(line + "\n" for line in lines)
 
 
 def remove_temps(folder: Path, names: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from models.errors import SettingsError
-from serving.batch.files import atomic_write, commit, fsync_dir, temp_name
+from serving.batch.files import atomic_file, atomic_write, fsync_dir
 from serving.batch.inputs import Item
 
 PART_SIZE = 256
@@ -83,21 +83,14 @@ class Index:
     def assemble(self, output: Path) -> None:
         """Copy every image's line in input order into `output` (a temp name, then an atomic rename)."""
         handles: OrderedDict[int, BinaryIO] = OrderedDict()
-        tmp = temp_name(output)
         try:
-            with open(tmp, "wb") as out:
+            with atomic_file(output, "wb") as out:
                 for number, offset, length in zip(self.file_of, self.offset, self.length):
                     handles[number] = handles.pop(number, None) or open(self.files[number], "rb")
                     if len(handles) > 64:  # parts are mostly read in order: few need to stay open
                         handles.popitem(last=False)[1].close()
                     handles[number].seek(offset)
                     out.write(handles[number].read(length))
-                out.flush()
-                os.fsync(out.fileno())
-            commit(tmp, output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         finally:
             for handle in handles.values():
                 handle.close()
