@@ -12,9 +12,12 @@ ENV UV_COMPILE_BYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
+    RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response" \
+    RAY_SERVE_HAPROXY_RETRIES=6
 # (Ray Serve's high-throughput mode, also for `ray start` on cluster nodes built from this image:
-#  HAProxy on the HTTP port, requests straight to the replicas; see models/runtime.py)
+#  HAProxy on the HTTP port, requests straight to the replicas, and a request that fails on a dead
+#  replica tried again elsewhere; see models/runtime.py)
 
 # g++: CPU replicas compile their classifier with torch.compile (serving/compiled.py); without a
 # compiler they log a warning and score with the eager model

@@ -12,6 +12,11 @@ For a classifier (resnet18, 224 crop) and a detector (fasterrcnn_resnet18_fpn, m
   response cost on their own.
 Target: pyfunc >= 0.8 of bare. Tiling: seconds per image with `tile_grid_size` 3x2 over seconds
 per image without (target <= 5x; one forward per tile plus the whole image would be 7x).
+
+Backends (classifiers): the same pyfunc loaded with `model_config` for eager torch, torch.compile and
+ONNX Runtime (artifacts/model.onnx): seconds to load (what a replica's start-up costs) and images/s at
+batch 1 (one image per call) and batch 8, each also as a ratio to eager torch. Target: ONNX loads no
+slower than eager torch.
 Writes bench/results/inference_throughput.json.
 """
 
@@ -106,6 +111,35 @@ def measure(name: str, n: int, repeats: int, workdir: Path) -> dict:
     return row
 
 
+BACKENDS = {"torch": {}, "compiled": {"compile": True}, "onnx": {"backend": "onnx"}}
+
+
+def backends(name: str, repeats: int, workdir: Path) -> list[dict]:
+    """Load time and images/s at batch 1 and 8 of the pyfunc on each backend (classifiers)."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    folder = workdir / name
+    frame = pd.DataFrame({"image": [base64.b64encode(_jpeg(i)).decode() for i in range(8)]})
+    rows = []
+    for backend, config in BACKENDS.items():
+        start = time.perf_counter()
+        pyfunc = mlflow.pyfunc.load_model(str(folder), model_config=config)
+        load_s = time.perf_counter() - start
+        one = _timed(lambda: [pyfunc.predict(frame.iloc[i:i + 1]) for i in range(8)], repeats)
+        eight = _timed(lambda: pyfunc.predict(frame), repeats)
+        rows.append({"model": name, "backend": backend, "load_s": load_s, "b1_images_per_s": 8 / one,
+                     "b8_images_per_s": 8 / eight})
+    base = rows[0]
+    for row in rows:
+        row.update({"b1_vs_torch": row["b1_images_per_s"] / base["b1_images_per_s"],
+                    "b8_vs_torch": row["b8_images_per_s"] / base["b8_images_per_s"],
+                    "load_vs_torch": row["load_s"] / base["load_s"]})
+    onnx = next(row for row in rows if row["backend"] == "onnx")
+    onnx.update({"load_target": "<= torch", "meets_target": onnx["load_s"] <= base["load_s"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16)
@@ -114,9 +148,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, args.images, args.repeats, Path(tmp)) for name in args.models]
+        by_backend = [row for name in args.models if CASES[name][0] == "image_classification"
+                      for row in backends(name, args.repeats, Path(tmp))]
     print(table(rows, ["model", "images", "batch", "pyfunc_images_per_s", "bare_images_per_s", "bare_cl_images_per_s",
                        "ratio", "overhead_ratio", "meets_target", "tiled_3x2_cost", "tiled_meets_target"]))
-    path = write("inference_throughput", {"rows": rows, **peak_rss_mb()})
+    print()
+    print(table(by_backend, ["model", "backend", "load_s", "b1_images_per_s", "b8_images_per_s", "b1_vs_torch",
+                             "b8_vs_torch", "load_vs_torch", "meets_target"]))
+    path = write("inference_throughput", {"rows": rows, "backends": by_backend, **peak_rss_mb()})
     print(f"\nwritten {path}")
 
 

@@ -28,7 +28,7 @@ RECIPES = {
     "classification": {
         "task": "image_classification", "images": 2400, "size": (64, 64), "metric": "accuracy", "target": 0.95,
         "budget_minutes": 10,
-        "params": {"model_name": "resnet18", "number_of_epochs": 20, "training_batch_size": 32,
+        "params": {"weights": "none", "model_name": "resnet18", "number_of_epochs": 20, "training_batch_size": 32,
                    "validation_batch_size": 64, "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
                    "optimizer": "adam", "learning_rate": 0.001, "warmup_cosine_lr_warmup_epochs": 1,
                    "early_stopping": 0},
@@ -36,7 +36,7 @@ RECIPES = {
     "detection": {
         "task": "image_object_detection", "images": 300, "size": (128, 128), "metric": "mean_average_precision",
         "target": 0.6, "budget_minutes": 30,
-        "params": {"model_name": "fasterrcnn_resnet18_fpn", "number_of_epochs": 24, "training_batch_size": 4,
+        "params": {"weights": "none", "model_name": "fasterrcnn_resnet18_fpn", "number_of_epochs": 24, "training_batch_size": 4,
                    "validation_batch_size": 8, "min_size": 128, "max_size": 128, "learning_rate": 0.01,
                    "warmup_cosine_lr_warmup_epochs": 1, "box_batch_size_per_image": 128,
                    "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "early_stopping": 0,

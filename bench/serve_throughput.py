@@ -69,8 +69,10 @@ def _rss_mb(match) -> float:
     return round(total / 2**20, 1)
 
 
-def load(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict:
-    """`concurrency` threads sending one request after another for `seconds`; latency of each."""
+def load(url: str | list[str], bodies: list[dict], concurrency: int, seconds: float) -> dict:
+    """`concurrency` threads sending one request after another for `seconds`; latency of each. Several
+    URLs (models behind different routes) are cycled like the bodies."""
+    urls = url if isinstance(url, list) else [url]
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -82,7 +84,7 @@ def load(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 try:
-                    ok = client.post(url, json=bodies[i % len(bodies)]).status_code == 200
+                    ok = client.post(urls[i % len(urls)], json=bodies[i % len(bodies)]).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 elapsed = time.perf_counter() - started

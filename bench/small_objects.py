@@ -30,7 +30,7 @@ from models.data.synth import write_synthetic_dataset  # noqa: E402
 from models.train.loop import train  # noqa: E402
 from serving.predictor import Predictor  # noqa: E402
 
-TRAIN = {"model_name": "fasterrcnn_resnet18_fpn", "training_batch_size": 2, "validation_batch_size": 2,
+TRAIN = {"weights": "none", "model_name": "fasterrcnn_resnet18_fpn", "training_batch_size": 2, "validation_batch_size": 2,
           "learning_rate": 0.01, "warmup_cosine_lr_warmup_epochs": 1,
          "box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 500,
          "box_detections_per_img": 100, "early_stopping": 0, "evaluation_frequency": 4}

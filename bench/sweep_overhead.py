@@ -35,7 +35,7 @@ from models.job import build_job
 from models.train.loop import TrainingJob
 from models.data.synth import write_synthetic_dataset
 
-PARAMS = {"model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
+PARAMS = {"weights": "none", "model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
           "training_batch_size": 8, "validation_batch_size": 16, "num_workers": 0, "early_stopping": 0,
           "warmup_cosine_lr_warmup_epochs": 0}
 

@@ -28,10 +28,10 @@ from models.train.loop import _Loop, prepare  # noqa: E402
 
 CASES = {  # name: (task, image size, images, parameters); enough batches per epoch to average out noise
     "resnet18": ("image_classification", (96, 96), 320, {
-        "model_name": "resnet18", "training_batch_size": 16, "valid_resize_size": 80, "valid_crop_size": 80,
+        "weights": "none", "model_name": "resnet18", "training_batch_size": 16, "valid_resize_size": 80, "valid_crop_size": 80,
         "train_crop_size": 80}),
     "fasterrcnn_resnet18_fpn": ("image_object_detection", (128, 128), 120, {
-        "model_name": "fasterrcnn_resnet18_fpn", "training_batch_size": 4, "min_size": 128, "max_size": 128,
+        "weights": "none", "model_name": "fasterrcnn_resnet18_fpn", "training_batch_size": 4, "min_size": 128, "max_size": 128,
         "box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300}),
 }
 

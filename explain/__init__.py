@@ -11,14 +11,17 @@ from explain.guided import prepare
 from explain.methods import METHODS, Explainer, attribute
 from explain.params import ALGORITHMS, DEFAULT, MAX_EXPLAINED_LABELS, XaiParameters, parse_xai
 from explain.visualize import render
+from models.tasks.settings import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ALGORITHMS", "DEFAULT", "MAX_EXPLAINED_LABELS", "METHODS", "Explainer", "Stopped", "TooManyLabels",
            "XaiParameters", "attribute", "explain_crop", "make_explainer", "parse_xai", "targets"]
 
 
-def make_explainer(model: torch.nn.Module, arch_name: str, multilabel: bool, device: torch.device) -> Explainer:
-    """A private, guided float32 copy of `model` on `device` (the scoring model is not touched)."""
-    return Explainer(prepare(model, multilabel).to(device), arch_name, device)
+def make_explainer(model: torch.nn.Module, arch_name: str, multilabel: bool, device: torch.device,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Explainer:
+    """A private, guided float32 copy of `model` on `device` (the scoring model is not touched); `mean` and
+    `std`: the model's input normalisation (settings.json's image_mean / image_std)."""
+    return Explainer(prepare(model, multilabel, mean, std).to(device), arch_name, device)
 
 
 def targets(probs: torch.Tensor, multilabel: bool, threshold: float) -> list[int]:

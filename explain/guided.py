@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torchvision.models import VisionTransformer
 
 from models.tasks.classification import normalize
+from models.tasks.settings import IMAGENET_MEAN, IMAGENET_STD
 
 _GUIDED_TYPES = (nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Hardtanh)
 
@@ -65,14 +67,16 @@ class _TappedNorm(nn.Module):
 class ProbModel(nn.Module):
     """[0, 1] pixels → probabilities (softmax, or sigmoid for multilabel), or logits with `logits=True`."""
 
-    def __init__(self, model: nn.Module, multilabel: bool):
+    def __init__(self, model: nn.Module, multilabel: bool, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         self.model = model
         self.multilabel = multilabel
+        self.mean, self.std = tuple(mean), tuple(std)
         self.logits = False
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model(normalize(pixels)).float()
+        out = self.model(normalize(pixels, self.mean, self.std)).float()
         if self.logits:
             return out
         return torch.sigmoid(out) if self.multilabel else torch.softmax(out, dim=1)
@@ -100,7 +104,8 @@ def gradcam_layer(model: nn.Module, arch_name: str) -> nn.Module:
                      "use xrai, integrated_gradients or guided_backprop")
 
 
-def prepare(model: nn.Module, multilabel: bool) -> ProbModel:
+def prepare(model: nn.Module, multilabel: bool, mean: Sequence[float] = IMAGENET_MEAN,
+            std: Sequence[float] = IMAGENET_STD) -> ProbModel:
     """A float32 eval-mode copy with out-of-place, guided activations (ViT: token grid tapped)."""
     private = copy.deepcopy(model).float().eval()
     for p in private.parameters():
@@ -109,4 +114,4 @@ def prepare(model: nn.Module, multilabel: bool) -> ProbModel:
     if isinstance(private, VisionTransformer):
         block = private.encoder.layers[-1]
         block.ln_1 = _TappedNorm(block.ln_1)
-    return ProbModel(private, multilabel)
+    return ProbModel(private, multilabel, mean, std)

@@ -5,6 +5,7 @@
       code/models, code/serving, code/explain   visionserve's own packages (MLflow `code_paths`)
       artifacts/settings.json   task, model_name, labels and inference.md's parameters
       artifacts/model.pt        the weights, a plain state_dict
+      artifacts/model.onnx      classifiers: the same network for ONNX Runtime (models.onnx_export)
 
 The pyfunc is MLflow "models from code": `mlflow_model.py` names `serving.pyfunc.VisionModel`, imported
 from the folder's own `code/` when it is loaded; nothing is pickled. `requirements.txt` pins only packages
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from models.errors import SettingsError
+from models.onnx_export import ONNX_FILE, exportable, write_onnx
 from models.tasks.fields import as_dict, is_per_request, kind_of
 from models.tasks.registry import Task, get_task, inference_settings
 
@@ -44,7 +46,7 @@ _META_KEYS = ("task", "model_name", "labels", "visionserve_version")
 # tests/test_exported_environment.py checks the list against what loading, scoring and explaining import.
 _RUNTIME_PACKAGES = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "tqdm",
                      "opencv-python-headless", "pycocotools", "timm", "captum", "saliency", "scikit-image",
-                     "matplotlib", "colorcet")
+                     "matplotlib", "colorcet", "onnx", "onnxruntime")
 # visionserve's packages copied into the folder; `loadtests` and the tests are not needed to load it
 CODE_PACKAGES = ("models", "serving", "explain")
 
@@ -175,16 +177,19 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
         weights_file = Path(tmp) / WEIGHTS_FILE
         torch.save({k: v.detach().cpu() for k, v in state_dict.items() if not k.endswith("num_batches_tracked")},
                    weights_file)
+        artifacts = {"settings": str(settings_file), "weights": str(weights_file)}
+        if exportable(model_settings.task) and write_onnx(Path(tmp) / ONNX_FILE, model_settings, state_dict):
+            artifacts["onnx"] = str(Path(tmp) / ONNX_FILE)
         mlflow.pyfunc.save_model(
             path=str(path),
             python_model=_pyfunc_entry(),
-            artifacts={"settings": str(settings_file), "weights": str(weights_file)},
+            artifacts=artifacts,
             signature=signature(model_settings.task),
             pip_requirements=pip_requirements(),
             code_paths=_code_paths(Path(tmp) / "code"),
             metadata={"task": model_settings.task.name, "model_name": model_settings.model_name},
-            # what a loader may set: load_model(..., model_config={"compile": True}) or, for `mlflow models
-            # serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{"compile": true}' (serving.pyfunc, serving.compiled)
-            model_config={"compile": False},
+            # what a loader may set: load_model(..., model_config={"backend": "onnx"}) or, for `mlflow models
+            # serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{"compile": true}' (serving.pyfunc, serving.loading)
+            model_config={"backend": "torch", "compile": False},
         )
     return path

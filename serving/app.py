@@ -33,6 +33,7 @@ from models.runtime import torch_thread
 from models.tasks.fields import as_dict
 from serving.access import key_matches, read_key_file, request_id_of
 from serving.admission import Admission, Busy, TimedOut
+from serving.backends import BACKENDS
 from serving.contract import (
     ParsedRequest, RequestError, Route, check_xai, openapi_components, parameter_error, parse_json,
     parse_request, probe_images,
@@ -57,6 +58,11 @@ class ServiceConfig:
     max_waiting_explanations: int = 4
     explanation_timeout_s: float = 90.0
     compile: bool = True  # a classifier on the CPU is compiled when the replica starts (serving.compiled)
+    backend: str = "torch"  # serving.backends: "onnx" scores a classifier's model.onnx on ONNX Runtime
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:  # a Serve config file's typo fails the deploy, not every replica
+            raise SettingsError([f"backend: {self.backend!r} is not one of {', '.join(BACKENDS)}"], "serving config")
 
     @property
     def limits(self) -> ImageLimits:
@@ -142,7 +148,8 @@ class VisionService:
         self._explain_threads = ThreadPoolExecutor(self.config.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
         self.predictor = self._model_thread.submit(Predictor.load, self.model_dir, overrides=self.config.overrides,
-                                                   compile_scorer=self.config.compile, limits=self.config.limits,
+                                                   compile_scorer=self.config.compile, backend=self.config.backend,
+                                                   limits=self.config.limits,
                                                    explainers=self.config.max_concurrent_explanations).result()
         self._score_images.set_max_batch_size(self.config.max_batch_size)
         self._score_images.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -158,7 +165,8 @@ class VisionService:
                                        self.config.explanation_timeout_s, self._explain_threads)
         self._scoring = 0  # requests with images to score, between admission and answer
         log.info("visionserve replica ready: %s (%s), %s scoring", self.predictor.spec.model_name,
-                 self.predictor.spec.task.name, "compiled" if self.predictor.compiled else "eager")
+                 self.predictor.spec.task.name, {"torch": "eager", "compiled": "compiled", "onnx": "ONNX Runtime"}[
+                     self.predictor.backend])
 
     def check_health(self) -> None:
         """Ray Serve's probe: a replica whose model is gone is replaced."""
@@ -357,7 +365,7 @@ class VisionService:
         return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
                 "settings": as_dict(spec.settings, inference_only=True), "model": self.config.model,
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
-                "compiled": self.predictor.compiled, "replica": serve.get_replica_context().replica_id.unique_id,
+                "compiled": self.predictor.compiled, "backend": self.predictor.backend, "replica": serve.get_replica_context().replica_id.unique_id,
                 "in_progress": {"scoring": self._scoring, "explaining": self._explanations.admitted},
                 "limits": {k: v for k, v in asdict(self.config).items()
                            if k in ("max_batch_size", "max_request_mb", "max_images_per_request", "max_image_mb")}}
@@ -368,7 +376,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     `args`: `model` (folder or MLflow URI), optional `api_key_file`, `set` (settings overrides),
     `max_batch_size`, `batch_wait_timeout_s`, `max_request_mb`, `max_images_per_request`,
-    `max_concurrent_explanations`, `max_waiting_explanations`, `explanation_timeout_s`, `compile`.
+    `max_concurrent_explanations`, `max_waiting_explanations`, `explanation_timeout_s`, `compile`,
+    `backend`.
     """
     args = dict(args)
     key_file = args.pop("api_key_file", None)

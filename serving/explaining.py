@@ -43,7 +43,7 @@ class Explanations:
                 self._made += 1
                 spec = self.loaded.spec
                 return make_explainer(self.loaded.model, self.loaded.arch.name, spec.task.ops.multilabel,
-                                      self.loaded.device)
+                                      self.loaded.device, spec.settings.image_mean, spec.settings.image_std)
         return self._idle.get()
 
     def explain(self, items: Sequence[bytes | ImageError], xai: Sequence[Any], settings: Any, rows: Sequence[int],

@@ -1,5 +1,6 @@
 """Where a model comes from and how it is made ready to score: an MLflow model folder or URI → its
-settings, the network with its weights on a device, and the scorer (BatchNorm folded, compiled)."""
+settings, the network with its weights on a device, and the scorer (BatchNorm folded, compiled, or the
+model's ONNX file on ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from models.export import SETTINGS_FILE, WEIGHTS_FILE, ModelSettings, read_settings
 from models.tasks.architectures import Architecture, build_model, get_architecture
+from serving.backends import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,17 @@ def find_artifacts(model_dir: str | Path) -> tuple[Path, Path]:
         if (folder / SETTINGS_FILE).exists():
             return folder / SETTINGS_FILE, folder / WEIGHTS_FILE
     raise FileNotFoundError(f"{model_dir}: no artifacts/{SETTINGS_FILE}; is this a visionserve model folder?")
+
+
+def check_backend(model_dir: str | Path, backend: str) -> None:
+    """Before anything loads: a ValueError when `backend` (BACKENDS) cannot score the model in `model_dir`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "onnx":
+        from serving.onnx_backend import onnx_file
+
+        settings_path, weights_path = find_artifacts(model_dir)
+        onnx_file(weights_path.parent, read_settings(settings_path))
 
 
 def default_device() -> torch.device:
@@ -92,9 +105,13 @@ def _weights(model: torch.nn.Module, spec: ModelSettings, weights_path: Path, se
 
 
 def load_model(settings_path: str | Path, weights_path: str | Path, *, device: torch.device | None = None,
-               overrides: dict[str, Any] | None = None, compile_scorer: bool = False) -> LoadedModel:
+               overrides: dict[str, Any] | None = None, compile_scorer: bool = False,
+               backend: str = "torch") -> LoadedModel:
     """The model of an exported folder's files; `compile_scorer`: a classifier on the CPU is compiled now
-    (serving.compiled: slower to load, faster per image; for long-lived processes)."""
+    (serving.compiled: slower to load, faster per image; for long-lived processes); `backend` (BACKENDS):
+    "onnx" scores with the folder's model.onnx (a ValueError says why a model has none)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")  # as check_backend says
     spec = read_settings(settings_path, overrides)
     device = device or default_device()
     arch = get_architecture(spec.model_name, spec.task.family)
@@ -112,7 +129,11 @@ def load_model(settings_path: str | Path, weights_path: str | Path, *, device: t
 
         paste_masks_one_at_a_time(scorer)
     shape = spec.task.ops.input_shape(spec.settings)
-    if compile_scorer and device.type == "cpu" and shape:
+    if backend == "onnx":
+        from serving.onnx_backend import onnx_scorer
+
+        scorer = onnx_scorer(Path(weights_path).parent, spec, device)
+    elif compile_scorer and device.type == "cpu" and shape:
         from serving.compiled import compile_for_cpu
 
         scorer = compile_for_cpu(scorer, shape)

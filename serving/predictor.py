@@ -74,6 +74,13 @@ class Predictor:
         return isinstance(self.scorer, Compiled)
 
     @property
+    def backend(self) -> str:
+        """What scores: "onnx" (ONNX Runtime), "compiled" (torch.compile) or "torch" (eager)."""
+        from serving.onnx_backend import OnnxScorer
+
+        return "onnx" if isinstance(self.scorer, OnnxScorer) else "compiled" if self.compiled else "torch"
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 

@@ -33,15 +33,18 @@ def image_rows(model_input: Any) -> list[Any]:
 class VisionModel(mlflow.pyfunc.PythonModel):
     """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row.
 
-    `mlflow.pyfunc.load_model(DIR, model_config={"compile": True})` compiles a classifier for the CPU
-    while loading (serving.compiled): worth it in a process that scores for a long time."""
+    `mlflow.pyfunc.load_model(DIR, model_config={"backend": "onnx"})` scores a classifier's
+    `artifacts/model.onnx` on ONNX Runtime (serving.onnx_backend); `model_config={"compile": True}`
+    compiles a classifier for the CPU while loading (serving.compiled). Either is worth it in a process
+    that scores for a long time."""
 
     def load_context(self, context) -> None:
         from serving.predictor import Predictor
 
         config = context.model_config or {}
         self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"],
-                                              compile_scorer=bool(config.get("compile", False)))
+                                              compile_scorer=bool(config.get("compile", False)),
+                                              backend=str(config.get("backend", "torch")))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict]:
         """One response per image row; `params` may override inference settings for this call. Refusals are

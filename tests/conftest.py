@@ -5,25 +5,38 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from models.runtime import free_port  # noqa: F401  (the tests' too)
+from weights_cache import cache_dirs
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # Processes the tests start that join the session's Ray instance (batch scoring, the CLI) run in this very
 # environment: under `uv run`, Ray would otherwise build a fresh one from a copy of the working directory for
 # every worker they start (models.runtime disables that only for the local instance it starts itself).
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Pretrained weights come only from this session's own caches (torch hub, Hugging Face), which
+# `pretrained_cache` fills with random values; the real caches and the network are never used.
+WEIGHTS_CACHE = Path(tempfile.mkdtemp(prefix="visionserve-weights-"))
+os.environ.update({**cache_dirs(WEIGHTS_CACHE), "VISIONSERVE_OFFLINE": "1"})
+# Every Ray instance of the session (this process's and those the CLI tests start) keeps its logs and spilled
+# objects under one folder that goes when the session ends; Ray itself never removes /tmp/ray/session_*.
+RAY_TMPDIR = Path(os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="vs-ray-")))
 
 TASKS = ("image_classification", "image_classification_multilabel", "image_object_detection",
          "image_instance_segmentation")
 
-# Small, fast, and trained long enough to memorise 12 images, so answers are known.
-_DETECTION = {"min_size": 96, "max_size": 128, "box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 400,
+# Small, fast, and trained long enough to memorise 12 images, so answers are known. The classifiers start
+# from the (random) "pretrained" resnet18 of the session's cache; the detectors from scratch, whose
+# BatchNorm learns (pretrained detectors keep theirs frozen, which random statistics would not suit).
+_DETECTION = {"weights": "none", "min_size": 96, "max_size": 128, "box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 400,
               "rpn_post_nms_top_n_train": 200, "training_batch_size": 4, "validation_batch_size": 4,
               "learning_rate": 0.01, "warmup_cosine_lr_warmup_epochs": 1, "evaluation_frequency": 25}
 _CLASSIFICATION = {"model_name": "resnet18", "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
@@ -40,6 +53,33 @@ NO_AUGMENT = '{"apply_automl_train_augmentations": false}'
 IMAGE_SIZE = (128, 96)  # not square, so a swapped width/height shows
 
 
+# What the tests train by default: resnet18 (also the detectors' resnet18 backbone) and mobilenetv2.
+DEFAULT_CACHED = ("ResNet18_Weights.IMAGENET1K_V1", "MobileNet_V2_Weights.IMAGENET1K_V2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pretrained_cache():
+    """The session's weights caches with freshly initialised networks under the pretrained files' names."""
+    from weights_cache import put_torchvision
+
+    for name in DEFAULT_CACHED:
+        put_torchvision(name)
+    yield WEIGHTS_CACHE
+    shutil.rmtree(WEIGHTS_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_files_removed():
+    """The session's Ray folder goes once its Ray instance has stopped (a folder someone set is kept)."""
+    yield
+    if RAY_TMPDIR.name.startswith("vs-ray-"):
+        if "ray" in sys.modules:
+            import ray
+
+            ray.shutdown()
+        shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mlflow_uri(tmp_path_factory) -> str:
     """The session's SQLite MLflow store (nothing is created until something logs)."""
@@ -49,9 +89,11 @@ def mlflow_uri(tmp_path_factory) -> str:
     return uri
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tracking(mlflow_uri, tmp_path_factory) -> str:
-    """The store with its experiments made, their artifacts in the session's temp folder."""
+    """The store with its experiments made, their artifacts in the session's temp folder (for every test:
+    an experiment a training makes itself keeps its artifacts in MLflow's default, ./mlruns of the working
+    directory, here the checkout)."""
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_uri)
@@ -118,6 +160,28 @@ def run_pyfunc_in_new_process(model_dir: Path, images: list[str], tmp_path: Path
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(response.read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cpus_given_back():
+    """After each module every CPU of the session's Ray instance is free again. A module that leaves a
+    placement group, a trial or a replica behind fails here, not a later one that waits for CPUs."""
+    yield
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 60
+    while True:
+        total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+        if free >= total - 1e-3:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{total - free:.3f} of the session's {total:g} Ray CPUs are still held 60 s after this "
+                        "module's tests ended: something they started was not stopped")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

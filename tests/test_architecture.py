@@ -67,9 +67,14 @@ def _imports(path: Path) -> set[str]:
 GRAPH = {name: _imports(path) - {name} for name, path in MODULES.items()}
 
 
+SAME_LAYER = {"models.onnx_export": "models.export"}  # the model folder's ONNX file belongs with the folder
+
+
 def layer(module: str) -> str:
     if module in BASE:
         return "models.base"
+    if module in SAME_LAYER:
+        return SAME_LAYER[module]
     if module.startswith("models."):
         return ".".join(module.split(".")[:2])
     return module.split(".")[0]

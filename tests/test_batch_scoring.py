@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -214,6 +215,18 @@ def test_unknown_set_name_fails_fast(trained, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_a_detector_on_the_onnx_backend_is_refused_before_ray_starts(trained, tmp_path, monkeypatch, capsys):
+    result, data = trained("image_object_detection")
+    monkeypatch.setattr(batch, "ensure_ray", _no_ray)
+    out = tmp_path / "predictions.jsonl"
+    code = main(["score", str(result.model_dir), "--input", str(data.images_dir), "--output", str(out),
+                 "--backend", "onnx"])
+    assert code == 2
+    assert "backend onnx: fasterrcnn_resnet18_fpn (image_object_detection) has no ONNX file" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name(out.name + ".parts").exists()
+
+
+@pytest.mark.slow
 def test_an_escaping_image_url_stops_the_command_naming_file_and_line(trained, tmp_path, monkeypatch, capsys):
     result, _ = trained("image_classification")
     monkeypatch.setattr(batch, "ensure_ray", _no_ray)
@@ -296,6 +309,20 @@ def test_classifier_jsonl_then_mltable_overwrite(ray_session, trained, tmp_path,
                  "--no-progress"]) == 0
     assert f"scored {len(source) - 1} " in capsys.readouterr().err
     assert out.read_text() == first
+
+
+@pytest.mark.slow
+def test_actors_on_the_onnx_backend_score_the_lines_torch_scores(ray_session, trained, tmp_path):
+    from models.onnx_export import TOLERANCE
+
+    result, data = trained("image_classification")
+    runs = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / f"{backend}.jsonl"
+        score(result.model_dir, data.images_dir, out, progress=False, backend=backend, concurrency=1)
+        runs[backend] = _lines(out)
+    assert [x["image"] for x in runs["onnx"]] == [x["image"] for x in runs["torch"]]
+    assert np.allclose([x["probs"] for x in runs["onnx"]], [x["probs"] for x in runs["torch"]], atol=TOLERANCE)
 
 
 @pytest.mark.slow

@@ -167,3 +167,4 @@ def test_mlflow_serves_the_folder_from_a_fresh_environment_built_from_its_requir
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
+        shutil.rmtree(tmp_path / "envs", ignore_errors=True)  # a whole torch install: GBs

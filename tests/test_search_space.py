@@ -155,3 +155,21 @@ def test_automode_picks_a_space_when_only_max_trials_is_given():
     fixed = auto_search_space(CLS, 100, gpus=0, fixed={"model_name": "resnet18", "learning_rate": 0.01})
     assert fixed[0]["model_name"].values == ("resnet18",) and "learning_rate" not in fixed[0]
     assert not parse_sweep({"limits": {"max_trials": 1}}, CLS).is_sweep
+
+
+def test_automode_trains_a_head_on_frozen_pretrained_backbones_for_few_images_per_class():
+    from models.tasks.architectures import get_architecture
+
+    space = auto_search_space(CLS, n_images=10, gpus=0, fixed={}, per_class=5)
+    assert [s["model_name"].values for s in space] == [("mobilenetv2",), ("resnet18",), ("resnet34",)]
+    for subspace in space:  # every layer group of that model frozen: only the new head learns
+        name = subspace["model_name"].values[0]
+        assert subspace["layers_to_freeze"].values == (len(get_architecture(name, "classification").freeze_groups),)
+        assert subspace["learning_rate"].type == "loguniform"
+    detection = auto_search_space(DET, n_images=10, gpus=0, fixed={}, per_class=2)
+    assert all(s["layers_to_freeze"].values == (5,) for s in detection)  # conv1/bn1 and layer1..4 of the backbone
+    # enough images, weights=none (nothing pretrained to keep) or a fixed layers_to_freeze: the plain space
+    for kwargs in ({"fixed": {}, "per_class": 50}, {"fixed": {"weights": "none"}, "per_class": 5},
+                   {"fixed": {"layers_to_freeze": 2}, "per_class": 5}):
+        plain = auto_search_space(CLS, n_images=10, gpus=0, **kwargs)
+        assert len(plain) == 1 and "layers_to_freeze" not in plain[0], kwargs

@@ -27,8 +27,8 @@ PREFIX = {"image_classification": "/cls", "image_classification_multilabel": "/m
 @pytest.fixture(scope="module")
 def endpoint(ray_session, trained):
     """All four task models served by one Ray Serve instance, each under its own route prefix,
-    plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill) and `/tight`
-    (capacity 1 + 1 queued). `/cls` runs the default, a compiled classifier; the other classifier
+    plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill), `/onnx` (the classifier on
+    ONNX Runtime) and `/tight` (capacity 1 + 1 queued). `/cls` runs the default, a compiled classifier; the other classifier
     apps score eagerly (compiling takes a replica 10-25 s on 2 CPUs)."""
     from ray import serve
 
@@ -52,6 +52,9 @@ def endpoint(ray_session, trained):
     patient = ServiceConfig(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False)
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
                                 route_prefix="/patient"))
+    on_onnx = ServiceConfig(model=str(cls_dir), max_batch_size=8, compile=False, backend="onnx")
+    apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(on_onnx)), name="onnx",
+                                route_prefix="/onnx"))
     tight = ServiceConfig(model=str(cls_dir), max_batch_size=1, compile=False)
     apps.append(serve.RunTarget(VisionService.options(
         max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
@@ -123,6 +126,19 @@ def test_answers_of_the_compiled_classifier_match_the_pyfunc(endpoint, trained):
     local = Predictor.load(trained("image_classification")[0].model_dir).predict_encoded(rows)
     assert [a["labels"] for a in served] == [a["labels"] for a in local]
     assert np.allclose([a["probs"] for a in served], [a["probs"] for a in local], atol=1e-5)
+
+
+def test_a_replica_on_the_onnx_backend_answers_the_json_of_one_on_torch(endpoint, trained):
+    from models.onnx_export import TOLERANCE
+
+    assert httpx.get(f"{endpoint}/onnx/metadata").json()["backend"] == "onnx"
+    assert httpx.get(f"{endpoint}/patient/metadata").json()["backend"] == "torch"
+    rows = _images(trained, "image_classification", 3)
+    on_onnx, on_torch = _score(f"{endpoint}/onnx/score", rows), _score(f"{endpoint}/patient/score", rows)
+    assert on_onnx.status_code == on_torch.status_code == 200
+    assert [sorted(a) for a in on_onnx.json()] == [sorted(a) for a in on_torch.json()]
+    assert [a["labels"] for a in on_onnx.json()] == [a["labels"] for a in on_torch.json()]
+    assert np.allclose([a["probs"] for a in on_onnx.json()], [a["probs"] for a in on_torch.json()], atol=TOLERANCE)
 
 
 def test_32_concurrent_requests_each_get_their_own_answer(endpoint, trained):
@@ -312,6 +328,14 @@ def test_over_capacity_answers_429_with_retry_after(endpoint, trained):
     assert rejected.headers.get("retry-after") == "2"
 
 
+def _exited(pid: int) -> bool:
+    """Whether process `pid` (on this machine) has exited: gone, or a zombie its parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_a_replica_killed_mid_load_is_replaced_by_a_new_one_and_no_request_hangs(endpoint, trained):
     import threading
 
@@ -323,6 +347,8 @@ def test_a_replica_killed_mid_load_is_replaced_by_a_new_one_and_no_request_hangs
     replica_actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
                       if "image_classification_multilabel" in a["name"] and "VisionService" in a["name"]]
     assert len(replica_actors) == 1
+    replica = ray.get_actor(replica_actors[0]["name"], namespace=replica_actors[0]["namespace"])
+    pid = ray.get(replica.__ray_call__.remote(lambda self: __import__("os").getpid()), timeout=60)
     outcomes: list[tuple[float, int | str, float]] = []  # (sent at, status or error, seconds)
     stop = threading.Event()
 
@@ -338,11 +364,14 @@ def test_a_replica_killed_mid_load_is_replaced_by_a_new_one_and_no_request_hangs
             time.sleep(0.1)
 
     with ThreadPoolExecutor(3) as pool:
-        clients = [pool.submit(load) for _ in range(3)]
+        futures = [pool.submit(load) for _ in range(3)]
         time.sleep(2)
-        actor = replica_actors[0]
         killed_at = time.monotonic()
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        ray.kill(replica, no_restart=True)
+        while not _exited(pid) and time.monotonic() < killed_at + 30:
+            time.sleep(0.01)
+        died_at = time.monotonic()  # the replica's process is gone (within ~10 ms)
+        assert _exited(pid), "the killed replica's process is still running after 30 s"
         deadline = time.time() + 120
         after = before
         while time.time() < deadline and after == before:
@@ -351,23 +380,30 @@ def test_a_replica_killed_mid_load_is_replaced_by_a_new_one_and_no_request_hangs
             after = meta.json()["replica"] if meta.status_code == 200 else before
         time.sleep(2)  # the new replica also serves the load for a moment
         stop.set()
-        for client in clients:
-            client.result()
+        for future in futures:
+            future.result()
     assert after != before, "no new replica answered within 120 s"
     before_kill = [status for sent, status, took in outcomes if sent + took < killed_at]
-    in_flight = [status for sent, status, took in outcomes if sent < killed_at <= sent + took]
-    sent_after = [status for sent, status, _ in outcomes if sent >= killed_at]
     assert before_kill and set(before_kill) == {200}
-    # A request the dying replica was working on, or that HAProxy sends it before marking it down (after 3
-    # failed connections: Ray Serve's `observe layer4 error-limit 3`), loses its connection; nothing the
-    # endpoint can answer for. Such drops come only before the first answer after the kill; from then on
-    # every request is answered, 503/429 at worst, and none hangs.
-    assert set(in_flight) <= {200, 429, 503, "RemoteProtocolError", "ReadError"}, in_flight
-    answered = next(i for i, status in enumerate(sent_after) if status == 200)
-    dropped = [s for s in sent_after[:answered] if s not in (200, 429, 503)]
-    assert set(dropped) <= {"RemoteProtocolError"} and len(dropped) + len(in_flight) <= 3 * 3, sent_after
-    assert set(sent_after[answered:]) <= {200, 429, 503}, sent_after
-    assert sent_after[-1] == 200 and max(took for _, _, took in outcomes) < 60
+    # Every request is answered, 503/429 at worst, and none hangs: HAProxy tries a request that fails on the
+    # dead replica (refused, or closed without an answer) again, in the end on the head node's Serve proxy,
+    # which waits for the new replica (models.runtime.serve_environment). The exception: a request HAProxy
+    # had already sent to the replica when its process died, or sent over a kept-alive connection to it
+    # before noticing that the connection had closed with the process, can lose its connection (HAProxy
+    # closes the client's connection without an answer, as a signal that the request may be retried).
+    # So a lost connection only for a request sent before the process was gone or within 1 s after, and
+    # lost when the process goes, not later.
+    timeline = [(sent - died_at, status, took) for sent, status, took in sorted(outcomes)]  # sent: s after
+    dropped = [(sent, status, took) for sent, status, took in timeline if status not in (200, 429, 503)]
+    sent_after = [status for sent, status, _ in timeline if sent >= 0]
+    print(f"process gone {died_at - killed_at:.2f} s after the kill; lost (sent, error, s): "
+          f"{[(round(sent, 3), status, round(took, 3)) for sent, status, took in dropped]}; "
+          f"sent after it: { {status: sent_after.count(status) for status in set(sent_after)} }")
+    assert {status for _, status, _ in dropped} <= {"RemoteProtocolError", "ReadError"}, timeline
+    assert all(sent < 1 and sent + took < 5 for sent, _, took in dropped), timeline
+    sent_later = [status for sent, status, _ in timeline if sent >= 1]
+    assert sent_later and set(sent_later) <= {200, 429, 503}, timeline
+    assert sent_later[-1] == 200 and max(took for _, _, took in outcomes) < 60
     assert all(_score(url, rows).status_code == 200 for _ in range(3))
 
 

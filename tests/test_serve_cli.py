@@ -49,23 +49,45 @@ def test_replicas_share_the_local_cpus_unless_told(flags, cpus, monkeypatch):
     assert options["ray_actor_options"]["num_cpus"] == pytest.approx(cpus)
 
 
+def _start(result, port: int, log: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([VISIONSERVE, "serve", str(result.model_dir), "--port", str(port), *flags],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
-def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_path):
+def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_path, ray_session):
+    """Beside it, a second `visionserve serve` on the same machine (its own Ray instance and HAProxy), on the
+    ONNX Runtime backend: both answer, and stopping one leaves the other serving. Both are started by a
+    process that has a local Ray instance of its own (ray_session), whose ports they must not inherit."""
     result, data = trained("image_classification")
     port, log = free_port(), tmp_path / "serve.log"
-    proc = subprocess.Popen([VISIONSERVE, "serve", str(result.model_dir), "--port", str(port), "--replicas", "2",
-                             "--cpus-per-replica", "0.5", "--no-compile"],  # tests/test_serve.py has a compiled one
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    other_port, other_log = free_port(), tmp_path / "other.log"
+    proc = _start(result, port, log, "--replicas", "2", "--cpus-per-replica", "0.5",
+                  "--no-compile")  # tests/test_serve.py has a compiled one
+    other = _start(result, other_port, other_log, "--cpus-per-replica", "0.5", "--backend", "onnx")
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
+        wait_until_ready(f"http://127.0.0.1:{other_port}/health/ready", other, other_log)
         line = json.loads(Path(data.train_jsonl).read_text().splitlines()[0])
         image = base64.b64encode((Path(data.train_jsonl).parent / line["image_url"]).read_bytes()).decode()
-        answer = httpx.post(f"http://127.0.0.1:{port}/score",
-                            json={"input_data": {"columns": ["image"], "data": [image]}}, timeout=60)
+        body = {"input_data": {"columns": ["image"], "data": [image]}}
+        answer = httpx.post(f"http://127.0.0.1:{port}/score", json=body, timeout=60)
         assert answer.status_code == 200, answer.text
         assert set(answer.json()[0]) == {"probs", "labels"} and answer.headers["x-request-id"]
         assert httpx.get(f"http://127.0.0.1:{port}/metadata").json()["compiled"] is False
         assert "haproxy" in _listener(proc, port)  # HAProxy has the port and sends requests straight to replicas
+        assert httpx.get(f"http://127.0.0.1:{other_port}/metadata").json()["backend"] == "onnx"
+        from_onnx = httpx.post(f"http://127.0.0.1:{other_port}/score", json=body, timeout=60)
+        assert from_onnx.status_code == 200 and from_onnx.json()[0]["labels"] == answer.json()[0]["labels"]
+        other.send_signal(signal.SIGINT)
+        assert other.wait(timeout=90) == 0, other_log.read_text()[-3000:]
+        assert httpx.post(f"http://127.0.0.1:{port}/score", json=body, timeout=60).status_code == 200
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
@@ -73,6 +95,26 @@ def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+        _stop(other)
+
+
+@pytest.mark.slow
+def test_hub_command_answers_the_image_analysis_routes_and_stops_on_ctrl_c(tmp_path):
+    port, log, state = free_port(), tmp_path / "hub.log", tmp_path / "state"
+    proc = subprocess.Popen([VISIONSERVE, "hub", "--state-dir", str(state), "--port", str(port),
+                             "--model-cpus", "0.25"], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
+        deadline = time.monotonic() + 60  # ready answers a moment before serve.run returns and the line is printed
+        while f"visionserve hub at http://127.0.0.1:{port}" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        listed = httpx.get(f"http://127.0.0.1:{port}/computervision/datasets", params={"api-version": "2023-04-01-preview"})
+        assert listed.status_code == 200 and listed.json()["value"] == [], listed.text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert "shutting down the hub" in log.read_text() and state.is_dir()
+    finally:
+        _stop(proc)

@@ -20,9 +20,12 @@ def _serve(*flags: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_serving_beyond_loopback_without_a_key_is_refused_naming_the_host_and_the_way_out():
-    done = _serve("--host", "0.0.0.0")
-    assert done.returncode != 0
+@pytest.mark.parametrize("command", ["serve", "hub"])
+def test_serving_beyond_loopback_without_a_key_is_refused_naming_the_host_and_the_way_out(command, tmp_path):
+    done = _serve("--host", "0.0.0.0") if command == "serve" else subprocess.run(
+        [VISIONSERVE, "hub", "--state-dir", str(tmp_path / "state"), "--host", "0.0.0.0"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
     assert "--host 0.0.0.0" in done.stderr and "--insecure" in done.stderr and "--api-key-file" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -54,6 +57,13 @@ def test_an_empty_or_missing_key_file_is_refused_by_the_application_builder(tmp_
         with pytest.raises(SettingsError) as info:
             build_app({"model": str(tmp_path), "api_key_file": str(path)})
         assert str(path) in str(info.value) and words in str(info.value) and "api_key_file" in str(info.value)
+
+
+def test_an_unknown_backend_in_a_serve_config_is_refused_by_the_application_builder(tmp_path):
+    from serving.app import build_app
+
+    with pytest.raises(SettingsError, match=r"backend: 'onx' is not one of torch, onnx"):
+        build_app({"model": str(tmp_path), "backend": "onx"})
 
 
 def test_the_key_is_kept_as_its_digest_and_compared_by_it(tmp_path):

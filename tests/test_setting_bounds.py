@@ -26,6 +26,8 @@ NOT_WALKED = {
     "weights": "tests/test_weights.py", "checkpoint_path": "tests/test_training.py (continuing a run)",
     "checkpoint_run_id": "tests/test_training.py (continuing a run)",
     "tile_grid_size": "a text: set to 2x1 in two detection runs below",
+    "image_mean": "three numbers taken from the weights: tests/test_training.py (normalisation)",
+    "image_std": "three numbers taken from the weights: tests/test_training.py (normalisation)",
 }
 # Which end of every range each run takes, with the choices that make the most ranged parameters count.
 PROFILES: tuple[tuple[str, dict[str, str]], ...] = (
@@ -73,7 +75,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "detection": {
         "tasks": ("image_object_detection",) * 4, "model": "fasterrcnn_resnet18_fpn", "base": _DETECTION,
-        # a detector trained from scratch needs min_size > 32 (BatchNorm); max_size >= min_size
+        # a detector trained from scratch (the low runs) needs min_size > 32 (BatchNorm); max_size >= min_size
         "low": {"min_size": 33, "max_size": 33},
         "high": _SIDES_HIGH,
         "tiled": (0, 1),
@@ -136,7 +138,10 @@ def _runs(family: str) -> tuple[list[dict[str, Any]], dict[str, set]]:
                 value = low if end == "low" else high
                 if value is not None:
                     run[name] = value
-        run.update(spec["low"] if end == "low" else {**spec.get("high", {}), "layers_to_freeze": len(arch.freeze_groups)})
+        # the low runs train from scratch (the smallest sizes BatchNorm can learn on), the high runs from the
+        # session cache's pretrained weights, every layer group frozen
+        run.update({**spec["low"], "weights": "none"} if end == "low" else
+                   {**spec.get("high", {}), "layers_to_freeze": len(arch.freeze_groups)})
         runs.append(run)
     for name, field in fields.items():  # choices not set by the profiles go round the runs that read them
         options = kind_of(field)[1]

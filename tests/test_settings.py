@@ -152,10 +152,10 @@ def test_architecture_limits_on_sizes_and_batches_are_checked_before_training():
     assert "must be an integer >= 33" in problem
     for fine in ({"training_batch_size": 1, "train_crop_size": 33}, {"training_batch_size": 2, "train_crop_size": 16}):
         _train("image_classification", model_name="resnet18", **fine)
-    [problem] = _problems("image_instance_segmentation", min_size=32, max_size=64)
+    [problem] = _problems("image_instance_segmentation", min_size=32, max_size=64, weights="none")
     assert problem.startswith("min_size=32 is too small to train maskrcnn_resnet50_fpn from random initialisation")
-    assert "must be an integer >= 33 (or start from weights)" in problem
-    assert _train("image_object_detection", min_size=32, max_size=64, weights="DEFAULT").min_size == 32
+    assert "must be an integer >= 33 (or start from pretrained weights: weights=DEFAULT)" in problem
+    assert _train("image_object_detection", min_size=32, max_size=64).min_size == 32  # pretrained: BatchNorm frozen
 
 
 @pytest.mark.parametrize("grid, message", [

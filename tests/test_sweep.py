@@ -156,6 +156,27 @@ def test_grid_runs_exactly_its_points(sweep_job):
     assert [t["status"] for t in result.trials] == ["completed", "completed"]
 
 
+def test_automode_with_few_images_per_class_trains_a_head_on_the_cached_pretrained_backbone(sweep_job):
+    """AutoMode (only max_trials given) on 12 training images of 4 classes: the trials start from the
+    session cache's mobilenetv2 file and freeze all 19 feature groups, so only the new head learns."""
+    import torch
+    import torchvision
+
+    from models.train.weights import cached_file
+
+    job = sweep_job(limits={"max_trials": 2}, training_parameters={"number_of_epochs": 1})
+    assert job.sweep.auto_mode
+    result = run_job(job, report=lambda _: None)
+    assert [t["status"] for t in result.trials] == ["completed", "completed"]
+    assert all(t["params"]["layers_to_freeze"] == 19 for t in result.trials)
+    cached = torch.load(cached_file(torchvision.models.get_weight("MobileNet_V2_Weights.IMAGENET1K_V2")),
+                        weights_only=True)
+    exported = torch.load(result.model_dir / "artifacts" / "model.pt", weights_only=True)
+    features = [k for k in cached if k.startswith("features.") and k.endswith((".weight", ".bias"))]
+    assert features and all(torch.equal(exported[k], cached[k]) for k in features)
+    assert not torch.equal(exported["classifier.1.bias"], torch.zeros_like(exported["classifier.1.bias"]))
+
+
 @pytest.mark.slow
 def test_bayesian_sweep_runs_with_tune_searcher(sweep_job):
     job = sweep_job(limits={"max_trials": 2},

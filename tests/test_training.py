@@ -40,6 +40,16 @@ def run(synth, tracking, tmp_path):
     return go
 
 
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 70, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def _settings(**raw):
     return training_settings(get_task("image_classification"), {"model_name": "resnet18", **raw})[0]
 
@@ -166,6 +176,74 @@ def test_frozen_layers_keep_their_starting_weights(run, tmp_path):
     for name, value in _parameters(start.state_dict()).items():
         frozen = name.startswith(("conv1.", "bn1.", "layer1."))
         assert torch.equal(trained[name], value) == frozen, name
+
+
+def test_by_default_training_starts_from_the_cached_pretrained_weights_and_freezes_them(run):
+    """The session's cache holds torchvision's resnet18 file (random values): with no `weights` given it is
+    loaded, the head is new, and layers_to_freeze keeps the frozen groups exactly as the file has them."""
+    from models.train.weights import cached_file
+    import torchvision
+
+    cached = torch.load(cached_file(torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1")), weights_only=True)
+    result = run(layers_to_freeze=4, learning_rate=0.05, number_of_epochs=2)
+    trained = torch.load(result.model_dir / "artifacts" / "model.pt", weights_only=True)
+    for name, value in _parameters(cached).items():
+        if name.startswith("fc."):
+            assert trained[name].shape[0] == len(result.labels)  # the new head for this dataset's labels
+        else:
+            frozen = not name.startswith("layer4.")
+            assert torch.equal(trained[name], value) == frozen, name
+
+
+def test_random_layers_cannot_be_frozen():
+    with pytest.raises(SettingsError, match=r"layers_to_freeze=2 would freeze randomly initialised layers "
+                                            r"\(weights=none\)"):
+        _settings(weights="none", layers_to_freeze=2)
+
+
+def test_missing_pretrained_weights_stop_before_training_and_name_the_file(synth, tmp_path):
+    data = synth("image_classification", images=16)
+    job = build_job(task="image_classification", training_data=data.train_jsonl,
+                    params={**FAST, "model_name": "resnet34"}, output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"ResNet34_Weights.IMAGENET1K_V1: not in the torch cache.*"
+                                         r"resnet34-b627a593.pth.*weights=none"):
+        prepare(job)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_input_normalisation_comes_from_the_pretrained_weights_into_settings_json(synth, tmp_path):
+    """timm's ViT-S/16 weights were trained on inputs scaled to [-1, 1]: the training transforms and the
+    exported settings.json say so; ImageNet statistics stay for torchvision's weights and from scratch."""
+    from weights_cache import put_timm
+
+    put_timm("timm/vit_small_patch16_224.augreg_in21k_ft_in1k", compact=True)
+    data = synth("image_classification", images=16)
+    common = {"valid_resize_size": 32, "valid_crop_size": 32, "train_crop_size": 32}
+    vit = prepare(build_job(task="image_classification", training_data=data.train_jsonl,
+                            params={"model_name": "vits16r224", **common}, output_dir=tmp_path / "vit"))
+    assert vit.weights.name == "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"
+    assert vit.settings.image_mean == (0.5, 0.5, 0.5) and vit.settings.image_std == (0.5, 0.5, 0.5)
+    for weights in ("DEFAULT", "none"):
+        resnet = prepare(build_job(task="image_classification", training_data=data.train_jsonl,
+                                   params={**FAST, "weights": weights}, output_dir=tmp_path / weights))
+        assert resnet.settings.image_mean == (0.485, 0.456, 0.406)
+
+
+def test_exported_settings_carry_the_normalisation_the_model_was_trained_with(run):
+    result = run(number_of_epochs=1, image_mean=[0.5, 0.4, 0.3], image_std="0.2, 0.2, 0.2")
+    settings_file = result.model_dir / "artifacts" / "settings.json"
+    settings = json.loads(settings_file.read_text())
+    assert settings["image_mean"] == [0.5, 0.4, 0.3] and settings["image_std"] == [0.2, 0.2, 0.2]
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    rows = pd.DataFrame({"image": [base64.b64encode(_tiny_png()).decode()]})
+    trained_with = mlflow.pyfunc.load_model(str(result.model_dir)).predict(rows)[0]["probs"]
+    settings_file.write_text(json.dumps({**settings, "image_mean": [0.0, 0.0, 0.0]}))
+    other = mlflow.pyfunc.load_model(str(result.model_dir)).predict(rows)[0]["probs"]
+    assert not np.allclose(trained_with, other)  # scoring normalises with what settings.json says
 
 
 def test_continuing_from_a_checkpoint_path_or_run_id_starts_from_its_weights(run, tmp_path):

@@ -1,5 +1,6 @@
-"""Tests for models/weights.py: local state_dict files, torchvision weights names read from the
-torch cache only (never downloaded), and the errors for everything else."""
+"""Tests for models/train/weights.py: pretrained weights by default from the libraries' caches (filled
+here with random values of the right names and shapes), downloads refused or forbidden offline with the
+file to put where, heads made anew, local state_dict files, and the errors for everything else."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 import torchvision
 from torch import nn
 
-from models.tasks.architectures import Architecture, build_model
+from models.tasks.architectures import Architecture, build_model, get_architecture, names
 from models.tasks.registry import get_task, training_settings
-from models.train.weights import WeightsError, cached_file, load_weights
+from models.train.weights import WeightsError, load_weights, resolve
+from weights_cache import put_timm, put_torchvision
 
 NUM_CLASSES = 3
 FAMILY_TASK = {"classification": "image_classification", "detection": "image_object_detection",
@@ -46,31 +48,51 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def torch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty torch cache in tmp_path (the real one is never read), and any download attempt
-    or network connection fails the test."""
+def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty torch and Hugging Face caches in tmp_path (the session's are not read), offline: any
+    network connection fails the test. Returns torch's checkpoints folder."""
+    from huggingface_hub import constants
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case something called torch.hub.set_dir
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # read by the hub at each call
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("VISIONSERVE_OFFLINE", "1")
 
-    def no_download(*args: Any, **kwargs: Any) -> Any:
-        pytest.fail(f"a download was attempted: {args[:1]}")
+    def no_network(*args: Any, **kwargs: Any) -> Any:
+        pytest.fail(f"a network connection was attempted: {args[1:2]}")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_download)
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
-    monkeypatch.setattr(socket.socket, "connect", no_download)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     assert Path(torch.hub.get_dir()) / "checkpoints" == checkpoints
     return checkpoints
 
 
+@pytest.fixture
+def refused_network(caches: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The empty caches, online, with every download refused at once (a proxy on a port nothing listens on)."""
+    from models.runtime import free_port
+
+    monkeypatch.undo()  # the guard against connections goes: this test makes one
+    monkeypatch.setenv("TORCH_HOME", str(caches.parent.parent))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(caches.parent.parent.parent / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("VISIONSERVE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return caches
+
+
 def put_in_cache(weights_name: str, state: dict[str, torch.Tensor]) -> Path:
     """Save `state` at the exact path torch would have downloaded `weights_name` to."""
-    path = cached_file(torchvision.models.get_weight(weights_name))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
+    return put_torchvision(weights_name, state)
 
 
 # ---------------------------------------------------------------- local files
@@ -178,26 +200,63 @@ def test_file_with_no_matching_tensor_is_a_clear_error(tmp_path: Path) -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-# ---------------------------------------------------------------- torchvision names, cache only
+# ---------------------------------------------------------------- pretrained by default, from the caches
+
+
+def test_pretrained_weights_are_the_default_and_none_means_random_initialisation() -> None:
+    settings, arch = training_settings(get_task("image_classification"), {"model_name": "resnet18"})
+    assert settings.weights == "DEFAULT" and resolve(arch, settings.weights).name == "ResNet18_Weights.IMAGENET1K_V1"
+    for spelled in ("none", "None", "null"):
+        scratch, _ = training_settings(get_task("image_classification"), {"model_name": "resnet18", "weights": spelled})
+        assert scratch.weights is None and resolve(arch, scratch.weights) is None
 
 
 @pytest.mark.parametrize("name", ["DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"])
-def test_weights_name_not_in_cache_names_the_path_and_downloads_nothing(torch_cache: Path, name: str) -> None:
+def test_offline_without_the_file_names_the_path_the_url_and_weights_none(caches: Path, name: str) -> None:
     model, arch = make("resnet18")
-    expected = torch_cache / "resnet18-f37072fd.pth"
     with pytest.raises(WeightsError) as err:
         load_weights(model, arch, name)
     message = str(err.value)
-    assert str(expected) in message
-    assert "does not download" in message and "ResNet18_Weights.IMAGENET1K_V1" in message
-    assert not torch_cache.exists()  # nothing was written either
+    assert str(caches / "resnet18-f37072fd.pth") in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "VISIONSERVE_OFFLINE" in message and "weights=none" in message
+    assert not caches.exists()  # nothing was written either
+
+
+def test_offline_timm_weights_name_the_hub_folder_and_the_download_command(caches: Path) -> None:
+    with torch.device("meta"):
+        model, arch = make("resnest50")
+    with pytest.raises(WeightsError) as err:
+        load_weights(model, arch, "DEFAULT")
+    message = str(err.value)
+    assert "hf download timm/resnest50d.in1k model.safetensors" in message
+    assert str(caches.parent.parent.parent / "hf" / "models--timm--resnest50d.in1k") in message
+    assert "weights=none" in message
+
+
+def test_a_refused_download_stops_with_the_file_to_put_where(refused_network: Path) -> None:
+    model, arch = make("resnet18")
+    with pytest.raises(WeightsError) as err:
+        load_weights(model, arch, "DEFAULT")
+    message = str(err.value)
+    assert "the download failed" in message and "URLError" in message
+    assert str(refused_network / "resnet18-f37072fd.pth") in message and "weights=none" in message
+    assert not (refused_network / "resnet18-f37072fd.pth").exists()
+
+
+@pytest.mark.slow  # the hub retries a refused connection for about 25 s before it gives up
+def test_a_refused_hub_download_stops_with_the_folder_to_put_where(refused_network: Path) -> None:
+    with torch.device("meta"):
+        model, arch = make("seresnext")
+    with pytest.raises(WeightsError, match=r"the download failed.*hf download timm/seresnext50_32x4d.racm_in1k"):
+        load_weights(model, arch, "DEFAULT")
 
 
 @pytest.mark.parametrize("name", ["DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"])
-def test_weights_name_loads_from_the_cache_file(torch_cache: Path, name: str) -> None:
+def test_weights_name_loads_from_the_cache_file(caches: Path, name: str) -> None:
     source = plain_resnet18()
     path = put_in_cache("ResNet18_Weights.IMAGENET1K_V1", source.state_dict())
-    assert path.parent == torch_cache
+    assert path.parent == caches
     model, arch = make("resnet18")
     report = load_weights(model, arch, name)
     assert report.source == "ResNet18_Weights.IMAGENET1K_V1"
@@ -205,26 +264,76 @@ def test_weights_name_loads_from_the_cache_file(torch_cache: Path, name: str) ->
     assert torch.equal(model.layer2[0].conv1.weight, source.layer2[0].conv1.weight)
 
 
-@pytest.mark.parametrize(("name", "weights_name", "file_name"), [
-    ("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "resnet18-f37072fd.pth"),
-    ("fasterrcnn_resnet50_fpn", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1", "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"),
-    ("fasterrcnn_resnet18_fpn", "ResNet18_Weights.IMAGENET1K_V1", "resnet18-f37072fd.pth"),
-    ("maskrcnn_resnet50_fpn", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"),
-    ("maskrcnn_resnet101_fpn", "ResNet101_Weights.IMAGENET1K_V2", "resnet101-cd907fc2.pth"),
-    ("retinanet_resnet50_fpn", "RetinaNet_ResNet50_FPN_Weights.COCO_V1", "retinanet_resnet50_fpn_coco-eeacb38b.pth"),
-    ("mobilenetv2", "MobileNet_V2_Weights.IMAGENET1K_V2", "mobilenet_v2-7ebf99e0.pth"),
-    ("vitb16r224", "ViT_B_16_Weights.IMAGENET1K_V1", "vit_b_16-c867db91.pth"),
-])
-def test_default_resolves_to_the_architecture_weights(torch_cache: Path, name: str, weights_name: str,
-                                                     file_name: str) -> None:
-    assert cached_file(torchvision.models.get_weight(weights_name)).name == file_name
+def test_the_head_is_made_anew_even_for_as_many_classes_as_imagenet(caches: Path) -> None:
+    source = plain_resnet18()
+    put_in_cache("ResNet18_Weights.IMAGENET1K_V1", source.state_dict())
+    model, arch = make("resnet18", num_classes=1000)  # the same shape as ImageNet's head, other classes
+    fc_before = snapshot(model.fc)
+    report = load_weights(model, arch, "DEFAULT")
+    assert report.skipped == ("fc.weight", "fc.bias") and report.head_classes == 1000
+    assert "the head for 1000 classes is made anew" in str(report)
+    assert all(torch.equal(v, model.fc.state_dict()[k]) for k, v in fc_before.items())
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+
+
+def _family(name: str) -> str:
+    return ("detection" if name.startswith(("fasterrcnn", "retinanet"))
+            else "segmentation" if name.startswith("maskrcnn") else "classification")
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+@pytest.mark.parametrize("name", names())
+def test_every_architecture_loads_its_pretrained_weights_from_a_filled_cache(caches: Path, name: str) -> None:
+    """Files of the libraries' names and shapes (one value per tensor, so even ViT-L is a few KB): everything
+    but the head loads, for backbone-only weights everything of the backbone, and the head is left alone."""
+    arch = get_architecture(name, _family(name))
+    source = resolve(arch, "DEFAULT")
+    assert source is not None, f"{name} has no pretrained weights (list it in the README if so)"
+    if source.kind == "timm":
+        put_timm(source.name, compact=True)
+    else:
+        put_torchvision(source.name, compact=True)
     with torch.device("meta"):
-        model, arch = make(name)
-    with pytest.raises(WeightsError, match=rf"{weights_name} is not in the torch cache \(.*{file_name}\)"):
-        load_weights(model, arch, "DEFAULT")
+        model, _ = make(name)
+    report = load_weights(model, arch, "DEFAULT")
+    own = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    head = [k for k in own if k.startswith(arch.head)]
+    assert head and set(head) <= set(report.skipped), "the head must be made for the dataset's labels"
+    if source.prefix:  # backbone weights: the whole backbone body loads
+        assert all(not k.startswith(source.prefix) for k in report.skipped)
+    else:
+        assert set(report.skipped) == set(head), set(report.skipped) - set(head)
+    assert report.loaded == len([k for k in model.state_dict() if k not in report.skipped])
 
 
-def test_default_for_fasterrcnn_resnet50_loads_the_whole_coco_model(torch_cache: Path) -> None:
+def test_vit_s16_takes_timms_weights_and_computes_what_timm_computes(caches: Path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    put_timm("timm/vit_small_patch16_224.augreg_in21k_ft_in1k", reference.state_dict())
+    settings, arch = training_settings(get_task("image_classification"), {"model_name": "vits16r224"})
+    model = build_model(arch, NUM_CLASSES, settings).eval()
+    report = load_weights(model, arch, "DEFAULT")
+    assert set(report.skipped) == {"heads.head.weight", "heads.head.bias"}
+    model.heads = nn.Identity()
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(pixels), pre_logits=True)
+        assert torch.allclose(model(pixels), expected, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_a_vit_at_another_input_size_gets_its_position_embedding_resampled(caches: Path) -> None:
+    put_torchvision("ViT_B_16_Weights.IMAGENET1K_V1", compact=True)  # 14 x 14 patches + the class token
+    with torch.device("meta"):
+        model, arch = make("vitb16r224")  # 64 px: 4 x 4 patches
+    report = load_weights(model, arch, "DEFAULT")
+    assert "encoder.pos_embedding" not in report.skipped
+    assert model.encoder.pos_embedding.shape == (1, 17, 768)
+
+
+def test_default_for_fasterrcnn_resnet50_loads_the_whole_coco_model(caches: Path) -> None:
     coco, _ = make("fasterrcnn_resnet50_fpn", num_classes=90, seed=4)  # 91 outputs, as torchvision's file
     put_in_cache("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", coco.state_dict())
     model, arch = make("fasterrcnn_resnet50_fpn", seed=5)
@@ -232,7 +341,7 @@ def test_default_for_fasterrcnn_resnet50_loads_the_whole_coco_model(torch_cache:
 
     report = load_weights(model, arch, "DEFAULT")
 
-    assert report.source == "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
+    assert report.source == "FasterRCNN_ResNet50_FPN_Weights.COCO_V1" and report.head_classes == 91
     assert set(report.skipped) == {f"roi_heads.box_predictor.{k}" for k in predictor_before}
     for module in ("backbone.body.layer4.2.conv3.weight", "backbone.fpn.inner_blocks.0.0.weight",
                    "rpn.head.cls_logits.weight", "roi_heads.box_head.fc6.weight"):
@@ -240,7 +349,7 @@ def test_default_for_fasterrcnn_resnet50_loads_the_whole_coco_model(torch_cache:
     assert all(torch.equal(v, model.roi_heads.box_predictor.state_dict()[k]) for k, v in predictor_before.items())
 
 
-def test_default_for_fasterrcnn_resnet18_loads_backbone_weights_only(torch_cache: Path) -> None:
+def test_default_for_fasterrcnn_resnet18_loads_backbone_weights_only(caches: Path) -> None:
     source = plain_resnet18()
     put_in_cache("ResNet18_Weights.IMAGENET1K_V1", source.state_dict())
     model, arch = make("fasterrcnn_resnet18_fpn")
@@ -256,14 +365,14 @@ def test_default_for_fasterrcnn_resnet18_loads_backbone_weights_only(torch_cache
     assert all(torch.equal(v, model.backbone.fpn.state_dict()[k]) for k, v in fpn_before.items())
 
 
-def test_imagenet_name_for_fasterrcnn_resnet50_falls_back_to_backbone_weights(torch_cache: Path) -> None:
+def test_imagenet_name_for_fasterrcnn_resnet50_falls_back_to_backbone_weights(caches: Path) -> None:
     with torch.device("meta"):
         model, arch = make("fasterrcnn_resnet50_fpn")
-    with pytest.raises(WeightsError, match=r"ResNet50_Weights.IMAGENET1K_V2 is not in the torch cache"):
+    with pytest.raises(WeightsError, match=r"ResNet50_Weights.IMAGENET1K_V2: not in the torch cache"):
         load_weights(model, arch, "IMAGENET1K_V2")
 
 
-def test_unknown_weights_name_lists_the_choices(torch_cache: Path) -> None:
+def test_unknown_weights_name_lists_the_choices(caches: Path) -> None:
     with torch.device("meta"):
         model, arch = make("resnet18")
     with pytest.raises(WeightsError, match=r"weights=COCO_V9 is not a torchvision weights name for resnet18 "
@@ -271,12 +380,20 @@ def test_unknown_weights_name_lists_the_choices(torch_cache: Path) -> None:
         load_weights(model, arch, "COCO_V9")
 
 
-@pytest.mark.parametrize("name", ["seresnext", "resnest50", "resnest101"])
-@pytest.mark.parametrize("weights", ["DEFAULT", "IMAGENET1K_V1"])
-def test_timm_architecture_with_a_weights_name_asks_for_a_local_file(torch_cache: Path, name: str,
-                                                                      weights: str) -> None:
-    with torch.device("meta"):
-        model, arch = make(name)
-    assert arch.timm
-    with pytest.raises(WeightsError, match=rf"{name} is built by timm.*pass a local state_dict file"):
-        load_weights(model, arch, weights)
+def test_timm_architecture_takes_a_pretrained_tag_and_lists_them_otherwise(caches: Path) -> None:
+    arch = get_architecture("seresnext", "classification")
+    assert resolve(arch, "gluon_in1k").name == "timm/seresnext50_32x4d.gluon_in1k"
+    assert resolve(arch, "seresnext50_32x4d.gluon_in1k").name == "timm/seresnext50_32x4d.gluon_in1k"
+    with pytest.raises(WeightsError, match=r"weights=IMAGENET1K_V1 is not a pretrained tag of seresnext.*racm_in1k"):
+        resolve(arch, "IMAGENET1K_V1")
+
+
+def test_offline_can_be_said_with_the_hubs_own_variable(caches: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VISIONSERVE_OFFLINE")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, arch = make("resnet18")
+    with pytest.raises(WeightsError, match="forbids downloading"):
+        load_weights(model, arch, "DEFAULT")
+    monkeypatch.setenv("VISIONSERVE_OFFLINE", "maybe")
+    with pytest.raises(WeightsError, match=r"VISIONSERVE_OFFLINE='maybe': expected 0 or 1"):
+        load_weights(model, arch, "DEFAULT")

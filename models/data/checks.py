@@ -51,16 +51,16 @@ def check_labels(validation: Dataset, known: Sequence[str]) -> list[Problem]:
     return problems
 
 
-def check_training_set(train: Dataset, validation: Dataset | None) -> None:
+def check_training_set(train: Dataset, validation: Dataset | None, min_images: int = MIN_TRAINING_IMAGES) -> None:
     """All checks before any training starts; raises DataError listing every problem."""
     problems = list(train.problems)
     if validation is not None:
         problems += validation.problems
     if not problems:
         total = len(train.records)
-        if total < MIN_TRAINING_IMAGES:
+        if total < min_images:
             problems.append(Problem(train.source, None, "",
-                                    f"{total} image(s); at least {MIN_TRAINING_IMAGES} are needed to train"))
+                                    f"{total} image(s); at least {min_images} are needed to train"))
         labels = train.labels()
         if len(labels) < 2 and isinstance(train.records[0].label, str):
             problems.append(Problem(train.source, None, "label",

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -119,10 +120,12 @@ def _resources(concurrent: int, workers: int = 1) -> dict[str, float]:
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0) / (concurrent * workers)
     gpus = math.floor(gpus) if gpus >= 1 else round(gpus, 3)
+    # what is free now: a Serve deployment on the same instance (the hub's) keeps its share
+    free = min(total.get("CPU", 1), ray.available_resources().get("CPU", 0) + 1e-6)
     if workers == 1:
-        return {"cpu": max(1, int(total.get("CPU", 1) // concurrent)), "gpu": gpus}
-    share = (total.get("CPU", 1) - concurrent * TRIAL_DRIVER_CPU) / (concurrent * workers)
-    return {"cpu": math.floor(share * 1000) / 1000, "gpu": gpus}  # fractional: the trial actors hold the rest
+        return {"cpu": max(1, int(free // concurrent)), "gpu": gpus}
+    share = (free - concurrent * TRIAL_DRIVER_CPU) / (concurrent * workers)
+    return {"cpu": max(0.001, math.floor(share * 1000) / 1000), "gpu": gpus}  # the trial actors hold the rest
 
 
 def _concurrency(limits: JobLimits, nodes: int, report: Callable[[str], None]) -> int:
@@ -144,11 +147,14 @@ def _searcher(sweep: SweepSettings, seed: int):
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, sweep.limits.max_trials)))
 
 
-def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) -> SweepResult:
-    """Run the job's sweep on Ray Tune; export the best trial as the job's MLflow model."""
+def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> SweepResult:
+    """Run the job's sweep on Ray Tune; export the best trial as the job's MLflow model. `should_stop`:
+    polled by Tune; once it answers True every trial ends (their resources given back) and the sweep returns."""
     from ray import tune
+    from ray.tune.stopper import CombinedStopper
 
-    from models.sweep.termination import ExitScoreStopper, make_scheduler
+    from models.sweep.termination import CallerStopper, ExitScoreStopper, make_scheduler
     from models.runtime import ensure_ray
 
     report = report or (lambda message: print(message, file=sys.stderr))
@@ -214,7 +220,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None) 
                                         reuse_actors=workers == 1),  # a stopped data-parallel trial's actor goes
             run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=str(output / "ray_results"), verbose=0,
-                                      stop=exit_score),
+                                      stop=_stoppers(exit_score, should_stop, CombinedStopper, CallerStopper)),
         )
         grid = tuner.fit()
         from models.sweep.report import collect, export_best, summary_table
@@ -241,17 +247,26 @@ def _auto(job: TrainingJob, sweep: SweepSettings, report: Callable[[str], None])
     from models.data.jsonl import read_dataset
     from models.sweep.search_space import auto_search_space
 
-    images = len(read_dataset(job.training_data, job.task.name, image_root=job.image_root).records)
-    space = auto_search_space(job.task, images, float(torch.cuda.device_count()), job.parameters)
-    shown = {k: d.describe() for k, d in space[0].items()}
-    report(f"AutoMode: {sweep.limits.max_trials} trials over {json.dumps(shown)}")
+    records = read_dataset(job.training_data, job.task.name, image_root=job.image_root).records
+    per_label = Counter(name for r in records for name in set(r.label_names()))
+    space = auto_search_space(job.task, len(records), float(torch.cuda.device_count()), job.parameters,
+                              per_class=min(per_label.values(), default=0))
+    shown = [{k: d.describe() for k, d in subspace.items()} for subspace in space]
+    report(f"AutoMode: {sweep.limits.max_trials} trials over {json.dumps(shown if len(shown) > 1 else shown[0])}")
     return replace(sweep, search_space=space)
 
 
-def run_job(job: TrainingJob, *, progress: bool = True, report: Callable[[str], None] | None = None):
+def _stoppers(exit_score, should_stop, combined, caller):
+    """Tune's `stop`: limits.exit_score and the caller's cancellation, whichever are given."""
+    stoppers = [s for s in (exit_score, caller(should_stop) if should_stop is not None else None) if s is not None]
+    return None if not stoppers else stoppers[0] if len(stoppers) == 1 else combined(*stoppers)
+
+
+def run_job(job: TrainingJob, *, progress: bool = True, report: Callable[[str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None):
     """`visionserve train`: a sweep, a data-parallel run on Ray Train, or one plain training."""
     if job.sweep is not None:
-        return run_sweep(job, report=report)
+        return run_sweep(job, report=report, should_stop=should_stop)
     if job.node_count > 1 or (job.workers_per_node or 1) > 1:
         from models.train.distributed import train_distributed
 

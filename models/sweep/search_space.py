@@ -275,16 +275,28 @@ _AUTO_LR = {"classification": (1e-3, 5e-2), "detection": (1e-3, 1e-2), "segmenta
 LARGE_DATA = 5000  # images; above this a CPU-only machine still gets the larger models
 
 
-def auto_search_space(task: Task, n_images: int, gpus: float, fixed: Mapping[str, Any]) -> tuple[Subspace, ...]:
+FEW_SHOT = 20  # images per class (the rarest one) below which AutoMode trains a head on frozen pretrained features
+
+
+def auto_search_space(task: Task, n_images: int, gpus: float, fixed: Mapping[str, Any],
+                      per_class: float | None = None) -> tuple[Subspace, ...]:
     """AutoMode: architectures that suit the data size and machine, each with a log-uniform learning rate;
-    hyperparameters the user fixed in training_parameters are left out of the space."""
+    hyperparameters the user fixed in training_parameters are left out of the space. With pretrained
+    weights (the default) and fewer than FEW_SHOT images for some class (`per_class`), every backbone
+    group is frozen: a linear head on pretrained features, the standard few-shot baseline."""
+    from models.tasks.architectures import get_architecture
+
     small, large = _AUTO_MODELS[task.family]
     models = small + large if gpus > 0 else (small + large[:1] if n_images > LARGE_DATA else small)
     low, high = _AUTO_LR[task.family]
     lr = Distribution("loguniform", min_value=math.log(low), max_value=math.log(high))
     if fixed.get("model_name"):
         models = [str(fixed["model_name"])]
-    subspace: Subspace = {"model_name": Distribution("choice", tuple(models))}
-    if "learning_rate" not in fixed:
-        subspace["learning_rate"] = lr
-    return (subspace,)
+    pretrained = str(fixed.get("weights", "DEFAULT")).strip().lower() not in {"none", "null", ""}
+    few_shot = pretrained and per_class is not None and per_class < FEW_SHOT and "layers_to_freeze" not in fixed
+    common: Subspace = {} if "learning_rate" in fixed else {"learning_rate": lr}
+    if not few_shot:
+        return ({"model_name": Distribution("choice", tuple(models)), **common},)
+    return tuple({"model_name": Distribution("choice", (name,)), **common,
+                  "layers_to_freeze": Distribution("choice", (len(get_architecture(name, task.family).freeze_groups),))}
+                 for name in models)

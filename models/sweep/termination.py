@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 from ray.tune.schedulers import FIFOScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.stopper import Stopper
@@ -141,3 +142,17 @@ class ExitScoreStopper(Stopper):
 
     def stop_all(self) -> bool:
         return self.reached_by is not None
+
+
+class CallerStopper(Stopper):
+    """The whole sweep stops once `should_stop()` says so (a caller cancelling it: the hub's `:cancel`); Tune
+    then ends the trials itself and gives back their placement groups."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return self.should_stop()
+
+    def stop_all(self) -> bool:
+        return self.should_stop()

@@ -34,9 +34,11 @@ class Architecture:
     build: Builder
     freeze_groups: tuple[tuple[str, ...], ...]
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # task → parameter defaults
+    head: tuple[str, ...] = ()  # state_dict prefixes of the layers made for the dataset's labels
     weights: str | None = None  # torchvision weights of the whole model ("DEFAULT")
     backbone_weights: str | None = None  # torchvision weights of the backbone alone
     backbone_prefix: str = ""  # where backbone weights go in this model's state_dict
+    timm_weights: str | None = None  # timm's pretrained name (architecture.tag) on the Hugging Face hub
     timm: bool = False
     fixed_input: bool = False  # ViT: train_crop_size must equal valid_crop_size
     channels_last: bool = True  # convolutional: inference runs in channels_last memory format (14-34 % faster on CPU)
@@ -133,23 +135,27 @@ def _classification_defaults(batch: int, lr_multiclass: float, lr_multilabel: fl
 for _depth, _weights in ((18, "ResNet18_Weights"), (34, "ResNet34_Weights"), (50, "ResNet50_Weights"),
                          (101, "ResNet101_Weights"), (152, "ResNet152_Weights")):
     register(Architecture(f"resnet{_depth}", "classification", _torchvision_classifier(f"resnet{_depth}"),
-                          RESNET_GROUPS, weights=f"{_weights}.DEFAULT"))
+                          RESNET_GROUPS, head=("fc.",), weights=f"{_weights}.DEFAULT"))
 
 register(Architecture("mobilenetv2", "classification", _torchvision_classifier("mobilenet_v2"),
-                      tuple((f"features.{i}.",) for i in range(19)), weights="MobileNet_V2_Weights.DEFAULT"))
-register(Architecture("vits16r224", "classification", _vit(None), _vit_groups(12),
-                      defaults=_classification_defaults(128, 0.0125, 0.025), fixed_input=True, channels_last=False))
-register(Architecture("vitb16r224", "classification", _vit("vit_b_16"), _vit_groups(12),
+                      tuple((f"features.{i}.",) for i in range(19)), head=("classifier.1.",),
+                      weights="MobileNet_V2_Weights.DEFAULT"))
+# ViT-S/16: torchvision has the network but no weights; timm's ImageNet-21k → 1k weights are mapped onto it
+register(Architecture("vits16r224", "classification", _vit(None), _vit_groups(12), head=("heads.head.",),
+                      defaults=_classification_defaults(128, 0.0125, 0.025), fixed_input=True, channels_last=False,
+                      timm_weights="vit_small_patch16_224.augreg_in21k_ft_in1k"))
+register(Architecture("vitb16r224", "classification", _vit("vit_b_16"), _vit_groups(12), head=("heads.head.",),
                       defaults=_classification_defaults(48, 0.0125, 0.025), weights="ViT_B_16_Weights.DEFAULT",
                       fixed_input=True, channels_last=False))
-register(Architecture("vitl16r224", "classification", _vit("vit_l_16"), _vit_groups(24),
+register(Architecture("vitl16r224", "classification", _vit("vit_l_16"), _vit_groups(24), head=("heads.head.",),
                       defaults=_classification_defaults(10, 0.001, 0.002), weights="ViT_L_16_Weights.DEFAULT",
                       fixed_input=True, channels_last=False))
-register(Architecture("seresnext", "classification", _timm("seresnext50_32x4d"), RESNET_GROUPS, timm=True))
-register(Architecture("resnest50", "classification", _timm("resnest50d"), RESNET_GROUPS, timm=True,
-                      pooled_batchnorm=True))
-register(Architecture("resnest101", "classification", _timm("resnest101e"), RESNET_GROUPS, timm=True,
-                      pooled_batchnorm=True))
+register(Architecture("seresnext", "classification", _timm("seresnext50_32x4d"), RESNET_GROUPS, head=("fc.",),
+                      timm=True, timm_weights="seresnext50_32x4d.racm_in1k"))
+register(Architecture("resnest50", "classification", _timm("resnest50d"), RESNET_GROUPS, head=("fc.",), timm=True,
+                      pooled_batchnorm=True, timm_weights="resnest50d.in1k"))
+register(Architecture("resnest101", "classification", _timm("resnest101e"), RESNET_GROUPS, head=("fc.",), timm=True,
+                      pooled_batchnorm=True, timm_weights="resnest101e.in1k"))
 
 # ---------------------------------------------------------------- detection and segmentation
 
@@ -209,16 +215,16 @@ _RESNET_WEIGHTS = {18: "ResNet18_Weights", 34: "ResNet34_Weights", 50: "ResNet50
 for _depth, _bw in _RESNET_WEIGHTS.items():
     register(Architecture(
         f"fasterrcnn_resnet{_depth}_fpn", "detection", _rcnn(FasterRCNN, _depth), DETECTION_GROUPS,
-        weights="FasterRCNN_ResNet50_FPN_Weights.DEFAULT" if _depth == 50 else None,
+        head=("roi_heads.box_predictor.",), weights="FasterRCNN_ResNet50_FPN_Weights.DEFAULT" if _depth == 50 else None,
         backbone_weights=f"{_bw}.DEFAULT", backbone_prefix="backbone.body.",
     ))
     register(Architecture(
         f"maskrcnn_resnet{_depth}_fpn", "segmentation", _rcnn(MaskRCNN, _depth), DETECTION_GROUPS,
-        weights="MaskRCNN_ResNet50_FPN_Weights.DEFAULT" if _depth == 50 else None,
+        head=("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits."), weights="MaskRCNN_ResNet50_FPN_Weights.DEFAULT" if _depth == 50 else None,
         backbone_weights=f"{_bw}.DEFAULT", backbone_prefix="backbone.body.",
     ))
 register(Architecture("retinanet_resnet50_fpn", "detection", _retinanet, DETECTION_GROUPS,
-                      weights="RetinaNet_ResNet50_FPN_Weights.DEFAULT",
+                      head=("head.classification_head.cls_logits.",), weights="RetinaNet_ResNet50_FPN_Weights.DEFAULT",
                       backbone_weights="ResNet50_Weights.DEFAULT", backbone_prefix="backbone.body."))
 
 

@@ -1,7 +1,8 @@
 """Classification (multiclass and multilabel): transforms, dataset, loss, prediction, output.
 
 `eval_transform` is the single preprocessing path for validation and scoring:
-resize to `valid_resize_size`, center crop `valid_crop_size`, ImageNet normalisation.
+resize to `valid_resize_size`, center crop `valid_crop_size`, normalisation by `image_mean` / `image_std`
+(ImageNet's, or what the pretrained weights were trained with).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from torchvision.transforms import v2
 from models.data.records import Record
 from models.data.images import decode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from models.tasks.settings import IMAGENET_MEAN, IMAGENET_STD
 
-_TO_FLOAT = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+Triple = Sequence[float]
+
+
+def _to_float(settings) -> list[Callable]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(settings.image_mean), list(settings.image_std))]
 
 
 def eval_crop(settings) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
@@ -37,13 +41,13 @@ def eval_crop(settings) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
 def eval_transform(settings) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
     """uint8 image (PIL or [3, H, W] tensor, CPU or GPU) → `eval_crop` → normalise: validation and
     inference alike, the same tensor operations wherever it runs."""
-    return v2.Compose([eval_crop(settings), *_TO_FLOAT])
+    return v2.Compose([eval_crop(settings), *_to_float(settings)])
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """Float pixels in [0, 1] ([N, 3, H, W]) → the network's input (ImageNet normalisation); differentiable."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+def normalize(pixels: torch.Tensor, mean: Triple = IMAGENET_MEAN, std: Triple = IMAGENET_STD) -> torch.Tensor:
+    """Float pixels in [0, 1] ([N, 3, H, W]) → the network's input (`image_mean` / `image_std`); differentiable."""
+    mean = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
@@ -52,13 +56,13 @@ def train_transform(settings) -> Callable[[Image.Image], torch.Tensor]:
     colour jitter; only resize + center crop without augmentations."""
     size = settings.train_crop_size
     if not settings.advanced_settings.apply_automl_train_augmentations:
-        return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), *_TO_FLOAT])
+        return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), *_to_float(settings)])
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05),
         v2.ToImage(),
-        *_TO_FLOAT,
+        *_to_float(settings),
     ])
 
 

@@ -243,3 +243,26 @@ def detection_metrics(
     if metric_type in ("voc", "coco_voc"):
         result.update(_voc_metrics(gt, dt, iou_type, label_keys(labels), iou_threshold, max_detections))
     return result
+
+
+def coco_average_precision(
+    predictions: Sequence[Mapping[str, Any]],
+    targets: Sequence[Mapping[str, Any]],
+    num_classes: int,
+    iou_thresholds: Sequence[float],
+    max_detections: int = 100,
+) -> np.ndarray:
+    """COCO box AP per IoU threshold and class ([T, K]; 101 recall points, area "all"); NaN: no ground truth."""
+    gt, dt = _coco_pair(predictions, targets, num_classes, "bbox", -np.inf)
+    evaluator = COCOeval(gt, dt, iouType="bbox")
+    evaluator.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
+    evaluator.params.maxDets = [max_detections]
+    evaluator.params.areaRng = [[0.0, 1e10]]
+    evaluator.params.areaRngLbl = ["all"]
+    with quiet():
+        evaluator.evaluate()
+        evaluator.accumulate()
+    precision = evaluator.eval["precision"][:, :, :, 0, 0]  # [thresholds, recall points, classes]; -1: no GT
+    ap = precision.mean(axis=1)
+    ap[(precision < 0).any(axis=1)] = np.nan
+    return ap

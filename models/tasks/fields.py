@@ -2,7 +2,7 @@
 parsed, with every problem reported at once, each naming the parameter and its allowed range.
 
 A settings class is a `SettingsModel` whose fields use the value types below (`Int`, `Float`, `Flag`,
-`Text`, `one_of(...)`, `maybe(...)`) and `param(...)` for the default, bounds, documentation, aliases
+`Text`, `Triple`, `one_of(...)`, `maybe(...)`) and `param(...)` for the default, bounds, documentation, aliases
 and role (`inference`: part of settings.json; `per_request`: a request may override it). pydantic
 does the coercion and the checks; `parse_settings` adds what users of the cloud expect on top:
 aliases, "did you mean", "given twice", names the spec knows but this project does not provide, and
@@ -70,6 +70,15 @@ def _to_text(value: Any) -> Any:
     return value.strip()
 
 
+def _to_triple(value: Any) -> Any:
+    """Three numbers, one per channel (R, G, B): a list, or a string such as "0.5, 0.5, 0.5"."""
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"expected three numbers (R, G, B), got {value!r}")
+    return tuple(_to_float(v) for v in value)
+
+
 def _nested(cls: type[SettingsModel]) -> Callable[[Any], Any]:
     """A nested settings object given as a mapping or as a JSON string (`advanced_settings`)."""
 
@@ -120,6 +129,7 @@ Int = Annotated[int, BeforeValidator(_to_int)]
 Float = Annotated[float, BeforeValidator(_to_float)]
 Flag = Annotated[bool, BeforeValidator(to_flag)]
 Text = Annotated[str, BeforeValidator(_to_text)]
+Triple = Annotated[tuple[float, float, float], BeforeValidator(_to_triple)]
 
 
 def one_of(*choices: Any) -> Any:
@@ -212,6 +222,8 @@ def describe(field: FieldInfo) -> str:
         text = "one of " + ", ".join(repr(c) for c in choices)
     elif kind is bool:
         text = "0 or 1 (or true/false)"
+    elif typing.get_origin(kind) is tuple:
+        text = "three numbers (R, G, B)"
     else:
         noun = {int: "an integer", float: "a float", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
         text = noun + _describe_bounds(_bounds(field))

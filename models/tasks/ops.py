@@ -5,6 +5,7 @@ Training, validation and scoring call a task's ops and never branch on the task 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,4 +147,6 @@ def _scaled(width: int, height: int, scale: float) -> tuple[int, int] | None:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's tensors are (the CPU for one that has none: an ONNX Runtime scorer)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

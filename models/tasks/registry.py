@@ -79,13 +79,17 @@ def _architecture_checks(task: Task, arch: Architecture, settings: Any) -> list[
     if s.layers_to_freeze is not None and s.layers_to_freeze > len(arch.freeze_groups):
         problems.append(f"layers_to_freeze={s.layers_to_freeze} is out of range for {arch.name}: "
                         f"it has {len(arch.freeze_groups)} layer groups")
+    if s.layers_to_freeze and s.weights is None and not (s.checkpoint_path or s.checkpoint_run_id):
+        problems.append(f"layers_to_freeze={s.layers_to_freeze} would freeze randomly initialised layers "
+                        "(weights=none): leave weights at DEFAULT (pretrained) or give a weights file, "
+                        "or unset layers_to_freeze")
     if task.is_classification:
         problems += _classifier_checks(arch, s)
     elif trains_batchnorm(s) and s.min_size <= FEATURE_STRIDE:
         problems.append(f"min_size={s.min_size} is too small to train {arch.name} from random initialisation: "
                         f"an image rescaled to {s.min_size} px leaves one value per channel in the backbone's "
                         f"last feature map (1/{FEATURE_STRIDE} of the image), {_ONE_VALUE}; "
-                        f"must be an integer >= {FEATURE_STRIDE + 1} (or start from weights)")
+                        f"must be an integer >= {FEATURE_STRIDE + 1} (or start from pretrained weights: weights=DEFAULT)")
     return problems
 
 

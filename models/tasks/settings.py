@@ -7,7 +7,7 @@ Per-task and per-architecture defaults (batch size, learning rate) are supplied 
 and architecture registries when parsing; the class defaults here are the generic ones.
 """
 
-from models.tasks.fields import Flag, Float, Int, SettingsModel, Text, maybe, nested, one_of, param
+from models.tasks.fields import Flag, Float, Int, SettingsModel, Text, Triple, maybe, nested, one_of, param
 from models.tasks.tiling import MAX_TILES, check_overlap, parse_tile_grid_size
 
 YOLO_ONLY = ("img_size", "model_size", "multi_scale")
@@ -38,6 +38,8 @@ MAX_CROP = 1024  # valid_resize_size / valid_crop_size
 MAX_DETECTION_SIDE = 2667  # min_size / max_size: twice the default max_size
 MAX_REGIONS = 1000  # box_detections_per_img: the spec's regions per image
 PASS_PIXELS = {"classification": 64 * 224 * 224, "detection": 4 * 1333 * 1333}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ClassificationInference(SettingsModel):
@@ -46,6 +48,10 @@ class ClassificationInference(SettingsModel):
     batch_size: Int = param(16, ge=1, le=64, inference=True,
                             doc="images per forward pass when scoring (fewer when the crop is large)")
     half_precision: Flag = param(False, inference=True, per_request=False, doc="float16 on a GPU (ignored on a CPU)")
+    image_mean: Triple = param(IMAGENET_MEAN, inference=True, per_request=False,
+                               doc="input normalisation (R, G, B); training takes it from the pretrained weights")
+    image_std: Triple = param(IMAGENET_STD, inference=True, per_request=False,
+                              doc="input normalisation (R, G, B); training takes it from the pretrained weights")
 
     def images_per_pass(self) -> int:
         """batch_size, or fewer so that a forward pass holds at most PASS_PIXELS input pixels."""
@@ -117,7 +123,9 @@ class CommonTraining(SettingsModel):
     checkpoint_frequency: maybe(Int) = param(None, ge=1, doc="unset: keep the best epoch only")
     layers_to_freeze: maybe(Int) = param(None, ge=0)
     advanced_settings: nested(AdvancedSettings) = param(AdvancedSettings(), doc="a JSON object or its JSON string")
-    weights: maybe(Text) = param(None, doc="local state_dict file, or torchvision weights name")
+    weights: maybe(Text) = param("DEFAULT", doc="DEFAULT: the architecture's pretrained weights (downloaded once "
+                                 "into the torch or Hugging Face cache); none: random initialisation; a torchvision "
+                                 "weights name; or a local state_dict file")
     checkpoint_path: maybe(Text) = param(None, doc="continue training from this checkpoint")
     checkpoint_run_id: maybe(Text) = param(None, doc="continue from this MLflow run's checkpoint")
     seed: Int = param(0, ge=0, le=2**32 - 1, doc="numpy seeds are 32-bit")
@@ -149,8 +157,10 @@ class SegmentationSettings(CommonTraining, _DetectionTraining, SegmentationInfer
     pass
 
 
-def cross_check_classification(s: ClassificationSettings) -> list[str]:
+def cross_check_classification(s: ClassificationInference) -> list[str]:
     problems = []
+    if min(s.image_std) <= 0:
+        problems.append(f"image_std={list(s.image_std)} is out of range: each value must be > 0")
     if s.valid_crop_size > s.valid_resize_size:
         problems.append(
             f"valid_crop_size={s.valid_crop_size} is larger than valid_resize_size={s.valid_resize_size}"

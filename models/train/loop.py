@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from models.train import checkpoints
 from models.data import streaming
 from models.tasks.architectures import Architecture, build_model, freeze_layers, trains_batchnorm
-from models.data.checks import check_training_set
+from models.data.checks import MIN_TRAINING_IMAGES, check_training_set
 from models.data.jsonl import read_dataset
 from models.data.records import Dataset, Record
 from models.errors import DataError
@@ -36,7 +36,8 @@ from models.export import export_model, model_settings_from_training
 from models.train.optim import EarlyStopping, make_optimizer, make_scheduler
 from models.tasks.fields import as_dict
 from models.tasks.registry import Task, training_settings
-from models.train.weights import load_weights
+from models.train import weights
+from models.train.weights import Source, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class TrainingJob:
     parent_run_id: str | None = None  # a sweep trial's MLflow run is nested under its sweep's run
     node_count: int = 1  # properties.node_count_per_trial
     workers_per_node: int | None = None  # Ray Train workers per node (default: its GPUs, else 1)
+    min_images: int = MIN_TRAINING_IMAGES  # training images needed (the hub's few-shot service asks fewer)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Prepared:
     train: list[Record]
     validation: list[Record]
     labels: list[str]
+    weights: Source | None = None  # where the starting weights come from (None: random initialisation)
 
 
 @dataclass
@@ -106,13 +109,19 @@ def prepare(job: TrainingJob) -> Prepared:
             dataset.records = streaming.stream_records(dataset.records, str(job.image_root))
     for warning in train.warnings + (validation.warnings if validation else []):
         log.warning("skipped (MLTable invalid_lines: drop): %s", warning)
-    check_training_set(train, validation)
+    check_training_set(train, validation, job.min_images)
+    source = None if settings.checkpoint_path or settings.checkpoint_run_id else weights.resolve(arch, settings.weights)
+    if source is not None:
+        weights.available(source)  # downloaded now, or stop before training with what to put where
+        if job.task.is_classification and source.mean and "image_mean" not in job.parameters:
+            normalisation = {"image_mean": source.mean, "image_std": source.std or settings.image_std}
+            settings = settings.model_copy(update=normalisation)  # what the pretrained network expects
     labels = train.labels()
     if validation is None:
         train_records, val_records = split(train.records, settings.validation_data_size, settings.seed)
     else:
         train_records, val_records = train.records, validation.records
-    return Prepared(settings, arch, train_records, val_records, labels)
+    return Prepared(settings, arch, train_records, val_records, labels, source)
 
 
 def _workers(settings) -> int:
@@ -147,11 +156,10 @@ def _build(prepared: Prepared, task: Task, report: Callable[[str], None]) -> tor
     s, arch = prepared.settings, prepared.arch
     resume = s.checkpoint_path or s.checkpoint_run_id
     model = build_model(arch, len(prepared.labels), s, trainable_bn=trains_batchnorm(s))
-    if s.weights and not resume:
+    if prepared.weights is not None and not resume:
         report(str(load_weights(model, arch, s.weights)))
     elif not resume:
-        report(f"{arch.name}: random initialisation (set weights=DEFAULT or weights=/path/to/state_dict.pth "
-               "to start from pretrained weights)")
+        report(f"{arch.name}: random initialisation (weights=none); weights=DEFAULT starts from its pretrained weights")
     if resume:
         path = s.checkpoint_path or checkpoints.download_run_checkpoint(s.checkpoint_run_id)
         ckpt = checkpoints.read_checkpoint(path)

@@ -39,7 +39,7 @@ def portable_job(job: TrainingJob) -> dict[str, Any]:
             "parameters": dict(job.parameters), "output_dir": str(Path(job.output_dir).resolve()),
             "experiment_name": job.experiment_name, "run_name": job.run_name,
             "timeout_minutes": job.timeout_minutes, "parent_run_id": job.parent_run_id,
-            "node_count": job.node_count, "workers_per_node": job.workers_per_node,
+            "node_count": job.node_count, "workers_per_node": job.workers_per_node, "min_images": job.min_images,
             "tracking_uri": tracking_uri()}
 
 

@@ -29,7 +29,7 @@ from serving.batch.inputs import Item, list_inputs, read_image, say
 from serving.batch.parts import (PART_SIZE, Index, PartWriter, check_finished, fingerprint, finish, open_parts,
                                  output_manifest)
 from models.runtime import ensure_ray
-from serving.loading import resolve_model
+from serving.loading import check_backend, resolve_model
 
 _READ_TASK_CPUS = 0.25
 _ACTOR_CPUS = 0.5
@@ -68,7 +68,7 @@ class Scorer:
     """A Ray actor holding one `Predictor`: a batch of bytes → one JSON line per image."""
 
     def __init__(self, model: str, local: str, overrides: dict[str, Any] | None, device: str,
-                 threads: int | None) -> None:
+                 threads: int | None, backend: str = "torch") -> None:
         import torch
 
         from serving.predictor import Predictor
@@ -76,7 +76,8 @@ class Scorer:
         if threads:
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         folder = Path(local) if (Path(local) / "MLmodel").is_file() else resolve_model(model)  # another node
-        self.predictor = Predictor.load(folder, overrides=overrides, device=torch.device(device), limits=BATCH_LIMITS)
+        self.predictor = Predictor.load(folder, overrides=overrides, device=torch.device(device), limits=BATCH_LIMITS,
+                                        backend=backend)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One line per image; an image that cannot be scored gets an error line naming its input position
@@ -105,7 +106,7 @@ def _resources(concurrency: int | None, gpus: float) -> tuple[int, int | None]:
 
 
 def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Path], overrides: dict | None,
-             batch_size: int, concurrency: int | None, gpus: float) -> Iterator[tuple[int, str]]:
+             batch_size: int, concurrency: int | None, gpus: float, backend: str) -> Iterator[tuple[int, str]]:
     """(input index, output line) of each pending image, streamed as Ray Data produces them."""
     import pyarrow as pa
     import ray
@@ -126,7 +127,8 @@ def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Pa
         ds = ds.map_batches(Scorer, batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
                             num_cpus=_ACTOR_CPUS, num_gpus=gpus,
                             fn_constructor_kwargs={"model": model[0], "local": str(model[1]), "overrides": overrides,
-                                                   "device": "cuda" if gpus > 0 else "cpu", "threads": threads})
+                                                   "device": "cuda" if gpus > 0 else "cpu", "threads": threads,
+                                                   "backend": backend})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield from zip((int(i) for i in batch["idx"]), (str(line) for line in batch["line"]))
     finally:
@@ -143,7 +145,8 @@ def _summary(output: Path, index: Index, scored: int, skipped: int, start: float
 def score(model: str | Path, input: str | Path, output: str | Path, *, batch_size: int | None = None,
           concurrency: int | None = None, num_gpus_per_actor: float = 0.0, params: Mapping[str, Any] | None = None,
           image_root: str | Path | None = None, progress: bool = True, overwrite: bool = False,
-          part_size: int = PART_SIZE, address: str | None = None, num_cpus: float | None = None) -> ScoreSummary:
+          part_size: int = PART_SIZE, address: str | None = None, num_cpus: float | None = None,
+          backend: str = "torch") -> ScoreSummary:
     """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run.
     A finished output of another model or other settings is refused (`overwrite` re-scores it)."""
     from tqdm import tqdm
@@ -157,6 +160,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
                                    if num_gpus_per_actor < 0 else []), "scoring options")
     model_dir = resolve_model(model)
     settings = fingerprint(model_dir, params)  # an unknown or invalid --set fails here, before Ray starts
+    check_backend(model_dir, backend)  # and a model the backend cannot score
     items = list_inputs(input, image_root)
     output, index = Path(output), Index(items)
     parts = output.with_name(output.name + ".parts")
@@ -183,7 +187,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
                       desc="scoring") as bar:
                 for idx, line in _results(items, pending, (str(model), model_dir), dict(params or {}) or None,
                                           batch_size or max(32, settings["batch_size"]), concurrency,
-                                          num_gpus_per_actor):
+                                          num_gpus_per_actor, backend):
                     writer.add(idx, line)
                     bar.update(1)
             writer.flush()

@@ -20,6 +20,14 @@ def parse_param_flags(pairs: Sequence[str], flag: str = "--param") -> dict[str, 
     return out
 
 
+def add_backend_flag(p: argparse.ArgumentParser, default: str = "torch") -> None:
+    from serving.backends import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default=default,
+                   help="what scores: the torch network, or the model's artifacts/model.onnx on ONNX Runtime "
+                        f"(classifiers; explanations still use torch). Default: {default}")
+
+
 def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=help)
 

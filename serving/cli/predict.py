@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from serving.cli.flags import add_set_flag, parse_param_flags
+from serving.cli.flags import add_backend_flag, add_set_flag, parse_param_flags
 
 
 def _predict(args: argparse.Namespace) -> int:
     from serving.predictor import Predictor
 
-    predictor = Predictor.load(args.model, overrides=parse_param_flags(args.set))
+    predictor = Predictor.load(args.model, overrides=parse_param_flags(args.set), backend=args.backend)
     responses = predictor.predict_files(args.images)
     out = [{"image": str(path), **response} for path, response in zip(args.images, responses)]
     text = json.dumps(out, indent=None if args.compact else 2)
@@ -29,6 +29,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("model", help="MLflow model folder (…/mlflow-model)")
     p.add_argument("images", nargs="+", help="image files")
     add_set_flag(p, "override an inference setting of settings.json, e.g. --set box_score_thresh=0.5")
+    add_backend_flag(p)
     p.add_argument("--output", help="write the JSON response here instead of printing it")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     p.set_defaults(func=_predict)

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from serving.batch.parts import PART_SIZE
-from serving.cli.flags import add_set_flag, parse_param_flags
+from serving.cli.flags import add_backend_flag, add_set_flag, parse_param_flags
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
     score(args.model, args.input, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
           num_gpus_per_actor=args.gpus_per_actor, params=parse_param_flags(args.set, "--set"), image_root=args.image_root,
           progress=not args.no_progress, overwrite=args.overwrite, part_size=args.part_size, address=args.address,
-          num_cpus=args.num_cpus)
+          num_cpus=args.num_cpus, backend=args.backend)
     return 0
 
 
@@ -34,6 +34,7 @@ def add_commands(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="scoring actors (default: one per GPU share, else CPUs / 4)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5 (default: CPU)")
     add_set_flag(p, "override an inference setting for this run, e.g. --set box_score_thresh=0.5")
+    add_backend_flag(p)
     p.add_argument("--image-root", help="folder that cloud image URLs of a JSONL/MLTable map under "
                    "(they must stay inside it)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local instance)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import SettingsError
-from serving.cli.flags import add_set_flag, parse_param_flags
+from serving.cli.flags import add_backend_flag, add_set_flag, parse_param_flags
 
 
 def deployment_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,15 +55,14 @@ def _config(args: argparse.Namespace):
     from serving.app import ServiceConfig
 
     digest = read_key_file(args.api_key_file) if args.api_key_file else None
-    if digest is None and not _loopback(args.host) and not args.insecure:
-        raise SettingsError([f"--host {args.host}: serving beyond this machine without an API key; give "
-                             "--api-key-file KEYFILE, or --insecure to serve without one anyway"], "command line")
+    refuse_open_without_key(args, keyed=digest is not None)
     return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set, "--set"), api_key_sha256=digest,
                          max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                          max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
                          max_concurrent_explanations=args.max_concurrent_explanations,
                          max_waiting_explanations=args.max_waiting_explanations,
-                         explanation_timeout_s=args.explanation_timeout_s, compile=args.compile)
+                         explanation_timeout_s=args.explanation_timeout_s, compile=args.compile,
+                         backend=args.backend)
 
 
 def _loopback(host: str) -> bool:
@@ -78,42 +77,58 @@ def _loopback(host: str) -> bool:
 
 
 def _check_model(config) -> None:
-    """Fail before Ray starts: the model folder exists and the settings (with --set) are valid."""
+    """Fail before Ray starts: the model folder exists, the settings (with --set) are valid, and the
+    backend can score it."""
     from models.export import read_settings
-    from serving.loading import find_artifacts
-    from serving.loading import resolve_model
+    from serving.loading import check_backend, find_artifacts, resolve_model
 
-    read_settings(find_artifacts(resolve_model(config.model))[0], config.overrides)
+    folder = resolve_model(config.model)
+    read_settings(find_artifacts(folder)[0], config.overrides)
+    check_backend(folder, config.backend)
 
 
 def start(args: argparse.Namespace, *, block: bool = True) -> str:
     """Deploy the endpoint on the local Ray instance (or --address) and return its URL."""
-    from ray import serve
-
     from serving.app import VisionService
-    from models.runtime import ensure_ray
-
-    import ray
 
     config = _config(args)
     _check_model(config)
     url = f"http://{args.host}:{args.port}"
+    return run_until_stopped(args, lambda: VisionService.options(**deployment_options(args)).bind(asdict(config)),
+                             "visionserve", f"visionserve is serving {args.model} at {url}  (POST /score, "
+                             f"/invocations; docs at {url}/docs)", "shutting down the endpoint", block=block)
+
+
+def refuse_open_without_key(args: argparse.Namespace, *, keyed: bool) -> None:
+    """--host beyond loopback needs an API key, or --insecure."""
+    if not keyed and not _loopback(args.host) and not args.insecure:
+        raise SettingsError([f"--host {args.host}: serving beyond this machine without an API key; give "
+                             "--api-key-file KEYFILE, or --insecure to serve without one anyway"], "command line")
+
+
+def run_until_stopped(args: argparse.Namespace, app, name: str, ready: str, stopping: str, *, block: bool) -> str:
+    """Start Serve on --host/--port (joining --address, else a local Ray instance), run `app()` as `name` at
+    "/", print `ready`; with `block`, wait for Ctrl-C or SIGTERM, then print `stopping` and shut Serve down.
+    Returns the URL."""
+    import ray
+    from ray import serve
+
+    from models.runtime import ensure_ray
+
     if block:  # from here on: the endpoint answers 200 on /health/ready before serve.run returns
         _stop_on_signals()
     try:
         ensure_ray(args.address)
         serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
-        app = VisionService.options(**deployment_options(args)).bind(asdict(config))
-        serve.run(app, name="visionserve", route_prefix="/")
-        print(f"visionserve is serving {args.model} at {url}  (POST /score, /invocations; docs at {url}/docs)",
-              flush=True)
+        serve.run(app(), name=name, route_prefix="/")
+        print(ready, flush=True)
         while block:
             time.sleep(3600)
     except (KeyboardInterrupt, SystemExit):
-        print("shutting down the endpoint", flush=True)
+        print(stopping, flush=True)
         if ray.is_initialized():
             serve.shutdown()
-    return url
+    return f"http://{args.host}:{args.port}"
 
 
 def _stop_on_signals() -> None:
@@ -172,4 +187,5 @@ def add_commands(sub) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="score with the eager model; by default a classifier on CPU replicas is compiled "
                         "(torch.compile) as the replica starts: 15-25 s more start-up, more images/s")
+    add_backend_flag(p)
     p.set_defaults(func=_serve)

@@ -1,0 +1,234 @@
+"""`visionserve hub`: the retired Image Analysis 4.0 model-customization API, and the AutoML scoring formats,
+over many models served by name (Ray Serve; one ingress replica owns the state, `HubModels` replicas
+multiplex the models).
+
+Routes: `/computervision/datasets/{name}` (PUT, GET, PATCH, DELETE, list), `/computervision/models/{name}`
+(PUT trains, GET, `:cancel`, DELETE, list), `/computervision/models/{model}/evaluations/{name}`,
+`/computervision/imageanalysis:analyze?model-name=`, `POST /score` and `/invocations` with the model
+chosen by the `azureml-model-deployment` header or `?model=`, `/health/live`, `/health/ready`, `GET /models`.
+"""
+
+
+import asyncio
+import logging
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from serving.access import key_matches, read_key_file
+from serving.hub.api import ApiError, check_api_version
+
+log = logging.getLogger("ray.serve")
+_SLASHES = re.compile(r"/{2,}")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    state_dir: str
+    tracking_uri: str
+    image_root: str | None = None
+    api_key_sha256: str | None = None
+    cache_size: int = 3  # models kept per HubModels replica
+    max_image_mb: float = 6.0
+
+
+app = FastAPI(title="visionserve hub", description="Image Analysis 4.0 model customization, self-hosted; "
+              "AutoML scoring of many models by name.")
+
+
+@app.middleware("http")
+async def _lenient_paths(request: Request, call_next):
+    """Repeated slashes are one (some clients send `//models/...`)."""
+    path = request.scope["path"]
+    if "//" in path:
+        request.scope["path"] = _SLASHES.sub("/", path)
+    return await call_next(request)
+
+
+@serve.deployment(name="HubService", num_replicas=1, max_ongoing_requests=64, health_check_period_s=10,
+                  graceful_shutdown_timeout_s=60)  # its trainings stop first (Jobs.stop_all)
+@serve.ingress(app)
+class HubService:
+    """The one owner of the hub's state: records, trainings and evaluations in flight."""
+
+    def __init__(self, config: dict[str, Any], models: Any):
+        from serving.hub.jobs import Jobs
+        from serving.hub.state import Store
+
+        self.config = HubConfig(**config)
+        self.store = Store(self.config.state_dir)
+        self.models = models  # the HubModels deployment handle
+        self.jobs = Jobs(self.store, self.config)
+        self.jobs.recover()  # what a restart interrupted ends failed (or cancelled), never stays training
+        log.info("visionserve hub ready: state in %s, registry %s", self.store.root, self.config.tracking_uri)
+
+    def __del__(self) -> None:
+        """Serve stops this replica (shutdown, redeploy): its trainings stop too, their CPUs given back."""
+        jobs = getattr(self, "jobs", None)
+        if jobs is not None:
+            jobs.stop_all()
+
+    def _denied(self, request: Request) -> JSONResponse | None:
+        if not self.config.api_key_sha256:
+            return None
+        header = request.headers.get("authorization", "")
+        token = request.headers.get("ocp-apim-subscription-key") or (
+            header[7:].strip() if header[:7].lower() == "bearer " else "")
+        if key_matches(token, self.config.api_key_sha256):
+            return None
+        return ApiError(401, "Unauthorized", "a valid key is required: the Ocp-Apim-Subscription-Key header or "
+                        "Authorization: Bearer <key>").response()
+
+    async def _call(self, request: Request, work) -> Any:
+        """Auth, api-version, then `work()`; ApiErrors answered in the API's format, bugs as a bare 500."""
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        try:
+            check_api_version(request)
+            return await work()
+        except ApiError as exc:
+            return exc.response()
+        except Exception:  # noqa: BLE001
+            log.exception("hub: %s %s failed", request.method, request.url.path)
+            return ApiError(500, "InternalServerError", "internal error; the hub's log has the details").response()
+
+    # ------------------------------------------------------------------ datasets
+
+    @app.put("/computervision/datasets/{name}")
+    async def put_dataset(self, name: str, request: Request):
+        from serving.hub import records
+
+        return await self._call(request, lambda: records.register_dataset(self.store, name, request, self.config))
+
+    @app.patch("/computervision/datasets/{name}")
+    async def patch_dataset(self, name: str, request: Request):
+        from serving.hub import records
+
+        return await self._call(request, lambda: records.update_dataset(self.store, name, request))
+
+    @app.get("/computervision/datasets/{name}")
+    async def get_dataset(self, name: str, request: Request):
+        from serving.hub import records
+
+        return await self._call(request, lambda: records.get("datasets", self.store, name))
+
+    @app.delete("/computervision/datasets/{name}")
+    async def delete_dataset(self, name: str, request: Request):
+        from serving.hub import records
+
+        return await self._call(request, lambda: records.delete_dataset(self.store, name, request))
+
+    @app.get("/computervision/datasets")
+    async def list_datasets(self, request: Request):
+        from serving.hub import records
+
+        return await self._call(request, lambda: records.listing(self.store.all("datasets"), request))
+
+    # ------------------------------------------------------------------ models
+
+    @app.put("/computervision/models/{name}")
+    async def put_model(self, name: str, request: Request):
+        return await self._call(request, lambda: self.jobs.create_model(name, request))
+
+    @app.get("/computervision/models/{name}")
+    async def get_model(self, name: str, request: Request):
+        return await self._call(request, lambda: self.jobs.model_answer(name))
+
+    @app.post("/computervision/models/{name}:cancel")
+    async def cancel_model(self, name: str, request: Request):
+        return await self._call(request, lambda: self.jobs.cancel(name))
+
+    @app.delete("/computervision/models/{name}")
+    async def delete_model(self, name: str, request: Request):
+        return await self._call(request, lambda: self.jobs.delete_model(name))
+
+    @app.get("/computervision/models")
+    async def list_models(self, request: Request):
+        from serving.hub import records
+
+        return await self._call(request, lambda: records.listing(self.jobs.model_list(), request))
+
+    # ------------------------------------------------------------------ evaluations
+
+    @app.put("/computervision/models/{model}/evaluations/{name}")
+    async def put_evaluation(self, model: str, name: str, request: Request):
+        return await self._call(request, lambda: self.jobs.create_evaluation(model, name, request))
+
+    @app.get("/computervision/models/{model}/evaluations/{name}")
+    async def get_evaluation(self, model: str, name: str, request: Request):
+        return await self._call(request, lambda: self.jobs.evaluation_answer(model, name))
+
+    @app.delete("/computervision/models/{model}/evaluations/{name}")
+    async def delete_evaluation(self, model: str, name: str, request: Request):
+        return await self._call(request, lambda: self.jobs.delete_evaluation(model, name))
+
+    @app.get("/computervision/models/{model}/evaluations")
+    async def list_evaluations(self, model: str, request: Request):
+        from serving.hub import records
+
+        return await self._call(request, lambda: records.listing(self.jobs.evaluation_list(model), request))
+
+    # ------------------------------------------------------------------ predictions
+
+    @app.post("/computervision/imageanalysis:analyze")
+    async def analyze(self, request: Request):
+        from serving.hub.predict import analyze
+
+        return await self._call(request, lambda: analyze(self, request))
+
+    @app.post("/score")
+    async def score(self, request: Request):
+        from serving.hub.predict import automl
+
+        return await self._call(request, lambda: automl(self, request, "score"))
+
+    @app.post("/invocations")
+    async def invocations(self, request: Request):
+        from serving.hub.predict import automl
+
+        return await self._call(request, lambda: automl(self, request, "invocations"))
+
+    @app.get("/health/live")
+    async def live(self) -> dict:
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready(self) -> dict:
+        return {"status": "ready", "models": len(self.jobs.model_list())}
+
+    @app.get("/models")
+    async def models_list(self, request: Request):
+        async def work():
+            models = await asyncio.to_thread(self.jobs.hub_wide_list)
+            loads = await self.models.load_history.remote()  # of the model replica that answers
+            return {"models": models, "cache": {"size": self.config.cache_size, "loads": loads}}
+
+        return await self._call(request, work)
+
+
+def build_hub(args: dict[str, Any]) -> serve.Application:
+    """Application builder: `state_dir`, optional `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
+    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each)."""
+    from pathlib import Path
+
+    from serving.hub.models import hub_models
+
+    args = dict(args)
+    state = Path(args.pop("state_dir")).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    key_file = args.pop("api_key_file", None)
+    replicas = int(args.pop("model_replicas", 1))
+    cpus = float(args.pop("model_cpus", 0.5))
+    tracking = args.pop("tracking_uri", None) or f"sqlite:///{state / 'mlflow.db'}"
+    config = HubConfig(state_dir=str(state), tracking_uri=tracking,
+                       api_key_sha256=read_key_file(key_file, "api_key_file") if key_file else None, **args)
+    models = hub_models(config.cache_size).options(
+        num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "runtime_env": {
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking}}}).bind()
+    return HubService.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {
+        "env_vars": {"MLFLOW_TRACKING_URI": tracking}}}).bind(asdict(config), models)

@@ -1,0 +1,344 @@
+"""Models and evaluations: their records, the trainings and evaluations running in Ray actors of their own,
+`:cancel`, recovery after a restart, and the names the hub can serve (its own models and any registered in MLflow)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from serving.hub.api import ApiError, field, no_content, not_found, public, read_json, section
+from serving.hub.state import Store, name_problem, now
+from serving.hub.training import CANCEL_FILE, DATASET_KIND, KIND_TASK
+
+log = logging.getLogger("ray.serve")
+ACTIVE = ("notStarted", "training", "cancelling")
+MAX_BUDGET = {"image_classification": 336, "image_object_detection": 1344}
+_TASK_KIND = {"image_classification": "Generic-Classifier", "image_classification_multilabel": "Generic-Classifier",
+              "image_object_detection": "Generic-Detector", "image_instance_segmentation": "Generic-Detector"}
+
+
+class _Runner:
+    """The process of one training or evaluation: one handle to wait on and to kill. Killing it ends its Tune
+    trials, but Ray keeps the placement groups they held (and their CPUs) until the hub's driver exits, so a
+    training is first asked to stop through its cancel file (`Jobs.cancel`, `Jobs.stop_all`)."""
+
+    def run(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        return fn(*args)
+
+
+@dataclass(eq=False)
+class Run:
+    actor: Any
+    ref: Any
+
+
+def _launch(fn: Callable[..., dict[str, Any]], *args: Any) -> Run:
+    import ray
+
+    actor = ray.remote(_Runner).options(num_cpus=0, max_restarts=0, max_task_retries=0).remote()
+    return Run(actor, actor.run.remote(fn, *args))
+
+
+def _end(run: Run) -> None:
+    import ray
+
+    try:
+        ray.kill(run.actor, no_restart=True)
+    except Exception:  # noqa: BLE001  (already gone, or Ray itself is stopping)
+        log.debug("hub: the run's actor was already gone")
+
+
+def _stopped_errors() -> tuple[type[BaseException], ...]:
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError,
+            ray.exceptions.RayTaskError)
+
+
+def _registry():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+class Jobs:
+    def __init__(self, store: Store, config: Any):
+        import mlflow
+
+        self.store, self.config = store, config
+        mlflow.set_tracking_uri(config.tracking_uri)
+        if mlflow.get_experiment_by_name("visionserve-hub") is None:
+            mlflow.create_experiment("visionserve-hub", artifact_location=(store.root / "mlartifacts").as_uri())
+        self.running: dict[str, Run] = {}  # model or "model/evaluation" → its actor and result
+        self.stopping = False  # once the hub stops, results are no longer written (the next start fails them)
+        self._names: dict[str, tuple[float, str | None, dict]] = {}  # registry lookups, kept a few seconds
+
+    # ------------------------------------------------------------------ restart, shutdown
+
+    def stop_all(self, grace_s: float = 45) -> None:
+        """The hub is stopping. Its trainings are asked to stop as `:cancel` does, so that Tune ends their
+        trials and removes their placement groups (Ray keeps a killed driver's groups, and their CPUs, for
+        as long as the hub runs); what has not stopped within `grace_s` is killed. The records stay as they
+        are: the next start fails them."""
+        import ray
+
+        if self.stopping:
+            return
+        self.stopping = True
+        runs = dict(self.running)
+        trainings = {name: run for name, run in runs.items() if "/" not in name}  # evaluations are "model/name"
+        for name in trainings:
+            (self.store.job_dir(name) / CANCEL_FILE).touch()
+        if trainings:
+            ray.wait([run.ref for run in trainings.values()], num_returns=len(trainings), timeout=grace_s)
+        for run in runs.values():
+            _end(run)
+
+    def recover(self) -> None:
+        """Trainings and evaluations a restart interrupted end failed (cancelling ones cancelled)."""
+        message = f"the hub stopped while this ran (restarted at {now()}); start it again"
+        for record in self.store.all("models"):
+            if record["status"] in ACTIVE:
+                status = "cancelled" if record["status"] == "cancelling" else "failed"
+                error = {} if status == "cancelled" else {"error": {"code": "unknown", "message": message}}
+                self.store.update("models", record["name"], status=status, **error)
+            for evaluation in self.store.all("evaluations", record["name"]):
+                if evaluation["status"] in ("notStarted", "running"):
+                    self.store.update("evaluations", evaluation["name"], record["name"], status="failed",
+                                      error={"code": "unknown", "message": message})
+
+    # ------------------------------------------------------------------ models
+
+    async def create_model(self, name: str, request: Request) -> JSONResponse:
+        problem = name_problem(name, "model")
+        if problem:
+            raise ApiError(400, "InvalidArgument", problem, "name")
+        doc = read_json(await request.body())
+        params = section(doc, "trainingParameters")
+        dataset_name = field(params, "trainingDatasetName")
+        if not isinstance(dataset_name, str) or not dataset_name:
+            raise ApiError(400, "InvalidArgument", "trainingParameters.trainingDatasetName is required",
+                           "trainingDatasetName")
+        budget = field(params, "timeBudgetInHours")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1344:
+            raise ApiError(400, "InvalidArgument", f"trainingParameters.timeBudgetInHours={budget!r}: must be a number "
+                           "in (0, 1344] (fractions such as 0.05 are accepted)", "timeBudgetInHours")
+        dataset = self.store.get("datasets", dataset_name)
+        kind = field(params, "modelKind") or (DATASET_KIND[dataset["annotationKind"]] if dataset else None)
+        if kind is not None and kind not in KIND_TASK:
+            raise ApiError(400, "InvalidArgument", f"modelKind={kind!r}: must be one of {', '.join(KIND_TASK)}",
+                           "modelKind")
+        kind = kind or "Generic-Classifier"
+        if budget > MAX_BUDGET[KIND_TASK[kind]]:
+            raise ApiError(400, "InvalidArgument", f"timeBudgetInHours={budget}: at most "
+                           f"{MAX_BUDGET[KIND_TASK[kind]]} for {kind}", "timeBudgetInHours")
+        test = field(section(doc, "evaluationParameters"), "testDatasetName")
+        record = {"name": name, "createdDateTime": now(), "status": "notStarted",
+                  "trainingParameters": {"trainingDatasetName": dataset_name, "timeBudgetInHours": budget,
+                                         "modelKind": kind}}
+        if test:
+            record["evaluationParameters"] = {"testDatasetName": test}
+        with self.store.lock:
+            if self.store.get("models", name) is not None or self._registered(name)[0] is not None:
+                raise ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
+            record = self.store.put("models", record)
+        spec = {"model": name, "dataset": dataset, "dataset_name": dataset_name, "kind": kind, "budget_hours": budget,
+                "image_root": self.config.image_root, "tracking_uri": self.config.tracking_uri,
+                "job_dir": str(self.store.job_dir(name)), "test_dataset_name": test,
+                "test_dataset": self.store.get("datasets", test) if test else None}
+        self._start(name, spec)
+        return JSONResponse(public(record), 201)
+
+    def _start(self, name: str, spec: dict[str, Any]) -> None:
+        from serving.hub.training import train_model
+
+        shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
+        self.store.job_dir(name).mkdir(parents=True)
+        run = self.running[name] = _launch(train_model, spec)
+        asyncio.get_running_loop().create_task(self._watch(name, run))
+
+    async def _watch(self, name: str, run: Run) -> None:
+        try:
+            fields = await run.ref
+        except _stopped_errors() as exc:
+            cancelled = (self.store.get("models", name) or {}).get("status") == "cancelling"
+            fields = {"status": "cancelled"} if cancelled else {
+                "status": "failed", "error": {"code": "unknown", "message": f"the training stopped: {exc}"[:2000]}}
+        finally:
+            self.running.pop(name, None)
+            _end(run)
+        record = self.store.get("models", name)
+        if record is None or self.stopping:
+            return
+        if record["status"] == "cancelling":
+            fields = {"status": "cancelled", "trainingCostInMinutes": fields.get("trainingCostInMinutes", 0)}
+        private = {"_version": fields.pop("modelVersion", None), "_uri": fields.pop("modelUri", None),
+                   "_architecture": fields.pop("architecture", None), "_task": fields.pop("task", None),
+                   "_labels": fields.pop("labels", None)}
+        self.store.put("models", {**record, **fields, **private})
+
+    def _merged(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A record as it is now: a running training's own progress folded in."""
+        if record["status"] == "notStarted" and self.store.progress(record["name"]).get("status") == "training":
+            return {**record, "status": "training"}
+        return record
+
+    async def model_answer(self, name: str) -> JSONResponse:
+        record = self.store.get("models", name)
+        if record is None:
+            record = self._registry_record(name)
+        if record is None:
+            raise not_found("model", name)
+        return JSONResponse(public(self._merged(record)))
+
+    async def cancel(self, name: str) -> JSONResponse:
+        record = self.store.get("models", name)
+        if record is None:
+            raise not_found("model", name)
+        run = self.running.get(name)
+        if run is not None and record["status"] in ("notStarted", "training"):
+            record = self.store.update("models", name, status="cancelling")
+            (self.store.job_dir(name) / CANCEL_FILE).touch()  # Tune ends the trials and frees their CPUs/GPUs
+            asyncio.get_running_loop().create_task(self._kill_later(name, run))
+        return JSONResponse(public(self._merged(record)), 202)
+
+    async def _kill_later(self, name: str, run: Run, grace_s: float = 60) -> None:
+        """A training that has not stopped by itself within `grace_s` (still reading its data, say) is killed."""
+        await asyncio.sleep(grace_s)
+        if self.running.get(name) is run:
+            _end(run)
+
+    async def delete_model(self, name: str):
+        record = self.store.get("models", name)
+        if record is None:
+            raise not_found("model", name)
+        if record["status"] in ACTIVE or name in self.running:
+            raise ApiError(409, "ModelBusy", f"model {name!r} is {self._merged(record)['status']}: cancel it first, "
+                           "then delete it once it is cancelled", name)
+        if record.get("_version"):
+            try:
+                _registry().delete_registered_model(name)
+            except Exception:  # noqa: BLE001  (already gone from the registry)
+                log.warning("hub: model %s was not in the registry", name)
+        self.store.delete("models", name)
+        shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
+        shutil.rmtree(self.store.root / "evaluations" / name, ignore_errors=True)
+        self._names.pop(name, None)
+        return no_content()
+
+    def model_list(self) -> list[dict[str, Any]]:
+        own = [self._merged(r) for r in self.store.all("models")]
+        known = {r["name"] for r in own}
+        try:
+            others = [m.name for m in _registry().search_registered_models() if m.name not in known]
+        except Exception:  # noqa: BLE001
+            others = []
+        return own + [r for r in (self._registry_record(n) for n in others) if r is not None]
+
+    # ------------------------------------------------------------------ names the hub serves
+
+    def _registered(self, name: str) -> tuple[str | None, dict[str, Any]]:
+        """(latest version, its tags) of a model in the MLflow Model Registry, or (None, {})."""
+        cached = self._names.get(name)
+        if cached is not None and time.monotonic() - cached[0] < 5:
+            return cached[1], cached[2]
+        try:
+            versions = _registry().search_model_versions(f"name='{name}'")
+        except Exception:  # noqa: BLE001  (not registered, or a name the registry refuses)
+            versions = []
+        latest = max(versions, key=lambda v: int(v.version), default=None)
+        found = (latest.version, dict(latest.tags or {})) if latest is not None else (None, {})
+        self._names[name] = (time.monotonic(), *found)
+        return found
+
+    def _registry_record(self, name: str) -> dict[str, Any] | None:
+        """A model registered the usual MLflow way (`visionserve train`, `mlflow.register_model`)."""
+        version, tags = self._registered(name)
+        if version is None:
+            return None
+        return {"name": name, "status": "succeeded", "createdDateTime": "", "_version": version,
+                "trainingParameters": {"modelKind": tags.get("modelKind", "Generic-Classifier")},
+                "modelVersion": version}
+
+    def model_id(self, name: str) -> str:
+        """The multiplexed model id to serve `name` (404 unknown, 409 not trained yet)."""
+        from serving.hub.models import model_id
+
+        record = self.store.get("models", name)
+        if record is not None:
+            if record["status"] != "succeeded":
+                raise ApiError(409, "ModelNotReady", f"model {name!r} is {self._merged(record)['status']}, "
+                               "not succeeded", name)
+            return model_id(name, record["_version"])
+        version, _ = self._registered(name)
+        if version is None:
+            raise not_found("model", name)
+        return model_id(name, version)
+
+    def hub_wide_list(self) -> list[dict[str, Any]]:
+        """GET /models: every model with its task, labels and status."""
+        from serving.hub.catalog import describe
+
+        return [describe(r, self.store) for r in self.model_list()]
+
+    # ------------------------------------------------------------------ evaluations
+
+    async def create_evaluation(self, model: str, name: str, request: Request) -> JSONResponse:
+        from serving.hub.training import evaluate_task
+
+        problem = name_problem(name, "evaluation")
+        if problem:
+            raise ApiError(400, "InvalidArgument", problem, "name")
+        doc = read_json(await request.body())
+        test = field(section(doc, "evaluationParameters"), "testDatasetName")
+        if not isinstance(test, str) or not test:
+            raise ApiError(400, "InvalidArgument", "evaluationParameters.testDatasetName is required",
+                           "testDatasetName")
+        try:
+            mid = self.model_id(model)
+        except ApiError as exc:
+            raise ApiError(exc.status, "modelNotFound" if exc.status == 404 else exc.code, exc.message, model) from None
+        if self.store.get("evaluations", name, model) is not None:
+            raise ApiError(409, "EvaluationAlreadyExists", f"evaluation {name!r} of model {model!r} already exists")
+        record = self.store.put("evaluations", {"name": name, "modelName": model, "createdDateTime": now(),
+                                                "status": "notStarted",
+                                                "evaluationParameters": {"testDatasetName": test}}, model)
+        dataset = self.store.get("datasets", test)
+        run = self.running[f"{model}/{name}"] = _launch(evaluate_task, f"models:/{mid}", dataset, test,
+                                                        self.config.image_root, self.config.tracking_uri)
+        asyncio.get_running_loop().create_task(self._watch_evaluation(model, name, run))
+        return JSONResponse(public(record), 201)
+
+    async def _watch_evaluation(self, model: str, name: str, run: Run) -> None:
+        try:
+            fields = await run.ref
+        except Exception as exc:  # noqa: BLE001
+            fields = {"status": "failed", "error": {"code": "unknown", "message": str(exc)[:2000]}}
+        finally:
+            self.running.pop(f"{model}/{name}", None)
+            _end(run)
+        if not self.stopping:
+            self.store.update("evaluations", name, model, **fields)
+
+    async def evaluation_answer(self, model: str, name: str) -> JSONResponse:
+        record = self.store.get("evaluations", name, model)
+        if record is None:
+            raise not_found("evaluation", name)
+        return JSONResponse(public(record))
+
+    async def delete_evaluation(self, model: str, name: str):
+        if not self.store.delete("evaluations", name, model):
+            raise not_found("evaluation", name)
+        return no_content()
+
+    def evaluation_list(self, model: str) -> list[dict[str, Any]]:
+        if self.store.get("models", model) is None and self._registered(model)[0] is None:
+            raise not_found("model", model, "modelNotFound")
+        return self.store.all("evaluations", model)

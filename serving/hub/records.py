@@ -1,0 +1,124 @@
+"""Datasets: register, read, update (with eTags), delete, list; and the listing of any kind of record."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from serving.hub.api import ApiError, field, no_content, not_found, page, public, read_json
+from serving.hub.state import Store, name_problem, now
+
+KINDS = {"imageclassification": "imageClassification", "multiclassclassification": "imageClassification",
+         "imageobjectdetection": "imageObjectDetection", "objectdetection": "imageObjectDetection"}
+MAX_FILES = 10
+MAX_PROPERTIES = 10
+
+
+def _name(name: str, what: str) -> None:
+    problem = name_problem(name, what)
+    if problem:
+        raise ApiError(400, "InvalidArgument", problem, "name")
+
+
+def _kind(value: Any) -> str:
+    kind = KINDS.get(str(value or "").replace("_", "").replace("-", "").lower())
+    if kind is None:
+        raise ApiError(400, "InvalidArgument", f"annotationKind={value!r}: must be imageClassification or "
+                       "imageObjectDetection", "annotationKind")
+    return kind
+
+
+def _uris(value: Any) -> list[str]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_FILES or not all(isinstance(u, str) and u.strip()
+                                                                                  for u in value):
+        raise ApiError(400, "InvalidArgument", f"annotationFileUris must be a list of 1 to {MAX_FILES} URIs",
+                       "annotationFileUris")
+    return [u.strip() for u in value]
+
+
+def _properties(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_PROPERTIES or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ApiError(400, "InvalidArgument", f"customProperties must be at most {MAX_PROPERTIES} string pairs",
+                       "customProperties")
+    return value
+
+
+def _check_files(uris: list[str], kind: str, image_root: str | None) -> None:
+    """The annotation files resolve and parse (images are checked when a model trains from them)."""
+    from models.data.coco_files import CocoProblems, read_coco_files
+
+    try:
+        read_coco_files(uris, kind, image_root=image_root, check_images=False,
+                        confined=True)
+    except CocoProblems as exc:
+        raise ApiError(400, "DatasetInvalidAnnotationUri", str(exc), "annotationFileUris") from None
+
+
+def _if_match(request: Request, record: dict[str, Any]) -> None:
+    wanted = request.headers.get("if-match")
+    if wanted and wanted.strip() != "*" and wanted.strip().removeprefix("W/") != record.get("eTag"):
+        raise ApiError(412, "PreconditionFailed", f"If-Match {wanted} does not match the eTag {record.get('eTag')}")
+
+
+async def register_dataset(store: Store, name: str, request: Request, config: Any) -> JSONResponse:
+    _name(name, "dataset")
+    doc = read_json(await request.body())
+    kind = _kind(field(doc, "annotationKind"))
+    uris = _uris(field(doc, "annotationFileUris"))
+    properties = _properties(field(doc, "customProperties"))
+    if store.get("datasets", name) is not None:
+        raise ApiError(409, "DatasetAlreadyExists", f"dataset {name!r} already exists", name)
+    await asyncio.to_thread(_check_files, uris, kind, config.image_root)
+    record = {"name": name, "annotationKind": kind, "annotationFileUris": uris, "createdDateTime": now()}
+    auth = field(doc, "authentication")
+    if isinstance(auth, dict):
+        record["authentication"] = {"kind": field(auth, "kind", "none")}  # a SAS token is never stored
+    if properties:
+        record["customProperties"] = properties
+    with store.lock:
+        if store.get("datasets", name) is not None:
+            raise ApiError(409, "DatasetAlreadyExists", f"dataset {name!r} already exists", name)
+        return JSONResponse(public(store.put("datasets", record)), 201)
+
+
+async def update_dataset(store: Store, name: str, request: Request) -> JSONResponse:
+    doc = read_json(await request.body())
+    with store.lock:
+        record = store.get("datasets", name)
+        if record is None:
+            raise not_found("dataset", name)
+        _if_match(request, record)
+        changes: dict[str, Any] = {}
+        if field(doc, "customProperties") is not None:
+            changes["customProperties"] = _properties(field(doc, "customProperties"))
+        if field(doc, "annotationFileUris") is not None:
+            changes["annotationFileUris"] = _uris(field(doc, "annotationFileUris"))
+        return JSONResponse(public(store.put("datasets", {**record, **changes})))
+
+
+async def delete_dataset(store: Store, name: str, request: Request):
+    with store.lock:
+        record = store.get("datasets", name)
+        if record is None:
+            raise not_found("dataset", name)
+        _if_match(request, record)
+        store.delete("datasets", name)
+    return no_content()
+
+
+async def get(kind: str, store: Store, name: str) -> JSONResponse:
+    record = store.get(kind, name)
+    if record is None:
+        raise not_found(kind.rstrip("s"), name)
+    return JSONResponse(public(record))
+
+
+async def listing(records: Sequence[dict[str, Any]], request: Request) -> JSONResponse:
+    return JSONResponse(page([public(r) for r in records], request))

@@ -1,0 +1,270 @@
+"""One hub training, from a registered dataset to a registered MLflow model, within a compute budget.
+
+It runs as a Ray task (`serving.hub.jobs`), writes its progress to `jobs/<model>/progress.json` and
+returns the model's final fields: `status`, `error` ({code, message}: the API's `notEnoughBudget`,
+`datasetCorrupt`, `datasetNotFound`, `diverged`, `unknown`), `trainingCostInMinutes`, `modelPerformance`.
+The hub picks the architecture and hyperparameters itself: a sweep on Ray Tune over the AutoMode
+architectures whose pretrained weights are at hand, cheapest first, one trial at a time, stopping once a
+trial is perfect on the held-out split or the budget is spent (a tiny dataset ends in minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+KIND_TASK = {"Generic-Classifier": "image_classification", "Generic-Detector": "image_object_detection",
+             "Product-Recognizer": "image_object_detection"}
+DATASET_KIND = {"imageClassification": "Generic-Classifier", "imageObjectDetection": "Generic-Detector"}
+HOURS_PER_IMAGE = {"image_classification": 0.0003334, "image_object_detection": 0.0066667}  # the spec's minimum
+CANDIDATES = {"image_classification": ("mobilenetv2", "resnet18", "resnet34", "resnet50"),
+              "image_object_detection": ("fasterrcnn_resnet18_fpn", "fasterrcnn_resnet34_fpn",
+                                         "fasterrcnn_resnet50_fpn")}
+MAX_TRIALS = 3
+CANCEL_FILE = "cancel"  # `:cancel` puts it in the job folder; the sweep stops its trials and gives back their CPUs
+
+
+class Failed(Exception):
+    """The training ends `failed` with this API error code and message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def minimum_budget(task: str, images: int) -> float:
+    """The smallest timeBudgetInHours the cloud accepted for this many training images."""
+    return HOURS_PER_IMAGE[task] * images
+
+
+def check_budget(task: str, images: int, budget: float) -> None:
+    low = minimum_budget(task, images)
+    if budget < low:
+        suggested = math.ceil(low * 2 * 1000) / 1000
+        raise Failed("notEnoughBudget", f"timeBudgetInHours={budget:g} is below the minimum for {images} training "
+                     f"images ({low:.4f} h: {HOURS_PER_IMAGE[task]} h per image); a budget of {suggested:g} h or "
+                     "more is suggested")
+
+
+def split(records: list, seed: int = 0) -> tuple[list, list]:
+    """About a fifth of the images held out, at least one of each class (classification) where a class has two."""
+    import random
+
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {}
+    for r in records:
+        by_label.setdefault(r.label_names()[0] if r.label_names() else "", []).append(r)
+    train, held = [], []
+    for group in by_label.values():
+        group = group[:]
+        rng.shuffle(group)
+        cut = max(1, round(len(group) / 5)) if len(group) >= 2 else 0
+        held += group[:cut]
+        train += group[cut:]
+    return train, held
+
+
+def _at_hand(task: str, per_class: int) -> list[dict[str, Any]]:
+    """The trial configurations: AutoMode's architectures whose pretrained weights are cached or can be
+    downloaded, cheapest first; a linear head on frozen features when a class has few images."""
+    from models.sweep.search_space import FEW_SHOT
+    from models.tasks.architectures import get_architecture
+    from models.tasks.registry import get_task
+    from models.train import weights
+
+    family = get_task(task).family
+    configs, reasons = [], []
+    for name in CANDIDATES[task]:
+        arch = get_architecture(name, family)
+        try:
+            weights.available(weights.resolve(arch, "DEFAULT"))
+        except weights.WeightsError as exc:
+            reasons.append(str(exc))
+            continue
+        config = {"model_name": name}
+        if per_class < FEW_SHOT:
+            config["layers_to_freeze"] = len(arch.freeze_groups)
+        configs.append(config)
+        if len(configs) == MAX_TRIALS:
+            break
+    if not configs:
+        raise Failed("unknown", "no pretrained weights are at hand for any architecture the hub trains: "
+                     + " | ".join(reasons[:2]))
+    return configs
+
+
+def _sizes(task: str, records: list) -> dict[str, Any]:
+    """Input sizes from the data: detectors at the images' own scale up to torchvision's 600 px."""
+    from models.data.images import image_size
+
+    if task == "image_classification":
+        return {}
+    shorter = sorted(min(image_size(r.image)) for r in records[:50])
+    side = max(64, min(600, shorter[len(shorter) // 2]))
+    return {"min_size": side, "max_size": max(side, min(1000, 2 * side))}
+
+
+def _performance(task: str, model_dir: Path, records: list, labels: list[str]) -> dict[str, Any]:
+    """modelPerformance of the exported model on `records` (the held-out split or a test dataset)."""
+    from models.tasks.performance import model_performance
+    from serving.predictor import Predictor
+
+    predictor = Predictor.load(model_dir, compile_scorer=False)
+    responses = predictor.predict_bytes([Path(r.image).read_bytes() for r in records])
+    return model_performance(task, records, responses, labels)
+
+
+def evaluate(model_dir: Path, task: str, labels: list[str], dataset: dict[str, Any] | None, name: str,
+             image_root: str | None) -> dict[str, Any]:
+    """modelPerformance of an exported model on a registered dataset (a test dataset or an evaluation)."""
+    from models.data.coco_files import CocoProblems, read_coco_files
+
+    if dataset is None:
+        raise Failed("datasetNotFound", f"dataset {name!r} is not registered")
+    try:
+        coco = read_coco_files(dataset["annotationFileUris"], dataset["annotationKind"], image_root=image_root,
+                               confined=True)
+    except CocoProblems as exc:
+        raise Failed("datasetCorrupt", str(exc)) from None
+    if KIND_TASK[DATASET_KIND[coco.kind]] != task:
+        raise Failed("incorrectModelKind", f"dataset {name} is {coco.kind}; the model is {task}")
+    if not coco.records:
+        raise Failed("datasetEmpty", f"dataset {name} has no images")
+    unknown = sorted(set(coco.labels) - set(labels))
+    if unknown:
+        raise Failed("datasetAnnotationsInvalid", f"dataset {name} has categories the model does not know: "
+                     f"{', '.join(unknown[:10])}")
+    return _performance(task, model_dir, coco.records, labels)
+
+
+def evaluate_task(model_uri: str, dataset: dict[str, Any] | None, name: str, image_root: str | None,
+                  tracking_uri: str) -> dict[str, Any]:
+    """An evaluation (run in a Ray task): → its final fields."""
+    import mlflow
+
+    from serving.loading import find_artifacts, resolve_model
+    from models.export import read_settings
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model_dir = resolve_model(model_uri)
+        spec = read_settings(find_artifacts(model_dir)[0])
+        performance = evaluate(model_dir, spec.task.name, spec.labels, dataset, name, image_root)
+    except Failed as exc:
+        return {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
+    return {"status": "succeeded", "modelPerformance": performance}
+
+
+def train_model(spec: dict[str, Any]) -> dict[str, Any]:
+    """The whole training (run in an actor of its own, serving.hub.jobs._Runner): → the model's final fields."""
+    from serving.hub.state import write_progress
+
+    job_dir = Path(spec["job_dir"])
+    started = time.time()
+    write_progress(job_dir, status="training", trials=0)
+    from models.errors import DataError
+
+    try:
+        fields = _train(spec, job_dir, started)
+    except Failed as exc:
+        fields = {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
+    except DataError as exc:  # an image the COCO files name cannot be trained on
+        fields = {"status": "failed", "error": {"code": "datasetCorrupt", "message": str(exc)}}
+    except Exception as exc:  # noqa: BLE001  (reported on the model, with the log for details)
+        import logging
+
+        logging.getLogger(__name__).exception("training %s failed", spec["model"])
+        fields = {"status": "failed", "error": {"code": "unknown", "message": f"{type(exc).__name__}: {exc}"}}
+    spent = (time.time() - started) / 60  # one trial at a time: wall minutes are the compute spent
+    fields["trainingCostInMinutes"] = round(min(spent, spec["budget_hours"] * 60), 4)
+    return fields
+
+
+def _train(spec: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any]:
+    import mlflow
+
+    from models.data.coco_files import CocoProblems, few_images_problems, read_coco_files, to_jsonl_lines
+    from models.job import build_job
+    from models.sweep.run import run_job
+    from models.sweep.settings import parse_sweep
+    from models.tasks.registry import get_task
+    from serving.hub.state import write_progress
+
+    dataset = spec.get("dataset")
+    if dataset is None:
+        raise Failed("datasetNotFound", f"dataset {spec['dataset_name']!r} is not registered")
+    task = KIND_TASK[spec["kind"]]
+    try:
+        coco = read_coco_files(dataset["annotationFileUris"], dataset["annotationKind"], image_root=spec["image_root"],
+                               confined=True)
+    except CocoProblems as exc:
+        raise Failed("datasetCorrupt", str(exc)) from None
+    if KIND_TASK[DATASET_KIND[coco.kind]] != task:
+        raise Failed("datasetCorrupt", f"modelKind {spec['kind']} needs an imageObjectDetection dataset"
+                     if task == "image_object_detection" else
+                     f"modelKind {spec['kind']} needs an imageClassification dataset")
+    few = few_images_problems(coco)
+    if few:
+        raise Failed("datasetCorrupt", "; ".join(few))
+    train, held = split(coco.records)
+    check_budget(task, len(train), spec["budget_hours"])
+    lines = {r.image: line for r, line in zip(coco.records, to_jsonl_lines(coco))}
+    for name, records in (("train", train), ("validation", held)):
+        (job_dir / f"{name}.jsonl").write_text("".join(json.dumps(lines[r.image]) + "\n" for r in records))
+    per_class = min(Counter(n for r in train for n in set(r.label_names())).values(), default=0)
+    configs = _at_hand(task, per_class)
+    params = {"number_of_epochs": 15, "early_stopping": 1, "early_stopping_patience": 3, "seed": 0,
+              **_sizes(task, train)}
+    if task == "image_classification":
+        params |= {"training_batch_size": 16, "validation_batch_size": 16}
+    budget_minutes = spec["budget_hours"] * 60 - (time.time() - started) / 60
+    doc = {"limits": {"max_trials": len(configs), "max_concurrent_trials": 1, "timeout_minutes": budget_minutes,
+                      "exit_score": 1.0},
+           "sweep": {"sampling_algorithm": "grid"},
+           "search_space": [{k: {"type": "choice", "values": [v]} for k, v in c.items()} for c in configs]}
+    job = build_job(task=task, training_data=job_dir / "train.jsonl", validation_data=job_dir / "validation.jsonl",
+                    params=params, output_dir=job_dir / "outputs", experiment_name="visionserve-hub",
+                    run_name=spec["model"])
+    job = replace(job, sweep=parse_sweep(doc, get_task(task)), min_images=2)  # the spec's few-shot minimum
+    mlflow.set_tracking_uri(spec["tracking_uri"])
+
+    def report(message: str) -> None:
+        write_progress(job_dir, status="training", message=message[:500])
+
+    cancel = job_dir / CANCEL_FILE
+    try:
+        result = run_job(job, report=report, should_stop=cancel.exists)
+    except RuntimeError as exc:  # no trial finished an evaluation: each lost its loss or ran out of budget
+        if cancel.exists():
+            raise Failed("cancelled", "cancelled") from None
+        raise Failed("diverged", str(exc)) from None
+    if cancel.exists():
+        raise Failed("cancelled", "cancelled")
+    metric = result.best.get("metric")
+    chance = 1 / len(coco.labels) if task == "image_classification" else 0.0
+    if metric is None or not math.isfinite(metric) or (len(held) >= 10 and metric <= chance):
+        raise Failed("diverged", f"the best trial's {get_task(task).primary_metric} is {metric} on {len(held)} held-out "
+                     f"images, no better than chance ({chance:.3g})")
+    performance = _performance(task, result.model_dir, held, coco.labels)
+    if spec.get("test_dataset_name"):  # evaluationParameters.testDatasetName: its performance, not the split's
+        performance = evaluate(result.model_dir, task, coco.labels, spec.get("test_dataset"),
+                               spec["test_dataset_name"], spec["image_root"])
+    client = mlflow.MlflowClient()
+    version = mlflow.register_model(f"runs:/{result.run_id}/mlflow-model", spec["model"])
+    tags = {"modelKind": spec["kind"], "trainingDatasetName": dataset["name"],
+            "timeBudgetInHours": str(spec["budget_hours"]), "visionserve.hub": "1",
+            "trainingCostInMinutes": f"{(time.time() - started) / 60:.4f}",
+            "modelPerformance": json.dumps(performance)}
+    for key, value in tags.items():
+        client.set_model_version_tag(spec["model"], version.version, key, value)
+    for key, value in performance.items():
+        if isinstance(value, (int, float)):
+            client.log_metric(result.run_id, f"hub_{key}", float(value))
+    return {"status": "succeeded", "modelPerformance": performance, "modelVersion": version.version,
+            "modelUri": f"models:/{spec['model']}/{version.version}", "architecture": result.best["params"],
+            "task": task, "labels": coco.labels}

@@ -1,0 +1,201 @@
+"""artifacts/model.onnx: every classifier folder carries one that ONNX Runtime alone scores as torch does, and
+the ONNX Runtime backend (`backend: onnx`) answers what the torch one answers; what it cannot score is refused
+in words."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.onnx_export import INPUT, ONNX_FILE, OUTPUT, TOLERANCE
+
+CLASSIFIERS = ("image_classification", "image_classification_multilabel")
+
+
+def _images(data, n: int = 4) -> list[Path]:
+    lines = Path(data.train_jsonl).read_text().splitlines()[:n]
+    return [Path(data.train_jsonl).parent / json.loads(line)["image_url"] for line in lines]
+
+
+def _rows(paths: list[Path]):
+    """What the pyfunc takes: a frame with one `image` column of base64 strings."""
+    import pandas as pd
+
+    return pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+
+
+def _fresh_model(tmp_path: Path, task_name: str, model_name: str, labels=("a", "b", "c"), **values) -> Path:
+    """An exported folder of an untrained `model_name` (random weights): what export writes, in seconds."""
+    from models.export import ModelSettings, export_model
+    from models.tasks.architectures import build_model, get_architecture
+    from models.tasks.registry import get_task, inference_settings
+
+    task = get_task(task_name)
+    spec = ModelSettings(task, model_name, list(labels), inference_settings(task, values))
+    model = build_model(get_architecture(model_name, task.family), len(labels), spec.settings)
+    return export_model(tmp_path / "mlflow-model", spec, model.state_dict())
+
+
+@pytest.mark.parametrize("task", CLASSIFIERS)
+def test_onnx_runtime_alone_gives_the_pyfunc_scores_from_the_same_pixels(trained, task):
+    import mlflow.pyfunc
+    import onnxruntime as ort
+
+    from models.export import read_settings
+    from models.tasks.classification import eval_transform
+    from models.data.images import decode
+
+    result, data = trained(task)
+    folder = Path(result.model_dir)
+    onnx_path = folder / "artifacts" / ONNX_FILE
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    spec = read_settings(folder / "artifacts" / "settings.json")
+    assert json.loads(meta["labels"]) == spec.labels and meta["task"] == task
+    paths = _images(data)
+    preprocess = eval_transform(spec.settings)
+    batch = torch.stack([preprocess(decode(p.read_bytes())) for p in paths]).contiguous().numpy()
+    logits = torch.from_numpy(session.run([OUTPUT], {INPUT: batch})[0])
+    probs = torch.sigmoid(logits) if task.endswith("multilabel") else torch.softmax(logits, dim=1)
+    answers = mlflow.pyfunc.load_model(str(folder)).predict(_rows(paths))
+    assert [a["labels"] for a in answers] == [spec.labels] * len(paths)
+    assert np.allclose(probs.numpy(), [a["probs"] for a in answers], atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("task", CLASSIFIERS)
+def test_the_pyfunc_on_the_onnx_backend_answers_what_torch_answers(trained, task):
+    """Also at another crop size than the export's: the ONNX graph takes any height and width."""
+    import mlflow.pyfunc
+
+    result, data = trained(task)
+    rows = _rows(_images(data))
+    on_torch = mlflow.pyfunc.load_model(result.model_dir)
+    on_onnx = mlflow.pyfunc.load_model(result.model_dir, model_config={"backend": "onnx"})
+    assert on_onnx.unwrap_python_model().predictor.backend == "onnx"
+    for params in (None, {"valid_resize_size": 80, "valid_crop_size": 72}):
+        got, want = on_onnx.predict(rows, params=params), on_torch.predict(rows, params=params)
+        assert [a["labels"] for a in got] == [a["labels"] for a in want]
+        assert np.allclose([a["probs"] for a in got], [a["probs"] for a in want], atol=TOLERANCE)
+
+
+def test_explanations_on_the_onnx_backend_still_come_from_the_torch_network(trained):
+    import mlflow.pyfunc
+
+    result, data = trained("image_classification")
+    row = json.dumps({"image_base64": _rows(_images(data, 1))["image"][0], "model_explainability": True,
+                      "xai_parameters": {"xai_algorithm": "guided_backprop"}})
+    frame = _rows([]).reindex([0]).assign(image=[row])
+    answer = mlflow.pyfunc.load_model(result.model_dir, model_config={"backend": "onnx"}).predict(frame)[0]
+    assert answer.get("visualizations") and "error" not in answer
+
+
+def test_predict_on_the_command_line_takes_backend_onnx(trained, tmp_path):
+    from serving.cli import main
+
+    result, data = trained("image_classification")
+    paths = [str(p) for p in _images(data, 2)]
+    runs = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["predict", str(result.model_dir), *paths, "--backend", backend, "--output", str(out)]) == 0
+        runs[backend] = json.loads(out.read_text())
+    assert np.allclose([a["probs"] for a in runs["onnx"]], [a["probs"] for a in runs["torch"]], atol=TOLERANCE)
+
+
+def test_a_detector_is_refused_for_the_onnx_backend_in_words(tmp_path, capsys):
+    from serving.cli import main
+    from serving.predictor import Predictor
+
+    folder = _fresh_model(tmp_path, "image_object_detection", "fasterrcnn_resnet18_fpn", min_size=96, max_size=128)
+    assert not (folder / "artifacts" / ONNX_FILE).exists()
+    ray_before = "ray" in sys.modules and __import__("ray").is_initialized()  # other modules' session Ray
+    with pytest.raises(ValueError, match=r"backend onnx: fasterrcnn_resnet18_fpn \(image_object_detection\) has no "
+                                         r"ONNX file; only classifiers"):
+        Predictor.load(folder, backend="onnx")
+    for command in (["predict", str(folder), str(folder / "MLmodel")], ["serve", str(folder)]):  # serve: before Ray
+        assert main([*command, "--backend", "onnx"]) == 2
+        err = capsys.readouterr().err
+        assert "error: backend onnx: fasterrcnn_resnet18_fpn" in err and "Traceback" not in err
+    if not ray_before:
+        assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def test_a_folder_without_model_onnx_is_refused_naming_the_file(trained, tmp_path):
+    from serving.predictor import Predictor
+
+    folder = tmp_path / "old-model"
+    shutil.copytree(trained("image_classification")[0].model_dir, folder)
+    (folder / "artifacts" / ONNX_FILE).unlink()
+    with pytest.raises(ValueError, match=r"backend onnx: .*model\.onnx not found"):
+        Predictor.load(folder, backend="onnx")
+    assert Predictor.load(folder).backend == "torch"  # the torch backend does not need it
+
+
+def test_an_unknown_backend_is_refused_naming_the_choices(trained, capsys):
+    from serving.cli import main
+    from serving.predictor import Predictor
+
+    with pytest.raises(ValueError, match=r"backend 'tensorrt': expected one of torch, onnx"):
+        Predictor.load(trained("image_classification")[0].model_dir, backend="tensorrt")
+    for command in (["predict", "model", "image.png"], ["serve", "model"], ["score", "model", "--input", "a",
+                                                                           "--output", "b"]):
+        with pytest.raises(SystemExit) as exited:
+            main([*command, "--backend", "tensorrt"])
+        assert exited.value.code == 2 and "--backend: invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+def test_an_onnx_file_that_does_not_match_torch_is_not_written(tmp_path, monkeypatch, caplog):
+    import models.onnx_export
+
+    monkeypatch.setattr(models.onnx_export, "TOLERANCE", -1.0)  # no difference is small enough
+    folder = _fresh_model(tmp_path, "image_classification", "resnet18", valid_resize_size=64, valid_crop_size=64)
+    assert not (folder / "artifacts" / ONNX_FILE).exists()
+    assert "ONNX Runtime's probabilities differ from torch's" in caplog.text
+    assert (folder / "artifacts" / "model.pt").is_file()  # the folder is complete without it
+
+
+@pytest.mark.parametrize("model_name, crop", [("mobilenetv2", 64), ("seresnext", 64), ("resnest50", 64),
+                                               pytest.param("vits16r224", 224, marks=pytest.mark.slow)])
+def test_each_family_of_classifier_exports_to_onnx_that_matches_torch(tmp_path, model_name, crop):
+    from serving.predictor import Predictor
+
+    folder = _fresh_model(tmp_path, "image_classification_multilabel", model_name, valid_resize_size=crop,
+                          valid_crop_size=crop)
+    assert (folder / "artifacts" / ONNX_FILE).is_file()
+    image = (np.random.default_rng(0).random((crop + 9, crop + 20, 3)) * 255).astype(np.uint8)
+    pixels = [torch.from_numpy(image).permute(2, 0, 1).contiguous()] * 3
+    want = Predictor.load(folder).predict_images(pixels)
+    got = Predictor.load(folder, backend="onnx").predict_images(pixels)
+    assert np.allclose([a["probs"] for a in got], [a["probs"] for a in want], atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("task", CLASSIFIERS)
+def test_the_readmes_onnx_runtime_example_prints_the_pyfuncs_answer(trained, task, tmp_path):
+    """The README's block, run as it is written (onnxruntime, numpy and Pillow only) in a fresh process."""
+    import mlflow.pyfunc
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- onnx-example")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    result, data = trained(task)
+    paths = _images(data, 2)
+    script = block.replace('"outputs/mlflow-model/artifacts/model.onnx"',
+                           repr(str(Path(result.model_dir) / "artifacts" / ONNX_FILE)))
+    script = script.replace('["a.jpg", "b.jpg"]', repr([str(p) for p in paths]))
+    (tmp_path / "example.py").write_text(script)
+    done = subprocess.run([sys.executable, "-I", str(tmp_path / "example.py")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    answers = mlflow.pyfunc.load_model(result.model_dir).predict(_rows(paths))
+    assert [a["labels"] for a in printed] == [a["labels"] for a in answers]
+    assert np.allclose([a["probs"] for a in printed], [a["probs"] for a in answers], atol=0.05)
+    best = [int(np.argmax(a["probs"])) for a in answers]
+    assert [int(np.argmax(a["probs"])) for a in printed] == best
