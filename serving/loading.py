@@ -132,7 +132,7 @@ def load_model(settings_path: str | Path, weights_path: str | Path, *, device: t
     if backend == "onnx":
         from serving.onnx_backend import onnx_scorer
 
-        scorer = onnx_scorer(Path(weights_path).parent, spec, device)
+        scorer = onnx_scorer(Path(weights_path).parent, spec, device, fallback=scorer)
     elif compile_scorer and device.type == "cpu" and shape:
         from serving.compiled import compile_for_cpu
 

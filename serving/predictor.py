@@ -28,6 +28,7 @@ from models.tasks.registry import inference_settings
 from serving.contract import parse_entry, per_request_problems, row_error
 from serving.explaining import Explanations
 from serving.loading import LoadedModel, find_artifacts, load_model
+from serving.onnx_backend import OnnxScorer, scorer_for
 
 log = logging.getLogger(__name__)
 _FAILED = ImageError(ErrorCode.INFERENCE_FAILED, "the model failed on this image (the server log has the details)")
@@ -76,8 +77,6 @@ class Predictor:
     @property
     def backend(self) -> str:
         """What scores: "onnx" (ONNX Runtime), "compiled" (torch.compile) or "torch" (eager)."""
-        from serving.onnx_backend import OnnxScorer
-
         return "onnx" if isinstance(self.scorer, OnnxScorer) else "compiled" if self.compiled else "torch"
 
     @property
@@ -110,7 +109,8 @@ class Predictor:
         order = sorted(range(count), key=lambda i: sizes[i][1] / sizes[i][0])
         results: list[dict | ImageError | None] = [None] * count
         with self._lock, torch.inference_mode():
-            ops.configure(self.scorer, settings)
+            scorer = scorer_for(self.scorer, settings)
+            ops.configure(scorer, settings)
             step = settings.images_per_pass()
             for start in range(0, count, step):
                 loaded = []
@@ -125,21 +125,22 @@ class Predictor:
                         log.exception("image %d: preprocessing failed", i)
                         results[i] = _FAILED
                 if loaded:
-                    self._forward(loaded, settings, results)
+                    self._forward(scorer, loaded, settings, results)
         return results
 
-    def _forward(self, loaded: list[tuple[int, torch.Tensor]], settings, results: list) -> None:
+    def _forward(self, scorer: torch.nn.Module, loaded: list[tuple[int, torch.Tensor]], settings,
+                 results: list) -> None:
         """Answers of one batch into `results` (boxes are fractions of the tensor the model saw); when the
         batch fails, each image alone."""
         ops = self.spec.task.ops
         try:
-            outputs = ops.predict(self.scorer, [x for _, x in loaded], settings)
+            outputs = ops.predict(scorer, [x for _, x in loaded], settings)
             answers = [ops.format(out, (x.shape[-1], x.shape[-2]), self.labels, settings)
                        for (_, x), out in zip(loaded, outputs)]
         except Exception:  # noqa: BLE001
             if len(loaded) > 1:
                 for one in loaded:
-                    self._forward([one], settings, results)
+                    self._forward(scorer, [one], settings, results)
                 return
             log.exception("image %d: the model failed", loaded[0][0])
             answers = [_FAILED]

@@ -33,7 +33,7 @@ def image_rows(model_input: Any) -> list[Any]:
 class VisionModel(mlflow.pyfunc.PythonModel):
     """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row.
 
-    `mlflow.pyfunc.load_model(DIR, model_config={"backend": "onnx"})` scores a classifier's
+    `mlflow.pyfunc.load_model(DIR, model_config={"backend": "onnx"})` scores a classifier's or detector's
     `artifacts/model.onnx` on ONNX Runtime (serving.onnx_backend); `model_config={"compile": True}`
     compiles a classifier for the CPU while loading (serving.compiled). Either is worth it in a process
     that scores for a long time."""

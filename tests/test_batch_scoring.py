@@ -215,14 +215,15 @@ def test_unknown_set_name_fails_fast(trained, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_a_detector_on_the_onnx_backend_is_refused_before_ray_starts(trained, tmp_path, monkeypatch, capsys):
-    result, data = trained("image_object_detection")
+def test_instance_segmentation_on_the_onnx_backend_is_refused_before_ray_starts(trained, tmp_path, monkeypatch,
+                                                                                 capsys):
+    result, data = trained("image_instance_segmentation")
     monkeypatch.setattr(batch, "ensure_ray", _no_ray)
     out = tmp_path / "predictions.jsonl"
     code = main(["score", str(result.model_dir), "--input", str(data.images_dir), "--output", str(out),
                  "--backend", "onnx"])
     assert code == 2
-    assert "backend onnx: fasterrcnn_resnet18_fpn (image_object_detection) has no ONNX file" in capsys.readouterr().err
+    assert "backend onnx: maskrcnn_resnet18_fpn (image_instance_segmentation) has no ONNX file" in capsys.readouterr().err
     assert not out.exists() and not out.with_name(out.name + ".parts").exists()
 
 

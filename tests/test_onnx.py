@@ -1,6 +1,6 @@
-"""artifacts/model.onnx: every classifier folder carries one that ONNX Runtime alone scores as torch does, and
-the ONNX Runtime backend (`backend: onnx`) answers what the torch one answers; what it cannot score is refused
-in words."""
+"""artifacts/model.onnx: every classifier and detector folder carries one that ONNX Runtime alone scores as torch
+does, and the ONNX Runtime backend (`backend: onnx`) answers what the torch one answers; what it cannot score is
+refused in words."""
 
 from __future__ import annotations
 
@@ -110,22 +110,108 @@ def test_predict_on_the_command_line_takes_backend_onnx(trained, tmp_path):
     assert np.allclose([a["probs"] for a in runs["onnx"]], [a["probs"] for a in runs["torch"]], atol=TOLERANCE)
 
 
-def test_a_detector_is_refused_for_the_onnx_backend_in_words(tmp_path, capsys):
+def test_instance_segmentation_is_refused_for_the_onnx_backend_saying_why(tmp_path, capsys):
     from serving.cli import main
     from serving.predictor import Predictor
 
-    folder = _fresh_model(tmp_path, "image_object_detection", "fasterrcnn_resnet18_fpn", min_size=96, max_size=128)
+    folder = _fresh_model(tmp_path, "image_instance_segmentation", "maskrcnn_resnet18_fpn", min_size=96, max_size=128)
     assert not (folder / "artifacts" / ONNX_FILE).exists()
     ray_before = "ray" in sys.modules and __import__("ray").is_initialized()  # other modules' session Ray
-    with pytest.raises(ValueError, match=r"backend onnx: fasterrcnn_resnet18_fpn \(image_object_detection\) has no "
-                                         r"ONNX file; only classifiers"):
+    with pytest.raises(ValueError, match=r"backend onnx: maskrcnn_resnet18_fpn \(image_instance_segmentation\) has "
+                                         r"no ONNX file: torchvision's Mask R-CNN graph pastes every detection's mask"):
         Predictor.load(folder, backend="onnx")
     for command in (["predict", str(folder), str(folder / "MLmodel")], ["serve", str(folder)]):  # serve: before Ray
         assert main([*command, "--backend", "onnx"]) == 2
         err = capsys.readouterr().err
-        assert "error: backend onnx: fasterrcnn_resnet18_fpn" in err and "Traceback" not in err
+        assert "error: backend onnx: maskrcnn_resnet18_fpn" in err and "Traceback" not in err
     if not ray_before:
         assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+
+
+def _boxes(answer: dict) -> list[tuple]:
+    return [(b["label"], b["score"], *b["box"].values()) for b in answer["boxes"]]
+
+
+def _same_detections(got: list[dict], want: list[dict]) -> None:
+    """Equal labels in the same order, scores within TOLERANCE, corners within 1e-3 of the image."""
+    assert [[b["label"] for b in a["boxes"]] for a in got] == [[b["label"] for b in a["boxes"]] for a in want]
+    for g, w in zip(got, want):
+        assert np.allclose(np.array(_boxes(g))[:, 1:].astype(float), np.array(_boxes(w))[:, 1:].astype(float),
+                           atol=1e-3) if w["boxes"] else not g["boxes"]
+
+
+def test_onnx_runtime_alone_gives_the_pyfuncs_detections_from_the_same_pixels(trained):
+    import mlflow.pyfunc
+    import onnxruntime as ort
+
+    from models.data.images import decode
+    from models.onnx_export import DETECTION_OUTPUTS
+
+    result, data = trained("image_object_detection")
+    folder = Path(result.model_dir)
+    session = ort.InferenceSession(str(folder / "artifacts" / ONNX_FILE), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    labels = json.loads(meta["labels"])
+    paths = _images(data)
+    answers = mlflow.pyfunc.load_model(str(folder)).predict(_rows(paths))
+    assert sum(len(a["boxes"]) for a in answers) >= len(paths)  # the trained detector finds its shapes
+    alone = []
+    for path in paths:
+        image = decode(path.read_bytes())
+        pixels = np.asarray(image, np.float32).transpose(2, 0, 1) / 255
+        boxes, classes, scores = session.run(list(DETECTION_OUTPUTS), {INPUT: np.ascontiguousarray(pixels)})
+        size = np.array([image.width, image.height] * 2)
+        alone.append({"boxes": [{"box": dict(zip(("topX", "topY", "bottomX", "bottomY"), (box / size).tolist())),
+                                 "label": labels[c - 1], "score": float(score)}
+                                for box, c, score in zip(boxes, classes, scores)]})
+    _same_detections(alone, answers)
+
+
+@pytest.mark.parametrize("params, graph", [
+    (None, True), ({"box_score_thresh": 0.9, "box_detections_per_img": 2}, True),  # applied to the graph's answer
+    ({"tile_grid_size": "2x1"}, False), ({"nms_iou_thresh": 0.2}, False), ({"box_score_thresh": 0.01}, False),
+])
+def test_a_detector_on_the_onnx_backend_answers_what_torch_answers_tiled_and_with_any_settings(trained, params,
+                                                                                              graph):
+    """What the graph has built in it follows, and it hands the rest (tiles, another NMS, a lower threshold)
+    to the torch network."""
+    import mlflow.pyfunc
+
+    from serving.onnx_backend import scorer_for
+
+    result, data = trained("image_object_detection")
+    rows = _rows(_images(data))
+    on_torch = mlflow.pyfunc.load_model(result.model_dir)
+    on_onnx = mlflow.pyfunc.load_model(result.model_dir, model_config={"backend": "onnx"})
+    predictor = on_onnx.unwrap_python_model().predictor
+    assert predictor.backend == "onnx"
+    assert (scorer_for(predictor.scorer, predictor.settings_for(params)) is predictor.scorer) is graph
+    want = on_torch.predict(rows, params=params)
+    assert any(a["boxes"] for a in want)
+    _same_detections(on_onnx.predict(rows, params=params), want)
+
+
+def test_a_retinanet_exports_to_onnx_that_matches_torch(tmp_path):
+    from models.export import ModelSettings, export_model
+    from models.tasks.architectures import build_model, get_architecture
+    from models.tasks.registry import get_task, inference_settings
+    from serving.predictor import Predictor
+
+    task = get_task("image_object_detection")
+    spec = ModelSettings(task, "retinanet_resnet50_fpn", ["a", "b"],
+                         inference_settings(task, {"min_size": 96, "max_size": 128}))
+    torch.manual_seed(0)
+    model = build_model(get_architecture("retinanet_resnet50_fpn", task.family), 2, spec.settings)
+    with torch.no_grad():  # an untrained head scores every anchor 0.01: spread its scores so that it detects
+        model.head.classification_head.cls_logits.bias.normal_(-2, 1.5)
+        model.head.classification_head.cls_logits.weight.normal_(0, 0.05)
+    folder = export_model(tmp_path / "mlflow-model", spec, model.state_dict())
+    assert (folder / "artifacts" / ONNX_FILE).is_file()
+    image = (np.random.default_rng(0).random((90, 140, 3)) * 255).astype(np.uint8)
+    pixels = [torch.from_numpy(image).permute(2, 0, 1).contiguous()] * 2
+    want = Predictor.load(folder).predict_images(pixels)
+    assert want[0]["boxes"]
+    _same_detections(Predictor.load(folder, backend="onnx").predict_images(pixels), want)
 
 
 def test_a_folder_without_model_onnx_is_refused_naming_the_file(trained, tmp_path):
@@ -199,3 +285,24 @@ def test_the_readmes_onnx_runtime_example_prints_the_pyfuncs_answer(trained, tas
     assert np.allclose([a["probs"] for a in printed], [a["probs"] for a in answers], atol=0.05)
     best = [int(np.argmax(a["probs"])) for a in answers]
     assert [int(np.argmax(a["probs"])) for a in printed] == best
+
+
+def test_the_readmes_onnx_runtime_detector_example_prints_the_pyfuncs_answer(trained, tmp_path):
+    """The README's detector block, run as it is written (onnxruntime, numpy and Pillow only) in a fresh process."""
+    import mlflow.pyfunc
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- onnx-detector-example")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    result, data = trained("image_object_detection")
+    path = _images(data, 1)[0]
+    script = block.replace('"outputs/mlflow-model/artifacts/model.onnx"',
+                           repr(str(Path(result.model_dir) / "artifacts" / ONNX_FILE)))
+    (tmp_path / "example.py").write_text(script.replace('"a.jpg"', repr(str(path))))
+    done = subprocess.run([sys.executable, "-I", str(tmp_path / "example.py")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    answer = mlflow.pyfunc.load_model(result.model_dir).predict(_rows([path]))[0]
+    assert answer["boxes"] and [b["label"] for b in printed["boxes"]] == [b["label"] for b in answer["boxes"]]
+    assert np.allclose(np.array(_boxes(printed))[:, 1:].astype(float), np.array(_boxes(answer))[:, 1:].astype(float),
+                       atol=1e-3)

@@ -25,7 +25,7 @@ def add_backend_flag(p: argparse.ArgumentParser, default: str = "torch") -> None
 
     p.add_argument("--backend", choices=BACKENDS, default=default,
                    help="what scores: the torch network, or the model's artifacts/model.onnx on ONNX Runtime "
-                        f"(classifiers; explanations still use torch). Default: {default}")
+                        f"(classifiers and detectors; explanations still use torch). Default: {default}")
 
 
 def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
