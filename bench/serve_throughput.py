@@ -1,26 +1,27 @@
-"""Online endpoint throughput: visionserve on Ray Serve vs `mlflow models serve`, same model and images.
+"""Online endpoint throughput: visionserve on Ray Serve vs LitServe vs `mlflow models serve`, same model and images.
 
-    uv run python bench/serve_throughput.py [--seconds 15] [--rounds 2] [--concurrency 1 8 32]
+    uv run python bench/serve_throughput.py [--seconds 15] [--rounds 2] [--concurrency 1 8 32] [--servers ...]
 
 One resnet18 classifier (224 crop, random weights: speed does not depend on them) exported once;
-requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--seconds`:
-- visionserve: `visionserve serve DIR --replicas R --cpus-per-replica C` for each `--layout RxC`
-  (default: one replica per CPU, then one replica with every CPU; `@serve.batch` across requests,
-  HAProxy in front, see models.runtime.serve_environment; the classifier compiled as the replica
-  starts, see serving.compiled, or eager with `--no-compile`), `POST /score` with the cloud's
-  `input_data` body;
-- mlflow: `mlflow models serve -m DIR --env-manager local` (one uvicorn worker, its default),
-  `POST /invocations` with `dataframe_split`;
-- in-process: `mlflow.pyfunc.load_model(DIR).predict` on 16 images at a time, no HTTP: the
-  ceiling a server could reach (measured before and after the servers, the best of the two).
-- in-process one at a time: the same, 1 image per predict: what a server without batching could reach.
-  The ratio of the two bounds what batching can add on this machine, whatever the server.
-Each server runs alone (the others are stopped), in `--rounds` rounds (ours, mlflow, ours, mlflow, ...);
-each server's best round at each concurrency is reported, the same rule for both, so a slow spell of
-a shared machine does not decide the ratio (every round is kept in the JSON). Targets, for the first
-layout: visionserve >= 2x mlflow's images/s at concurrency 8 with a lower p99, and >= 0.7 of the
-in-process batched throughput. Also reports resident memory of the replica / the mlflow server.
-Writes bench/results/serve_throughput.json.
+requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--seconds`. Servers:
+- `default`: `visionserve serve DIR` with no layout or backend flag, what a user gets (on a local CPU
+  instance: one replica with every CPU, the classifier on ONNX Runtime; see serving.backends), `@serve.batch`
+  across requests, HAProxy in front (models.runtime.serve_environment), `POST /score` with `input_data`;
+- `torch-2x1`: `--replicas 2 --cpus-per-replica 1 --backend torch`, the classifier compiled as each replica
+  starts (serving.compiled): the fastest layout at concurrency 8 before ONNX Runtime;
+- `onnx-2x1`: the same two replicas on ONNX Runtime;
+- `litserve-2x1`, `litserve-1x2`: LitServe (bench/_litserve.py: its own environment), 2 workers x 1 thread or
+  1 worker x 2 threads, batching 16 with a 10 ms wait, each worker scoring with visionserve's Predictor (the
+  same model, preprocessing and ONNX Runtime), the cloud's body on `POST /predict`;
+- `mlflow`: `mlflow models serve -m DIR --env-manager local` (one uvicorn worker, its default),
+  `POST /invocations` with `dataframe_split`.
+Also in-process: `mlflow.pyfunc.load_model(DIR).predict` on 16 images at a time, no HTTP: the ceiling a
+server could reach (measured before and after the servers, the best of the two), and one at a time.
+Each server runs alone (the others are stopped), in `--rounds` rounds, in turn; each server's best round at
+each concurrency is reported, the same rule for all, so a slow spell of a shared machine does not decide a
+ratio (every round is kept in the JSON). Targets for `default`: >= 2x mlflow's images/s at concurrency 8 and
+>= mlflow at concurrency 1, >= 1.3x the best LitServe layout at concurrency 8. Also reports each server's
+seconds from start to ready and its resident memory. Writes bench/results/serve_throughput.json.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import _litserve  # noqa: E402
 from bench._common import table, write  # noqa: E402
 from bench.inference_throughput import _folder, _jpeg  # noqa: E402
 from models.runtime import free_port, wait_until_ready  # noqa: E402
@@ -108,15 +110,19 @@ def load(url: str | list[str], bodies: list[dict], concurrency: int, seconds: fl
 
 
 def run_server(name: str, command: list[str], ready: str, route: str, bodies: list[dict], args, log: Path,
-               rss_match) -> list[dict]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow runs `uvicorn`
+               rss_match, env: dict[str, str] | None = None) -> list[dict]:
+    env = dict(env or os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow runs `uvicorn`
+    started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        wait_until_ready(ready, proc, log)
+        wait_until_ready(ready, proc, log, timeout=600)
+        ready_s = time.perf_counter() - started
         load(route, bodies, 2, 3)  # warm-up
         rows = []
         for c in args.concurrency:
             row = {"server": name, **load(route, bodies, c, args.seconds)}
+            row["ready_s"] = round(ready_s, 1)
             row["rss_mb"] = _rss_mb(rss_match)
             print(table([row], list(row)), flush=True)
             rows.append(row)
@@ -154,34 +160,63 @@ def _best_rounds(runs: list[dict]) -> list[dict]:
     return list(best.values())
 
 
-def _layout(text: str) -> tuple[int, float]:
-    """"2x1" → 2 replicas of 1 CPU each."""
-    replicas, _, cpus = text.lower().partition("x")
-    try:
-        return int(replicas), float(cpus)
-    except ValueError:
-        raise SystemExit(f"--layout {text!r}: expected REPLICASxCPUS such as 2x1") from None
-
-
 def _seconds(fn) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
 
 
+SERVERS = ("default", "torch-2x1", "onnx-2x1", "litserve-2x1", "litserve-1x2", "mlflow")
+
+
+def _server(name: str, folder: Path, images: list[str], workdir: Path) -> dict:
+    """How to start server `name` (SERVERS), where it is ready, where to send what."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    body = [{"input_data": {"columns": ["image"], "data": [b]}} for b in images]
+    if name == "mlflow":
+        return {"command": [str(BIN / "mlflow"), "models", "serve", "-m", str(folder), "--env-manager", "local",
+                            "-h", "127.0.0.1", "-p", str(port)], "ready": f"{url}/ping", "route": f"{url}/invocations",
+                "bodies": [{"dataframe_split": {"columns": ["image"], "data": [[b]]}} for b in images],
+                "rss": lambda cmd: "mlflow" in cmd and ("uvicorn" in cmd or "scoring_server" in cmd or
+                                                        "models serve" in cmd)}
+    if name.startswith("litserve"):
+        workers, threads = (2, 1) if name.endswith("2x1") else (1, 2)
+        return {"command": _litserve.command(port), "ready": f"{url}/health", "route": f"{url}/predict",
+                "bodies": body, "env": _litserve.environment(folder, workers, threads),
+                "rss": lambda cmd: str(_litserve.ENV) in cmd}
+    flags = {"default": [], "torch-2x1": ["--replicas", "2", "--cpus-per-replica", "1", "--backend", "torch"],
+             "onnx-2x1": ["--replicas", "2", "--cpus-per-replica", "1", "--backend", "onnx"]}[name]
+    return {"command": [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
+                        "--max-ongoing-requests", "64", *flags],
+            "ready": f"{url}/health/ready", "route": f"{url}/score", "bodies": body,
+            "rss": lambda cmd: "ServeReplica" in cmd}
+
+
+def _targets(rows: list[dict]) -> dict:
+    def at(server: str, c: int) -> dict | None:
+        return next((r for r in rows if r["server"] == server and r["concurrency"] == c), None)
+
+    out: dict = {}
+    for c, need in ((8, 2.0), (1, 1.0)):
+        ours, theirs = at("default", c), at("mlflow", c)
+        if ours and theirs:
+            out[f"x_mlflow_at_{c}"] = ours["images_per_s"] / theirs["images_per_s"]
+            out[f"x_mlflow_at_{c}_target"] = need
+    lit = [r for r in rows if r["server"].startswith("litserve") and r["concurrency"] == 8]
+    if at("default", 8) and lit:
+        out["x_best_litserve_at_8"] = at("default", 8)["images_per_s"] / max(r["images_per_s"] for r in lit)
+        out["x_best_litserve_at_8_target"] = 1.3
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15, help="per concurrency level and round")
-    parser.add_argument("--rounds", type=int, default=2, help="every server this many times, alternating")
+    parser.add_argument("--rounds", type=int, default=2, help="every server this many times, in turn")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    cpus = os.cpu_count() or 1
-    parser.add_argument("--layout", action="append", metavar="REPLICASxCPUS",
-                        help=f"replicas x CPUs each; repeatable; the first one is held to the targets "
-                             f"(default: {cpus}x1 then 1x{cpus})")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="serve the eager model (`visionserve serve --no-compile`)")
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     args = parser.parse_args()
-    layouts = [_layout(text) for text in args.layout or [f"{cpus}x1", f"1x{cpus}"]]
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-serve-bench-"))
     folder, _, _ = _folder("resnet18", workdir)
     jpegs = [_jpeg(i) for i in range(16)]
@@ -191,57 +226,29 @@ def main() -> None:
 
     runs: list[dict] = []
     for round_ in range(1, args.rounds + 1):
-        for replicas, cpus_each in layouts:
-            port = free_port()
-            runs += [{**row, "layout": f"{replicas}x{cpus_each:g}", "round": round_} for row in run_server(
-                f"visionserve {replicas}x{cpus_each:g}",
-                [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
-                 "--cpus-per-replica", str(cpus_each), "--replicas", str(replicas), "--max-ongoing-requests", "64",
-                 *([] if args.compile else ["--no-compile"])],
-                f"http://127.0.0.1:{port}/health/ready", f"http://127.0.0.1:{port}/score",
-                [{"input_data": {"columns": ["image"], "data": [b]}} for b in images], args,
-                workdir / "visionserve.log", lambda cmd: "ServeReplica" in cmd)]
-        port = free_port()
-        runs += [{**row, "round": round_} for row in run_server(
-            "mlflow",
-            [str(BIN / "mlflow"), "models", "serve", "-m", str(folder), "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port)],
-            f"http://127.0.0.1:{port}/ping", f"http://127.0.0.1:{port}/invocations",
-            [{"dataframe_split": {"columns": ["image"], "data": [[b]]}} for b in images], args, workdir / "mlflow.log",
-            lambda cmd: "mlflow" in cmd and ("uvicorn" in cmd or "scoring_server" in cmd or "models serve" in cmd))]
-    best_rounds = _best_rounds(runs)
-    ours = [r for r in best_rounds if r["server"] != "mlflow"]
-    theirs = [r for r in best_rounds if r["server"] == "mlflow"]
-
+        for name in args.servers:
+            server = _server(name, folder, images, workdir)
+            runs += [{**row, "round": round_} for row in run_server(
+                name, server["command"], server["ready"], server["route"], server["bodies"], args,
+                workdir / f"{name}.log", server["rss"], server.get("env"))]
+    rows = _best_rounds(runs)
     last = in_process(folder, jpegs * 4)  # measured again after the servers: the best of both bounds each
     ceiling, single = max(first[16], last[16]), max(first[1], last[1])
-    print(f"in-process pyfunc, again: {last[16]:.1f} images/s 16 at a time, {last[1]:.1f} one at a time", flush=True)
-
-    rows = ours + theirs
-    for row in ours:
-        other = next(r for r in theirs if r["concurrency"] == row["concurrency"])
-        row["x_mlflow"] = row["images_per_s"] / other["images_per_s"] if other["images_per_s"] else None
+    for row in rows:
+        mlflow_row = next((r for r in rows if r["server"] == "mlflow" and r["concurrency"] == row["concurrency"]), None)
+        row["x_mlflow"] = row["images_per_s"] / mlflow_row["images_per_s"] if mlflow_row else None
         row["of_in_process"] = row["images_per_s"] / ceiling
-    held = [r for r in ours if r["layout"] == ours[0]["layout"]]  # the first layout is held to the targets
-    at8 = next((r for r in held if r["concurrency"] == 8), None)
-    mlflow8 = next((r for r in theirs if r["concurrency"] == 8), None)
-    best = max(r["images_per_s"] for r in held)
-    targets = {
-        "layout": held[0]["layout"],
-        "x_mlflow_at_8": at8 and at8["x_mlflow"], "x_mlflow_target": 2.0,
-        "lower_p99_at_8": bool(at8 and mlflow8 and at8["p99_ms"] < mlflow8["p99_ms"]),
-        "best_of_in_process": best / ceiling, "of_in_process_target": 0.7,
-        "batching_bound": ceiling / single,
-    }
+    targets = _targets(rows)
     print(f"\nbest of {args.rounds} round(s) per server and concurrency:")
     print(table(rows, ["server", "round", "concurrency", "requests", "images_per_s", "p50_ms", "p99_ms", "errors",
-                       "rss_mb", "x_mlflow", "of_in_process"]))
+                       "ready_s", "rss_mb", "x_mlflow", "of_in_process"]))
     print(f"\nin-process pyfunc: {ceiling:.1f} images/s batched, {single:.1f} one at a time; " + ", ".join(
-        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in targets.items()))
-    path = write("serve_throughput", {"seconds": args.seconds, "layouts": [f"{r}x{c:g}" for r, c in layouts],
-                                      "compiled": args.compile,
-                                      "in_process_images_per_s": ceiling, "in_process_one_at_a_time": single,
-                                      "rounds": args.rounds, "rows": rows, "targets": targets, "runs": runs})
+        f"{k}={v:.3g}" for k, v in targets.items()))
+    path = write("serve_throughput", {"seconds": args.seconds, "servers": args.servers, "rounds": args.rounds,
+                                      "litserve": _litserve.version() if any("litserve" in n for n in args.servers)
+                                      else None, "in_process_images_per_s": ceiling,
+                                      "in_process_one_at_a_time": single, "rows": rows, "targets": targets,
+                                      "runs": runs})
     print(f"written {path}")
 
 

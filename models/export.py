@@ -190,6 +190,6 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
             metadata={"task": model_settings.task.name, "model_name": model_settings.model_name},
             # what a loader may set: load_model(..., model_config={"backend": "onnx"}) or, for `mlflow models
             # serve`, MLFLOW_PYFUNC_INFERENCE_CONFIG='{"compile": true}' (serving.pyfunc, serving.loading)
-            model_config={"backend": "torch", "compile": False},
+            model_config={"backend": "auto", "compile": False},
         )
     return path

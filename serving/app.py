@@ -58,7 +58,7 @@ class ServiceConfig:
     max_waiting_explanations: int = 4
     explanation_timeout_s: float = 90.0
     compile: bool = True  # a classifier on the CPU is compiled when the replica starts (serving.compiled)
-    backend: str = "torch"  # serving.backends: "onnx" scores the model.onnx on ONNX Runtime
+    backend: str = "auto"  # serving.backends: "onnx" scores the model.onnx on ONNX Runtime, "auto" where faster
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:  # a Serve config file's typo fails the deploy, not every replica

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from models.export import SETTINGS_FILE, WEIGHTS_FILE, ModelSettings, read_settings
+from models.onnx_export import ONNX_FILE
 from models.tasks.architectures import Architecture, build_model, get_architecture
-from serving.backends import BACKENDS
+from serving.backends import BACKENDS, DEFAULT_BACKEND, choose
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,13 @@ def check_backend(model_dir: str | Path, backend: str) -> None:
 
         settings_path, weights_path = find_artifacts(model_dir)
         onnx_file(weights_path.parent, read_settings(settings_path))
+
+
+def chosen_backend(model_dir: str | Path, backend: str, device: torch.device | str) -> str:
+    """What `backend` ("auto" included) scores the model in `model_dir` with on `device`: "torch" or "onnx"."""
+    settings_path, weights_path = find_artifacts(model_dir)
+    return choose(backend, read_settings(settings_path).task.family, torch.device(device).type == "cpu",
+                  (weights_path.parent / ONNX_FILE).is_file())
 
 
 def default_device() -> torch.device:
@@ -106,10 +114,11 @@ def _weights(model: torch.nn.Module, spec: ModelSettings, weights_path: Path, se
 
 def load_model(settings_path: str | Path, weights_path: str | Path, *, device: torch.device | None = None,
                overrides: dict[str, Any] | None = None, compile_scorer: bool = False,
-               backend: str = "torch") -> LoadedModel:
+               backend: str = DEFAULT_BACKEND) -> LoadedModel:
     """The model of an exported folder's files; `compile_scorer`: a classifier on the CPU is compiled now
-    (serving.compiled: slower to load, faster per image; for long-lived processes); `backend` (BACKENDS):
-    "onnx" scores with the folder's model.onnx (a ValueError says why a model has none)."""
+    (serving.compiled: slower to load, faster per image; for long-lived processes) when torch scores it;
+    `backend` (BACKENDS): "onnx" scores with the folder's model.onnx (a ValueError says why a model has
+    none), "auto" with it where that is faster (serving.backends.choose)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")  # as check_backend says
     spec = read_settings(settings_path, overrides)
@@ -129,6 +138,7 @@ def load_model(settings_path: str | Path, weights_path: str | Path, *, device: t
 
         paste_masks_one_at_a_time(scorer)
     shape = spec.task.ops.input_shape(spec.settings)
+    backend = choose(backend, spec.task.family, device.type == "cpu", (Path(weights_path).parent / ONNX_FILE).is_file())
     if backend == "onnx":
         from serving.onnx_backend import onnx_scorer
 

@@ -33,18 +33,21 @@ def image_rows(model_input: Any) -> list[Any]:
 class VisionModel(mlflow.pyfunc.PythonModel):
     """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row.
 
-    `mlflow.pyfunc.load_model(DIR, model_config={"backend": "onnx"})` scores a classifier's or detector's
-    `artifacts/model.onnx` on ONNX Runtime (serving.onnx_backend); `model_config={"compile": True}`
-    compiles a classifier for the CPU while loading (serving.compiled). Either is worth it in a process
-    that scores for a long time."""
+    By default (`backend: auto`, serving.backends) a classifier on the CPU scores on its `artifacts/model.onnx`
+    on ONNX Runtime, and anything else on torch; `model_config={"backend": "onnx"}` asks for ONNX Runtime
+    (classifiers and detectors, serving.onnx_backend), `{"backend": "torch"}` for torch, and
+    `{"compile": True}` for a classifier compiled for the CPU while loading (serving.compiled: worth it in a
+    process that scores for a long time)."""
 
     def load_context(self, context) -> None:
         from serving.predictor import Predictor
 
         config = context.model_config or {}
+        compile_scorer, backend = bool(config.get("compile", False)), str(config.get("backend", "auto"))
+        if compile_scorer and backend == "auto":  # compiling is asked for by name (the folder's default is False)
+            backend = "torch"
         self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"],
-                                              compile_scorer=bool(config.get("compile", False)),
-                                              backend=str(config.get("backend", "torch")))
+                                              compile_scorer=compile_scorer, backend=backend)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict]:
         """One response per image row; `params` may override inference settings for this call. Refusals are

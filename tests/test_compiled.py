@@ -18,7 +18,7 @@ def predictors(trained):
     from serving.predictor import Predictor
 
     model_dir = trained("image_classification")[0].model_dir
-    return Predictor.load(model_dir), Predictor.load(model_dir, compile_scorer=True)
+    return Predictor.load(model_dir, backend="torch"), Predictor.load(model_dir, compile_scorer=True, backend="torch")
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,7 @@ def test_an_unknown_backend_is_refused_naming_the_choices(trained, capsys):
     from serving.cli import main
     from serving.predictor import Predictor
 
-    with pytest.raises(ValueError, match=r"backend 'tensorrt': expected one of torch, onnx"):
+    with pytest.raises(ValueError, match=r"backend 'tensorrt': expected one of auto, torch, onnx"):
         Predictor.load(trained("image_classification")[0].model_dir, backend="tensorrt")
     for command in (["predict", "model", "image.png"], ["serve", "model"], ["score", "model", "--input", "a",
                                                                            "--output", "b"]):
@@ -306,3 +306,18 @@ def test_the_readmes_onnx_runtime_detector_example_prints_the_pyfuncs_answer(tra
     assert answer["boxes"] and [b["label"] for b in printed["boxes"]] == [b["label"] for b in answer["boxes"]]
     assert np.allclose(np.array(_boxes(printed))[:, 1:].astype(float), np.array(_boxes(answer))[:, 1:].astype(float),
                        atol=1e-3)
+
+
+def test_by_default_a_classifier_on_the_cpu_scores_on_onnx_runtime_and_a_detector_on_torch(trained):
+    """`backend: auto`, what the pyfunc, `visionserve predict`, `serve` and `score` start with; `compile: true`
+    (asked for by name) keeps a classifier on torch."""
+    import mlflow.pyfunc
+
+    def backend(task: str, **config) -> str:
+        loaded = mlflow.pyfunc.load_model(trained(task)[0].model_dir, model_config=config or None)
+        return loaded.unwrap_python_model().predictor.backend
+
+    assert backend("image_classification") == backend("image_classification_multilabel") == "onnx"
+    assert backend("image_object_detection") == "torch"
+    assert backend("image_classification", backend="torch") == "torch"
+    assert backend("image_object_detection", backend="onnx") == "onnx"

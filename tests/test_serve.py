@@ -27,9 +27,10 @@ PREFIX = {"image_classification": "/cls", "image_classification_multilabel": "/m
 @pytest.fixture(scope="module")
 def endpoint(ray_session, trained):
     """All four task models served by one Ray Serve instance, each under its own route prefix,
-    plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill), `/onnx` (the classifier on
-    ONNX Runtime) and `/tight` (capacity 1 + 1 queued). `/cls` runs the default, a compiled classifier; the other classifier
-    apps score eagerly (compiling takes a replica 10-25 s on 2 CPUs)."""
+    plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill, on eager torch), `/onnx` (the
+    classifier with the default backend: ONNX Runtime on CPUs) and `/tight` (capacity 1 + 1 queued). `/cls` runs
+    a compiled classifier (`backend: torch`; compiling takes a replica 10-25 s on 2 CPUs); the other classifier
+    apps run the default backend."""
     from ray import serve
 
     from ray.serve.config import BackpressureConfig
@@ -43,16 +44,18 @@ def endpoint(ray_session, trained):
     cls_dir = trained("image_classification")[0].model_dir
     apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(ServiceConfig(
         model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02,
-        compile=task == "image_classification"))), name=task, route_prefix=PREFIX[task]) for task in TASKS]
+        compile=task == "image_classification", backend="torch" if task == "image_classification" else "auto"))),
+        name=task, route_prefix=PREFIX[task]) for task in TASKS]
     secure = ServiceConfig(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4,
                            max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2,
                            compile=False)
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
                                 route_prefix="/secure"))
-    patient = ServiceConfig(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False)
+    patient = ServiceConfig(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False,
+                            backend="torch")
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
                                 route_prefix="/patient"))
-    on_onnx = ServiceConfig(model=str(cls_dir), max_batch_size=8, compile=False, backend="onnx")
+    on_onnx = ServiceConfig(model=str(cls_dir), max_batch_size=8)  # the default backend
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(on_onnx)), name="onnx",
                                 route_prefix="/onnx"))
     tight = ServiceConfig(model=str(cls_dir), max_batch_size=1, compile=False)
@@ -123,12 +126,13 @@ def test_answers_of_the_compiled_classifier_match_the_pyfunc(endpoint, trained):
     assert httpx.get(f"{endpoint}/patient/metadata").json()["compiled"] is False
     rows = _images(trained, "image_classification", 3)
     served = _score(f"{endpoint}/cls/score", rows).json()
-    local = Predictor.load(trained("image_classification")[0].model_dir).predict_encoded(rows)
+    local = Predictor.load(trained("image_classification")[0].model_dir, backend="torch").predict_encoded(rows)
     assert [a["labels"] for a in served] == [a["labels"] for a in local]
     assert np.allclose([a["probs"] for a in served], [a["probs"] for a in local], atol=1e-5)
 
 
-def test_a_replica_on_the_onnx_backend_answers_the_json_of_one_on_torch(endpoint, trained):
+def test_a_classifier_replica_scores_on_onnx_runtime_by_default_and_answers_the_json_of_one_on_torch(endpoint,
+                                                                                                     trained):
     from models.onnx_export import TOLERANCE
 
     assert httpx.get(f"{endpoint}/onnx/metadata").json()["backend"] == "onnx"

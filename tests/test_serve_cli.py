@@ -63,14 +63,15 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_path, ray_session):
     """Beside it, a second `visionserve serve` on the same machine (its own Ray instance and HAProxy), on the
-    ONNX Runtime backend: both answer, and stopping one leaves the other serving. Both are started by a
-    process that has a local Ray instance of its own (ray_session), whose ports they must not inherit."""
+    default backend (ONNX Runtime for a classifier on CPUs): both answer, each says its layout as it starts, and
+    stopping one leaves the other serving. Both are started by a process that has a local Ray instance of its
+    own (ray_session), whose ports they must not inherit."""
     result, data = trained("image_classification")
     port, log = free_port(), tmp_path / "serve.log"
     other_port, other_log = free_port(), tmp_path / "other.log"
-    proc = _start(result, port, log, "--replicas", "2", "--cpus-per-replica", "0.5",
+    proc = _start(result, port, log, "--replicas", "2", "--cpus-per-replica", "0.5", "--backend", "torch",
                   "--no-compile")  # tests/test_serve.py has a compiled one
-    other = _start(result, other_port, other_log, "--cpus-per-replica", "0.5", "--backend", "onnx")
+    other = _start(result, other_port, other_log, "--cpus-per-replica", "0.5")  # the default backend
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/health/ready", proc, log)
         wait_until_ready(f"http://127.0.0.1:{other_port}/health/ready", other, other_log)
@@ -83,6 +84,10 @@ def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_
         assert httpx.get(f"http://127.0.0.1:{port}/metadata").json()["compiled"] is False
         assert "haproxy" in _listener(proc, port)  # HAProxy has the port and sends requests straight to replicas
         assert httpx.get(f"http://127.0.0.1:{other_port}/metadata").json()["backend"] == "onnx"
+        assert ("layout: 2 replicas x 0.5 CPUs each, scoring on torch; change with --replicas, --cpus-per-replica, "
+                "--backend") in log.read_text()
+        assert ("layout: 1 replica x 0.5 CPUs each, scoring on ONNX Runtime (auto: ONNX Runtime for a classifier on "
+                "CPUs, else torch)") in other_log.read_text()
         from_onnx = httpx.post(f"http://127.0.0.1:{other_port}/score", json=body, timeout=60)
         assert from_onnx.status_code == 200 and from_onnx.json()[0]["labels"] == answer.json()[0]["labels"]
         other.send_signal(signal.SIGINT)

@@ -68,7 +68,7 @@ class Scorer:
     """A Ray actor holding one `Predictor`: a batch of bytes → one JSON line per image."""
 
     def __init__(self, model: str, local: str, overrides: dict[str, Any] | None, device: str,
-                 threads: int | None, backend: str = "torch") -> None:
+                 threads: int | None, backend: str = "auto") -> None:
         import torch
 
         from serving.predictor import Predictor
@@ -146,7 +146,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
           concurrency: int | None = None, num_gpus_per_actor: float = 0.0, params: Mapping[str, Any] | None = None,
           image_root: str | Path | None = None, progress: bool = True, overwrite: bool = False,
           part_size: int = PART_SIZE, address: str | None = None, num_cpus: float | None = None,
-          backend: str = "torch") -> ScoreSummary:
+          backend: str = "auto") -> ScoreSummary:
     """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run.
     A finished output of another model or other settings is refused (`overwrite` re-scores it)."""
     from tqdm import tqdm

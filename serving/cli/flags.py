@@ -20,12 +20,13 @@ def parse_param_flags(pairs: Sequence[str], flag: str = "--param") -> dict[str, 
     return out
 
 
-def add_backend_flag(p: argparse.ArgumentParser, default: str = "torch") -> None:
-    from serving.backends import BACKENDS
+def add_backend_flag(p: argparse.ArgumentParser) -> None:
+    from serving.backends import BACKENDS, DEFAULT_BACKEND
 
-    p.add_argument("--backend", choices=BACKENDS, default=default,
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
                    help="what scores: the torch network, or the model's artifacts/model.onnx on ONNX Runtime "
-                        f"(classifiers and detectors; explanations still use torch). Default: {default}")
+                        "(classifiers and detectors; explanations still use torch); auto: ONNX Runtime for a "
+                        f"classifier on CPUs, else torch. Default: {DEFAULT_BACKEND}")
 
 
 def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:

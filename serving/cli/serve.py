@@ -76,15 +76,33 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _check_model(config) -> None:
+def _check_model(config) -> Path:
     """Fail before Ray starts: the model folder exists, the settings (with --set) are valid, and the
-    backend can score it."""
+    backend can score it; → the folder."""
     from models.export import read_settings
     from serving.loading import check_backend, find_artifacts, resolve_model
 
     folder = resolve_model(config.model)
     read_settings(find_artifacts(folder)[0], config.overrides)
     check_backend(folder, config.backend)
+    return folder
+
+
+def layout_line(args: argparse.Namespace, folder: Path) -> str:
+    """What the replicas will be and what scores on them, and the flags that change it."""
+    from models.export import read_settings
+    from serving.loading import chosen_backend, find_artifacts
+
+    replicas = f"{args.autoscale} replicas (autoscaled)" if args.autoscale else \
+        f"{args.replicas} replica{'s' if args.replicas != 1 else ''}"
+    gpus = f" + {args.gpus_per_replica:g} GPU" if args.gpus_per_replica else ""
+    backend = chosen_backend(folder, args.backend, "cuda" if args.gpus_per_replica else "cpu")
+    classifier = read_settings(find_artifacts(folder)[0]).task.family == "classification"
+    compiled = backend == "torch" and classifier and args.compile and not args.gpus_per_replica
+    engine = "ONNX Runtime" if backend == "onnx" else "torch, compiled as each replica starts" if compiled else "torch"
+    why = " (auto: ONNX Runtime for a classifier on CPUs, else torch)" if args.backend == "auto" else ""
+    return (f"layout: {replicas} x {_cpus_per_replica(args):g} CPUs{gpus} each, scoring on {engine}{why}; "
+            "change with --replicas, --cpus-per-replica, --backend")
 
 
 def start(args: argparse.Namespace, *, block: bool = True) -> str:
@@ -92,7 +110,7 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     from serving.app import VisionService
 
     config = _config(args)
-    _check_model(config)
+    print(layout_line(args, _check_model(config)), flush=True)
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: VisionService.options(**deployment_options(args)).bind(asdict(config)),
                              "visionserve", f"visionserve is serving {args.model} at {url}  (POST /score, "
@@ -185,7 +203,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-waiting-explanations", type=int, default=4, help="waiting explanation requests before 429")
     p.add_argument("--explanation-timeout-s", type=float, default=90.0, help="then 504 explanation_timeout")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="score with the eager model; by default a classifier on CPU replicas is compiled "
-                        "(torch.compile) as the replica starts: 15-25 s more start-up, more images/s")
+                   help="score with the eager model; by default a classifier that torch scores on CPU replicas "
+                        "(--backend torch) is compiled (torch.compile) as the replica starts: 15-25 s more "
+                        "start-up, more images/s")
     add_backend_flag(p)
     p.set_defaults(func=_serve)
