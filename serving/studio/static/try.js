@@ -30,6 +30,7 @@ export class TryView {
     const { $ } = this.studio;
     this.image = image;
     $("score-button").disabled = false;
+    $("download").disabled = true;
     reset($("overlay"), image.width || 1, image.height || 1);
     $("bars").replaceChildren();
     $("raw-json").textContent = "";
@@ -68,7 +69,10 @@ export class TryView {
       this.render(answer, params);
     } catch (error) {
       if (error.name === "AbortError") return;
-      if (pending === this.pending) $("summary").textContent = "";
+      if (pending === this.pending) {
+        $("summary").textContent = "";
+        $("raw-json").textContent = error.body ? JSON.stringify(error.body, null, 2) : "";
+      }
       this.studio.report(error);
     } finally {
       if (pending === this.pending) {
