@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_EXPLANATIONS = "too_many_explanations"
     EXPLANATION_TIMEOUT = "explanation_timeout"
     UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"  # a file the studio does not have
     INTERNAL_ERROR = "internal_error"
 
 

@@ -1,7 +1,7 @@
 """The online endpoint: a Ray Serve deployment with a FastAPI ingress.
 
 Routes: `POST /score` (the cloud's `input_data` body), `POST /invocations` (MLflow's formats),
-`GET /health/live`, `GET /health/ready`, `GET /metadata`, OpenAPI at `/docs`. Images of
+`GET /health/live`, `GET /health/ready`, `GET /metadata`, OpenAPI at `/docs`, the studio page at `/studio`. Images of
 concurrent requests share forward passes through `@serve.batch`; each answer goes back to its
 own request in input order. Over capacity, Ray Serve itself answers 429 with Retry-After
 (`max_ongoing_requests` per replica, `max_queued_requests` waiting).
@@ -35,9 +35,10 @@ from serving.access import key_matches, read_key_file, request_id_of
 from serving.admission import Admission, Busy, TimedOut
 from serving.backends import BACKENDS
 from serving.contract import (
-    ParsedRequest, RequestError, Route, check_xai, openapi_components, parameter_error, parse_json,
+    ParsedRequest, RequestError, Route, check_xai, openapi_components, parameter_error, parameter_forms, parse_json,
     parse_request, probe_images,
 )
+from serving.studio import add_studio
 
 log = logging.getLogger("ray.serve")
 
@@ -94,6 +95,7 @@ def _openapi() -> dict[str, Any]:
 
 
 app.openapi = _openapi
+add_studio(app)
 
 
 def _route_doc(body: str) -> dict[str, Any]:
@@ -364,6 +366,7 @@ class VisionService:
         mlmodel = _mlmodel(self.model_dir)
         return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
                 "settings": as_dict(spec.settings, inference_only=True), "model": self.config.model,
+                **parameter_forms(spec.task.inference_cls, spec.settings, spec.task.is_classification),
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
                 "compiled": self.predictor.compiled, "backend": self.predictor.backend, "replica": serve.get_replica_context().replica_id.unique_id,
                 "in_progress": {"scoring": self._scoring, "explaining": self._explanations.admitted},

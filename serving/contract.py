@@ -355,3 +355,13 @@ def check_xai(entries: Sequence[Entry], is_classification: bool, task_name: str)
     if details:
         raise RequestError(400, ErrorCode.INVALID_PARAMETER, "; ".join(d["message"] for d in details), details)
     return wishes
+
+
+def parameter_forms(inference_cls: type[BaseModel], settings: BaseModel, explains: bool) -> dict[str, Any]:
+    """What `/metadata` says of the parameters a request may send, for a page to build its forms from: the
+    per-request settings (the model's values as defaults) and, for classifiers, the xai_parameters."""
+    from explain.params import XaiParameters
+    from models.tasks.fields import form_of, is_per_request
+
+    return {"parameters": form_of(inference_cls, settings, keep=is_per_request),
+            "xai_parameters": form_of(XaiParameters) if explains else []}

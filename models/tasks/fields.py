@@ -336,3 +336,32 @@ def as_dict(instance: SettingsModel, *, inference_only: bool = False) -> dict[st
     fields = type(instance).model_fields
     include = {n for n, f in fields.items() if is_inference(f)} if inference_only else None
     return instance.model_dump(include=include)
+
+
+def form_of(cls: type[SettingsModel], values: SettingsModel | None = None, *,
+            keep: Callable[[FieldInfo], bool] = lambda f: True) -> list[dict[str, Any]]:
+    """The fields of `cls` that `keep` keeps, as a form needs them (a web page builds its inputs from this):
+    name, type (integer, number, boolean, string, choice, triple, object), default (`values`' value, else the
+    class's), bounds, choices, nullable, the allowed values in words and the doc."""
+    out = []
+    for name, field in cls.model_fields.items():
+        if not keep(field):
+            continue
+        kind, choices, nullable = kind_of(field)
+        if choices is not None:
+            type_name = "choice"
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            type_name = "object"
+        elif typing.get_origin(kind) is tuple:
+            type_name = "triple"
+        else:
+            type_name = {bool: "boolean", int: "integer", float: "number", str: "string"}.get(kind, "string")
+        default = getattr(values, name) if values is not None and name in type(values).model_fields else field.default
+        entry: dict[str, Any] = {"name": name, "type": type_name, "default": default, "nullable": nullable,
+                                 "allowed": describe(field), "doc": field.description or ""}
+        names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+        entry.update({names[k]: v for k, v in _bounds(field).items()})
+        if choices is not None:
+            entry["choices"] = list(choices)
+        out.append(json.loads(json.dumps(entry, default=str)))
+    return out
