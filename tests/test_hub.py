@@ -169,6 +169,21 @@ def test_the_sample_client_trains_a_classifier_and_a_detector_side_by_side(train
     assert {"meanAveragePrecision30", "meanAveragePrecision50", "meanAveragePrecision75"} <= set(detector)
 
 
+def test_the_hub_trains_from_the_cached_pretrained_weights_with_the_backbone_frozen(hub, trained_pair):
+    """Few images per tag (3 here): each trial is a new head on the pretrained backbone, every group frozen."""
+    import mlflow
+
+    from models.tasks.architectures import get_architecture
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{hub['root'] / 'state' / 'mlflow.db'}")
+    for name, family in (("classifier", "classification"), ("detector", "detection")):
+        version = client.search_model_versions(f"name='{name}'")[0]
+        params = client.get_run(version.run_id).data.params
+        arch = get_architecture(params["model_name"], family)
+        assert params["weights"] == "DEFAULT", (name, params["weights"])
+        assert int(params["layers_to_freeze"]) == len(arch.freeze_groups) > 0, name
+
+
 def test_the_sample_client_predicts_with_both_models(hub, trained_pair, datasets):
     from cognitive_service_vision_model_customization_python_samples import PredictionClient, ResourceType
 

@@ -62,7 +62,7 @@ def test_an_empty_or_missing_key_file_is_refused_by_the_application_builder(tmp_
 def test_an_unknown_backend_in_a_serve_config_is_refused_by_the_application_builder(tmp_path):
     from serving.app import build_app
 
-    with pytest.raises(SettingsError, match=r"backend: 'onx' is not one of torch, onnx"):
+    with pytest.raises(SettingsError, match=r"backend: 'onx' is not one of auto, torch, onnx"):
         build_app({"model": str(tmp_path), "backend": "onx"})
 
 
