@@ -3,7 +3,7 @@
 
 import { svg } from "./overlay.js";
 
-const WIDTH = 640;
+const DEFAULT_WIDTH = 640; // the drawing's width when the chart is not on screen; else its width there (text stays legible)
 const PLOT_HEIGHT = 220;
 const MARGIN = { left: 48, right: 16, top: 14, bottom: 40 };
 const LEGEND_ROW = 20;
@@ -35,21 +35,23 @@ export function describe(trials, metric) {
 export function drawChart(root, trials, metric) {
   const rows = Math.max(1, trials.length);
   const height = MARGIN.top + PLOT_HEIGHT + MARGIN.bottom + rows * LEGEND_ROW;
+  const onScreen = Math.round(root.getBoundingClientRect().width);
+  const width = onScreen ? Math.max(300, Math.min(900, onScreen)) : DEFAULT_WIDTH;
   root.replaceChildren();
-  root.setAttribute("viewBox", `0 0 ${WIDTH} ${height}`);
+  root.setAttribute("viewBox", `0 0 ${width} ${height}`);
   const points = trials.flatMap((t) => t.points);
   const running = trials.filter((t) => t.status === "RUNNING" && t.epochs).map((t) => t.epochs);
   const xMax = Math.max(2, ...points.map((p) => p.epoch), ...running);
   const values = points.map((p) => p.value);
   const yMin = Math.min(0, ...values);
   const yMax = Math.max(1, ...values);
-  const plotW = WIDTH - MARGIN.left - MARGIN.right;
+  const plotW = width - MARGIN.left - MARGIN.right;
   const x = (epoch) => MARGIN.left + ((epoch - 1) / (xMax - 1)) * plotW;
   const y = (value) => MARGIN.top + (1 - (value - yMin) / (yMax - yMin)) * PLOT_HEIGHT;
   const axis = svg("g", { class: "axes", "font-size": 12, "font-family": "sans-serif", fill: "currentColor" }, root);
   const yStep = niceStep(yMax - yMin, 5);
   for (let v = Math.ceil(yMin / yStep) * yStep; v <= yMax + 1e-9; v += yStep) {
-    svg("line", { x1: MARGIN.left, x2: WIDTH - MARGIN.right, y1: y(v), y2: y(v), stroke: "currentColor", "stroke-opacity": 0.15 }, axis);
+    svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: y(v), y2: y(v), stroke: "currentColor", "stroke-opacity": 0.15 }, axis);
     svg("text", { x: MARGIN.left - 6, y: y(v) + 4, "text-anchor": "end" }, axis).textContent = v.toFixed(2);
   }
   const xStep = Math.max(1, niceStep(xMax - 1, 10));
@@ -57,7 +59,7 @@ export function drawChart(root, trials, metric) {
     svg("line", { x1: x(e), x2: x(e), y1: MARGIN.top + PLOT_HEIGHT, y2: MARGIN.top + PLOT_HEIGHT + 5, stroke: "currentColor" }, axis);
     svg("text", { x: x(e), y: MARGIN.top + PLOT_HEIGHT + 18, "text-anchor": "middle" }, axis).textContent = String(e);
   }
-  svg("line", { x1: MARGIN.left, x2: WIDTH - MARGIN.right, y1: MARGIN.top + PLOT_HEIGHT, y2: MARGIN.top + PLOT_HEIGHT, stroke: "currentColor" }, axis);
+  svg("line", { x1: MARGIN.left, x2: width - MARGIN.right, y1: MARGIN.top + PLOT_HEIGHT, y2: MARGIN.top + PLOT_HEIGHT, stroke: "currentColor" }, axis);
   svg("text", { x: MARGIN.left + plotW / 2, y: MARGIN.top + PLOT_HEIGHT + 34, "text-anchor": "middle" }, axis).textContent = "epoch";
   svg("text", { x: 12, y: MARGIN.top + PLOT_HEIGHT / 2, "text-anchor": "middle", transform: `rotate(-90 12 ${MARGIN.top + PLOT_HEIGHT / 2})` }, axis).textContent = metric;
   if (!points.length) {

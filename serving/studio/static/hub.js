@@ -30,6 +30,7 @@ class ModelPicker {
     $("hub-model-row").hidden = false;
     if (!ready.length) {
       select.value = "";
+      $("model").textContent = `hub · ${listing.models.length} model${listing.models.length === 1 ? "" : "s"}, none ready`;
       $("hub-model-hint").textContent = listing.models.length
         ? "No model is ready yet: the Models tab shows their trainings."
         : "No models yet: train one in the Models tab.";
@@ -86,7 +87,6 @@ export function startHub(studio, listing) {
   };
   const models = new ModelsView(studio, { changed: refreshPicker });
   const datasets = new DatasetsView(studio);
-  $("model").textContent = `hub · ${listing.models.length} model${listing.models.length === 1 ? "" : "s"}`;
   for (const id of ["tab-models", "tab-datasets"]) $(id).hidden = false;
   $("tab-models").addEventListener("shown", () => models.refresh());
   $("tab-datasets").addEventListener("shown", () => datasets.refresh());

@@ -40,7 +40,10 @@ export class ModelsView {
     this.selected = null;
     this.timer = null;
     this.loading = null;
+    this.drawn = null; // [trials, metric, width] of the chart on screen
     const { $ } = studio;
+    // redrawn in the next frame, not in the observer's callback (a size changed there is a loop error)
+    new ResizeObserver(() => requestAnimationFrame(() => this.redraw())).observe($("model-chart-figure"));
     $("models-refresh").addEventListener("click", () => this.refresh());
     $("train-form").addEventListener("submit", (event) => {
       event.preventDefault();
@@ -67,14 +70,12 @@ export class ModelsView {
       this.studio.report(error);
       return;
     }
-    const before = new Map(this.records.map((r) => [r.name, r.status]));
+    const before = this.records.map((r) => `${r.name}:${r.status}`).join(" ");
     this.records = records;
     this.renderList();
     this.renderDatasets(datasets);
     if (this.selected) await this.detail();
-    const changed = records.some((r) => before.has(r.name) && before.get(r.name) !== r.status && r.status === "succeeded")
-      || [...before.keys()].some((name) => !records.some((r) => r.name === name));
-    if (changed) this.changed();
+    if (before !== records.map((r) => `${r.name}:${r.status}`).join(" ")) this.changed();
     if (records.some((r) => ACTIVE.includes(r.status))) this.timer = setTimeout(() => this.refresh(), POLL_MS);
   }
 
@@ -93,7 +94,7 @@ export class ModelsView {
       button.addEventListener("click", () => this.select(record.name));
       row.insertCell().append(button);
       const params = record.trainingParameters || {};
-      cell(row, params.modelKind || "–");
+      cell(row, params.modelKind || "–", "col-kind");
       cell(row, record.status, `status status-${record.status}`);
       cell(row, number(params.timeBudgetInHours, 4), "num");
       cell(row, number(record.trainingCostInMinutes, 2), "num");
@@ -161,17 +162,30 @@ export class ModelsView {
     }[record.status] || record.status;
     const error = record.error ? ` (${record.error.code}): ${record.error.message}` : "";
     const cost = typeof record.trainingCostInMinutes === "number" ? ` · ${number(record.trainingCostInMinutes, 2)} min spent` : "";
-    $("model-status").textContent = `${status}${error}${cost}`;
+    const params = record.trainingParameters || {};
+    const budget = params.timeBudgetInHours ? ` of ${params.timeBudgetInHours} h` : "";
+    const from = params.trainingDatasetName ? ` on ${params.trainingDatasetName}` : "";
+    $("model-status").textContent = `${params.modelKind || "model"}${from}: ${status}${error}${cost}${cost && budget}`;
     $("model-status").dataset.status = record.status;
     $("model-message").textContent = ACTIVE.includes(record.status) && progress.message ? progress.message : "";
     $("model-cancel").disabled = !own || !["notStarted", "training"].includes(record.status);
     $("model-delete").disabled = !own || ACTIVE.includes(record.status);
     drawChart($("model-chart"), trials, progress.metric);
+    this.drawn = [trials, progress.metric, $("model-chart").getBoundingClientRect().width];
     $("model-chart").dataset.points = String(epochs);
     $("model-chart-caption").textContent = own
       ? `${describe(trials, progress.metric)} Validation on the held-out images, from MLflow (experiment visionserve-hub).`
       : "Registered in MLflow outside the hub: no hub training to chart.";
     this.performance(record.modelPerformance);
+  }
+
+  /** The chart drawn again for its new width (a phone turned, a window resized): its text stays legible. */
+  redraw() {
+    const chart = this.studio.$("model-chart");
+    const width = chart.getBoundingClientRect().width;
+    if (!this.drawn || !width || Math.abs(width - this.drawn[2]) < 1) return;
+    drawChart(chart, this.drawn[0], this.drawn[1]);
+    this.drawn[2] = width;
   }
 
   performance(performance) {
@@ -198,6 +212,7 @@ export class ModelsView {
       const th = document.createElement("th");
       th.scope = "col";
       th.textContent = name;
+      if (name !== "tag") th.className = "num";
       head.append(th);
     }
     tags.tBodies[0].replaceChildren();
