@@ -284,6 +284,10 @@ def test_a_training_started_from_the_form_succeeds_with_its_curve_drawn(hub, dat
     assert sorted(page.locator("#model-tags tbody tr td:first-child").all_inner_texts()) == ["blue", "red"]
     assert page.is_disabled("#model-cancel") and page.is_enabled("#model-delete")
     _shoot(page, "hub-models")
+    page.fill("#train-name", "from-form")  # the API's refusal, in its words
+    page.click("#train-button")
+    expect(page.locator("#error")).to_contain_text("model 'from-form' already exists (HTTP 409)")
+    expect(page.locator("#train-status")).to_have_text("The hub refused to train from-form.")
 
 
 def test_a_training_is_cancelled_from_the_page(hub, datasets, page):

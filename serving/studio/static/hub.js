@@ -38,6 +38,8 @@ class ModelPicker {
       this.note(null);
       return;
     }
+    const count = listing.models.length;
+    if (!ready.some((m) => m.name === before)) $("model").textContent = `hub · ${count} model${count === 1 ? "" : "s"}, ${ready.length} ready`;
     const keep = ready.some((m) => m.name === before);
     select.value = keep ? before : ready[0].name;
     if (!keep) this.choose(select.value);
