@@ -27,7 +27,7 @@ function trialName(trial, i) {
 /** What the chart shows, in words (the chart's accessible description). */
 export function describe(trials, metric) {
   if (!trials.some((t) => t.points.length)) return `${metric} per epoch: no epoch evaluated yet.`;
-  return `${metric} per epoch. ` + trials.map((t, i) => `${trialName(t, i)}: ${t.points.length} epochs`
+  return `${metric} per epoch. ` + trials.map((t, i) => `${trialName(t, i)}: ${t.points.length} epoch${t.points.length === 1 ? "" : "s"}`
     + (t.points.length ? `, last ${t.points[t.points.length - 1].value.toFixed(3)}` : "")).join("; ") + ".";
 }
 

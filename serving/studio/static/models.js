@@ -157,7 +157,7 @@ export class ModelsView {
     const trials = progress.trials;
     const epochs = trials.reduce((n, t) => n + t.points.length, 0);
     const status = {
-      notStarted: "waiting to start", training: `training: ${trials.length} trial${trials.length === 1 ? "" : "s"}, ${epochs} epochs evaluated`,
+      notStarted: "waiting to start", training: `training: ${trials.length} trial${trials.length === 1 ? "" : "s"}, ${epochs} epoch${epochs === 1 ? "" : "s"} evaluated`,
       cancelling: "cancelling", cancelled: "cancelled", failed: "failed", succeeded: "succeeded",
     }[record.status] || record.status;
     const error = record.error ? ` (${record.error.code}): ${record.error.message}` : "";
