@@ -35,6 +35,16 @@ def not_found(what: str, name: str, code: str = "NotFound") -> ApiError:
     return ApiError(404, code, f"{what} {name!r} does not exist", name)
 
 
+def valid_name(name: str, what: str) -> str:
+    """`name` when it can name a `what` (dataset, model); a 400 saying the rule otherwise (a path, a quote ...)."""
+    from serving.hub.state import name_problem
+
+    problem = name_problem(name, what)
+    if problem:
+        raise ApiError(400, "InvalidArgument", problem, "name")
+    return name
+
+
 def read_json(raw: bytes) -> dict[str, Any]:
     """A JSON object body (a trailing comma tolerated, as the docs' own examples have); keys keep their case."""
     if len(raw) > MAX_BODY:

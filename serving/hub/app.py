@@ -6,6 +6,8 @@ Routes: `/computervision/datasets/{name}` (PUT, GET, PATCH, DELETE, list), `/com
 (PUT trains, GET, `:cancel`, DELETE, list), `/computervision/models/{model}/evaluations/{name}`,
 `/computervision/imageanalysis:analyze?model-name=`, `POST /score` and `/invocations` with the model
 chosen by the `azureml-model-deployment` header or `?model=`, `/health/live`, `/health/ready`, `GET /models`.
+The studio's page at `/studio` and what only it reads (keyed as the rest): `GET /models/{name}/metadata`,
+`/models/{name}/progress`, `/datasets/{name}/contents`, `/datasets/{name}/images/{index}`.
 """
 
 
@@ -18,9 +20,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from serving.access import key_matches, read_key_file
 from serving.hub.api import ApiError, check_api_version
+from serving.studio import add_studio
 
 log = logging.getLogger("ray.serve")
 _SLASHES = re.compile(r"/{2,}")
@@ -49,6 +53,16 @@ async def _lenient_paths(request: Request, call_next):
     return await call_next(request)
 
 
+@app.exception_handler(HTTPException)
+async def _no_route(request: Request, exc: HTTPException) -> JSONResponse:
+    """A path or method no route answers (`../` included): the API's error format, not FastAPI's."""
+    code = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "InvalidRequest")
+    return ApiError(exc.status_code, code, f"{request.method} {request.url.path[:200]}: {exc.detail}").response()
+
+
+add_studio(app, server="hub")
+
+
 @serve.deployment(name="HubService", num_replicas=1, max_ongoing_requests=64, health_check_period_s=10,
                   graceful_shutdown_timeout_s=60)  # its trainings stop first (Jobs.stop_all)
 @serve.ingress(app)
@@ -56,11 +70,13 @@ class HubService:
     """The one owner of the hub's state: records, trainings and evaluations in flight."""
 
     def __init__(self, config: dict[str, Any], models: Any):
+        from serving.hub.browse import DatasetViews
         from serving.hub.jobs import Jobs
         from serving.hub.state import Store
 
         self.config = HubConfig(**config)
         self.store = Store(self.config.state_dir)
+        self.views = DatasetViews(self.config.image_root)  # what the studio reads of datasets
         self.models = models  # the HubModels deployment handle
         self.jobs = Jobs(self.store, self.config)
         self.jobs.recover()  # what a restart interrupted ends failed (or cancelled), never stays training
@@ -209,6 +225,38 @@ class HubService:
             return {"models": models, "cache": {"size": self.config.cache_size, "loads": loads}}
 
         return await self._call(request, work)
+
+    # ------------------------------------------------------------------ what the studio reads
+
+    @app.get("/models/{name}/metadata")
+    async def model_metadata(self, name: str, request: Request):
+        from serving.hub.catalog import metadata
+
+        return await self._call(request, lambda: metadata(self, name))
+
+    @app.get("/models/{name}/progress")
+    async def model_progress(self, name: str, request: Request):
+        from serving.hub.api import valid_name
+        from serving.hub.progress import training_progress
+
+        def work() -> dict[str, Any]:
+            record = self.jobs.model_record(valid_name(name, "model"))
+            message = self.store.progress(name).get("message") if record.get("createdDateTime") else None
+            return training_progress(record, message, self.config.tracking_uri)
+
+        return await self._call(request, lambda: asyncio.to_thread(work))
+
+    @app.get("/datasets/{name}/contents")
+    async def dataset_contents(self, name: str, request: Request):
+        from serving.hub.browse import dataset_contents
+
+        return await self._call(request, lambda: dataset_contents(self.store, self.views, name, request))
+
+    @app.get("/datasets/{name}/images/{index}")
+    async def dataset_image(self, name: str, index: str, request: Request):
+        from serving.hub.browse import dataset_image
+
+        return await self._call(request, lambda: dataset_image(self.store, self.views, name, index))
 
 
 def build_hub(args: dict[str, Any]) -> serve.Application:

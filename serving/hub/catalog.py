@@ -1,10 +1,12 @@
-"""`GET /models`: every model the hub serves, with its task, labels and status."""
+"""`GET /models`: every model the hub serves, with its task, labels and status; `GET /models/{name}/metadata`."""
 
 from __future__ import annotations
 
 import functools
 import json
 from typing import Any
+
+from fastapi.responses import JSONResponse
 
 from serving.hub.state import Store
 
@@ -32,3 +34,13 @@ def describe(record: dict[str, Any], store: Store) -> dict[str, Any]:
     return {"name": record["name"], "status": record["status"], "version": version, "task": task,
             "labels": labels or [], "modelKind": (record.get("trainingParameters") or {}).get("modelKind"),
             "source": "hub" if store.get("models", record["name"]) is not None else "registry"}
+
+
+async def metadata(service: Any, name: str) -> JSONResponse:
+    """`GET /models/{name}/metadata`: what `/metadata` answers on `visionserve serve`, from a replica that holds the
+    model (404 unknown, 409 not trained yet)."""
+    from serving.hub.api import valid_name
+
+    mid = service.jobs.model_id(valid_name(name, "model"))
+    answer = await service.models.options(multiplexed_model_id=mid).metadata.remote()
+    return JSONResponse({**answer, "model": name, "version": mid.rsplit("/", 1)[1], "explanations": False})

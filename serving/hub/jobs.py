@@ -190,13 +190,17 @@ class Jobs:
             return {**record, "status": "training"}
         return record
 
-    async def model_answer(self, name: str) -> JSONResponse:
+    def model_record(self, name: str) -> dict[str, Any]:
+        """The hub's record of a model as it is now (or a registry model's), private keys kept; 404 unknown."""
         record = self.store.get("models", name)
         if record is None:
             record = self._registry_record(name)
         if record is None:
             raise not_found("model", name)
-        return JSONResponse(public(self._merged(record)))
+        return self._merged(record)
+
+    async def model_answer(self, name: str) -> JSONResponse:
+        return JSONResponse(public(self.model_record(name)))
 
     async def cancel(self, name: str) -> JSONResponse:
         record = self.store.get("models", name)

@@ -1,6 +1,6 @@
 // The server's routes as the page calls them: the API key (kept for this tab in sessionStorage) sent as
-// `Authorization: Bearer`, the latency of each call measured, and every failure turned into an ApiError that
-// carries the server's own words.
+// `Authorization: Bearer` (both `visionserve serve` and the hub take it), the latency of each call measured, and
+// every failure turned into an ApiError that carries the server's own words.
 
 const KEY = "visionserve.studio.key";
 
@@ -50,31 +50,56 @@ export class Api {
     else sessionStorage.removeItem(KEY);
   }
 
-  /** → {json, ms, status}; throws ApiError (or the AbortError of `signal`). */
-  async call(path, { method = "GET", body = undefined, signal = undefined } = {}) {
-    const headers = { accept: "application/json" };
+  async fetch(path, { method = "GET", body = undefined, signal = undefined, accept = "application/json" } = {}) {
+    const headers = { accept };
     if (this.key) headers.authorization = `Bearer ${this.key}`;
     if (body !== undefined) headers["content-type"] = "application/json";
-    const started = performance.now();
-    let response, text;
     try {
-      response = await fetch(new URL(path, this.base), {
+      return await fetch(new URL(path, this.base), {
         method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body),
       });
-      text = await response.text();
     } catch (error) {
       if (error.name === "AbortError") throw error;
       throw new ApiError(0, `the server could not be reached (${error.message})`);
     }
-    const ms = performance.now() - started;
+  }
+
+  static async failure(response) {
+    const text = await response.text();
     let json;
     try {
       json = JSON.parse(text);
     } catch {
       json = undefined;
     }
-    if (!response.ok) throw new ApiError(response.status, messageOf(response.status, json, text), json);
-    if (json === undefined) throw new ApiError(response.status, "the server's answer is not JSON");
-    return { json, ms, status: response.status };
+    return new ApiError(response.status, messageOf(response.status, json, text), json);
+  }
+
+  /** → {json, ms, status} (json null for a 204); throws ApiError (or the AbortError of `signal`). */
+  async call(path, options = {}) {
+    const started = performance.now();
+    const response = await this.fetch(path, options);
+    if (!response.ok) throw await Api.failure(response);
+    let text;
+    try {
+      text = await response.text();
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      throw new ApiError(0, `the answer was cut off (${error.message})`);
+    }
+    const ms = performance.now() - started;
+    if (response.status === 204) return { json: null, ms, status: 204 };
+    try {
+      return { json: JSON.parse(text), ms, status: response.status };
+    } catch {
+      throw new ApiError(response.status, "the server's answer is not JSON");
+    }
+  }
+
+  /** An image (or other file) the routes serve, as a Blob; throws ApiError in the server's words. */
+  async blob(path, { signal = undefined } = {}) {
+    const response = await this.fetch(path, { signal, accept: "image/*" });
+    if (!response.ok) throw await Api.failure(response);
+    return response.blob();
   }
 }

@@ -1,8 +1,10 @@
-// The studio page: asks the server what it serves (/metadata), asks for the API key when the server wants
-// one, takes an image (dropped, chosen or pasted) and hands it to the views. Every failure is shown in words.
+// The studio page: asks the server what it serves (/metadata; on the hub, GET /models), asks for the API key when
+// the server wants one, takes an image (dropped, chosen or pasted) and hands it to the views. Every failure is
+// shown in words. The page says which server sent it (<body data-server>): the hub adds its own views (hub.js).
 
 import { Api, ApiError } from "./api.js";
 import { ExplainView } from "./explain.js";
+import { startHub } from "./hub.js";
 import { TryView } from "./try.js";
 
 const $ = (id) => document.getElementById(id);
@@ -23,6 +25,8 @@ class Studio {
     this.api = new Api(new URL("../../", import.meta.url));
     this.$ = $;
     this.meta = null;
+    this.hub = document.body.dataset.server === "hub";
+    this.started = false;
     this.views = [];
     this.url = null;
     $("key-form").addEventListener("submit", (event) => {
@@ -61,7 +65,7 @@ class Studio {
     $("model").textContent = "connecting…";
     let meta;
     try {
-      meta = (await this.api.call("metadata")).json;
+      meta = (await this.api.call(this.hub ? "models" : "metadata")).json;
     } catch (error) {
       $("model").textContent = "not connected";
       if (error instanceof ApiError && error.status === 401 && !this.api.key) this.askKey("This server needs an API key.");
@@ -70,20 +74,26 @@ class Studio {
     }
     this.clearError();
     if (this.api.key) $("key-button").hidden = false;
-    if (!this.meta) this.start(meta);
+    if (!this.started) this.start(meta);
   }
 
-  start(meta) {
-    this.meta = meta;
-    $("model").textContent = `${meta.model_name} · ${meta.task} · ${meta.labels.length} labels · ${meta.backend}`;
-    this.views.push(new TryView(this));
-    if (meta.xai_parameters && meta.xai_parameters.length) {
-      this.views.push(new ExplainView(this));
-      $("tab-explain").hidden = false;
+  /** `answer`: /metadata's (one model), or GET /models's on the hub. */
+  start(answer) {
+    this.started = true;
+    if (this.hub) {
+      this.views.push(...startHub(this, answer));
+    } else {
+      const meta = (this.meta = answer);
+      $("model").textContent = `${meta.model_name} · ${meta.task} · ${meta.labels.length} labels · ${meta.backend}`;
+      this.views.push(new TryView(this, meta));
+      if (meta.xai_parameters && meta.xai_parameters.length) {
+        this.views.push(new ExplainView(this));
+        $("tab-explain").hidden = false;
+      }
     }
+    for (const id of ["picker", "tabs", "views"]) $(id).hidden = false;
     this.tabs();
     this.picker();
-    for (const id of ["picker", "tabs", "views"]) $(id).hidden = false;
     document.body.dataset.ready = "true";
   }
 
@@ -96,6 +106,8 @@ class Studio {
         tab.tabIndex = on ? 0 : -1;
         $(tab.getAttribute("aria-controls")).hidden = !on;
       }
+      $("picker").hidden = !chosen.dataset.image; // the image goes to the views that take one
+      chosen.dispatchEvent(new CustomEvent("shown"));
     };
     tabs.forEach((tab, i) => {
       tab.addEventListener("click", () => select(tab));
@@ -163,7 +175,7 @@ class Studio {
     }
     $("xai-image").src = this.url;
     const image = { b64, url: this.url, width, height, name: file.name, element };
-    for (const view of this.views) view.setImage(image);
+    for (const view of this.views) view.setImage?.(image);
   }
 }
 

@@ -1,35 +1,59 @@
 // The "Try" view: the image scored with POST /score (the cloud's input_data schema) and the model's
 // per-request settings from the form; the answer drawn over the image (boxes, polygons, tiles) or as bars;
 // a confidence slider that filters what is drawn without a new request; latency, raw JSON, PNG download.
+// On the hub the model is chosen on the page: `useModel` swaps the model's description and the route it scores on.
 
 import { scoreBody } from "./api.js";
 import { buildForm } from "./form.js";
 import { drawBars, drawBoxes, drawCaption, filter, parseGrid, reset, save, toPng } from "./overlay.js";
 
 export class TryView {
-  /** studio: {api, meta, $, report(error), clearError(), status(text)} */
-  constructor(studio) {
+  /** studio: {api, $, report(error), clearError()}; meta: what `/metadata` answers (none yet: `useModel` later);
+   *  path: the route that scores. */
+  constructor(studio, meta = null, path = "score") {
     this.studio = studio;
-    const { $, meta } = studio;
+    const { $ } = studio;
     this.image = null; // {b64, url, width, height, name, element}
     this.pending = null; // the AbortController of the call in flight
-    this.classifier = meta.task.startsWith("image_classification");
-    this.form = buildForm($("settings-fields"), meta.parameters, "param");
+    this.meta = null;
+    this.form = null;
     $("settings").addEventListener("submit", (event) => {
       event.preventDefault();
       this.score();
     });
-    $("settings-reset").addEventListener("click", () => this.form.reset());
+    $("settings-reset").addEventListener("click", () => this.form?.reset());
     $("confidence").addEventListener("input", () => this.applyFilter());
     $("download").addEventListener("click", () => this.download());
     $("score-button").disabled = true;
+    if (meta) this.useModel(meta, path);
+  }
+
+  /** The model to score with: its settings form built from `meta.parameters`; the image (if any) scored again. */
+  useModel(meta, path = "score") {
+    const { $ } = this.studio;
+    this.pending?.abort();
+    this.meta = meta;
+    this.path = path;
+    this.classifier = meta.task.startsWith("image_classification");
+    $("settings-fields").replaceChildren();
+    this.form = buildForm($("settings-fields"), meta.parameters, "param");
+    if (this.image) this.setImage(this.image);
+  }
+
+  /** No model to score with (the hub has none ready). */
+  noModel() {
+    this.pending?.abort();
+    this.meta = null;
+    this.form = null;
+    this.studio.$("settings-fields").replaceChildren();
+    this.studio.$("score-button").disabled = true;
   }
 
   /** A new image: shown, then scored. */
   setImage(image) {
     const { $ } = this.studio;
     this.image = image;
-    $("score-button").disabled = false;
+    $("score-button").disabled = !this.meta;
     $("download").disabled = true;
     reset($("overlay"), image.width || 1, image.height || 1);
     $("bars").replaceChildren();
@@ -41,7 +65,7 @@ export class TryView {
 
   async score() {
     const { $, api } = this.studio;
-    if (!this.image) return;
+    if (!this.image || !this.meta) return;
     let params;
     try {
       params = this.form.read();
@@ -56,7 +80,7 @@ export class TryView {
     $("view-try").setAttribute("aria-busy", "true");
     $("summary").textContent = "scoring…";
     try {
-      const { json, ms } = await api.call("score", { method: "POST", body: scoreBody([image.b64], params), signal: pending.signal });
+      const { json, ms } = await api.call(this.path, { method: "POST", body: scoreBody([image.b64], params), signal: pending.signal });
       if (pending !== this.pending) return;
       $("latency").textContent = `${Math.round(ms)} ms`;
       $("raw-json").textContent = JSON.stringify(json, null, 2);
@@ -83,7 +107,8 @@ export class TryView {
   }
 
   render(answer, params) {
-    const { $, meta } = this.studio;
+    const { $ } = this.studio;
+    const meta = this.meta;
     const { width, height } = this.image;
     if (this.classifier) {
       const top = answer.probs.indexOf(Math.max(...answer.probs));

@@ -1,0 +1,222 @@
+"""The studio's look at a registered dataset (`GET /datasets/{name}/contents`, `/datasets/{name}/images/{index}`):
+its images with their annotations, counts per category, the problems its files have now (each naming its file
+and the annotation or image id), and one image at a time as a JPEG thumbnail.
+
+An image is named by its place in the dataset, never by a path: only an image the dataset's COCO files name is
+read, under the rules that registration applies (`read_coco_files(..., confined=True)`: the files and their
+images inside --image-root), and only when its real path (links followed) lies under --image-root too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from serving.hub.api import ApiError, not_found, valid_name
+from serving.hub.state import Store
+
+THUMB_SIDE = 480  # the longer side of a served image, in pixels
+MAX_TOP = 60  # images per page of contents
+_ID = re.compile(r"\b(annotation|image|category) (\d+)\b")
+_INDEX = re.compile(r"^[0-9]{1,9}$")
+IMAGE_HEADERS = {"x-content-type-options": "nosniff", "cache-control": "private, max-age=60",
+                 "content-security-policy": "default-src 'none'"}
+
+
+def problem_entries(problems: list[str]) -> list[dict[str, Any]]:
+    """Each problem message with the ids it names: `annotationId`, `imageId`, `categoryId` (the first of each)."""
+    out = []
+    for message in problems:
+        entry: dict[str, Any] = {"message": message}
+        for what, ident in _ID.findall(message):
+            entry.setdefault(f"{what}Id", int(ident))
+        out.append(entry)
+    return out
+
+
+def _annotations(label: Any) -> list[dict[str, Any]]:
+    """A record's label as the page draws it: a category, or boxes with relative corners."""
+    if isinstance(label, str):
+        return [{"category": label}]
+    return [{"category": b.label, "box": [b.x0, b.y0, b.x1, b.y1], "crowd": b.is_crowd} for b in label]
+
+
+def _inside(root: str | None, path: str) -> bool:
+    """`path`, links followed, lies under `root` (links followed too)."""
+    if not root:
+        return False
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
+def _size(path: str, root: str | None) -> tuple[int, int] | None:
+    """(width, height) from the image's header; None when it cannot be read, or it lies outside the root."""
+    from models.data.images import image_size
+    from models.errors import ImageError
+
+    if not _inside(root, path):
+        return None
+    try:
+        return image_size(path)
+    except ImageError:
+        return None
+
+
+class DatasetViews:
+    """What the studio reads of datasets; the records of the last few kept while their COCO files are unchanged."""
+
+    def __init__(self, image_root: str | None, keep: int = 4):
+        self.image_root = image_root
+        self.keep = keep
+        self._records: OrderedDict[str, tuple[tuple, list]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _read(self, record: dict[str, Any], check_images: bool):
+        from models.data.coco_files import read_coco_files
+
+        return read_coco_files(record["annotationFileUris"], record["annotationKind"], image_root=self.image_root,
+                               check_images=check_images, confined=True)
+
+    def _signature(self, record: dict[str, Any]) -> tuple:
+        """The dataset's version and each COCO file's identity and mtime: a change to any reads them again."""
+        from models.data.coco_files import local_candidates
+        from models.data.records import LabelError
+
+        root = Path(self.image_root) if self.image_root else None
+        out: list[Any] = [record.get("eTag")]
+        for uri in record["annotationFileUris"]:
+            try:
+                found = [os.stat(c) for c in local_candidates(uri, Path("."), root) if os.path.exists(c)]
+            except (LabelError, OSError):
+                found = []
+            out.append((uri, found[0].st_ino, found[0].st_mtime_ns, found[0].st_size) if found else (uri,))
+        return tuple(out)
+
+    def _keep(self, name: str, signature: tuple, records: list) -> None:
+        with self._lock:
+            self._records[name] = (signature, records)
+            self._records.move_to_end(name)
+            while len(self._records) > self.keep:
+                self._records.popitem(last=False)
+
+    def records(self, record: dict[str, Any]) -> list:
+        """The dataset's records; ApiError 409 `datasetCorrupt` when its files cannot be read now."""
+        from models.data.coco_files import CocoProblems
+
+        name, signature = record["name"], self._signature(record)
+        with self._lock:
+            hit = self._records.get(name)
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        try:
+            coco = self._read(record, check_images=False)
+        except CocoProblems as exc:
+            raise ApiError(409, "datasetCorrupt", f"dataset {name!r} cannot be read now: {exc}", name) from None
+        self._keep(name, signature, coco.records)
+        return coco.records
+
+    def contents(self, record: dict[str, Any], skip: int, top: int) -> dict[str, Any]:
+        """A page of images with their annotations, the counts per category and every problem (images checked)."""
+        from models.data.coco_files import CocoProblems
+
+        signature, problems, coco = self._signature(record), [], None
+        try:
+            coco = self._read(record, check_images=True)
+        except CocoProblems as exc:
+            problems = exc.problems
+            try:  # the annotations may still be readable: the grid shows them, the problems say what is wrong
+                coco = self._read(record, check_images=False)
+            except CocoProblems:
+                coco = None
+        records = coco.records if coco is not None else []
+        if coco is not None:
+            self._keep(record["name"], signature, records)
+        shown = []
+        for index, r in enumerate(records[skip:skip + top], start=skip):
+            size = _size(r.image, self.image_root)
+            shown.append({"index": index, "id": r.line, "file": r.source, "name": Path(r.image).name,
+                          "width": size[0] if size else None, "height": size[1] if size else None,
+                          "annotations": _annotations(r.label)})
+        return {"name": record["name"], "annotationKind": record["annotationKind"], "valid": not problems,
+                "problems": problem_entries(problems), "labels": coco.labels if coco else [],
+                "counts": coco.counts if coco else {},
+                "annotations": sum(len(_annotations(r.label)) for r in records),
+                "images": {"total": len(records), "skip": skip, "top": top, "value": shown}}
+
+    def _confined(self, path: str, where: str) -> None:
+        if not self.image_root:
+            raise ApiError(403, "Forbidden", "this hub has no --image-root, so it shows no dataset images")
+        if not _inside(self.image_root, path):
+            raise ApiError(403, "Forbidden", f"{where} lies outside the hub's image root (a link that leads out "
+                           "of it); refused")
+        if not os.path.isfile(os.path.realpath(path)):
+            raise ApiError(404, "NotFound", f"{where}: the image file is missing or not a file")
+
+    def thumbnail(self, record: dict[str, Any], index: int) -> bytes:
+        """Image `index` of the dataset as a JPEG of at most THUMB_SIDE pixels a side."""
+        from models.data.formats import MAX_SIDE, MAX_TRAINING_BYTES, ImageLimits
+        from models.data.images import decode, image_size
+        from models.errors import ImageError
+
+        records = self.records(record)
+        name = record["name"]
+        if index >= len(records):
+            raise ApiError(404, "NotFound", f"dataset {name!r} has {len(records)} images; there is no image number "
+                           f"{index} (they count from 0)", "index")
+        chosen = records[index]
+        where = f"image {chosen.line} of {chosen.source} (dataset {name!r})"
+        self._confined(chosen.image, where)
+        try:
+            width, height = image_size(chosen.image)
+            scale = min(1.0, THUMB_SIDE / max(width, height))
+            picture = decode(chosen.image, ImageLimits(min_side=1, max_side=MAX_SIDE, max_bytes=MAX_TRAINING_BYTES),
+                             size=(max(1, round(width * scale)), max(1, round(height * scale))))
+        except ImageError as exc:
+            raise ApiError(422, "InvalidImage", f"{where} cannot be shown: {exc}", "index") from None
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=85)
+        return buffer.getvalue()
+
+
+def _dataset(store: Store, name: str) -> dict[str, Any]:
+    record = store.get("datasets", valid_name(name, "dataset"))
+    if record is None:
+        raise not_found("dataset", name)
+    return record
+
+
+def _paging(request: Request) -> tuple[int, int]:
+    try:
+        skip = int(request.query_params.get("skip", 0))
+        top = int(request.query_params.get("top", 24))
+    except ValueError:
+        raise ApiError(400, "InvalidRequest", "skip and top must be integers") from None
+    if skip < 0 or not 1 <= top <= MAX_TOP:
+        raise ApiError(400, "InvalidRequest", f"skip must be >= 0 and top in 1..{MAX_TOP}", "top")
+    return skip, top
+
+
+async def dataset_contents(store: Store, views: DatasetViews, name: str, request: Request) -> JSONResponse:
+    """GET /datasets/{name}/contents?skip=&top=: a page of the grid, the counts, the problems."""
+    record = _dataset(store, name)
+    skip, top = _paging(request)
+    return JSONResponse(await asyncio.to_thread(views.contents, record, skip, top))
+
+
+async def dataset_image(store: Store, views: DatasetViews, name: str, index: str) -> Response:
+    """GET /datasets/{name}/images/{index}: one image of the dataset, by its place in it."""
+    record = _dataset(store, name)
+    if not _INDEX.match(index):
+        raise ApiError(400, "InvalidArgument", f"image {index[:40]!r}: an image is named by its place in the "
+                       "dataset (0, 1, ...), never by a path", "index")
+    data = await asyncio.to_thread(views.thumbnail, record, int(index))
+    return Response(data, media_type="image/jpeg", headers=IMAGE_HEADERS)
