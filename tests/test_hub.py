@@ -178,8 +178,9 @@ def test_the_hub_trains_from_the_cached_pretrained_weights_with_the_backbone_fro
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{hub['root'] / 'state' / 'mlflow.db'}")
     for name, family in (("classifier", "classification"), ("detector", "detection")):
         version = client.search_model_versions(f"name='{name}'")[0]
-        params = client.get_run(version.run_id).data.params
-        arch = get_architecture(params["model_name"], family)
+        best = client.get_run(version.run_id).data.tags["best_trial_run_id"]  # the version's run is the sweep's
+        run = client.get_run(best).data
+        params, arch = run.params, get_architecture(run.tags["model_name"], family)
         assert params["weights"] == "DEFAULT", (name, params["weights"])
         assert int(params["layers_to_freeze"]) == len(arch.freeze_groups) > 0, name
 
