@@ -3,7 +3,7 @@
     uv run python bench/inference_throughput.py [--images 16] [--repeats 3]
 
 For a classifier (resnet18, 224 crop) and a detector (fasterrcnn_resnet18_fpn, min_size 600):
-- pyfunc: `mlflow.pyfunc.load_model(folder).predict(df)` on base64 JPEGs (640x480), all of it
+- pyfunc: `mlflow.pyfunc.load_model(folder, model_config={"backend": "torch"}).predict(df)` on base64 JPEGs (640x480), all of it
   counted: base64, decoding, preprocessing, batching, the model, the response;
 - bare: the same weights' forward on already-decoded, already-preprocessed tensors in batches
   of the same size, `torch.inference_mode`; nothing else;
@@ -84,7 +84,7 @@ def measure(name: str, n: int, repeats: int, workdir: Path) -> dict:
     folder, spec, model = _folder(name, workdir)
     jpegs = [_jpeg(i) for i in range(n)]
     frame = pd.DataFrame({"image": [base64.encodebytes(j).decode("utf-8") for j in jpegs]})
-    pyfunc = mlflow.pyfunc.load_model(str(folder))
+    pyfunc = mlflow.pyfunc.load_model(str(folder), model_config={"backend": "torch"})  # against the bare torch model
     ops, settings = spec.task.ops, spec.settings
     preprocess = ops.preprocess(settings)
     tensors = [preprocess(torch.from_numpy(np.array(Image.open(io.BytesIO(j)).convert("RGB"))).permute(2, 0, 1))
@@ -111,7 +111,7 @@ def measure(name: str, n: int, repeats: int, workdir: Path) -> dict:
     return row
 
 
-BACKENDS = {"torch": {}, "compiled": {"compile": True}, "onnx": {"backend": "onnx"}}
+BACKENDS = {"torch": {"backend": "torch"}, "compiled": {"compile": True}, "onnx": {"backend": "onnx"}}
 
 
 def backends(name: str, repeats: int, workdir: Path) -> list[dict]:

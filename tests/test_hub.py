@@ -305,6 +305,47 @@ def test_error_codes_of_the_api(hub, datasets):
         assert client.get("/computervision/models", params={"api-version": "1999-01-01"}).status_code == 400
 
 
+def test_a_model_no_better_than_chance_on_its_held_out_images_fails_diverged(hub):
+    """The same picture, half of its copies tagged red and half blue: every prediction is the same, so exactly
+    half of the 10 held-out images are right, chance for two tags."""
+    folder = hub["root"] / "chance"
+    folder.mkdir()
+    (folder / "same.png").write_bytes(_png(COLOURS["red"], seed=7))
+    images = [{"id": i + 1, "width": 96, "height": 72, "file_name": "same.png", "absolute_url": str(folder / "same.png")}
+              for i in range(52)]
+    annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 2} for i in range(52)]
+    coco = folder / "annotations.json"
+    coco.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]}))
+    with _client(hub["url"]) as client:
+        assert client.put("/computervision/datasets/chance", json={
+            "annotationKind": "imageClassification", "annotationFileUris": [str(coco)]}).status_code == 201
+        assert client.put("/computervision/models/chance", json={"trainingParameters": {
+            "trainingDatasetName": "chance", "timeBudgetInHours": 0.05,
+            "modelKind": "Generic-Classifier"}}).status_code == 201
+        record = _wait(client, "/computervision/models/chance")
+    assert record["status"] == "failed" and record["error"]["code"] == "diverged", record
+    assert "no better than chance" in record["error"]["message"]
+
+
+def test_a_training_with_no_pretrained_weights_at_hand_fails_unknown_saying_so(hub, datasets, tmp_path, monkeypatch):
+    """`unknown`, the code for what the API names no other way: here every architecture the hub trains lacks
+    its pretrained weights, offline (the session's VISIONSERVE_OFFLINE=1) with an empty torch cache."""
+    from serving.hub.training import train_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    (tmp_path / "job").mkdir()
+    fields = train_model({
+        "model": "nothing", "dataset_name": "cls", "kind": "Generic-Classifier", "budget_hours": 0.1,
+        "dataset": {"name": "cls", "annotationKind": "imageClassification",
+                    "annotationFileUris": [str(datasets["cls"])]},
+        "image_root": str(hub["root"]), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "job_dir": str(tmp_path / "job"), "test_dataset_name": None})
+    assert fields["status"] == "failed" and fields["error"]["code"] == "unknown", fields
+    message = fields["error"]["message"]
+    assert "no pretrained weights are at hand" in message and str(tmp_path / "empty-cache") in message
+
+
 def test_keys_in_any_case_trailing_commas_repeated_slashes_paging_and_etags(hub, datasets):
     with _client(hub["url"]) as client:
         body = ('{"AnnotationKind": "imageClassification", "AnnotationFileUris": ["%s"],}' % datasets["cls"])
