@@ -324,7 +324,7 @@ def test_a_model_no_better_than_chance_on_its_held_out_images_fails_diverged(hub
             "trainingDatasetName": "chance", "timeBudgetInHours": 0.05,
             "modelKind": "Generic-Classifier"}}).status_code == 201
         record = _wait(client, "/computervision/models/chance")
-    assert record["status"] == "failed" and record["error"]["code"] == "diverged", record
+    assert record["status"] == "failed" and record["error"]["code"] == "diverged", record["error"]
     assert "no better than chance" in record["error"]["message"]
 
 

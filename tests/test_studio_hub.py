@@ -162,6 +162,45 @@ def test_the_hubs_page_is_public_and_its_routes_are_keyed_and_refuse_what_they_m
     assert b"outside the image root" in body
 
 
+def _image_at(hub, url: str, key: bool = True) -> httpx.Response:
+    """GET /image?url=URL, the route the page's URL field reads."""
+    with httpx.Client(base_url=hub["url"], timeout=60, params=V,
+                      headers={"Ocp-Apim-Subscription-Key": KEY} if key else {}) as client:
+        return client.get("/image", params={"url": url})
+
+
+def test_the_image_route_serves_what_analyze_reads_of_a_url_and_refuses_the_rest(hub, datasets):
+    image = hub["images"] / "det" / "blue-1.png"
+    for url in (str(image), image.as_uri(), "det/blue-1.png",  # a path, file://, relative to the root
+                "https://acct.blob.core.windows.net/container/det/blue-1.png?sv=2022&sig=x"):  # a blob, mapped
+        answer = _image_at(hub, url)
+        assert answer.status_code == 200, (url, answer.text)
+        assert answer.content == image.read_bytes() and answer.headers["content-type"] == "image/png"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    assert (hub["root"] / "key").is_file()  # what the escapes below would reach
+    refused = {
+        "file:///etc/passwd": ("InvalidImageUrl", "lies outside the hub's --image-root"),
+        "../key": ("InvalidImageUrl", "lies outside"),
+        "det/../../key": ("InvalidImageUrl", "lies outside"),
+        str(hub["root"] / "key"): ("InvalidImageUrl", "lies outside"),
+        "https://acct.blob.core.windows.net/container/../../key": ("InvalidImageUrl", "outside the image root"),
+        "linked/red-0.png": ("InvalidImageUrl", "lies outside"),  # a link inside the root that leads out of it
+        "det/nope.png": ("InvalidImageUrl", "no such file"),
+        "det": ("InvalidImageUrl", "no such file"),
+        "spoiled/red-0.png": ("InvalidImageFormat", "not a readable image"),  # not an image, named .png
+        str(datasets["det"]): ("InvalidImageFormat", "not a readable image"),
+        "": ("InvalidRequest", "no image URL"),
+    }
+    for url, (code, words) in refused.items():
+        answer = _image_at(hub, url)
+        assert answer.status_code == 400, (url, answer.status_code, answer.text[:300])
+        assert answer.json()["error"]["code"] == code == answer.headers["x-ms-error-code"], (url, answer.text)
+        assert words in answer.json()["error"]["message"], (url, answer.text)
+        assert b"Traceback" not in answer.content and b"secret" not in answer.content
+    denied = _image_at(hub, str(image), key=False)
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "Unauthorized"
+
+
 def test_a_dataset_reports_its_problems_with_their_ids_and_counts_per_category(hub, datasets):
     with _client(hub["url"]) as client:
         det = client.get("/datasets/det/contents").json()
@@ -325,7 +364,8 @@ def _classifier(hub) -> str:
     return "from-form"
 
 
-def _registered_detector(hub, trained) -> tuple[str, Path]:
+@pytest.fixture(scope="module")
+def detector(hub, trained) -> tuple[str, Path]:
     """A detector trained by `visionserve train`, registered in the hub's MLflow registry; an image it knows."""
     import mlflow
 
@@ -356,11 +396,11 @@ def _is_score(model: str):
     return match
 
 
-def test_the_model_picker_scores_with_the_chosen_model(hub, datasets, trained, page):
+def test_the_model_picker_scores_with_the_chosen_model(hub, datasets, detector, page):
     from playwright.sync_api import expect
 
     classifier = _classifier(hub)
-    detector, image = _registered_detector(hub, trained)
+    detector, image = detector
     expected = _score(hub, detector, image)
     assert expected["boxes"], "the memorised image has objects"
     _open(page, hub)
@@ -387,3 +427,38 @@ def test_the_model_picker_scores_with_the_chosen_model(hub, datasets, trained, p
     expect(page.locator("#hub-explain-note")).to_contain_text(f"visionserve serve models:/{classifier}/")
     assert page.locator("#param-box_score_thresh").count() == 0
     _shoot(page, "hub-try-classification")
+
+
+def test_an_image_url_is_scored_and_drawn_as_a_dropped_image_and_a_refused_one_is_said_in_the_apis_words(
+        hub, datasets, detector, page):
+    from playwright.sync_api import expect
+
+    name, memorised = detector
+    image = hub["images"] / "by-url" / memorised.name  # under the image root, where a blob URL maps
+    image.parent.mkdir(exist_ok=True)
+    image.write_bytes(memorised.read_bytes())
+    expected = _score(hub, name, image)
+    assert expected["boxes"], "the memorised image has objects"
+    _open(page, hub)
+    with page.expect_response(lambda r: urlsplit(r.url).path == f"/models/{name}/metadata"):
+        page.select_option("#hub-model", name)
+    expect(page.locator("#model")).to_contain_text(f"{name} (version")
+    page.fill("#image-url", f"https://acct.blob.core.windows.net/container/by-url/{image.name}?sv=2022&sig=x")
+    with page.expect_request(_is_score(name)) as request, page.expect_response(_is_score(name), timeout=120_000):
+        page.press("#image-url", "Enter")
+    # the bytes the URL names, scored as a dropped file is: the same body, the same drawing
+    assert request.value.post_data_json["input_data"]["data"] == [base64.b64encode(image.read_bytes()).decode()]
+    expect(page.locator("#summary")).to_contain_text(f"{len(expected['boxes'])} of {len(expected['boxes'])} boxes",
+                                                     timeout=30_000)
+    assert _visible(page, "#overlay g.det") == len(expected["boxes"])
+    expect(page.locator("#picked")).to_contain_text(f"{image.name}: ")
+    assert page.is_enabled("#download") and json.loads(page.text_content("#raw-json"))[0] == expected
+    _shoot(page, "hub-try-url")
+
+    for url in ("file:///etc/passwd", "../key", "by-url/nope.png", "spoiled/red-0.png"):
+        words = _image_at(hub, url).json()["error"]["message"]
+        page.fill("#image-url", url)
+        page.click("#url-button")
+        expect(page.locator("#error")).to_have_text(f"{words} (HTTP 400)")
+        assert _visible(page, "#overlay g.det") == len(expected["boxes"])  # the image scored before stays
+    _shoot(page, "hub-try-url-refused")

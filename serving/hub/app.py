@@ -7,7 +7,8 @@ Routes: `/computervision/datasets/{name}` (PUT, GET, PATCH, DELETE, list), `/com
 `/computervision/imageanalysis:analyze?model-name=`, `POST /score` and `/invocations` with the model
 chosen by the `azureml-model-deployment` header or `?model=`, `/health/live`, `/health/ready`, `GET /models`.
 The studio's page at `/studio` and what only it reads (keyed as the rest): `GET /models/{name}/metadata`,
-`/models/{name}/progress`, `/datasets/{name}/contents`, `/datasets/{name}/images/{index}`.
+`/models/{name}/progress`, `/datasets/{name}/contents`, `/datasets/{name}/images/{index}`, `/image?url=` (the
+bytes of the image analyze's `{"url": ...}` would read).
 """
 
 
@@ -251,6 +252,12 @@ class HubService:
         from serving.hub.browse import dataset_contents
 
         return await self._call(request, lambda: dataset_contents(self.store, self.views, name, request))
+
+    @app.get("/image")
+    async def url_image(self, request: Request):
+        from serving.hub.predict import image
+
+        return await self._call(request, lambda: image(self, request))
 
     @app.get("/datasets/{name}/images/{index}")
     async def dataset_image(self, name: str, index: str, request: Request):

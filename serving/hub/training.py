@@ -213,9 +213,9 @@ def _train(spec: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any
         raise Failed("datasetCorrupt", "; ".join(few))
     train, held = split(coco.records)
     check_budget(task, len(train), spec["budget_hours"])
-    lines = {r.image: line for r, line in zip(coco.records, to_jsonl_lines(coco))}
+    lines = {id(r): line for r, line in zip(coco.records, to_jsonl_lines(coco))}  # two image ids may name one file
     for name, records in (("train", train), ("validation", held)):
-        (job_dir / f"{name}.jsonl").write_text("".join(json.dumps(lines[r.image]) + "\n" for r in records))
+        (job_dir / f"{name}.jsonl").write_text("".join(json.dumps(lines[id(r)]) + "\n" for r in records))
     per_class = min(Counter(n for r in train for n in set(r.label_names())).values(), default=0)
     configs = _at_hand(task, per_class)
     params = {"number_of_epochs": 15, "early_stopping": 1, "early_stopping_patience": 3, "seed": 0,

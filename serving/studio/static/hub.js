@@ -1,5 +1,6 @@
 // The hub's page: the "Try" view with a model picker (GET /models; each model's settings form from
-// GET /models/{name}/metadata; scored on /score?model=NAME), and the Models and Datasets views.
+// GET /models/{name}/metadata; scored on /score?model=NAME) and an image URL field (GET /image?url=), and the Models
+// and Datasets views.
 
 import { DatasetsView } from "./datasets.js";
 import { ModelsView } from "./models.js";
@@ -75,6 +76,33 @@ class ModelPicker {
   }
 }
 
+/** The URL field: the image a URL names (as analyze's {"url": ...} takes it: a file under --image-root), read by
+ *  GET /image?url= and then taken as a dropped file is; a refusal shown in the hub's words. */
+function urlField(studio) {
+  const { $ } = studio;
+  let turn = 0; // the latest URL wins
+  $("url-form").hidden = false;
+  $("url-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const url = $("image-url").value.trim();
+    if (!url) return;
+    const mine = ++turn;
+    const before = $("picked").textContent;
+    studio.clearError();
+    $("picked").textContent = `reading ${url}…`;
+    try {
+      const blob = await studio.api.blob(`image?url=${encodeURIComponent(url)}`);
+      if (mine !== turn) return;
+      const name = url.split(/[?#]/)[0].split(/[\\/]/).pop() || "image";
+      await studio.load(new File([blob], name, { type: blob.type }));
+    } catch (error) {
+      if (mine !== turn) return;
+      $("picked").textContent = before;
+      studio.report(error);
+    }
+  });
+}
+
 /** The hub's views; → those that take the chosen image. `listing`: GET /models's first answer. */
 export function startHub(studio, listing) {
   const { $ } = studio;
@@ -92,6 +120,7 @@ export function startHub(studio, listing) {
   for (const id of ["tab-models", "tab-datasets"]) $(id).hidden = false;
   $("tab-models").addEventListener("shown", () => models.refresh());
   $("tab-datasets").addEventListener("shown", () => datasets.refresh());
+  urlField(studio);
   picker.show(listing);
   return [tryView];
 }
