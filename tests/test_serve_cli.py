@@ -51,7 +51,7 @@ def test_replicas_share_the_local_cpus_unless_told(flags, cpus, monkeypatch):
 
 def test_onnx_runtime_replicas_let_torchs_threads_wait_without_spinning(monkeypatch):
     """Their torch runs only the preprocessing; its spinning OpenMP threads would take the CPUs from ONNX
-    Runtime's (measured in serving/cli/serve.py: 29.0 -> 22.4 ms per image)."""
+    Runtime's (measured in serving/backends.py: 29.0 -> 22.4 ms per image)."""
     from serving.cli import build_parser
     from serving.cli.serve import deployment_options
 

@@ -14,13 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import SettingsError
+from serving.backends import ONNX_REPLICA_ENV
 from serving.cli.flags import add_backend_flag, add_set_flag, parse_param_flags
-
-
-# ONNX Runtime replicas: torch's OpenMP threads, which run only the preprocessing there, wait without spinning,
-# so that they leave the CPUs to ONNX Runtime's own threads. resnet18, 2 threads, one 640x480 JPEG per call:
-# 29.0 -> 22.4 ms per image (20.3 in batches of 8); torch's own scoring is slower with it (28.6 -> 34.8 ms).
-ONNX_REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def deployment_options(args: argparse.Namespace, backend: str = "torch") -> dict[str, Any]:

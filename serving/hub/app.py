@@ -24,6 +24,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from serving.access import key_matches, read_key_file
+from serving.backends import ONNX_REPLICA_ENV
 from serving.hub.api import ApiError, check_api_version
 from serving.studio import add_studio
 
@@ -282,8 +283,8 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
     tracking = args.pop("tracking_uri", None) or f"sqlite:///{state / 'mlflow.db'}"
     config = HubConfig(state_dir=str(state), tracking_uri=tracking,
                        api_key_sha256=read_key_file(key_file, "api_key_file") if key_file else None, **args)
-    models = hub_models(config.cache_size).options(
+    models = hub_models(config.cache_size).options(  # classifiers score on ONNX Runtime there (backend auto)
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "runtime_env": {
-            "env_vars": {"MLFLOW_TRACKING_URI": tracking}}}).bind()
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV}}}).bind()
     return HubService.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {
         "env_vars": {"MLFLOW_TRACKING_URI": tracking}}}).bind(asdict(config), models)
