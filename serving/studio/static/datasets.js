@@ -3,7 +3,7 @@
 // problems its files have now, each with its annotation or image id (GET /datasets/{name}/contents). Images come
 // from GET /datasets/{name}/images/{index}, fetched with the key and shown as blob: URLs.
 
-import { listAll } from "./models.js";
+import { listAll, nameRow } from "./models.js";
 import { colour, svg } from "./overlay.js";
 
 const PAGE = 24;
@@ -65,15 +65,7 @@ export class DatasetsView {
     const body = $("datasets-table").tBodies[0];
     body.replaceChildren();
     for (const dataset of datasets) {
-      const row = body.insertRow();
-      row.dataset.name = dataset.name;
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "link";
-      button.textContent = dataset.name;
-      button.setAttribute("aria-pressed", String(dataset.name === this.selected));
-      button.addEventListener("click", () => this.show(dataset.name, 0, true));
-      row.insertCell().append(button);
+      const row = nameRow(body, dataset.name, this.selected, () => this.show(dataset.name, 0, true));
       cell(row, dataset.annotationKind === "imageObjectDetection" ? "detection" : "classification");
       cell(row, String(dataset.annotationFileUris.length), "num");
     }

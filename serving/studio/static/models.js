@@ -20,6 +20,20 @@ export async function listAll(api, path) {
   return out;
 }
 
+/** A listing's row for `name`: its first cell a button that calls `choose`, pressed when `name` is `selected`. */
+export function nameRow(body, name, selected, choose) {
+  const row = body.insertRow();
+  row.dataset.name = name;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "link";
+  button.textContent = name;
+  button.setAttribute("aria-pressed", String(name === selected));
+  button.addEventListener("click", choose);
+  row.insertCell().append(button);
+  return row;
+}
+
 function cell(row, text, className = "") {
   const td = row.insertCell();
   td.textContent = text;
@@ -84,15 +98,7 @@ export class ModelsView {
     const body = $("models-table").tBodies[0];
     body.replaceChildren();
     for (const record of this.records) {
-      const row = body.insertRow();
-      row.dataset.name = record.name;
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "link";
-      button.textContent = record.name;
-      button.setAttribute("aria-pressed", String(record.name === this.selected));
-      button.addEventListener("click", () => this.select(record.name));
-      row.insertCell().append(button);
+      const row = nameRow(body, record.name, this.selected, () => this.select(record.name));
       const params = record.trainingParameters || {};
       cell(row, params.modelKind || "–", "col-kind");
       cell(row, record.status, `status status-${record.status}`);
