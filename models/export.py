@@ -5,7 +5,7 @@
       code/models, code/serving, code/explain   visionserve's own packages (MLflow `code_paths`)
       artifacts/settings.json   task, model_name, labels and inference.md's parameters
       artifacts/model.pt        the weights, a plain state_dict
-      artifacts/model.onnx      classifiers and detectors: the same network for ONNX Runtime (models.onnx_export)
+      artifacts/model.onnx      the same network for ONNX Runtime (models.onnx_export)
 
 The pyfunc is MLflow "models from code": `mlflow_model.py` names `serving.pyfunc.VisionModel`, imported
 from the folder's own `code/` when it is loaded; nothing is pickled. `requirements.txt` pins only packages

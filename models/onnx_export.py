@@ -1,4 +1,4 @@
-"""`artifacts/model.onnx`: a trained classifier or detector as ONNX, to score with ONNX Runtime anywhere (the
+"""`artifacts/model.onnx`: a trained model as ONNX, to score with ONNX Runtime anywhere (the
 cloud hands its users one with every AutoML image model).
 
 Classifiers: the graph takes what the evaluation transform makes, float32 `[batch, 3, height, width]`
@@ -13,9 +13,10 @@ gives `boxes` `[n, 4]` (x0, y0, x1, y1 in the input's pixels), `labels` `[n]` (1
 labels) and `scores` `[n]` (descending), with the model's box_score_thresh, nms_iou_thresh and
 box_detections_per_img built in. torchvision's detectors export for one image per run.
 
-Instance segmentation is not exported: torchvision's Mask R-CNN graph pastes every detection's mask at the
-image's full size inside the graph (100 masks of a 2667x2667 image are 2.8 GB of floats), which the torch
-path avoids by pasting one mask at a time.
+Instance segmentation (Mask R-CNN): the same graph and outputs, plus `masks` `[n, 1, 28, 28]`, each detection's
+mask probabilities over its box. torchvision's own graph would paste every mask at the image's full size inside
+it (100 masks of a 2667x2667 image are 2.8 GB of floats); as on the torch path, each is pasted outside, one at a
+time (resized to its box, placed in the image, thresholded at mask_pixel_score_threshold).
 
 The file's metadata repeats the task, the labels and the preprocessing. torch's TorchScript-based exporter
 writes it: on the 2-core development machine it exported resnet18 in 2.4 s (the dynamo exporter, which also
@@ -39,25 +40,24 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 INPUT, OUTPUT = "input1", "output1"  # the names of the cloud's ONNX classifiers
 DETECTION_OUTPUTS = ("boxes", "labels", "scores")
+MASKS = "masks"  # instance segmentation's fourth output: the torch path's `mask_probs`
 OPSET = 17
 # the most an ONNX Runtime probability (or detection score) may differ from torch's on the check at export time
 TOLERANCE = 1e-4
 BOX_TOLERANCE_PX = 0.05  # the most a detection's corner may differ, in the input's pixels
+MASK_TOLERANCE = 1e-3  # the most a mask probability may differ
 # the settings a detector's graph has built in (the rest of its inference settings are applied outside it)
 BUILT_IN = ("min_size", "max_size", "box_score_thresh", "nms_iou_thresh", "box_detections_per_img")
 
 
 def exportable(task: Any) -> bool:
     """Whether a model of this task (models.tasks.registry.Task) gets a model.onnx."""
-    return task.family in ("classification", "detection")
+    return task.family in ("classification", "detection", "segmentation")
 
 
 def not_exported_why(task: Any) -> str:
     """In words, why a model of `task` has no ONNX file ("" when it has one)."""
-    if exportable(task):
-        return ""
-    return ("torchvision's Mask R-CNN graph pastes every detection's mask at the image's full size inside the "
-            "graph, which the torch path avoids by pasting one mask at a time")
+    return "" if exportable(task) else f"visionserve exports no ONNX graph for {task.name}"
 
 
 def _probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
@@ -69,14 +69,16 @@ def metadata(model_settings: Any) -> dict[str, str]:
     s = model_settings.settings
     common = {"task": model_settings.task.name, "model_name": model_settings.model_name,
               "labels": json.dumps(list(model_settings.labels))}
-    if model_settings.task.family == "detection":
+    if model_settings.task.family != "classification":
+        masks = ("; masks: [n, 1, 28, 28] each detection's mask probabilities over its box, to resize to the box"
+                 if model_settings.task.family == "segmentation" else "")
         return {**common,
                 "preprocessing": json.dumps({"input": "RGB, [0, 1] floats, [3, height, width], one image per run; "
                                              "the graph normalises and resizes it itself",
                                              "min_size": s.min_size, "max_size": s.max_size}),
                 "built_in": json.dumps({name: getattr(s, name) for name in BUILT_IN}),
                 "output": "boxes: [n, 4] x0, y0, x1, y1 in the input's pixels; labels: [n] 1-based indices into "
-                          "labels; scores: [n], descending"}
+                          "labels; scores: [n], descending" + masks}
     return {**common,
             "preprocessing": json.dumps({"valid_resize_size": s.valid_resize_size, "valid_crop_size": s.valid_crop_size,
                                          "image_mean": list(s.image_mean), "image_std": list(s.image_std),
@@ -97,7 +99,7 @@ def write_onnx(path: str | Path, model_settings: Any, state_dict: dict[str, torc
         model = build_model(arch, len(model_settings.labels), model_settings.settings)
         model.load_state_dict(state_dict, strict=False)
         model.eval().float().cpu()
-        export = _export_detector if model_settings.task.family == "detection" else _export_classifier
+        export = _export_classifier if model_settings.task.family == "classification" else _export_detector
         check = export(model, model_settings, arch, path)
         graph = onnx.load(str(path))
         for key, value in metadata(model_settings).items():
@@ -144,22 +146,26 @@ def _export_classifier(model: torch.nn.Module, model_settings: Any, arch: Any, p
 
 
 def _export_detector(model: torch.nn.Module, model_settings: Any, arch: Any, path: Path) -> Callable:
-    """Writes the detector's graph, its settings built in; → the check of a session on it."""
-    from models.tasks.detection import configure
+    """Writes the detector's graph (Mask R-CNN's with its masks unpasted), its settings built in; → the check of a
+    session on it."""
+    from models.tasks.detection import configure, paste_masks_one_at_a_time
 
     configure(model, model_settings.settings)
+    names, keys = list(DETECTION_OUTPUTS), DETECTION_OUTPUTS
+    if model_settings.task.family == "segmentation":
+        paste_masks_one_at_a_time(model)
+        names, keys = [*names, MASKS], (*keys, "mask_probs")
     generator = torch.Generator().manual_seed(0)
     samples = [torch.rand(3, 240, 320, generator=generator), torch.rand(3, 300, 200, generator=generator)]
-    _quiet_export(_Detections(model).eval(), (samples[0],), path, input_names=[INPUT], output_names=list(DETECTION_OUTPUTS),
-                  dynamic_axes={INPUT: {1: "height", 2: "width"}, **{name: {0: "detections"} for name in DETECTION_OUTPUTS}})
+    _quiet_export(_Detections(model, keys).eval(), (samples[0],), path, input_names=[INPUT], output_names=names,
+                  dynamic_axes={INPUT: {1: "height", 2: "width"}, **{name: {0: "detections"} for name in names}})
     with torch.no_grad():
         expected = [model([sample])[0] for sample in samples]
 
     def check(session) -> float:
         worst = 0.0
         for sample, want in zip(samples, expected):
-            got = dict(zip(DETECTION_OUTPUTS, (torch.from_numpy(a) for a in
-                                               session.run(list(DETECTION_OUTPUTS), {INPUT: sample.numpy()}))))
+            got = dict(zip(keys, (torch.from_numpy(a) for a in session.run(names, {INPUT: sample.numpy()}))))
             worst = max(worst, _matched(want, got, f"a {sample.shape[2]}x{sample.shape[1]} image"))
         return worst
 
@@ -167,16 +173,16 @@ def _export_detector(model: torch.nn.Module, model_settings: Any, arch: Any, pat
 
 
 class _Detections(torch.nn.Module):
-    """A torchvision detector for one image, its outputs in DETECTION_OUTPUTS's order (RetinaNet's dict has
-    another)."""
+    """A torchvision detector for one image, its outputs in the order of `keys` (RetinaNet's dict has another)."""
 
-    def __init__(self, detector: torch.nn.Module) -> None:
+    def __init__(self, detector: torch.nn.Module, keys: tuple[str, ...]) -> None:
         super().__init__()
         self.detector = detector
+        self.keys = keys
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.detector([image])[0]
-        return tuple(out[name] for name in DETECTION_OUTPUTS)
+        return tuple(out[key] for key in self.keys)
 
 
 def _matched(want: dict, got: dict, where: str) -> float:
@@ -188,13 +194,18 @@ def _matched(want: dict, got: dict, where: str) -> float:
                          f"{len(want['boxes'])} in {where}")
     free = list(range(len(got["boxes"])))
     worst = 0.0
-    for box, label, score in zip(want["boxes"], want["labels"], want["scores"]):
+    for i, (box, label, score) in enumerate(zip(want["boxes"], want["labels"], want["scores"])):
         gaps = {j: float((got["boxes"][j] - box).abs().max()) for j in free
                 if got["labels"][j] == label and abs(float(got["scores"][j] - score)) <= TOLERANCE}
         j = min(gaps, key=gaps.get, default=None)
         if j is None or gaps[j] > BOX_TOLERANCE_PX:
             raise ValueError(f"a torch detection (label {int(label)}, score {float(score):.4f}) has no ONNX Runtime "
                              f"detection within {BOX_TOLERANCE_PX:g} px and {TOLERANCE:g} in score in {where}")
+        if "mask_probs" in want:  # Mask R-CNN: the matched detection's mask too
+            gap = float((got["mask_probs"][j] - want["mask_probs"][i]).abs().max())
+            if gap > MASK_TOLERANCE:
+                raise ValueError(f"a detection's mask probabilities differ from torch's by {gap:.2g} (more than "
+                                 f"{MASK_TOLERANCE:g}) in {where}")
         free.remove(j)
         worst = max(worst, gaps[j])
     return worst

@@ -5,7 +5,7 @@
   torch.compile's similar speed costs 15-25 s of start-up. Detectors stay on torch: a Faster R-CNN took
   2.24 s on ONNX Runtime against 1.78 s in torch. On a GPU, torch.
 - `torch`: the torch network, eager, or compiled for CPU classifiers where asked (serving.compiled);
-- `onnx`: the folder's `artifacts/model.onnx` on ONNX Runtime (classifiers and detectors; serving.onnx_backend).
+- `onnx`: the folder's `artifacts/model.onnx` on ONNX Runtime (any task; serving.onnx_backend).
 
 Explanations always run on the torch network: they need gradients.
 """

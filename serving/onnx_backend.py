@@ -6,7 +6,9 @@ A detector's graph has its min_size, max_size, nms_iou_thresh, box_score_thresh 
 built in. A request's higher box_score_thresh or lower box_detections_per_img is applied to the graph's
 detections, which gives exactly what torch gives (greedy NMS never lets a box below a threshold suppress one
 above it); a request that changes anything else the graph has built in, or is tiled (its tiles get fewer
-region proposals than a whole image), is scored by the torch network (`OnnxDetector.for_settings`).
+region proposals than a whole image), is scored by the torch network (`OnnxDetector.for_settings`). A Mask
+R-CNN's graph also gives each detection's 28x28 mask probabilities over its box, which the responses paste one
+at a time, as they do the torch network's.
 
 Measured on the 2-core development machine (bench/inference_throughput.py), resnet18 at 224 on 2
 threads: 31.2 ms per image at batch 1 in eager torch, 17.1 in ONNX Runtime, with no start-up cost
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from models.export import ModelSettings
-from models.onnx_export import DETECTION_OUTPUTS, INPUT, ONNX_FILE, OUTPUT, exportable, not_exported_why
+from models.onnx_export import DETECTION_OUTPUTS, INPUT, MASKS, ONNX_FILE, OUTPUT, exportable, not_exported_why
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,16 @@ class OnnxScorer(torch.nn.Module):
 
 class OnnxDetector(OnnxScorer):
     """A detector's ONNX Runtime session behind torchvision's detector interface (a list of [3, H, W] images →
-    a list of {boxes, labels, scores}), with the torch detector for the settings its graph cannot follow."""
+    a list of {boxes, labels, scores}, and Mask R-CNN's unpasted `mask_probs` as the torch path has them), with
+    the torch detector for the settings its graph cannot follow."""
 
     def __init__(self, session, fallback: torch.nn.Module, built_in: Any) -> None:
         super().__init__(session)
+        self.names = list(DETECTION_OUTPUTS)
+        self.keys = list(DETECTION_OUTPUTS)
+        if MASKS in {output.name for output in session.get_outputs()}:
+            self.names.append(MASKS)
+            self.keys.append("mask_probs")
         self.fallback = fallback
         self.built_in = built_in
         # where models.tasks.detection.configure puts a request's settings, as on a torchvision detector
@@ -77,10 +85,9 @@ class OnnxDetector(OnnxScorer):
         outputs = []
         for image in images:
             pixels = image.detach().to("cpu", torch.float32).contiguous().numpy()
-            boxes, labels, scores = (torch.from_numpy(a) for a in self.session.run(list(DETECTION_OUTPUTS),
-                                                                                   {INPUT: pixels}))
-            keep = torch.nonzero(scores >= threshold).flatten()[:limit]  # scores are descending
-            outputs.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+            out = dict(zip(self.keys, (torch.from_numpy(a) for a in self.session.run(self.names, {INPUT: pixels}))))
+            keep = torch.nonzero(out["scores"] >= threshold).flatten()[:limit]  # scores are descending
+            outputs.append({key: value[keep] for key, value in out.items()})
         return outputs
 
 
@@ -113,7 +120,7 @@ def onnx_scorer(folder: Path, spec: ModelSettings, device: torch.device,
         providers.insert(0, "CUDAExecutionProvider")
     session = ort.InferenceSession(str(path), options, providers=providers)
     log.info("scoring %s on ONNX Runtime (%s)", spec.model_name, ", ".join(session.get_providers()))
-    if spec.task.family == "detection":  # what the graph was exported with (a loader's overrides are not in it)
+    if spec.task.family != "classification":  # what the graph was exported with (a loader's overrides are not in it)
         built_in = SimpleNamespace(**json.loads(session.get_modelmeta().custom_metadata_map["built_in"]))
         return OnnxDetector(session, fallback, built_in)
     return OnnxScorer(session)

@@ -35,7 +35,7 @@ class VisionModel(mlflow.pyfunc.PythonModel):
 
     By default (`backend: auto`, serving.backends) a classifier on the CPU scores on its `artifacts/model.onnx`
     on ONNX Runtime, and anything else on torch; `model_config={"backend": "onnx"}` asks for ONNX Runtime
-    (classifiers and detectors, serving.onnx_backend), `{"backend": "torch"}` for torch, and
+    (any task, serving.onnx_backend), `{"backend": "torch"}` for torch, and
     `{"compile": True}` for a classifier compiled for the CPU while loading (serving.compiled: worth it in a
     process that scores for a long time)."""
 

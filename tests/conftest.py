@@ -3,6 +3,7 @@ models, each made once and reused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -87,6 +89,24 @@ def mlflow_uri(tmp_path_factory) -> str:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+@contextlib.contextmanager
+def tracking_at(uri: str) -> Iterator[None]:
+    """MLflow's tracking URI set to `uri` (another store: a hub's) for a while, then the one before it again.
+    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, so the one before is read first; an experiment `tests`
+    made there keeps its artifacts beside that store, not in ./mlruns of the checkout."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name("tests") is None:
+            mlflow.create_experiment("tests", artifact_location=(Path(uri[len("sqlite:///"):]).parent
+                                                                 / "test-artifacts").as_uri())
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -215,15 +215,17 @@ def test_unknown_set_name_fails_fast(trained, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_instance_segmentation_on_the_onnx_backend_is_refused_before_ray_starts(trained, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_a_model_without_its_onnx_file_on_the_onnx_backend_is_refused_before_ray_starts(trained, tmp_path,
+                                                                                        monkeypatch, capsys):
     result, data = trained("image_instance_segmentation")
+    folder = tmp_path / "old-model"  # exported before visionserve wrote ONNX files for its task
+    shutil.copytree(result.model_dir, folder)
+    (folder / "artifacts" / "model.onnx").unlink()
     monkeypatch.setattr(batch, "ensure_ray", _no_ray)
     out = tmp_path / "predictions.jsonl"
-    code = main(["score", str(result.model_dir), "--input", str(data.images_dir), "--output", str(out),
-                 "--backend", "onnx"])
+    code = main(["score", str(folder), "--input", str(data.images_dir), "--output", str(out), "--backend", "onnx"])
     assert code == 2
-    assert "backend onnx: maskrcnn_resnet18_fpn (image_instance_segmentation) has no ONNX file" in capsys.readouterr().err
+    assert f"backend onnx: {folder / 'artifacts' / 'model.onnx'} not found" in capsys.readouterr().err
     assert not out.exists() and not out.with_name(out.name + ".parts").exists()
 
 

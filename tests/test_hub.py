@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, tracking_at
 
 pytestmark = pytest.mark.slow
 KEY = "hub-test-key"
@@ -247,16 +248,11 @@ def test_score_bodies_are_answered_by_the_model_the_header_names(hub, trained_pa
 def test_a_model_registered_from_visionserve_train_is_served_by_name(hub, trained):
     import base64
 
-    import os
-
     import mlflow
 
     result, data = trained("image_classification")
-    mlflow.set_tracking_uri(f"sqlite:///{hub['root'] / 'state' / 'mlflow.db'}")
-    try:
+    with tracking_at(f"sqlite:///{hub['root'] / 'state' / 'mlflow.db'}"):
         mlflow.register_model(str(result.model_dir), "from-train")
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     image = base64.b64encode(next(Path(data.images_dir).iterdir()).read_bytes()).decode()
     with _client(hub["url"]) as client:
         answer = client.post("/score", json={"input_data": {"columns": ["image"], "data": [image]}},
@@ -335,12 +331,13 @@ def test_a_training_with_no_pretrained_weights_at_hand_fails_unknown_saying_so(h
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
     (tmp_path / "job").mkdir()
-    fields = train_model({
-        "model": "nothing", "dataset_name": "cls", "kind": "Generic-Classifier", "budget_hours": 0.1,
-        "dataset": {"name": "cls", "annotationKind": "imageClassification",
-                    "annotationFileUris": [str(datasets["cls"])]},
-        "image_root": str(hub["root"]), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "job_dir": str(tmp_path / "job"), "test_dataset_name": None})
+    with tracking_at(os.environ["MLFLOW_TRACKING_URI"]):  # train_model sets its own, as a hub's actor does
+        fields = train_model({
+            "model": "nothing", "dataset_name": "cls", "kind": "Generic-Classifier", "budget_hours": 0.1,
+            "dataset": {"name": "cls", "annotationKind": "imageClassification",
+                        "annotationFileUris": [str(datasets["cls"])]},
+            "image_root": str(hub["root"]), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "job_dir": str(tmp_path / "job"), "test_dataset_name": None})
     assert fields["status"] == "failed" and fields["error"]["code"] == "unknown", fields
     message = fields["error"]["message"]
     assert "no pretrained weights are at hand" in message and str(tmp_path / "empty-cache") in message

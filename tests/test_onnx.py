@@ -1,4 +1,4 @@
-"""artifacts/model.onnx: every classifier and detector folder carries one that ONNX Runtime alone scores as torch
+"""artifacts/model.onnx: every classifier, detector and Mask R-CNN folder carries one that ONNX Runtime alone scores as torch
 does, and the ONNX Runtime backend (`backend: onnx`) answers what the torch one answers; what it cannot score is
 refused in words."""
 
@@ -110,22 +110,31 @@ def test_predict_on_the_command_line_takes_backend_onnx(trained, tmp_path):
     assert np.allclose([a["probs"] for a in runs["onnx"]], [a["probs"] for a in runs["torch"]], atol=TOLERANCE)
 
 
-def test_instance_segmentation_is_refused_for_the_onnx_backend_saying_why(tmp_path, capsys):
-    from serving.cli import main
-    from serving.predictor import Predictor
+def test_a_mask_rcnn_on_the_onnx_backend_answers_torchs_boxes_and_polygons(trained):
+    """Its graph leaves each mask unpasted ([n, 1, 28, 28] over its box), as the torch path does: pasted one at a
+    time outside it, the polygons are torch's."""
+    import mlflow.pyfunc
+    import onnxruntime as ort
 
-    folder = _fresh_model(tmp_path, "image_instance_segmentation", "maskrcnn_resnet18_fpn", min_size=96, max_size=128)
-    assert not (folder / "artifacts" / ONNX_FILE).exists()
-    ray_before = "ray" in sys.modules and __import__("ray").is_initialized()  # other modules' session Ray
-    with pytest.raises(ValueError, match=r"backend onnx: maskrcnn_resnet18_fpn \(image_instance_segmentation\) has "
-                                         r"no ONNX file: torchvision's Mask R-CNN graph pastes every detection's mask"):
-        Predictor.load(folder, backend="onnx")
-    for command in (["predict", str(folder), str(folder / "MLmodel")], ["serve", str(folder)]):  # serve: before Ray
-        assert main([*command, "--backend", "onnx"]) == 2
-        err = capsys.readouterr().err
-        assert "error: backend onnx: maskrcnn_resnet18_fpn" in err and "Traceback" not in err
-    if not ray_before:
-        assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    from models.onnx_export import DETECTION_OUTPUTS, MASKS
+
+    result, data = trained("image_instance_segmentation")
+    folder = Path(result.model_dir)
+    session = ort.InferenceSession(str(folder / "artifacts" / ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == [*DETECTION_OUTPUTS, MASKS]
+    assert "masks: [n, 1, 28, 28]" in session.get_modelmeta().custom_metadata_map["output"]
+    rows = _rows(_images(data))
+    on_onnx = mlflow.pyfunc.load_model(result.model_dir, model_config={"backend": "onnx"})
+    assert on_onnx.unwrap_python_model().predictor.backend == "onnx"
+    want = mlflow.pyfunc.load_model(result.model_dir).predict(rows)
+    got = on_onnx.predict(rows)
+    assert any(a["boxes"] for a in want) and all("polygon" in b for a in want for b in a["boxes"])
+    _same_detections(got, want)
+    for g, w in zip(got, want):
+        for box_got, box_want in zip(g["boxes"], w["boxes"]):
+            assert len(box_got["polygon"]) == len(box_want["polygon"])
+            for p_got, p_want in zip(box_got["polygon"], box_want["polygon"]):
+                assert len(p_got) == len(p_want) and np.allclose(p_got, p_want, atol=1e-3)
 
 
 def _boxes(answer: dict) -> list[tuple]:

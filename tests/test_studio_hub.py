@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, tracking_at
 from test_hub import write_coco
 from test_studio import browser, page, _shoot, _visible  # noqa: F401  (the module's browser and its tabs)
 
@@ -370,11 +369,8 @@ def detector(hub, trained) -> tuple[str, Path]:
     import mlflow
 
     result, data = trained("image_object_detection")
-    mlflow.set_tracking_uri(hub["tracking"])
-    try:
+    with tracking_at(hub["tracking"]):
         mlflow.register_model(str(result.model_dir), "det-model")
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     line = json.loads(Path(data.train_jsonl).read_text().splitlines()[0])
     return "det-model", Path(data.train_jsonl).parent / line["image_url"]
 

@@ -25,7 +25,7 @@ def add_backend_flag(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
                    help="what scores: the torch network, or the model's artifacts/model.onnx on ONNX Runtime "
-                        "(classifiers and detectors; explanations still use torch); auto: ONNX Runtime for a "
+                        "(any task; explanations still use torch); auto: ONNX Runtime for a "
                         f"classifier on CPUs, else torch. Default: {DEFAULT_BACKEND}")
 
 
