@@ -30,12 +30,11 @@ from ray import serve
 from models.data.formats import PREDICTION_LIMITS, ImageLimits
 from models.errors import ErrorCode, ImageError, SettingsError
 from models.runtime import torch_thread
-from models.tasks.fields import as_dict
 from serving.access import key_matches, read_key_file, request_id_of
 from serving.admission import Admission, Busy, TimedOut
 from serving.backends import BACKENDS
 from serving.contract import (
-    ParsedRequest, RequestError, Route, check_xai, openapi_components, parameter_error, parameter_forms, parse_json,
+    ParsedRequest, RequestError, Route, check_xai, openapi_components, parameter_error, parse_json,
     parse_request, probe_images,
 )
 from serving.studio import add_studio
@@ -362,13 +361,10 @@ class VisionService:
         denied = self._denied(request)
         if denied is not None:
             return denied
-        spec = self.predictor.spec
         mlmodel = _mlmodel(self.model_dir)
-        return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
-                "settings": as_dict(spec.settings, inference_only=True), "model": self.config.model,
-                **parameter_forms(spec.task.inference_cls, spec.settings, spec.task.is_classification),
+        return {**self.predictor.description(self.predictor.spec.task.is_classification), "model": self.config.model,
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
-                "compiled": self.predictor.compiled, "backend": self.predictor.backend, "replica": serve.get_replica_context().replica_id.unique_id,
+                "replica": serve.get_replica_context().replica_id.unique_id,
                 "in_progress": {"scoring": self._scoring, "explaining": self._explanations.admitted},
                 "limits": {k: v for k, v in asdict(self.config).items()
                            if k in ("max_batch_size", "max_request_mb", "max_images_per_request", "max_image_mb")}}

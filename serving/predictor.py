@@ -25,7 +25,7 @@ from models.export import ModelSettings
 from models.tasks.architectures import Architecture
 from models.tasks.fields import as_dict
 from models.tasks.registry import inference_settings
-from serving.contract import parse_entry, per_request_problems, row_error
+from serving.contract import parameter_forms, parse_entry, per_request_problems, row_error
 from serving.explaining import Explanations
 from serving.loading import LoadedModel, find_artifacts, load_model
 from serving.onnx_backend import OnnxScorer, scorer_for
@@ -78,6 +78,15 @@ class Predictor:
     def backend(self) -> str:
         """What scores: "onnx" (ONNX Runtime), "compiled" (torch.compile) or "torch" (eager)."""
         return "onnx" if isinstance(self.scorer, OnnxScorer) else "compiled" if self.compiled else "torch"
+
+    def description(self, explains: bool) -> dict[str, Any]:
+        """What `/metadata` says of the model (on `visionserve serve` and the hub): task, labels, the settings in
+        force, the per-request `parameters` (and `xai_parameters` when `explains`), what scores."""
+        spec = self.spec
+        return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
+                "settings": as_dict(spec.settings, inference_only=True),
+                **parameter_forms(spec.task.inference_cls, spec.settings, explains),
+                "compiled": self.compiled, "backend": self.backend}
 
     @property
     def dtype(self) -> torch.dtype:

@@ -94,16 +94,13 @@ def mlflow_uri(tmp_path_factory) -> str:
 @contextlib.contextmanager
 def tracking_at(uri: str) -> Iterator[None]:
     """MLflow's tracking URI set to `uri` (another store: a hub's) for a while, then the one before it again.
-    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, so the one before is read first; an experiment `tests`
-    made there keeps its artifacts beside that store, not in ./mlruns of the checkout."""
+    mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, so the one before is read first: restored from the
+    environment, the session's later trainings would log into that other store (and ./mlruns of the checkout)."""
     import mlflow
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name("tests") is None:
-            mlflow.create_experiment("tests", artifact_location=(Path(uri[len("sqlite:///"):]).parent
-                                                                 / "test-artifacts").as_uri())
         yield
     finally:
         mlflow.set_tracking_uri(before)

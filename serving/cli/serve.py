@@ -100,15 +100,15 @@ def replica_backend(args: argparse.Namespace, folder: Path) -> str:
     return chosen_backend(folder, args.backend, "cuda" if args.gpus_per_replica else "cpu")
 
 
-def layout_line(args: argparse.Namespace, folder: Path) -> str:
-    """What the replicas will be and what scores on them, and the flags that change it."""
+def layout_line(args: argparse.Namespace, folder: Path, backend: str) -> str:
+    """What the replicas will be and what scores on them (`backend`, replica_backend's), and the flags that
+    change it."""
     from models.export import read_settings
     from serving.loading import find_artifacts
 
     replicas = f"{args.autoscale} replicas (autoscaled)" if args.autoscale else \
         f"{args.replicas} replica{'s' if args.replicas != 1 else ''}"
     gpus = f" + {args.gpus_per_replica:g} GPU" if args.gpus_per_replica else ""
-    backend = replica_backend(args, folder)
     classifier = read_settings(find_artifacts(folder)[0]).task.family == "classification"
     compiled = backend == "torch" and classifier and args.compile and not args.gpus_per_replica
     engine = "ONNX Runtime" if backend == "onnx" else "torch, compiled as each replica starts" if compiled else "torch"
@@ -123,8 +123,9 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
 
     config = _config(args)
     folder = _check_model(config)
-    print(layout_line(args, folder), flush=True)
-    options = deployment_options(args, replica_backend(args, folder))
+    backend = replica_backend(args, folder)
+    print(layout_line(args, folder, backend), flush=True)
+    options = deployment_options(args, backend)
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: VisionService.options(**options).bind(asdict(config)),
                              "visionserve", f"visionserve is serving {args.model} at {url}  (POST /score, "

@@ -50,7 +50,7 @@ def _annotations(label: Any) -> list[dict[str, Any]]:
     return [{"category": b.label, "box": [b.x0, b.y0, b.x1, b.y1], "crowd": b.is_crowd} for b in label]
 
 
-def _inside(root: str | None, path: str) -> bool:
+def inside(root: str | Path | None, path: str | Path) -> bool:
     """`path`, links followed, lies under `root` (links followed too)."""
     if not root:
         return False
@@ -63,7 +63,7 @@ def _size(path: str, root: str | None) -> tuple[int, int] | None:
     from models.data.images import image_size
     from models.errors import ImageError
 
-    if not _inside(root, path):
+    if not inside(root, path):
         return None
     try:
         return image_size(path)
@@ -155,7 +155,7 @@ class DatasetViews:
     def _confined(self, path: str, where: str) -> None:
         if not self.image_root:
             raise ApiError(403, "Forbidden", "this hub has no --image-root, so it shows no dataset images")
-        if not _inside(self.image_root, path):
+        if not inside(self.image_root, path):
             raise ApiError(403, "Forbidden", f"{where} lies outside the hub's image root (a link that leads out "
                            "of it); refused")
         if not os.path.isfile(os.path.realpath(path)):

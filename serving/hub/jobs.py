@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from serving.hub.api import ApiError, field, no_content, not_found, public, read_json, section
 from serving.hub.state import Store, name_problem, now
-from serving.hub.training import CANCEL_FILE, DATASET_KIND, KIND_TASK
+from serving.hub.training import CANCEL_FILE, DATASET_KIND, EXPERIMENT, KIND_TASK
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
@@ -74,8 +74,8 @@ class Jobs:
 
         self.store, self.config = store, config
         mlflow.set_tracking_uri(config.tracking_uri)
-        if mlflow.get_experiment_by_name("visionserve-hub") is None:
-            mlflow.create_experiment("visionserve-hub", artifact_location=(store.root / "mlartifacts").as_uri())
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(store.root / "mlartifacts").as_uri())
         self.running: dict[str, Run] = {}  # model or "model/evaluation" → its actor and result
         self.stopping = False  # once the hub stops, results are no longer written (the next start fails them)
         self._names: dict[str, tuple[float, str | None, dict]] = {}  # registry lookups, kept a few seconds

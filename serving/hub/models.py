@@ -13,7 +13,7 @@ from ray import serve
 from models.data.formats import PREDICTION_LIMITS
 from models.errors import ErrorCode, ImageError
 from models.runtime import torch_thread
-from serving.contract import RequestError, parameter_forms, parse_json, parse_request, probe_images
+from serving.contract import RequestError, parse_json, parse_request, probe_images
 
 log = logging.getLogger("ray.serve")
 LOW_CONFIDENCE = 0.05  # the lowest box score `analyze` answers
@@ -84,16 +84,10 @@ def hub_models(cache_size: int = 3) -> Any:
             return 200, answers if route == "score" else {"predictions": answers}
 
         async def metadata(self) -> dict[str, Any]:
-            """What `/metadata` answers on `visionserve serve`, for this model: task, labels, the settings in force
-            and the per-request `parameters` (no `xai_parameters`: the hub scores, it does not explain)."""
-            from models.tasks.fields import as_dict
-
+            """What `/metadata` answers on `visionserve serve`, for this model (no `xai_parameters`: the hub scores,
+            it does not explain)."""
             predictor = await self.get_model(serve.get_multiplexed_model_id())
-            spec = predictor.spec
-            return {"task": spec.task.name, "model_name": spec.model_name, "labels": spec.labels,
-                    "settings": as_dict(spec.settings, inference_only=True),
-                    **parameter_forms(spec.task.inference_cls, spec.settings, explains=False),
-                    "compiled": predictor.compiled, "backend": predictor.backend}
+            return predictor.description(explains=False)
 
         def load_history(self) -> list[str]:
             return list(self.loads)

@@ -51,18 +51,19 @@ def url_image(url: Any, image_root: str | None, limits: ImageLimits) -> tuple[by
     and the studio's `GET /image?url=` read URLs through here."""
     from models.data.images import check_bytes
     from models.data.jsonl import resolve_image_url
+    from serving.hub.browse import inside
 
     if not isinstance(url, str) or not url.strip():
         raise ApiError(400, "InvalidRequest", "no image URL given", "url")
     if not image_root:
         raise ApiError(400, "InvalidImageUrl", "this hub has no --image-root, so it reads no image URLs; send the "
                        "image itself (application/octet-stream)", "url")
-    root = Path(image_root).resolve()
+    root = Path(image_root)
     try:
-        path = Path(resolve_image_url(url, root, root)).resolve()
+        path = Path(resolve_image_url(url, root, root))
     except ValueError as exc:
         raise ApiError(400, "InvalidImageUrl", str(exc), "url") from None
-    if not path.is_relative_to(root):
+    if not inside(root, path):
         raise ApiError(400, "InvalidImageUrl", f"{url[:200]} lies outside the hub's --image-root; only files under it "
                        "are read", "url")
     if not path.is_file():

@@ -9,7 +9,6 @@ import calendar
 import time
 from typing import Any
 
-EXPERIMENT = "visionserve-hub"
 MAX_TRIALS = 100
 
 
@@ -42,7 +41,7 @@ def training_progress(record: dict[str, Any], message: str | None, tracking_uri:
     from mlflow import MlflowClient
 
     from models.tasks.metrics import primary_metric_name
-    from serving.hub.training import KIND_TASK
+    from serving.hub.training import EXPERIMENT, KIND_TASK
 
     name = record["name"]
     kind = (record.get("trainingParameters") or {}).get("modelKind") or "Generic-Classifier"

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+EXPERIMENT = "visionserve-hub"  # the MLflow experiment of every hub training (its artifacts in --state-dir)
 KIND_TASK = {"Generic-Classifier": "image_classification", "Generic-Detector": "image_object_detection",
              "Product-Recognizer": "image_object_detection"}
 DATASET_KIND = {"imageClassification": "Generic-Classifier", "imageObjectDetection": "Generic-Detector"}
@@ -228,7 +229,7 @@ def _train(spec: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any
            "sweep": {"sampling_algorithm": "grid"},
            "search_space": [{k: {"type": "choice", "values": [v]} for k, v in c.items()} for c in configs]}
     job = build_job(task=task, training_data=job_dir / "train.jsonl", validation_data=job_dir / "validation.jsonl",
-                    params=params, output_dir=job_dir / "outputs", experiment_name="visionserve-hub",
+                    params=params, output_dir=job_dir / "outputs", experiment_name=EXPERIMENT,
                     run_name=spec["model"])
     job = replace(job, sweep=parse_sweep(doc, get_task(task)), min_images=2)  # the spec's few-shot minimum
     mlflow.set_tracking_uri(spec["tracking_uri"])

@@ -1,8 +1,9 @@
 """Studio: the web page that tries and explains a model, served at `/studio` by the app that answers its calls.
 
 `add_studio(app)` is the one line an app needs (`add_studio(app, server="hub")` on the hub, whose page then
-shows the hub's views too): `GET /studio` is the page, `GET /studio/static/<name>` one of the files directly in `static/` (looked up by name in a listing made when the routes are added, so no
-request can name a file outside the folder). The page and its files are public and hold nothing secret;
+shows the hub's views too): `GET /studio` is the page, `GET /studio/static/<name>` one of the files directly in
+`static/` (looked up by name in a listing made when the routes are added, so no request can name a file outside
+the folder). The page and its files are public and hold nothing secret;
 everything they show comes from the app's own routes, which ask for the API key when the app has one.
 The files are plain HTML, CSS and ES modules: no build step, no CDN, the page works offline.
 """
