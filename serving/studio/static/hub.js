@@ -29,21 +29,25 @@ class ModelPicker {
       return option;
     }));
     $("hub-model-row").hidden = false;
+    const count = listing.models.length;
+    const models = `hub · ${count} model${count === 1 ? "" : "s"}`;
     if (!ready.length) {
       select.value = "";
-      $("model").textContent = `hub · ${listing.models.length} model${listing.models.length === 1 ? "" : "s"}, none ready`;
-      $("hub-model-hint").textContent = listing.models.length
+      $("model").textContent = `${models}, none ready`;
+      $("hub-model-hint").textContent = count
         ? "No model is ready yet: the Models tab shows their trainings."
         : "No models yet: train one in the Models tab.";
       this.tryView.noModel();
       this.note(null);
       return;
     }
-    const count = listing.models.length;
-    if (!ready.some((m) => m.name === before)) $("model").textContent = `hub · ${count} model${count === 1 ? "" : "s"}, ${ready.length} ready`;
-    const keep = ready.some((m) => m.name === before);
-    select.value = keep ? before : ready[0].name;
-    if (!keep) this.choose(select.value);
+    if (ready.some((m) => m.name === before)) {
+      select.value = before;
+      return;
+    }
+    $("model").textContent = `${models}, ${ready.length} ready`;
+    select.value = ready[0].name;
+    this.choose(select.value);
   }
 
   async choose(name) {
