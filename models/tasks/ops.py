@@ -41,9 +41,6 @@ class ClassificationOps:
         valid_resize_size, what the evaluation transform resizes it to."""
         return _scaled(width, height, settings.valid_resize_size / min(width, height))
 
-    def configure(self, model: nn.Module, settings) -> None:
-        """Nothing in a classifier depends on the inference settings."""
-
     def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
         return classification.class_weights(records, labels, settings.weighted_loss, self.multilabel)
 
@@ -102,9 +99,6 @@ class DetectionOps:
             tile = tile_grid(width, height, settings.tile_grid, settings.tile_overlap_ratio)[0]
             scale = max(scale, detection.model_scale(tile.width, tile.height, settings))
         return _scaled(width, height, scale)
-
-    def configure(self, model: nn.Module, settings) -> None:
-        detection.configure(model, settings)
 
     def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
         return None

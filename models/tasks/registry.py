@@ -62,6 +62,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 assert tuple(TASKS) == TASK_NAMES, "models.data.records.TASK_NAMES and the registry disagree"
 
 
+def request_params() -> dict[str, type]:
+    """The per-request parameter schema of each task family, by the name the OpenAPI document gives it
+    (`ClassificationParams`, ...): a task added to TASKS is documented at `/docs` with nothing else to do."""
+    return {f"{t.family.capitalize()}Params": t.inference_cls for t in TASKS.values()}
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name]

@@ -21,7 +21,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.hub.api import ApiError, not_found, valid_name
+from models.data.locations import Refused, inside, locate
+from serving.hub.api import ApiError, not_found
 from serving.hub.state import Store
 
 THUMB_SIDE = 480  # the longer side of a served image, in pixels
@@ -50,20 +51,12 @@ def _annotations(label: Any) -> list[dict[str, Any]]:
     return [{"category": b.label, "box": [b.x0, b.y0, b.x1, b.y1], "crowd": b.is_crowd} for b in label]
 
 
-def inside(root: str | Path | None, path: str | Path) -> bool:
-    """`path`, links followed, lies under `root` (links followed too)."""
-    if not root:
-        return False
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
-
-
 def _size(path: str, root: str | None) -> tuple[int, int] | None:
     """(width, height) from the image's header; None when it cannot be read, or it lies outside the root."""
     from models.data.images import image_size
     from models.errors import ImageError
 
-    if not inside(root, path):
+    if not root or not inside(root, path):
         return None
     try:
         return image_size(path)
@@ -88,17 +81,14 @@ class DatasetViews:
 
     def _signature(self, record: dict[str, Any]) -> tuple:
         """The dataset's version and each COCO file's identity and mtime: a change to any reads them again."""
-        from models.data.coco_files import local_candidates
-        from models.data.records import LabelError
-
         root = Path(self.image_root) if self.image_root else None
         out: list[Any] = [record.get("eTag")]
         for uri in record["annotationFileUris"]:
             try:
-                found = [os.stat(c) for c in local_candidates(uri, Path("."), root) if os.path.exists(c)]
-            except (LabelError, OSError):
-                found = []
-            out.append((uri, found[0].st_ino, found[0].st_mtime_ns, found[0].st_size) if found else (uri,))
+                found = os.stat(locate(uri, Path("."), root, confined=True))
+            except (Refused, OSError):
+                found = None
+            out.append((uri, found.st_ino, found.st_mtime_ns, found.st_size) if found else (uri,))
         return tuple(out)
 
     def _keep(self, name: str, signature: tuple, records: list) -> None:
@@ -188,7 +178,7 @@ class DatasetViews:
 
 
 def _dataset(store: Store, name: str) -> dict[str, Any]:
-    record = store.get("datasets", valid_name(name, "dataset"))
+    record = store.get("datasets", name)
     if record is None:
         raise not_found("dataset", name)
     return record

@@ -13,8 +13,8 @@ from typing import Any, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving.hub.api import ApiError, field, no_content, not_found, public, read_json, section
-from serving.hub.state import Store, name_problem, now
+from serving.hub.api import ApiError, field, json_body, no_content, not_found, public, resource_name, section
+from serving.hub.state import Store, file_name, now
 from serving.hub.training import CANCEL_FILE, DATASET_KIND, EXPERIMENT, KIND_TASK
 
 log = logging.getLogger("ray.serve")
@@ -117,22 +117,20 @@ class Jobs:
     # ------------------------------------------------------------------ models
 
     async def create_model(self, name: str, request: Request) -> JSONResponse:
-        problem = name_problem(name, "model")
-        if problem:
-            raise ApiError(400, "InvalidArgument", problem, "name")
-        doc = read_json(await request.body())
+        doc = await json_body(request)
         params = section(doc, "trainingParameters")
         dataset_name = field(params, "trainingDatasetName")
-        if not isinstance(dataset_name, str) or not dataset_name:
+        if dataset_name is None or dataset_name == "":
             raise ApiError(400, "InvalidArgument", "trainingParameters.trainingDatasetName is required",
                            "trainingDatasetName")
+        dataset_name = resource_name(dataset_name, "trainingDatasetName", "dataset")
         budget = field(params, "timeBudgetInHours")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1344:
             raise ApiError(400, "InvalidArgument", f"trainingParameters.timeBudgetInHours={budget!r}: must be a number "
                            "in (0, 1344] (fractions such as 0.05 are accepted)", "timeBudgetInHours")
         dataset = self.store.get("datasets", dataset_name)
         kind = field(params, "modelKind") or (DATASET_KIND[dataset["annotationKind"]] if dataset else None)
-        if kind is not None and kind not in KIND_TASK:
+        if kind is not None and (not isinstance(kind, str) or kind not in KIND_TASK):
             raise ApiError(400, "InvalidArgument", f"modelKind={kind!r}: must be one of {', '.join(KIND_TASK)}",
                            "modelKind")
         kind = kind or "Generic-Classifier"
@@ -140,6 +138,7 @@ class Jobs:
             raise ApiError(400, "InvalidArgument", f"timeBudgetInHours={budget}: at most "
                            f"{MAX_BUDGET[KIND_TASK[kind]]} for {kind}", "timeBudgetInHours")
         test = field(section(doc, "evaluationParameters"), "testDatasetName")
+        test = resource_name(test, "testDatasetName", "dataset") if test not in (None, "") else None
         record = {"name": name, "createdDateTime": now(), "status": "notStarted",
                   "trainingParameters": {"trainingDatasetName": dataset_name, "timeBudgetInHours": budget,
                                          "modelKind": kind}}
@@ -233,7 +232,7 @@ class Jobs:
                 log.warning("hub: model %s was not in the registry", name)
         self.store.delete("models", name)
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
-        shutil.rmtree(self.store.root / "evaluations" / name, ignore_errors=True)
+        shutil.rmtree(self.store.root / "evaluations" / file_name(name), ignore_errors=True)
         self._names.pop(name, None)
         return no_content()
 
@@ -297,14 +296,12 @@ class Jobs:
     async def create_evaluation(self, model: str, name: str, request: Request) -> JSONResponse:
         from serving.hub.training import evaluate_task
 
-        problem = name_problem(name, "evaluation")
-        if problem:
-            raise ApiError(400, "InvalidArgument", problem, "name")
-        doc = read_json(await request.body())
+        doc = await json_body(request)
         test = field(section(doc, "evaluationParameters"), "testDatasetName")
-        if not isinstance(test, str) or not test:
+        if test is None or test == "":
             raise ApiError(400, "InvalidArgument", "evaluationParameters.testDatasetName is required",
                            "testDatasetName")
+        test = resource_name(test, "testDatasetName", "dataset")
         try:
             mid = self.model_id(model)
         except ApiError as exc:

@@ -113,11 +113,12 @@ def _sizes(task: str, records: list) -> dict[str, Any]:
 def _performance(task: str, model_dir: Path, records: list, labels: list[str]) -> dict[str, Any]:
     """modelPerformance of the exported model on `records` (the held-out split or a test dataset)."""
     from models.tasks.performance import model_performance
+    from models.data.formats import TRAINING_LIMITS
     from serving.predictor import Predictor
+    from serving.scoring import Scoring
 
-    predictor = Predictor.load(model_dir, compile_scorer=False)
-    responses = predictor.predict_bytes([Path(r.image).read_bytes() for r in records])
-    return model_performance(task, records, responses, labels)
+    scoring = Scoring(Predictor.load(model_dir, limits=TRAINING_LIMITS))  # the images a dataset may hold
+    return model_performance(task, records, scoring.score_files([r.image for r in records]), labels)
 
 
 def evaluate(model_dir: Path, task: str, labels: list[str], dataset: dict[str, Any] | None, name: str,
