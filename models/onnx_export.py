@@ -35,6 +35,7 @@ import torch
 
 from models.tasks.architectures import build_model, get_architecture
 from models.tasks.classification import probabilities
+from models.tasks.detection import configured, paste_masks_one_at_a_time
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,6 @@ def _export_classifier(model: torch.nn.Module, model_settings: Any, arch: Any, p
 def _export_detector(model: torch.nn.Module, model_settings: Any, arch: Any, path: Path) -> Callable:
     """Writes the detector's graph (Mask R-CNN's with its masks unpasted), its settings built in; → the check of a
     session on it."""
-    from models.tasks.detection import configured, paste_masks_one_at_a_time
-
     model = configured(model, model_settings.settings)
     names, keys = list(DETECTION_OUTPUTS), DETECTION_OUTPUTS
     if model_settings.task.family == "segmentation":

@@ -21,10 +21,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import models_json_schema
 
+from explain.params import XaiParameters as xai
 from models.data.formats import ImageLimits
 from models.data.images import Probed
 from models.errors import ErrorCode, ImageError
 from models.tasks.fields import Flag
+from models.tasks.registry import request_params
 from serving.edge import EdgeError
 
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
@@ -55,7 +57,6 @@ class RequestError(EdgeError):
         error = body["error"]
         return cls(status, error["code"], error["message"], error.get("details"), headers)
 
-
 # ---------------------------------------------------------------- the bodies, as documented at /docs
 
 
@@ -81,8 +82,6 @@ class InputData(BaseModel):
 
 
 def _params_field() -> Any:
-    from models.tasks.registry import request_params
-
     return Field(None, description="per-request inference settings (the model's settings.json otherwise); which "
                                    "ones depends on the model's task", json_schema_extra={"anyOf": [
                                        {"$ref": f"#/components/schemas/{name}"} for name in request_params()]})
@@ -159,9 +158,6 @@ class ErrorResponse(BaseModel):
 def openapi_components() -> dict[str, Any]:
     """Component schemas of the bodies, the per-task request params (per-request settings only, one schema per
     task family of the registry) and the xai parameters, for the app's OpenAPI document."""
-    from explain.params import XaiParameters as xai
-    from models.tasks.registry import request_params
-
     params = request_params()
     _, schemas = models_json_schema([(m, "validation") for m in (ScoreRequest, InvocationsRequest,
                                                                  ExplanationEntry, ErrorResponse, xai)],
@@ -179,7 +175,6 @@ def openapi_components() -> dict[str, Any]:
                             "description": f"per-request settings of {name.removesuffix('Params').lower()} models "
                                            "(unset: the model's settings.json)"}
     return components
-
 
 # ---------------------------------------------------------------- parsing
 

@@ -5,9 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
+import mlflow
+from ray import serve
+
+from models.data.synth import write_synthetic_dataset
+from models.job import build_job
+from models.runtime import ensure_ray, free_port
+from models.train.loop import train
+from serving.app import deployment, service_config
 
 # CPU-sized recipes: small images, small models, torchvision's samplers trimmed. The demo trains from
 # scratch (weights=none: it runs offline and downloads nothing; every other training starts from
@@ -37,8 +48,6 @@ def _tracking_uri(out: Path) -> str:
 
 
 def _ensure_experiment(name: str, artifacts: Path) -> None:
-    import mlflow
-
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
 
@@ -47,12 +56,6 @@ def run_demo(out: Path, *, task: str = "image_classification", images: int | Non
              epochs: int | None = None, keep_serving: bool = False, port: int | None = None) -> dict[str, Any]:
     """Synthetic data → training → the MLflow model → served on a local port through the same scoring core as
     `visionserve serve`, scored and (classifiers) explained over HTTP; stops after (`keep_serving`: until Ctrl-C)."""
-    import mlflow
-
-    from models.data.synth import write_synthetic_dataset
-    from models.job import build_job
-    from models.train.loop import train
-
     if task not in DEMOS:
         raise ValueError(f"--task {task!r}: the demo covers {', '.join(DEMOS)}")
     recipe = DEMOS[task]
@@ -100,12 +103,6 @@ def _request_body(image: Path, explain: bool) -> dict[str, Any]:
 def _serve_and_call(model_dir: Path, image: Path, out: Path, *, keep_serving: bool, port: int | None) -> dict:
     """The model served on 127.0.0.1:`port` (a free one by default); one image scored over HTTP and, for a
     classifier, explained (its picture written to `out`); the studio's URL and a curl line printed."""
-    import httpx
-    from ray import serve
-
-    from models.runtime import ensure_ray, free_port
-    from serving.app import deployment, service_config
-
     ensure_ray(log_to_driver=False)
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
@@ -130,8 +127,6 @@ def _serve_and_call(model_dir: Path, image: Path, out: Path, *, keep_serving: bo
 
 
 def _explain(url: str, image: Path, out: Path) -> dict[str, Any]:
-    import httpx
-
     print(f"   and explaining it (xrai): POST {url}/score with model_explainability: true")
     answer = httpx.post(f"{url}/score", json=_request_body(image, explain=True), timeout=300).json()[0]
     picture = out / "explanation.png"
@@ -141,8 +136,6 @@ def _explain(url: str, image: Path, out: Path) -> dict[str, Any]:
 
 
 def _wait_for_interrupt() -> None:
-    import signal
-
     def stop(signum, frame):
         raise KeyboardInterrupt
 

@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from explain import Stopped, TooManyLabels, explain_crop, make_explainer
 from models.data.formats import ImageLimits
 from models.data.images import Probed, decode_tensor
 from models.errors import ErrorCode, ImageError
+from models.tasks.classification import eval_crop
 from serving.contract import row_error
 from serving.loading import LoadedModel
 
@@ -36,13 +38,11 @@ class Explanations:
         self._lock = threading.Lock()
 
     def _take(self) -> Any:
-        from explain import make_explainer
-
         with self._lock:
             if self._idle.empty() and self._made < self.copies:
                 self._made += 1
                 ms = self.loaded.model_settings
-                return make_explainer(self.loaded.model, self.loaded.arch.name, ms.task.ops.multilabel,
+                return make_explainer(self.loaded.model, self.loaded.arch.name, ms.task.multilabel,
                                       self.loaded.device, ms.settings.image_mean, ms.settings.image_std)
         return self._idle.get()
 
@@ -50,9 +50,6 @@ class Explanations:
                 limits: ImageLimits, stop: threading.Event | None = None) -> list[dict]:
         """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order; once
         `stop` is set, what is left is answered as not explained."""
-        from explain import Stopped, TooManyLabels, explain_crop
-        from models.tasks.classification import eval_crop
-
         ms = self.loaded.model_settings
         if not ms.task.is_classification:
             return [row_error(r, unsupported(ms.task.name)) for r in rows]

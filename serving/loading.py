@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx.experimental.optimization import fuse
 
 from models.export import SETTINGS_FILE, WEIGHTS_FILE, ModelSettings, read_settings
 from models.onnx_export import ONNX_FILE, not_exported_why
 from models.tasks.architectures import Architecture, build_model, get_architecture
+from models.tasks.detection import paste_masks_one_at_a_time
 from serving.backends import ScoringPlan, plan
 from serving.scorers import Scorer, scorer_for
 
@@ -96,7 +98,6 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     has no BatchNorm2d (the detectors' is frozen into their backbones already) or torch.fx cannot trace it."""
     if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         return model
-    from torch.fx.experimental.optimization import fuse
 
     try:
         return fuse(model)
@@ -147,7 +148,6 @@ def load_model(folder: ModelFolder, scoring: ScoringPlan) -> LoadedModel:
         if ms.settings.half_precision and device.type == "cuda":
             module.half()
     if ms.task.family == "segmentation":
-        from models.tasks.detection import paste_masks_one_at_a_time
 
         paste_masks_one_at_a_time(folded)
     scorer, scoring = scorer_for(scoring, folded, ms, folder.onnx, device)

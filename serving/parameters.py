@@ -15,7 +15,6 @@ from models.tasks.fields import form_of, is_per_request
 from serving.contract import RawEntry, RequestError
 
 
-
 def field_of(problem: str) -> str:
     """The parameter a settings problem names: "box_score_thresh=2: must be ..." → box_score_thresh."""
     return problem.split(":")[0].split("=")[0].split(" ")[0]

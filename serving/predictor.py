@@ -26,9 +26,9 @@ from models.errors import ErrorCode, ImageError, SettingsError
 from models.tasks.fields import as_dict
 from models.tasks.registry import inference_settings
 from serving.contract import row_error
-from serving.parameters import parameter_forms, per_request_problems
 from serving.explaining import Explanations
 from serving.loading import LoadedModel, ModelFolder, load_model
+from serving.parameters import parameter_forms, per_request_problems
 
 log = logging.getLogger(__name__)
 _FAILED = ImageError(ErrorCode.INFERENCE_FAILED, "the model failed on this image (the server log has the details)")

@@ -9,6 +9,14 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+from models.values import to_flag
+from serving.contract import RequestError
+from serving.loading import ModelFolder
+from serving.predictor import Predictor
+from serving.scoring import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +49,6 @@ class VisionModel(mlflow.pyfunc.PythonModel):
     compiled for the CPU while loading (serving.compiled: worth it in a process that scores for a long time)."""
 
     def load_context(self, context) -> None:
-        from models.values import to_flag
-        from serving.loading import ModelFolder
-        from serving.predictor import Predictor
-        from serving.scoring import Scoring
-
         config = context.model_config or {}
         folder = ModelFolder.of_artifacts(Path(context.artifacts["settings"]).parent)
         scoring = folder.plan(str(config.get("backend", "auto")), compile=to_flag(config.get("compile", False)))
@@ -59,11 +62,6 @@ class VisionModel(mlflow.pyfunc.PythonModel):
         """One response per image row; `params` may override inference settings for this call. Refusals are
         MlflowExceptions without a traceback: a 400 from `mlflow models serve` for bad input, a 500 naming a
         log id for our own failure (the traceback goes to the log, never into a response)."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
-
-        from serving.contract import RequestError
-
         try:
             return self.scoring.score_rows(image_rows(model_input), params)
         except (RequestError, ValueError) as exc:  # a bad parameter, explanation wish or frame: the caller's input

@@ -13,16 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from ray import serve
+from ray.serve import metrics
 
 from models.data.images import Probed
-from models.errors import ImageError
+from models.errors import ErrorCode, ImageError
 from models.runtime import torch_thread
 from serving.admission import Admission, Busy, TimedOut
 from serving.contract import RequestError, ScoringRequest
 from serving.predictor import Predictor
 from serving.scoring import Scoring, ScoringLimits
-from models.errors import ErrorCode
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,13 @@ class Job:
 class ScoringReplica:
     """Mixed into a Ray Serve deployment class; `start_scoring` in its `__init__`."""
 
-    def start_scoring(self, limits: ScoringLimits) -> None:
-        from ray.serve import metrics
-
+    def start_scoring(self, limits: ScoringLimits, threads: int | None = None) -> None:
+        """`threads`: the replica's torch and ONNX Runtime threads (default: what Ray gave it, its CPUs rounded down;
+        a replica of 1.9 CPUs would otherwise score on one)."""
         self.limits = limits
         self._model_thread = torch_thread()  # models load and score here (see models.runtime), explanations not
+        if threads:
+            self._model_thread.submit(torch.set_num_threads, threads).result()
         self._explain_threads = ThreadPoolExecutor(limits.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
         self._explanations = Admission(limits.max_concurrent_explanations, limits.max_waiting_explanations,

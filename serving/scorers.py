@@ -32,6 +32,7 @@ from models.export import ModelSettings
 from models.onnx_export import DETECTION_OUTPUTS, INPUT, MASKS, OUTPUT
 from models.tasks.classification import probabilities
 from serving.backends import ScoringPlan
+from serving.compiled import compile_for_cpu
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 class Scorer(Protocol):
     """A batch of preprocessed images (the task's evaluation transform's output) → the task's raw outputs
     (probabilities, or detection dicts in each input's pixels), under `settings`."""
-
     def predict(self, inputs: Sequence[torch.Tensor], settings: Any) -> list[Any]: ...
 
 
@@ -117,7 +117,6 @@ def scorer_for(scoring: ScoringPlan, module: torch.nn.Module, model_settings: Mo
     carried out (not compiled after all, when the compiler failed)."""
     ops = model_settings.task.ops
     if scoring.compiled:
-        from serving.compiled import compile_for_cpu
 
         compiled = compile_for_cpu(module, ops.input_shape(model_settings.settings))
         if compiled is module:
@@ -128,7 +127,7 @@ def scorer_for(scoring: ScoringPlan, module: torch.nn.Module, model_settings: Mo
         return torch_scorer, scoring
     session = _session(onnx, device)
     if model_settings.task.family == "classification":
-        return OnnxClassifier(session, ops.multilabel), scoring
+        return OnnxClassifier(session, model_settings.task.multilabel), scoring
     if not set(DETECTION_OUTPUTS) <= {o.name for o in session.get_outputs()}:
         raise ValueError(f"{onnx.name}: not a visionserve detector graph (outputs {DETECTION_OUTPUTS} missing)")
     built_in = json.loads(session.get_modelmeta().custom_metadata_map["built_in"])

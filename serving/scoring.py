@@ -24,7 +24,16 @@ from models.data.images import Probed
 from models.errors import ErrorCode, ImageError, SettingsError
 from models.values import to_flag
 from serving.contract import (
-    Entry, RawEntry, RequestError, Route, ScoringRequest, parse_entry, parse_json, probed, request_rows, row_error,
+    Entry,
+    RawEntry,
+    RequestError,
+    Route,
+    ScoringRequest,
+    parse_entry,
+    parse_json,
+    probed,
+    request_rows,
+    row_error,
 )
 from serving.parameters import explanation_wishes, parameter_error, wishes_refused
 from serving.predictor import Predictor

@@ -173,3 +173,26 @@ def test_a_backend_that_cannot_score_the_model_is_refused_saying_why():
         plan("onnx", "detection", "cpu", False, onnx_missing_why="no model.onnx here")
     with pytest.raises(NoPlan, match="backend 'tensorrt': expected one of auto, torch, onnx"):
         plan("tensorrt", "detection", "cpu", True)
+
+
+def test_every_task_has_ops_that_satisfy_the_task_interface():
+    from models.tasks.ops import ScoringOps, TaskOps, TrainingOps
+    from models.tasks.registry import TASKS
+
+    for task in TASKS.values():
+        assert isinstance(task.ops, TaskOps), task.name
+        wanted = {n for proto in (TrainingOps, ScoringOps) for n in (*vars(proto), *proto.__annotations__)
+                  if not n.startswith("_")}
+        missing = sorted(n for n in wanted if not hasattr(task.ops, n))
+        assert not missing, (task.name, missing)
+
+
+def test_the_openapi_parameter_schemas_come_from_the_task_registry():
+    from models.tasks.registry import TASKS
+    from serving.contract import openapi_components
+
+    components = openapi_components()
+    families = {t.family for t in TASKS.values()}
+    assert {f"{f.capitalize()}Params" for f in families} <= set(components)
+    assert "box_score_thresh" in components["DetectionParams"]["properties"]
+    assert "valid_crop_size" in components["ClassificationParams"]["properties"]

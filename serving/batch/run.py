@@ -21,16 +21,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from tqdm import tqdm
 
 from models.data.formats import BATCH_LIMITS
-from models.errors import SettingsError
-from serving.batch.files import OutputLock, remove_temps
-from serving.batch.inputs import Item, list_inputs, read_image, say
-from serving.batch.parts import (PART_SIZE, Index, PartWriter, check_finished, fingerprint, finish, open_parts,
-                                 output_manifest)
+from models.errors import ImageError, SettingsError
 from models.runtime import ensure_ray
 from serving.backends import ScoringPlan
+from serving.batch.files import OutputLock, remove_temps
+from serving.batch.inputs import Item, list_inputs, read_image, say
+from serving.batch.parts import (
+    PART_SIZE,
+    Index,
+    PartWriter,
+    check_finished,
+    fingerprint,
+    finish,
+    open_parts,
+    output_manifest,
+)
 from serving.loading import ModelFolder
+from serving.predictor import Predictor
+from serving.scoring import Scoring
 
 _READ_TASK_CPUS = 0.25
 _ACTOR_CPUS = 0.5
@@ -52,6 +67,7 @@ class ScoreSummary:
         return (f"{self.images} images ({self.errors} errors) in {self.output}; scored {self.scored} in "
                 f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped} already done")
 
+
 def _read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Read each `path`'s bytes (regular files of at most the batch limit, 20 MB); a missing, unreadable
     or too large file gets an error code and message instead, and becomes its own error line."""
@@ -70,13 +86,6 @@ class Scorer:
 
     def __init__(self, model: str, local: str, overrides: dict[str, Any] | None, plan: dict[str, Any],
                  threads: int | None) -> None:
-        import torch
-
-        from serving.backends import ScoringPlan
-        from serving.loading import ModelFolder
-        from serving.predictor import Predictor
-        from serving.scoring import Scoring
-
         if threads:
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         folder = ModelFolder.open(local if (Path(local) / "MLmodel").is_file() else model, overrides)  # another node
@@ -85,8 +94,6 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One line per image; an image that cannot be scored gets an error line naming its input position
         (the Predictor scores a failing batch again image by image, so a bad image costs only itself)."""
-        from models.errors import ImageError
-
         items = [ImageError(str(code), str(message)) if code else bytes(data)
                  for data, code, message in zip(batch["data"], batch["code"], batch["message"])]
         request = self.scoring.read_images(items, fields=[str(key) for key in batch["image"]])
@@ -97,8 +104,6 @@ class Scorer:
 
 def _resources(concurrency: int | None, gpus: float) -> tuple[int, int | None]:
     """Actors (default: one per GPU share, else one per 4 CPUs) and torch threads per CPU actor."""
-    import ray
-
     cluster = ray.cluster_resources()
     if gpus > 0:
         if cluster.get("GPU", 0) < gpus:
@@ -112,10 +117,6 @@ def _resources(concurrency: int | None, gpus: float) -> tuple[int, int | None]:
 def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Path], overrides: dict | None,
              batch_size: int, concurrency: int | None, gpus: float, plan: ScoringPlan) -> Iterator[tuple[int, str]]:
     """(input index, output line) of each pending image, streamed as Ray Data produces them."""
-    import pyarrow as pa
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
-
     actors, threads = _resources(concurrency, gpus)
     rows = max(batch_size, -(-len(pending) // 5000))
     blocks = [pa.table({"idx": pa.array(chunk, pa.int64()), "image": [items[i].key for i in chunk],
@@ -136,7 +137,6 @@ def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Pa
             yield from zip((int(i) for i in batch["idx"]), (str(line) for line in batch["line"]))
     finally:
         context.enable_progress_bars, context.print_on_execution_start = saved
-
 
 
 def _open(model: str | Path, params: Mapping[str, Any] | None) -> ModelFolder:
@@ -163,8 +163,6 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
           backend: str = "auto") -> ScoreSummary:
     """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run.
     A finished output of another model or other settings is refused (`overwrite` re-scores it)."""
-    from tqdm import tqdm
-
     start = time.monotonic()
     bad = [f"{name}={value}: must be at least 1" for name, value in
            (("batch_size", batch_size), ("concurrency", concurrency), ("part_size", part_size))

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -24,7 +25,15 @@ from ray import serve
 from serving.access import read_key_file
 from serving.backends import ONNX_REPLICA_ENV
 from serving.edge import KEYED, Access, install
+from serving.hub import datasets
 from serving.hub.api import ApiError, check_api_version, resource_name
+from serving.hub.browse import DatasetViews, dataset_contents, dataset_image
+from serving.hub.catalog import metadata
+from serving.hub.jobs import Jobs
+from serving.hub.predict import analyze, automl, image
+from serving.hub.progress import training_progress
+from serving.hub.replicas import hub_models
+from serving.hub.state import Store
 from serving.scoring import ScoringLimits
 from serving.studio import add_studio
 
@@ -79,10 +88,6 @@ class HubService:
     """The one owner of the hub's state: records, trainings and evaluations in flight."""
 
     def __init__(self, config: dict[str, Any], models: Any):
-        from serving.hub.browse import DatasetViews
-        from serving.hub.jobs import Jobs
-        from serving.hub.state import Store
-
         self.config = HubConfig(**config)
         self.access = Access(self.config.api_key_sha256, unauthorized, ("ocp-apim-subscription-key",))
         self.limits = ScoringLimits(**self.config.limits)
@@ -103,33 +108,23 @@ class HubService:
 
     @app.put("/computervision/datasets/{name}", dependencies=API)
     async def put_dataset(self, name: str, request: Request):
-        from serving.hub import records
-
-        return await records.register_dataset(self.store, name, request, self.config)
+        return await datasets.register_dataset(self.store, name, request, self.config)
 
     @app.patch("/computervision/datasets/{name}", dependencies=API)
     async def patch_dataset(self, name: str, request: Request):
-        from serving.hub import records
-
-        return await records.update_dataset(self.store, name, request, self.config)
+        return await datasets.update_dataset(self.store, name, request, self.config)
 
     @app.get("/computervision/datasets/{name}", dependencies=API)
     async def get_dataset(self, name: str):
-        from serving.hub import records
-
-        return await records.get("datasets", self.store, name)
+        return await datasets.get("datasets", self.store, name)
 
     @app.delete("/computervision/datasets/{name}", dependencies=API)
     async def delete_dataset(self, name: str, request: Request):
-        from serving.hub import records
-
-        return await records.delete_dataset(self.store, name, request)
+        return await datasets.delete_dataset(self.store, name, request)
 
     @app.get("/computervision/datasets", dependencies=API)
     async def list_datasets(self, request: Request):
-        from serving.hub import records
-
-        return await records.listing(self.store.all("datasets"), request)
+        return await datasets.listing(self.store.all("datasets"), request)
 
     # ------------------------------------------------------------------ models
 
@@ -151,9 +146,7 @@ class HubService:
 
     @app.get("/computervision/models", dependencies=API)
     async def list_models(self, request: Request):
-        from serving.hub import records
-
-        return await records.listing(self.jobs.model_list(), request)
+        return await datasets.listing(self.jobs.model_list(), request)
 
     # ------------------------------------------------------------------ evaluations
 
@@ -172,28 +165,20 @@ class HubService:
 
     @app.get("/computervision/models/{model}/evaluations", dependencies=API)
     async def list_evaluations(self, model: str, request: Request):
-        from serving.hub import records
-
-        return await records.listing(self.jobs.evaluation_list(model_name(model)), request)
+        return await datasets.listing(self.jobs.evaluation_list(model_name(model)), request)
 
     # ------------------------------------------------------------------ predictions
 
     @app.post("/computervision/imageanalysis:analyze", dependencies=API)
     async def analyze(self, request: Request):
-        from serving.hub.predict import analyze
-
         return await analyze(self, request)
 
     @app.post("/score", dependencies=API)
     async def score(self, request: Request):
-        from serving.hub.predict import automl
-
         return await automl(self, request, "score")
 
     @app.post("/invocations", dependencies=API)
     async def invocations(self, request: Request):
-        from serving.hub.predict import automl
-
         return await automl(self, request, "invocations")
 
     @app.get("/health/live")
@@ -214,14 +199,10 @@ class HubService:
 
     @app.get("/models/{name}/metadata", dependencies=API)
     async def model_metadata(self, name: str):
-        from serving.hub.catalog import metadata
-
         return await metadata(self, model_name(name))
 
     @app.get("/models/{name}/progress", dependencies=API)
     async def model_progress(self, name: str):
-        from serving.hub.progress import training_progress
-
         name = model_name(name)
 
         def work() -> dict[str, Any]:
@@ -233,20 +214,14 @@ class HubService:
 
     @app.get("/datasets/{name}/contents", dependencies=API)
     async def dataset_contents(self, name: str, request: Request):
-        from serving.hub.browse import dataset_contents
-
         return await dataset_contents(self.store, self.views, resource_name(name, "name", "dataset"), request)
 
     @app.get("/image", dependencies=API)
     async def url_image(self, request: Request):
-        from serving.hub.predict import image
-
         return await image(self, request)
 
     @app.get("/datasets/{name}/images/{index}", dependencies=API)
     async def dataset_image(self, name: str, index: str):
-        from serving.hub.browse import dataset_image
-
         return await dataset_image(self.store, self.views, resource_name(name, "name", "dataset"), index)
 
 
@@ -254,10 +229,6 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
     """Application builder: `state_dir`, optional `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
     `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), and ScoringLimits' fields (the same limits,
     batching and explanation admission as `visionserve serve`)."""
-    from pathlib import Path
-
-    from serving.hub.models import hub_models
-
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -270,6 +241,6 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
                        api_key_sha256=read_key_file(key_file, "api_key_file") if key_file else None, **args)
     models = hub_models(config.cache_size).options(  # classifiers score on ONNX Runtime there (backend auto)
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "runtime_env": {
-            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV}}}).bind(limits)
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV}}}).bind(limits, max(1, round(cpus)))
     return HubService.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {
         "env_vars": {"MLFLOW_TRACKING_URI": tracking}}}).bind(asdict(config), models)

@@ -21,7 +21,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from models.data.coco_files import CocoProblems, read_coco_files
+from models.data.formats import MAX_SIDE, MAX_TRAINING_BYTES, ImageLimits
+from models.data.images import decode, image_size
 from models.data.locations import Refused, inside, locate
+from models.errors import ImageError
 from serving.hub.api import ApiError, not_found
 from serving.hub.state import Store
 
@@ -53,9 +57,6 @@ def _annotations(label: Any) -> list[dict[str, Any]]:
 
 def _size(path: str, root: str | None) -> tuple[int, int] | None:
     """(width, height) from the image's header; None when it cannot be read, or it lies outside the root."""
-    from models.data.images import image_size
-    from models.errors import ImageError
-
     if not root or not inside(root, path):
         return None
     try:
@@ -74,8 +75,6 @@ class DatasetViews:
         self._lock = threading.Lock()
 
     def _read(self, record: dict[str, Any], check_images: bool):
-        from models.data.coco_files import read_coco_files
-
         return read_coco_files(record["annotationFileUris"], record["annotationKind"], image_root=self.image_root,
                                check_images=check_images, confined=True)
 
@@ -100,8 +99,6 @@ class DatasetViews:
 
     def records(self, record: dict[str, Any]) -> list:
         """The dataset's records; ApiError 409 `datasetCorrupt` when its files cannot be read now."""
-        from models.data.coco_files import CocoProblems
-
         name, signature = record["name"], self._signature(record)
         with self._lock:
             hit = self._records.get(name)
@@ -116,8 +113,6 @@ class DatasetViews:
 
     def contents(self, record: dict[str, Any], skip: int, top: int) -> dict[str, Any]:
         """A page of images with their annotations, the counts per category and every problem (images checked)."""
-        from models.data.coco_files import CocoProblems
-
         signature, problems, coco = self._signature(record), [], None
         try:
             coco = self._read(record, check_images=True)
@@ -153,10 +148,6 @@ class DatasetViews:
 
     def thumbnail(self, record: dict[str, Any], index: int) -> bytes:
         """Image `index` of the dataset as a JPEG of at most THUMB_SIDE pixels a side."""
-        from models.data.formats import MAX_SIDE, MAX_TRAINING_BYTES, ImageLimits
-        from models.data.images import decode, image_size
-        from models.errors import ImageError
-
         records = self.records(record)
         name = record["name"]
         if index >= len(records):

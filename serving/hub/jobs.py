@@ -10,12 +10,32 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import mlflow
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving.hub.api import ApiError, field, json_body, no_content, not_found, public, resource_name, section
+from serving.hub.api import (
+    ApiError,
+    field,
+    json_body,
+    no_content,
+    not_found,
+    public,
+    resource_name,
+    section,
+)
+from serving.hub.catalog import describe
+from serving.hub.replicas import model_id
 from serving.hub.state import Store, file_name, now
-from serving.hub.training import CANCEL_FILE, DATASET_KIND, EXPERIMENT, KIND_TASK
+from serving.hub.training import (
+    CANCEL_FILE,
+    DATASET_KIND,
+    EXPERIMENT,
+    KIND_TASK,
+    evaluate_task,
+    train_model,
+)
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
@@ -40,15 +60,11 @@ class Run:
 
 
 def _launch(fn: Callable[..., dict[str, Any]], *args: Any) -> Run:
-    import ray
-
     actor = ray.remote(_Runner).options(num_cpus=0, max_restarts=0, max_task_retries=0).remote()
     return Run(actor, actor.run.remote(fn, *args))
 
 
 def _end(run: Run) -> None:
-    import ray
-
     try:
         ray.kill(run.actor, no_restart=True)
     except Exception:  # noqa: BLE001  (already gone, or Ray itself is stopping)
@@ -56,22 +72,16 @@ def _end(run: Run) -> None:
 
 
 def _stopped_errors() -> tuple[type[BaseException], ...]:
-    import ray
-
     return (ray.exceptions.RayActorError, ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError,
             ray.exceptions.RayTaskError)
 
 
 def _registry():
-    import mlflow
-
     return mlflow.MlflowClient()
 
 
 class Jobs:
     def __init__(self, store: Store, config: Any):
-        import mlflow
-
         self.store, self.config = store, config
         mlflow.set_tracking_uri(config.tracking_uri)
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
@@ -87,8 +97,6 @@ class Jobs:
         trials and removes their placement groups (Ray keeps a killed driver's groups, and their CPUs, for
         as long as the hub runs); what has not stopped within `grace_s` is killed. The records stay as they
         are: the next start fails them."""
-        import ray
-
         if self.stopping:
             return
         self.stopping = True
@@ -148,19 +156,17 @@ class Jobs:
             if self.store.get("models", name) is not None or self._registered(name)[0] is not None:
                 raise ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
             record = self.store.put("models", record)
-        spec = {"model": name, "dataset": dataset, "dataset_name": dataset_name, "kind": kind, "budget_hours": budget,
+        order = {"model": name, "dataset": dataset, "dataset_name": dataset_name, "kind": kind, "budget_hours": budget,
                 "image_root": self.config.image_root, "tracking_uri": self.config.tracking_uri,
                 "job_dir": str(self.store.job_dir(name)), "test_dataset_name": test,
                 "test_dataset": self.store.get("datasets", test) if test else None}
-        self._start(name, spec)
+        self._start(name, order)
         return JSONResponse(public(record), 201)
 
-    def _start(self, name: str, spec: dict[str, Any]) -> None:
-        from serving.hub.training import train_model
-
+    def _start(self, name: str, order: dict[str, Any]) -> None:
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
-        run = self.running[name] = _launch(train_model, spec)
+        run = self.running[name] = _launch(train_model, order)
         asyncio.get_running_loop().create_task(self._watch(name, run))
 
     async def _watch(self, name: str, run: Run) -> None:
@@ -272,8 +278,6 @@ class Jobs:
 
     def model_id(self, name: str) -> str:
         """The multiplexed model id to serve `name` (404 unknown, 409 not trained yet)."""
-        from serving.hub.models import model_id
-
         record = self.store.get("models", name)
         if record is not None:
             if record["status"] != "succeeded":
@@ -287,15 +291,11 @@ class Jobs:
 
     def hub_wide_list(self) -> list[dict[str, Any]]:
         """GET /models: every model with its task, labels and status."""
-        from serving.hub.catalog import describe
-
         return [describe(r, self.store) for r in self.model_list()]
 
     # ------------------------------------------------------------------ evaluations
 
     async def create_evaluation(self, model: str, name: str, request: Request) -> JSONResponse:
-        from serving.hub.training import evaluate_task
-
         doc = await json_body(request)
         test = field(section(doc, "evaluationParameters"), "testDatasetName")
         if test is None or test == "":

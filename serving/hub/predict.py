@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 
 from models.data.formats import ImageLimits
 from models.data.images import Probed, check_bytes
@@ -23,6 +24,7 @@ from models.errors import ImageError
 from serving.contract import RequestError
 from serving.edge import read_body
 from serving.hub.api import ApiError, analyze_answer, field, read_json, resource_name
+from serving.hub.browse import IMAGE_HEADERS
 from serving.scoring import request_too_large
 
 MODEL_HEADER = "azureml-model-deployment"
@@ -93,16 +95,12 @@ async def analyze(service: Any, request: Request) -> JSONResponse:
 async def image(service: Any, request: Request) -> Response:
     """GET /image?url=URL: the bytes of the image `{"url": URL}` would make analyze read, as they are (the studio
     draws on them and scores them as a dropped file)."""
-    from serving.hub.browse import IMAGE_HEADERS
-
     found = await asyncio.to_thread(url_image, request.query_params.get("url"), service.config.image_root,
                                     service.limits.image)
     return Response(found.data, media_type=_media_type(found.data), headers=IMAGE_HEADERS)
 
 
 def _media_type(body: bytes) -> str:
-    from PIL import Image
-
     with Image.open(io.BytesIO(body)) as picture:
         return Image.MIME.get(picture.format or "", "application/octet-stream")
 

@@ -17,6 +17,8 @@ from ray import serve
 
 from models.data.images import Probed
 from serving.contract import Entry, RequestError, ScoringRequest
+from serving.loading import ModelFolder
+from serving.predictor import Predictor
 from serving.replica import ScoringReplica
 from serving.scoring import Scoring, ScoringLimits
 
@@ -31,9 +33,6 @@ def model_id(name: str, version: str | int) -> str:
 
 def _load(mid: str, limits: ScoringLimits) -> Scoring:
     """The model `mid` from the Model Registry, what scores it planned once here (on this replica's device)."""
-    from serving.loading import ModelFolder
-    from serving.predictor import Predictor
-
     name, version = mid.rsplit("/", 1)
     folder = ModelFolder.open(f"models:/{name}/{version}")
     predictor = Predictor.load(folder, plan=folder.plan("auto"), limits=limits.image,
@@ -43,11 +42,10 @@ def _load(mid: str, limits: ScoringLimits) -> Scoring:
 
 def hub_models(cache_size: int = 3) -> Any:
     """The multiplexed model deployment, keeping `cache_size` models per replica."""
-
     @serve.deployment(name="HubModels", max_ongoing_requests=16, max_queued_requests=64)
     class HubModels(ScoringReplica):
-        def __init__(self, limits: dict[str, Any]):
-            self.start_scoring(ScoringLimits(**limits))
+        def __init__(self, limits: dict[str, Any], threads: int):
+            self.start_scoring(ScoringLimits(**limits), threads)
             self.loads: deque[str] = deque(maxlen=LOADS_KEPT)  # model loads, in order (evictions show as reloads)
 
         @serve.multiplexed(max_num_models_per_replica=cache_size)

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from models.data.coco_files import CocoProblems, read_coco_files
 from serving.hub.api import ApiError, field, json_body, no_content, not_found, page, public, resource_name
 from serving.hub.state import Store, now
 
@@ -46,8 +47,6 @@ def _properties(value: Any) -> dict[str, str]:
 
 def _check_files(uris: list[str], kind: str, image_root: str | None) -> None:
     """The annotation files resolve and parse (images are checked when a model trains from them)."""
-    from models.data.coco_files import CocoProblems, read_coco_files
-
     try:
         read_coco_files(uris, kind, image_root=image_root, check_images=False,
                         confined=True)
