@@ -33,7 +33,8 @@ ONNX_REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 @dataclass(frozen=True)
 class ScoringPlan:
     """What scores a model: `backend` ("torch" or "onnx"), `compiled` (torch.compile, CPU classifiers only), on
-    `device` ("cpu", "cuda", "cuda:1" ...), and `why` (the rule that chose it, for the command line to print)."""
+    `device` ("cpu", "cuda", "cuda:1" ...), and `why` (the rule `auto` followed, for the command line to print; empty
+    when the backend was asked for by name)."""
 
     backend: str
     compiled: bool
@@ -70,7 +71,7 @@ def plan(asked: str, family: str, device: str, has_onnx: bool, *, compile: bool 
         raise NoPlan(f"backend onnx: {onnx_missing_why or 'the model folder has no artifacts/model.onnx'}; use the "
                      "torch backend")
     if asked != "auto":
-        backend, why = asked, f"backend {asked}"
+        backend, why = asked, ""  # asked for by name: nothing to explain
     elif cpu_classifier and compile:
         backend, why = "torch", "auto: torch, since compiling was asked for"
     elif cpu_classifier and has_onnx:

@@ -57,9 +57,11 @@ def test_onnx_runtime_replicas_let_torchs_threads_wait_without_spinning(monkeypa
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = build_parser().parse_args(["serve", "model"])
-    assert deployment_options(args, "onnx")["ray_actor_options"]["runtime_env"] == {
+    from serving.backends import ScoringPlan
+
+    assert deployment_options(args, ScoringPlan("onnx", False, "cpu"))["ray_actor_options"]["runtime_env"] == {
         "env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
-    assert "runtime_env" not in deployment_options(args, "torch")["ray_actor_options"]
+    assert "runtime_env" not in deployment_options(args, ScoringPlan("torch", False, "cpu"))["ray_actor_options"]
 
 
 def _start(result, port: int, log: Path, *flags: str) -> subprocess.Popen:
@@ -100,7 +102,7 @@ def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_
         assert ("layout: 2 replicas x 0.5 CPUs each, scoring on torch; change with --replicas, --cpus-per-replica, "
                 "--backend") in log.read_text()
         assert ("layout: 1 replica x 0.5 CPUs each, scoring on ONNX Runtime (auto: ONNX Runtime for a classifier on "
-                "CPUs, else torch)") in other_log.read_text()
+                "CPUs)") in other_log.read_text()
         from_onnx = httpx.post(f"http://127.0.0.1:{other_port}/score", json=body, timeout=60)
         assert from_onnx.status_code == 200 and from_onnx.json()[0]["labels"] == answer.json()[0]["labels"]
         other.send_signal(signal.SIGINT)
