@@ -75,6 +75,25 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+
+@pytest.mark.parametrize("command", ["serve", "hub"])
+@pytest.mark.parametrize("flag, value", [("--max-batch-size", "0"), ("--max-request-mb", "-1"),
+                                         ("--max-images-per-request", "0"), ("--max-image-mb", "0"),
+                                         ("--batch-wait-ms", "-5"), ("--max-concurrent-explanations", "0"),
+                                         ("--explanation-timeout-s", "0")])
+def test_scoring_flags_out_of_range_are_refused_naming_the_flag_before_anything_starts(command, flag, value, tmp_path,
+                                                                                       capsys):
+    """The limits both servers share (serving.cli.flags.SCORING_FLAGS): refused before a model is read or Ray
+    starts, the flag named, exit code 2."""
+    from serving.cli import main
+
+    target = [str(tmp_path / "no-such-model")] if command == "serve" else ["--state-dir", str(tmp_path / "state")]
+    assert main([command, *target, flag, value]) == 2
+    error = capsys.readouterr().err
+    assert f"{flag} {float(value):g}: must be" in error and "Traceback" not in error
+    assert not (tmp_path / "state").exists()
+
+
 @pytest.mark.slow
 def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_path, ray_session):
     """Beside it, a second `visionserve serve` on the same machine (its own Ray instance and HAProxy), on the

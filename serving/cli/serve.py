@@ -58,15 +58,15 @@ def _cpus_per_replica(args: argparse.Namespace) -> float:
     return (os.cpu_count() or 1) / args.replicas
 
 
-def _config(args: argparse.Namespace, folder: ModelFolder, plan: ScoringPlan):
+def _config(args: argparse.Namespace, plan: ScoringPlan, limits: dict[str, Any]):
     from serving.access import read_key_file
     from serving.app import ServiceConfig
     from serving.scoring import ScoringLimits
 
     digest = read_key_file(args.api_key_file) if args.api_key_file else None
     refuse_open_without_key(args, keyed=digest is not None)
-    return ServiceConfig.of(args.model, plan, ScoringLimits(**scoring_limits(args)),
-                            overrides=parse_param_flags(args.set, "--set"), api_key_sha256=digest)
+    return ServiceConfig.of(args.model, plan, ScoringLimits(**limits), overrides=parse_param_flags(args.set, "--set"),
+                            api_key_sha256=digest)
 
 
 def _loopback(host: str) -> bool:
@@ -106,8 +106,9 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     """Deploy the endpoint on the local Ray instance (or --address) and return its URL."""
     from serving.app import VisionService
 
+    limits = scoring_limits(args)  # the flags first: a typo costs nothing
     folder, plan = plan_replicas(args)
-    config = _config(args, folder, plan)
+    config = _config(args, plan, limits)
     print(layout_line(args, plan), flush=True)
     options = deployment_options(args, plan)
     url = f"http://{args.host}:{args.port}"
