@@ -77,9 +77,9 @@ class ModelFolder:
     def plan(self, backend: str = "auto", device: str | None = None, compile: bool | None = False) -> ScoringPlan:
         """What scores this model (serving.backends.plan); NoPlan when `backend` cannot."""
         task = self.model_settings.task
-        missing = not_exported_why(task) or (f"{self.onnx.name} not found in the model folder (a model exported "
-                                             "before visionserve wrote ONNX files for its task, or one whose ONNX "
-                                             "check failed: its training log says); train it again")
+        missing = not_exported_why(task) or (f"{self.onnx} not found (a model exported before visionserve wrote "
+                                             "ONNX files for its task, or one whose ONNX check failed: its training "
+                                             "log says); train it again")
         return plan(backend, task.family, device or default_device().type, self.onnx.is_file(), compile=compile,
                     onnx_missing_why=missing)
 

@@ -7,7 +7,7 @@ ADLS URLs), whose path maps under the image root (else the base folder): an Azur
 fragment are never part of the path. A URL of any other scheme is refused: read as a relative path, it would
 be flattened into one that the root check lets through.
 
-Confinement is one rule, `confine`: the file, links followed, lies under the root, links followed. A cloud
+Confinement is one rule, `inside`: the file, links followed, lies under the root, links followed. A cloud
 URL is always confined (to the image root, else the base folder); every file the hub reads is confined to its
 `--image-root` (`confined=True`). Every reader of such files (training and scoring data, COCO registration,
 evaluation, the hub's browse and analyze routes, batch scoring's `--image-root`) maps and confines through here.
@@ -66,13 +66,6 @@ def inside(root: str | Path, path: str | Path) -> bool:
         return False
 
 
-def confine(root: str | Path, path: str | Path, url: str) -> str:
-    """`path` when it lies under `root` (`inside`); Refused naming `url` (as given) otherwise."""
-    if not inside(root, path):
-        raise Refused(f"{shown(url)} lies outside {root}; refused")
-    return str(path)
-
-
 def _cloud_paths(url: str, scheme: str) -> list[str]:
     """The path(s) under the root a cloud URL names, likeliest first (a blob URL's container may or may not be
     a folder under the root)."""
@@ -90,9 +83,10 @@ def _cloud_paths(url: str, scheme: str) -> list[str]:
     return [path]
 
 
-def candidates(url: str, base: Path, root: Path | None) -> list[str]:
+def candidates(url: str, base: Path, root: Path | None, *, quiet: bool = False) -> list[str]:
     """The local paths `url` may name, likeliest first (see the module docstring); Refused for an unknown scheme,
-    an empty URL, or a cloud URL whose path leaves the root (lexically: before any file is looked at)."""
+    an empty URL, or a cloud URL whose path leaves the root (lexically: before any file is looked at). `quiet`:
+    messages name the URL only, never a path of this machine (a server answering its API users)."""
     url = url.strip()
     if not url or "\x00" in url:
         raise Refused("an empty URL" if not url else f"{shown(url)!r} contains a NUL character")
@@ -109,7 +103,8 @@ def candidates(url: str, base: Path, root: Path | None) -> list[str]:
         lexical = os.path.abspath(top)
         for m in mapped:
             if os.path.commonpath([lexical, os.path.abspath(m)]) != lexical:
-                raise Refused(f"{shown(url)} maps to {os.path.abspath(m)}, outside {_root_words(root, base)}; refused")
+                where = "" if quiet else f" to {os.path.abspath(m)},"
+                raise Refused(f"{shown(url)} maps{where} outside {_root_words(root, base, quiet)}; refused")
         return mapped
     if len(scheme) == 1:  # a Windows drive letter, e.g. C:/data
         return [url]
@@ -120,20 +115,23 @@ def candidates(url: str, base: Path, root: Path | None) -> list[str]:
     return [str(path if path.is_absolute() else base / path)]
 
 
-def _root_words(root: Path | None, base: Path) -> str:
+def _root_words(root: Path | None, base: Path, quiet: bool = False) -> str:
+    if quiet:
+        return "the image root"
     return f"the image root {root}" if root is not None else f"{base}, the folder of the file naming it (no image root given)"
 
 
 def locate(url: str, base: Path, root: Path | None, *, confined: bool = False) -> str:
     """The local path `url` names (the first candidate that exists, else the likeliest), confined (real paths)
     to the image root (else `base`) when it is a cloud URL or `confined` is set; Refused otherwise.
-    `confined` without a root: nothing local may be read."""
-    options = candidates(url, base, root)
+    `confined` (a server reading files its API users name): nothing is read without a root, and messages show
+    no path of this machine."""
+    options = candidates(url, base, root, quiet=confined)
     path = options[0] if len(options) == 1 else next((c for c in options if os.path.lexists(c)), options[0])
     if confined and root is None:
         raise Refused(f"{shown(url)}: a local file, and no image root is set; refused")
     if confined or is_cloud(url):
         top = root if root is not None else base
         if not inside(top, path):
-            raise Refused(f"{shown(url)} lies outside {_root_words(root, base)}; refused")
+            raise Refused(f"{shown(url)} lies outside {_root_words(root, base, confined)}; refused")
     return path

@@ -52,7 +52,7 @@ def url_image(url: Any, image_root: str | None, limits: ImageLimits) -> Probed:
     try:
         path = Path(locate(url, root, root, confined=True))
     except Refused as exc:
-        raise ApiError(400, "InvalidImageUrl", str(exc).replace(str(root), "the hub's --image-root"), "url") from None
+        raise ApiError(400, "InvalidImageUrl", str(exc), "url") from None
     if not path.is_file():
         raise ApiError(400, "InvalidImageUrl", f"{url[:200]}: no such file under the hub's --image-root", "url")
     try:
