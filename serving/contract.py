@@ -199,6 +199,14 @@ class ScoringRequest:
     settings: Any
     partial: bool = False
 
+    def plain(self) -> list[int]:
+        """The entries to score (their image readable, no explanation asked for)."""
+        return [i for i, e in enumerate(self.entries) if isinstance(e.image, Probed) and e.xai is None]
+
+    def explained(self) -> list[int]:
+        """The entries to explain (their image readable)."""
+        return [i for i, e in enumerate(self.entries) if isinstance(e.image, Probed) and e.xai is not None]
+
     def refused(self) -> list[dict]:
         """One detail per entry that cannot be scored (its bytes or header were refused)."""
         return [{"field": e.field, "index": i, "code": e.image.code, "message": str(e.image)}

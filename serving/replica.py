@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve import metrics
 
 from models.data.images import Probed
-from models.errors import ErrorCode, ImageError
+from models.errors import ErrorCode
 from models.runtime import torch_thread
 from serving.admission import Admission, Busy, TimedOut
 from serving.contract import RequestError, ScoringRequest
@@ -80,7 +80,7 @@ class ScoringReplica:
             sizes.append(size)
             return answer
 
-        busy = int(any(e.xai is None and not isinstance(e.image, ImageError) for e in request.entries))
+        busy = int(bool(request.plain()))
         self._busy += busy
         # a batch waits for more images only while another request is being scored: alone, it goes now
         wait = self.limits.batch_wait_timeout_s if self._busy > 1 else 0.0

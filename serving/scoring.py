@@ -135,8 +135,7 @@ class Scoring:
         """One answer per entry, in order: plain images through `score` (the surface's batcher), explanation
         entries through `explain` (its admission)."""
         entries, predictor, settings = request.entries, self.predictor, request.settings
-        plain = [i for i, e in enumerate(entries) if isinstance(e.image, Probed) and e.xai is None]
-        wished = [i for i, e in enumerate(entries) if isinstance(e.image, Probed) and e.xai is not None]
+        plain, wished = request.plain(), request.explained()
         jobs: list[Awaitable] = [score(predictor, entries[i].image, settings, i) for i in plain]
         if wished:
             jobs.append(explain(predictor, [entries[i].image for i in wished], [entries[i].xai for i in wished],
@@ -150,8 +149,7 @@ class Scoring:
         `rows`: the row numbers error objects name (default: the entries' places)."""
         entries, predictor, settings = request.entries, self.predictor, request.settings
         rows = rows if rows is not None else range(len(entries))
-        plain = [i for i, e in enumerate(entries) if isinstance(e.image, Probed) and e.xai is None]
-        wished = [i for i, e in enumerate(entries) if isinstance(e.image, Probed) and e.xai is not None]
+        plain, wished = request.plain(), request.explained()
         answers = dict(zip(plain, predictor.score([entries[i].image for i in plain], settings,
                                                   [rows[i] for i in plain])))
         if wished:
