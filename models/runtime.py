@@ -1,15 +1,21 @@
 """Where work runs: the process's torch thread, and the Ray instance (a cluster to join, or a local
-instance started with Ray Serve's high-throughput ingress); also ports and readiness for the servers
+instance started with Ray Serve's high-throughput ingress); what travels to the processes of a cluster
+(the environment they need); this process's download folder; also ports and readiness for the servers
 this project starts."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,31 +36,109 @@ def torch_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="visionserve-torch")
 
 
-def ensure_ray(address: str | None = None, num_cpus: float | None = None, *, log_to_driver: bool = True) -> None:
-    """Join the Ray cluster at `address` (or RAY_ADDRESS), else start a local instance; once per process."""
+def ensure_ray(address: str | None = None, num_cpus: float | None = None, *, log_to_driver: bool = True,
+               env: Mapping[str, str] | None = None) -> None:
+    """Join the Ray cluster at `address` (or RAY_ADDRESS), else start a local instance; once per process.
+
+    Every task and actor of this process's job (and a Serve deployment without a runtime_env of its own) gets
+    `env` in its environment; on a cluster also `travelling_env()`, since a process on another node has only
+    that node's environment."""
     import ray
 
     if ray.is_initialized():
         return
     address = cluster_address(address)
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver,
+                 runtime_env={"env_vars": {**travelling_env(), **(env or {})}})
         log.info("joined the Ray cluster at %s", address)
     else:
         _same_environment_for_workers()
         chosen = serve_environment()
         os.environ.update(chosen)
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                     runtime_env={"env_vars": dict(env)} if env else None)
         finally:  # this instance's own ports stay with it (its raylet has them), not with processes started later
             for name in _PER_INSTANCE.intersection(chosen):
                 os.environ.pop(name, None)
         log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
 
 
+def node_cpus() -> list[float]:
+    """The CPUs of each alive node of the Ray instance this process is connected to."""
+    import ray
+
+    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+
+
+def cpus_each(count: int, nodes: list[float], available: float | None = None) -> int:
+    """Whole CPUs for each of `count` equal pieces of work (trials, training workers) that each run on one node:
+    the most that lets the nodes hold all of them at once (a node of n CPUs holds n // c pieces of c), at most
+    `available` / count (the CPUs free now, cluster-wide), at least 1 (then some pieces wait for others).
+    Two 8-CPU nodes give one piece 8 CPUs, not 16 (no node has 16: it would never be scheduled)."""
+    cap = int(max(nodes, default=1.0))
+    if available is not None:
+        cap = min(cap, int(available // max(count, 1)))
+    for cpus in range(cap, 1, -1):
+        if sum(int(n // cpus) for n in nodes) >= count:
+            return cpus
+    return 1
+
+
 def cluster_address(address: str | None = None) -> str | None:
     """The Ray cluster to join: `address`, else RAY_ADDRESS; None means a local instance."""
     return address or os.environ.get("RAY_ADDRESS") or None
+
+
+# what a process on another node needs from this one's environment: where models and runs live, and this
+# project's own settings (VISIONSERVE_*); secrets stay on the nodes (a runtime_env is visible to anyone who can
+# read the cluster's job table), or are given with `--env` knowingly
+TRAVELLING = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME")
+TRAVELLING_PREFIX = "VISIONSERVE_"
+
+
+def travelling_env() -> dict[str, str]:
+    """The variables of this process's environment that its work on other nodes needs (TRAVELLING and
+    VISIONSERVE_*), MLflow's URIs made absolute. A tracking URI that is a file on this machine is logged as a
+    warning: processes on other nodes would each write to (or read from) their own disk."""
+    env = {name: value for name, value in os.environ.items()
+           if name in TRAVELLING or name.startswith(TRAVELLING_PREFIX)}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if env.get(name):
+            env[name] = absolute_tracking_uri(env[name])
+            if is_local_store(env[name]):
+                log.warning("%s=%s is a store on this machine: processes on other nodes of the cluster cannot "
+                            "reach it; use an MLflow tracking server (http://...) or a database", name, env[name])
+    return env
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """An MLflow tracking URI with a relative path (a folder, sqlite:///relative.db) made absolute."""
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    """Whether an MLflow URI is a folder or sqlite file of this machine."""
+    return "://" not in uri or uri.startswith(("file:", "sqlite:"))
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env_flags(pairs: list[str], flag: str = "--env") -> dict[str, str]:
+    """`--env NAME=VALUE` flags → {NAME: VALUE}; a ValueError naming the pair that is not one."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not ENV_NAME.fullmatch(name):
+            raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE with NAME made of letters, digits and _")
+        out[name] = value
+    return out
 
 
 def _same_environment_for_workers() -> None:
@@ -119,6 +203,46 @@ def serve_environment() -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(reserved_port()),
     }
     return {name: value for name, value in wanted.items() if name not in os.environ}
+
+
+DOWNLOADS = "visionserve-downloads"
+
+
+@functools.cache
+def downloads_folder() -> Path:
+    """This process's folder for what it downloads (a model from MLflow), under the temp folder: removed when
+    the process exits; a folder that a process killed outright left behind is removed by the next process that
+    makes its own on that machine (`remove_orphaned_downloads`). MLflow's own default, a new temp folder per
+    download, was never removed."""
+    remove_orphaned_downloads()
+    folder = Path(tempfile.gettempdir()) / DOWNLOADS / (_process_tag(os.getpid()) or f"{os.getpid()}-0")
+    folder.mkdir(parents=True, exist_ok=True)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def remove_orphaned_downloads() -> list[str]:
+    """Remove the download folders of processes of this machine that no longer run; → their names."""
+    root = Path(tempfile.gettempdir()) / DOWNLOADS
+    gone: list[str] = []
+    if not Path("/proc/self/stat").is_file():  # no way to tell which processes run: keep everything
+        return gone
+    for folder in root.glob("*-*") if root.is_dir() else ():
+        pid = folder.name.split("-")[0]
+        if pid.isdigit() and _process_tag(int(pid)) != folder.name:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder.name)
+    return gone
+
+
+def _process_tag(pid: int) -> str:
+    """`PID-START`: the process's id and start time (so a later process given the same id is another one);
+    "" when no such process runs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{pid}-{fields[19]}"  # starttime, the 22nd field of /proc/PID/stat
+    except (OSError, IndexError):
+        return ""
 
 
 def free_port() -> int:

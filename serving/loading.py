@@ -28,12 +28,18 @@ _URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "w
 
 def resolve_model(model: str | Path) -> Path:
     """A local MLflow model folder for `model`: a folder as is, or an MLflow URI (`models:/name/1`,
-    `runs:/<id>/mlflow-model`, …) downloaded through MLflow's artifact API."""
+    `runs:/<id>/mlflow-model`, …) downloaded through MLflow's artifact API into this process's downloads folder
+    (removed when the process ends)."""
     text = str(model)
     if text.startswith(_URI_SCHEMES):
+        import tempfile
+
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
+        from models.runtime import downloads_folder
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=text,
+                                                        dst_path=tempfile.mkdtemp(dir=downloads_folder())))
     path = Path(text.removeprefix("file://")).expanduser()
     if not (path / "MLmodel").is_file():
         raise FileNotFoundError(f"{model}: not an MLflow model folder (no MLmodel file) nor an MLflow URI")

@@ -14,18 +14,13 @@ import torch
 
 from models.data.streaming import is_remote
 from models.tasks.registry import get_task
-from models.runtime import torch_thread
+from models.runtime import absolute_tracking_uri, torch_thread
 from models.train.loop import EpochHook, TrainingJob, TrainingResult, train
 
 
 def tracking_uri() -> str:
     """The current MLflow tracking URI, made absolute."""
-    uri = mlflow.get_tracking_uri()
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
+    return absolute_tracking_uri(mlflow.get_tracking_uri())
 
 
 def _absolute(path: Any) -> str | None:
@@ -48,6 +43,60 @@ def job_from(fields: dict[str, Any]) -> TrainingJob:
     fields = dict(fields)
     mlflow.set_tracking_uri(fields.pop("tracking_uri"))
     return TrainingJob(**{**fields, "task": get_task(fields["task"]), "output_dir": Path(fields["output_dir"])})
+
+
+class Board:
+    """Small records by key in a Ray actor: what the processes of a sweep or a Ray Train run (on any node) tell
+    the process that started them (a trial's outcome, rank 0's result), instead of files on their own node's
+    disk, which the starting process on another node could not read."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        self.records[key] = record
+
+    def update(self, key: str, fields: dict[str, Any]) -> None:
+        self.records[key] = {**self.records.get(key, {}), **fields}
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return dict(self.records)
+
+
+def model_from_run(run_id: str, target: Path) -> Path:
+    """The MLflow model folder run `run_id` logged (`mlflow-model`), downloaded into `target` in place of what is
+    there: a model trained on another node reaches this one through the tracking server, never its disk."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="mlflow-model",
+                                                       dst_path=str(staging)))
+        shutil.rmtree(target, ignore_errors=True)
+        got.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def open_board():
+    """A new Board actor (no CPU; it goes when the caller drops its handle) and the name by which other
+    processes of this job find it (`board`): a name travels in a trial's or worker's config as a string does."""
+    import uuid
+
+    import ray
+
+    name = f"visionserve-board-{uuid.uuid4().hex}"
+    return ray.remote(num_cpus=0, max_restarts=0)(Board).options(name=name).remote(), name
+
+
+def board(name: str):
+    """The Board `open_board` named `name`."""
+    import ray
+
+    return ray.get_actor(name)
 
 
 def metric_reporter(primary: str, send: Callable[[dict[str, Any]], None]) -> EpochHook:
