@@ -20,6 +20,31 @@ def parse_param_flags(pairs: Sequence[str], flag: str = "--param") -> dict[str, 
     return out
 
 
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """Where a server runs: the Ray cluster to join, where its HTTP proxies run, what its replicas' environment
+    gets, how long its deployment may take."""
+    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly", "Disabled"), default=None,
+                   help="where Ray Serve's HTTP proxies (HAProxy) run: every node (Ray's default), the head only, or "
+                        "none (requests through DeploymentHandles only). Proxies started earlier in the cluster stay")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the replicas and everything they start (repeatable); on a "
+                        "cluster MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI and VISIONSERVE_* travel by themselves")
+    p.add_argument("--deploy-timeout-s", type=float, default=600.0,
+                   help="the application must be running by then, else it is removed and the command fails saying "
+                        "why (default 600)")
+
+
+def env_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The --env flags as {NAME: VALUE} (a SettingsError naming a malformed one)."""
+    from models.runtime import parse_env_flags
+
+    try:
+        return parse_env_flags(getattr(args, "env", None) or [])
+    except ValueError as exc:
+        raise SettingsError([str(exc)], "command line") from None
+
+
 def add_backend_flag(p: argparse.ArgumentParser) -> None:
     from serving.backends import BACKENDS, DEFAULT_BACKEND
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from models.errors import SettingsError
-from serving.cli.flags import add_scoring_flags
+from serving.cli.flags import add_cluster_flags, add_scoring_flags, env_flags
 
 
 def start(args: argparse.Namespace, *, block: bool = True) -> str:
@@ -15,12 +15,13 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     from serving.cli.serve import refuse_open_without_key, run_until_stopped
     from serving.hub.app import build_hub
 
+    env = env_flags(args)  # a malformed --env is refused first
     refuse_open_without_key(args, keyed=bool(args.api_key_file))
     if args.cache_size < 1 or args.model_replicas < 1:
         raise SettingsError(["--cache-size and --model-replicas must be at least 1"], "command line")
     hub = build_hub({"state_dir": args.state_dir, "image_root": args.image_root, "api_key_file": args.api_key_file,
                      "cache_size": args.cache_size, "model_replicas": args.model_replicas,
-                     "model_cpus": args.model_cpus, **scoring_limits(args)})
+                     "model_cpus": args.model_cpus, "env": env, **scoring_limits(args)})
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: hub, "visionserve-hub", f"visionserve hub at {url}  (state in "
                              f"{args.state_dir}; /computervision/..., POST /score, GET /models)",
@@ -28,8 +29,9 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
 
 
 def _hub(args: argparse.Namespace) -> int:
-    start(args)
-    return 0
+    from serving.cli.serve import exit_code
+
+    return exit_code(start, args)
 
 
 def add_commands(sub: Any) -> None:
@@ -41,7 +43,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--image-root", help="where cloud blob URLs of COCO files and images are mapped to local files")
     p.add_argument("--api-key-file", help="require Ocp-Apim-Subscription-Key (or Authorization: Bearer) with this key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key-file")
-    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    add_cluster_flags(p)
     p.add_argument("--cache-size", type=int, default=3, help="models each model replica keeps loaded")
     p.add_argument("--model-replicas", type=int, default=1, help="replicas serving the models")
     p.add_argument("--model-cpus", type=float, default=0.5, help="CPUs per model replica")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.errors import SettingsError
-from serving.cli.flags import add_backend_flag, add_scoring_flags, add_set_flag, parse_param_flags, scoring_limits
+from serving.cli.flags import (add_backend_flag, add_cluster_flags, add_scoring_flags, add_set_flag, env_flags,
+                                parse_param_flags, scoring_limits)
 
 if TYPE_CHECKING:
     from serving.backends import ScoringPlan
@@ -23,12 +24,17 @@ if TYPE_CHECKING:
 
 def deployment_options(args: argparse.Namespace, plan: ScoringPlan | None = None) -> dict[str, Any]:
     """Ray Serve deployment options from the flags: replicas or autoscaling, CPUs/GPUs, capacity; `plan`: what the
-    replicas will score with (its processes' environment)."""
+    replicas will score with (its processes' environment), with what travels to a cluster and --env
+    (serving.cluster.replica_env)."""
     from ray.serve.config import BackpressureConfig
 
+    from serving.cluster import on_cluster, replica_env
+
     actor: dict[str, Any] = {"num_cpus": _cpus_per_replica(args), "num_gpus": args.gpus_per_replica}
-    if plan is not None and plan.replica_env():
-        actor["runtime_env"] = {"env_vars": plan.replica_env()}
+    own = plan.replica_env() if plan is not None else {}
+    env = replica_env(own, env_flags(args), cluster=on_cluster(args.address))
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     options: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": args.max_ongoing_requests,
@@ -106,7 +112,8 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     """Deploy the endpoint on the local Ray instance (or --address) and return its URL."""
     from serving.app import VisionService
 
-    limits = scoring_limits(args)  # the flags first: a typo costs nothing
+    env_flags(args)  # the flags first: a typo costs nothing
+    limits = scoring_limits(args)
     folder, plan = plan_replicas(args)
     config = _config(args, plan, limits)
     print(layout_line(args, plan), flush=True)
@@ -114,7 +121,16 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: VisionService.options(**options).bind(asdict(config)),
                              "visionserve", f"visionserve is serving {args.model} at {url}  (POST /score, "
-                             f"/invocations; docs at {url}/docs)", "shutting down the endpoint", block=block)
+                             f"/invocations; docs at {url}/docs)", "shutting down the endpoint", block=block,
+                             check=lambda: _check_on_cluster(args, args.model, folder.path))
+
+
+def _check_on_cluster(args: argparse.Namespace, model: str, folder: Path) -> None:
+    """On a cluster, a model folder must be at its path on every node (a models:/ URI is downloaded by each)."""
+    from serving.cluster import check_every_node_sees, on_cluster
+
+    if on_cluster(args.address):
+        check_every_node_sees(model, folder)
 
 
 def refuse_open_without_key(args: argparse.Namespace, *, keyed: bool) -> None:
@@ -124,28 +140,36 @@ def refuse_open_without_key(args: argparse.Namespace, *, keyed: bool) -> None:
                              "--api-key-file KEYFILE, or --insecure to serve without one anyway"], "command line")
 
 
-def run_until_stopped(args: argparse.Namespace, app, name: str, ready: str, stopping: str, *, block: bool) -> str:
-    """Start Serve on --host/--port (joining --address, else a local Ray instance), run `app()` as `name` at
-    "/", print `ready`; with `block`, wait for Ctrl-C or SIGTERM, then print `stopping` and shut Serve down.
-    Returns the URL."""
+def run_until_stopped(args: argparse.Namespace, app, name: str, ready: str, stopping: str, *, block: bool,
+                      check=None) -> str:
+    """Start Serve on --host/--port (joining --address, else a local Ray instance; --proxy-location), call
+    `check()` (a ValueError refuses to deploy), run `app()` as `name` at "/" (running within --deploy-timeout-s,
+    else removed: serving.cluster.deploy), print `ready`; with `block`, wait for Ctrl-C or SIGTERM, then print
+    `stopping` and remove the application (on a local instance: shut Serve down). Returns the URL."""
     import ray
     from ray import serve
 
     from models.runtime import ensure_ray
+    from serving.cluster import deploy, on_cluster, stop
 
-    if block:  # from here on: the endpoint answers 200 on /health/ready before serve.run returns
+    if block:  # from here on: the endpoint answers 200 on /health/ready before deploy returns
         _stop_on_signals()
     try:
-        ensure_ray(args.address)
-        serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
-        serve.run(app(), name=name, route_prefix="/")
+        ensure_ray(args.address, env=env_flags(args))
+        if block:  # again: joining Ray installs a SIGTERM handler that ends the process before it cleans up
+            _stop_on_signals()
+        if check is not None:
+            check()
+        serve.start(proxy_location=args.proxy_location,
+                    http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
+        deploy(app(), name, "/", args.deploy_timeout_s, say=lambda message: print(message, flush=True))
         print(ready, flush=True)
         while block:
             time.sleep(3600)
     except (KeyboardInterrupt, SystemExit):
         print(stopping, flush=True)
         if ray.is_initialized():
-            serve.shutdown()
+            stop(name, cluster=on_cluster(args.address))
     return f"http://{args.host}:{args.port}"
 
 
@@ -169,7 +193,18 @@ def _serve(args: argparse.Namespace) -> int:
         return subprocess.call(command, env={**os.environ, **serve_environment()} if local else None)
     if not args.model:
         raise SettingsError(["MODEL: give a model folder or MLflow URI (or --config serve.yaml)"], "command line")
-    start(args)
+    return exit_code(start, args)
+
+
+def exit_code(start, args: argparse.Namespace) -> int:
+    """`start(args)`; an application that did not deploy is exit code 1 with its reason, never a traceback."""
+    from serving.cluster import DeployError
+
+    try:
+        start(args)
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -179,7 +214,7 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="a Ray Serve config file (applications: import_path serving.app:build_app)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else a local instance)")
+    add_cluster_flags(p)
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")

@@ -227,20 +227,21 @@ class HubService:
 
 def build_hub(args: dict[str, Any]) -> serve.Application:
     """Application builder: `state_dir`, optional `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
-    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), and ScoringLimits' fields (the same limits,
-    batching and explanation admission as `visionserve serve`)."""
+    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment variables), and
+    ScoringLimits' fields (the same limits, batching and explanation admission as `visionserve serve`)."""
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     key_file = args.pop("api_key_file", None)
     replicas = int(args.pop("model_replicas", 1))
     cpus = float(args.pop("model_cpus", 0.5))
+    env = dict(args.pop("env", None) or {})  # --env: a runtime_env of their own leaves the replicas no other way
     tracking = args.pop("tracking_uri", None) or f"sqlite:///{state / 'mlflow.db'}"
     limits = asdict(ScoringLimits(**{k: args.pop(k) for k in list(args) if k in ScoringLimits.__dataclass_fields__}))
     config = HubConfig(state_dir=str(state), tracking_uri=tracking, limits=limits,
                        api_key_sha256=read_key_file(key_file, "api_key_file") if key_file else None, **args)
     models = hub_models(config.cache_size).options(  # classifiers score on ONNX Runtime there (backend auto)
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "runtime_env": {
-            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV}}}).bind(limits, max(1, round(cpus)))
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV, **env}}}).bind(limits, max(1, round(cpus)))
     return HubService.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {
-        "env_vars": {"MLFLOW_TRACKING_URI": tracking}}}).bind(asdict(config), models)
+        "env_vars": {"MLFLOW_TRACKING_URI": tracking, **env}}}).bind(asdict(config), models)
