@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -15,27 +14,20 @@ from models.train import checkpoints
 from models.export import export_model, model_settings_from_training
 from models.tasks.registry import training_settings
 from models.train.loop import TrainingJob
-
-TRIAL_FILE = "trial.json"
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+from models.train.remote import model_from_run
 
 
-def collect(grid, output: Path, primary: str, deadline: float, stopped: str | None = None,
+def collect(grid, records: dict[str, dict[str, Any]], primary: str, deadline: float, stopped: str | None = None,
             planned: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per trial: index, status, sampled params, best primary metric, epochs, seconds, run id.
-    `stopped`: the status of trials still running when the sweep was stopped (exit_score); `planned`:
-    every trial's params (random, grid), so that trials Tune never created show as "not started"."""
+    """One row per trial: index, status, sampled params, best primary metric, epochs, seconds, run id, node.
+    `records`: what each trial told the sweep's board, by trial id; `stopped`: the status of trials still
+    running when the sweep was stopped (exit_score); `planned`: every trial's params (random, grid), so that
+    trials Tune never created show as "not started"."""
     rows = []
     client = mlflow.MlflowClient()
     for result in grid:
         trial_id = Path(result.path).name
-        info = _read(output / "trials" / trial_id / TRIAL_FILE)
+        info = records.get(trial_id, {})
         history = result.metrics_dataframe
         curve = [] if history is None or primary not in history else [float(v) for v in history[primary].dropna()]
         status = info.get("status", "not started")
@@ -55,12 +47,12 @@ def collect(grid, output: Path, primary: str, deadline: float, stopped: str | No
             "metric": metrics.get(primary, max(curve) if curve else None), "curve": curve,
             "epochs": info.get("epochs", len(curve)), "seconds": round(ended - info["started"], 1) if info else None,
             "started": info.get("started"),
-            "run_id": run_id, "model_dir": info.get("model_dir"), "parameters": info.get("parameters"),
-            "checkpoint": str(output / "trials" / trial_id / "checkpoints" / "best.pt"),
+            "run_id": run_id, "parameters": info.get("parameters"), "node": info.get("node"),
+            "checkpoint": info.get("checkpoint") or "",
         })
     seen = {r["index"] for r in rows}
     rows += [{"trial_id": "", "index": i, "status": "not started", "params": params, "metric": None, "curve": [],
-              "epochs": 0, "seconds": None, "started": None, "run_id": None, "model_dir": None, "parameters": None,
+              "epochs": 0, "seconds": None, "started": None, "run_id": None, "parameters": None, "node": None,
               "checkpoint": ""}
              for i, params in enumerate(planned or []) if i not in seen]
     rows.sort(key=lambda r: (r["index"] if r["index"] is not None else 10**6, r["trial_id"]))
@@ -89,28 +81,29 @@ def _fmt(value: Any) -> str:
 
 
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The completed trial with the highest primary metric; else (a timeout) the best one with a checkpoint."""
-    done = [r for r in rows if r["status"] == "completed" and r["model_dir"] and r["metric"] is not None]
+    """The completed trial with the highest primary metric; else (a timeout) the best one whose checkpoint this
+    node has (a trial cut short on another node keeps its checkpoint there)."""
+    done = [r for r in rows if r["status"] == "completed" and r["run_id"] and r["metric"] is not None]
     if not done:
-        done = [r for r in rows if r["metric"] is not None and r["parameters"] and Path(r["checkpoint"]).is_file()]
+        done = [r for r in rows if r["metric"] is not None and r["parameters"] and r["checkpoint"]
+                and Path(r["checkpoint"]).is_file()]
     return max(done, key=lambda r: r["metric"]) if done else None
 
 
 def export_best(job: TrainingJob, rows: list[dict[str, Any]], output: Path, primary: str,
                 report: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
-    """Copy (or, for a trial cut by the timeout, export from its best checkpoint) the best trial's model
-    to `<output>/mlflow-model` and log it, its metrics and its run id on the sweep's run."""
+    """Download from its MLflow run (or, for a trial cut by the timeout, export from its best checkpoint) the best
+    trial's model to `<output>/mlflow-model` and log it, its metrics and its run id on the sweep's run."""
     best = best_trial(rows)
     if best is None:
         raise RuntimeError("no trial finished an evaluation of the primary metric "
                            f"({primary}); raise limits.timeout_minutes or check the failed trials above")
     target = output / "mlflow-model"
-    if target.exists():
-        shutil.rmtree(target)
     if best["status"] == "completed":
-        shutil.copytree(best["model_dir"], target)
+        model_from_run(best["run_id"], target)
     else:
         report(f"no trial completed; exporting trial {best['trial']} from its best checkpoint")
+        shutil.rmtree(target, ignore_errors=True)
         settings, arch = training_settings(job.task, best["parameters"])
         ckpt = checkpoints.read_checkpoint(best["checkpoint"])
         spec = model_settings_from_training(job.task, arch.name, ckpt["labels"], settings)

@@ -2,8 +2,10 @@
 early termination, a timeout that still exports the best finished trial, a summary table.
 
 Each trial runs the ordinary training loop (`models.train.loop.train`) in a Ray Tune trial with its
-share of the machine; its validations are reported to Tune, whose scheduler may stop it early.
-The best trial by the task's primary metric becomes `<output>/mlflow-model`.
+share of a node; its validations are reported to Tune, whose scheduler may stop it early. A trial may run on
+any node of the cluster: it tells the sweep how it went through a Board actor and logs its model to its MLflow
+run, so nothing is read from a trial's disk. The best trial by the task's primary metric becomes
+`<output>/mlflow-model`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ray.tune.stopper import CombinedStopper
 
 from models.data.jsonl import read_dataset
 from models.errors import SettingsError
-from models.runtime import ensure_ray
+from models.runtime import cpus_each, ensure_ray, node_cpus
 from models.sweep.report import collect, export_best, summary_table
 from models.sweep.search_space import auto_search_space, grid_configs, random_configs, tune_space
 from models.sweep.settings import JobLimits, SweepSettings
@@ -38,10 +40,9 @@ from models.sweep.termination import CallerStopper, ExitScoreStopper, make_sched
 from models.tasks.registry import training_settings
 from models.train.distributed import train_distributed, worker_count
 from models.train.loop import TrainingJob, prepare, train
-from models.train.remote import job_from, portable_job, train_on_one_thread
+from models.train.remote import board, job_from, open_board, portable_job, train_on_one_thread
 
 log = logging.getLogger(__name__)
-TRIAL_FILE = "trial.json"
 
 
 @dataclass
@@ -53,34 +54,31 @@ class SweepResult:
     seconds: float
 
 
-def _write(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, default=str))
-
-
 def run_trial(config: dict[str, Any]) -> None:
-    """The Ray Tune trainable: one trial = one `train` with the trial's hyperparameters."""
+    """The Ray Tune trainable: one trial = one `train` with the trial's hyperparameters, on whichever node Tune
+    placed it; its outcome goes to the sweep's board (`ctx["board"]`), its model to its MLflow run."""
     ctx = config["__ctx"]
+    trials = board(ctx["board"])
     trial_id = tune.get_context().get_trial_id()
     if "__trial" in config:
         index, params = config["__trial"]["index"], config["__trial"]["params"]
     else:
         index, params = None, {k: v for k, v in config.items() if not k.startswith("__")}
     base = job_from(ctx["job"])
-    folder = base.output_dir / "trials" / trial_id
+    folder = base.output_dir / "trials" / trial_id  # this trial's own files, on its node only
     now = time.time()
-    record = {"trial_id": trial_id, "index": index, "params": params, "started": now}
+    record = {"trial_id": trial_id, "index": index, "params": params, "started": now,
+              "node": ray.get_runtime_context().get_node_id(), "checkpoint": str(folder / "checkpoints" / "best.pt")}
     deadline = ctx["deadline"]
     if ctx["trial_timeout_s"]:
         deadline = min(deadline, now + ctx["trial_timeout_s"])
-    # a best checkpoint of this sweep's trials (one an earlier sweep left in the same output does not count)
-    exportable = any(p.stat().st_mtime >= ctx["started"]
-                     for p in (base.output_dir / "trials").glob("*/checkpoints/best.pt"))
+    # a trial of this sweep that validated has a best checkpoint: something to export
+    exportable = any(r.get("validated") for r in ray.get(trials.all.remote()).values())
     if now >= ctx["deadline"] and exportable:  # past the timeout with something to export: start no more trials
-        _write(folder / TRIAL_FILE, {**record, "status": "skipped (timeout)", "ended": now})
+        ray.get(trials.put.remote(trial_id, {**record, "status": "skipped (timeout)", "ended": now}))
         return
     parameters = {**base.parameters, **params}
-    _write(folder / TRIAL_FILE, {**record, "status": "running", "parameters": parameters})
+    ray.get(trials.put.remote(trial_id, {**record, "status": "running", "parameters": parameters}))
     job = replace(base, parameters=parameters, output_dir=folder,
                   run_name=f"{base.run_name}-trial-{index if index is not None else trial_id}",
                   timeout_minutes=max(deadline - now, 1e-3) / 60)
@@ -89,10 +87,14 @@ def run_trial(config: dict[str, Any]) -> None:
         result = train_distributed(job, report=log.info, workers=ctx["workers"], use_gpu=ctx["use_gpu"],
                                    cpus_per_worker=ctx["cpus"], in_tune_trial=True)
     else:
-        result = train_on_one_thread(job, tune.report, threads=max(1, round(ctx["cpus"])), report=log.info)
-    _write(folder / TRIAL_FILE, {**record, "status": "completed", "parameters": parameters, "run_id": result.run_id,
-                                 "model_dir": str(result.model_dir), "metrics": result.best_metrics,
-                                 "best_epoch": result.best_epoch, "epochs": result.epochs_run, "ended": time.time()})
+        def send(metrics: dict[str, Any]) -> None:
+            trials.update.remote(trial_id, {"validated": True, "run_id": metrics.get("mlflow_run_id")})
+            tune.report(metrics)
+
+        result = train_on_one_thread(job, send, threads=max(1, round(ctx["cpus"])), report=log.info)
+    ray.get(trials.update.remote(trial_id, {
+        "status": "completed", "validated": True, "run_id": result.run_id, "metrics": result.best_metrics,
+        "best_epoch": result.best_epoch, "epochs": result.epochs_run, "ended": time.time()}))
 
 
 def _configs(sweep: SweepSettings, seed: int) -> list[dict[str, Any]] | None:
@@ -121,15 +123,16 @@ TRIAL_DRIVER_CPU = 0.01  # a data-parallel trial's own actor only drives its Ray
 
 def _resources(concurrent: int, workers: int = 1) -> dict[str, float]:
     """One trial's (or, data-parallel, one Ray Train worker's) share of the Ray cluster: its CPUs (and GPUs)
-    split across the concurrent trials and their workers."""
+    split across the concurrent trials and their workers, each share on one node (`cpus_each`)."""
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0) / (concurrent * workers)
     gpus = math.floor(gpus) if gpus >= 1 else round(gpus, 3)
     # what is free now: a Serve deployment on the same instance (the hub's) keeps its share
     free = min(total.get("CPU", 1), ray.available_resources().get("CPU", 0) + 1e-6)
     if workers == 1:
-        return {"cpu": max(1, int(free // concurrent)), "gpu": gpus}
+        return {"cpu": cpus_each(concurrent, node_cpus(), free), "gpu": gpus}
     share = (free - concurrent * TRIAL_DRIVER_CPU) / (concurrent * workers)
+    share = min(share, cpus_each(concurrent * workers, node_cpus()))
     return {"cpu": max(0.001, math.floor(share * 1000) / 1000), "gpu": gpus}  # the trial actors hold the rest
 
 
@@ -174,6 +177,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
     primary = job.task.primary_metric
     deadline = started + sweep.limits.timeout_minutes * 60
     mlflow.set_experiment(job.experiment_name)
+    outcomes, outcomes_name = open_board()
     with mlflow.start_run(run_name=job.run_name or "sweep") as parent:
         mlflow.set_tags({"task": job.task.name, "sweep": "1", "sampling_algorithm": sweep.sampling_algorithm})
         mlflow.log_params({"max_trials": sweep.limits.max_trials, "max_concurrent_trials": concurrent,
@@ -188,7 +192,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
                             parent_run_id=parent.info.run_id, sweep=None)
         ctx = {"job": portable_job(trial_job), "started": started, "deadline": deadline, "cpus": resources["cpu"],
                "trial_timeout_s": (sweep.limits.trial_timeout_minutes or 0) * 60, "workers": workers,
-               "use_gpu": use_gpu}
+               "use_gpu": use_gpu, "board": outcomes_name}
         if configs is not None:
             space = {"__trial": tune.grid_search([{"index": i, "params": p} for i, p in enumerate(configs)]),
                      "__ctx": ctx}
@@ -222,7 +226,9 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
 
         if exit_score is not None and exit_score.reached_by:
             report(f"limits.exit_score {exit_score.score} reached by trial {exit_score.reached_by}: sweep stopped")
-        trials = collect(grid, output, primary, deadline,
+        records = ray.get(outcomes.all.remote())
+        ray.kill(outcomes)
+        trials = collect(grid, records, primary, deadline,
                          stopped="stopped (exit_score reached)" if exit_score and exit_score.reached_by else None,
                          planned=configs)
         table = summary_table(trials, primary)

@@ -2,27 +2,25 @@
 GPU (or CPU process) on each of `node_count_per_trial` nodes; gloo on CPUs, NCCL on GPUs.
 
 Every worker runs the ordinary training loop on its shard of the training data with the model in
-DistributedDataParallel; rank 0 validates, logs to MLflow, checkpoints and exports the model.
+DistributedDataParallel; rank 0 validates, logs to MLflow, checkpoints and exports the model. Rank 0 may run on
+any node: its result reaches the driver through a Board actor, and the model through the MLflow run it logged
+(downloaded into `<output>/mlflow-model`), never through rank 0's disk.
 Inside a sweep trial (node_count_per_trial > 1 with a search space) every worker also reports each
 validation with `ray.train.report`, which `TuneReportCallback` hands to the trial's Tune scheduler.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.train.remote import job_from, metric_reporter, portable_job
+from models.train.remote import board, job_from, metric_reporter, model_from_run, open_board, portable_job
 from models.train.loop import TrainingJob, TrainingResult, train
-
-RESULT_FILE = "distributed_result.json"
 
 
 class RayTrainDistribute:
@@ -70,11 +68,11 @@ def _worker(ctx: dict[str, Any]) -> None:
     on_epoch = metric_reporter(job.task.primary_metric, ray.train.report) if ctx["report_to_tune"] else None
     result = train(job, progress=False, report=lambda m: print(m, file=sys.stderr, flush=True), distribute=distribute,
                    on_epoch=on_epoch)
-    if result is not None:
-        Path(job.output_dir, RESULT_FILE).write_text(json.dumps({
-            "model_dir": str(result.model_dir), "run_id": result.run_id, "labels": result.labels,
-            "best_epoch": result.best_epoch, "best_metrics": result.best_metrics, "epochs_run": result.epochs_run,
-            "history": result.history, "workers": result.workers}))
+    if result is not None:  # rank 0
+        ray.get(board(ctx["board"]).put.remote("result", {
+            "run_id": result.run_id, "labels": result.labels, "best_epoch": result.best_epoch,
+            "best_metrics": result.best_metrics, "epochs_run": result.epochs_run, "history": result.history,
+            "workers": result.workers, "node": ray.get_runtime_context().get_node_id()}))
 
 
 def worker_count(job: TrainingJob) -> tuple[int, bool]:
@@ -94,7 +92,7 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from models.runtime import ensure_ray
+    from models.runtime import cpus_each, ensure_ray, node_cpus
 
     report = report or (lambda message: print(message, file=sys.stderr))
     started = time.time()
@@ -102,12 +100,12 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
     workers, use_gpu = workers or counted, gpu if use_gpu is None else use_gpu
     if not in_tune_trial:
         ensure_ray()
-    cpus = cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1) // workers))
+    cpus = cpus_per_worker or cpus_each(workers, node_cpus())  # each worker's CPUs on one node
     output = job.output_dir.resolve()
     output.mkdir(parents=True, exist_ok=True)
-    (output / RESULT_FILE).unlink(missing_ok=True)
+    results, results_name = open_board()
     ctx = {"job": portable_job(replace(job, output_dir=output, sweep=None)), "cpus": cpus,
-           "report_to_tune": in_tune_trial}
+           "report_to_tune": in_tune_trial, "board": results_name}
     report(f"Ray Train: {workers} workers ({'GPU' if use_gpu else f'{cpus} CPU'} each), "
            f"backend {'nccl' if use_gpu else 'gloo'}")
     trainer = TorchTrainer(
@@ -118,8 +116,11 @@ def train_distributed(job: TrainingJob, *, report: Callable[[str], None] | None 
                              callbacks=[TuneReportCallback()] if in_tune_trial else None),
     )
     trainer.fit()
-    done = json.loads((output / RESULT_FILE).read_text())
-    report(f"MLflow model: {done['model_dir']}  (run {done['run_id']})")
-    return TrainingResult(Path(done["model_dir"]), done["run_id"], done["labels"], done["best_epoch"],
-                          done["best_metrics"], done["epochs_run"], done["history"], time.time() - started,
-                          done["workers"])
+    done = ray.get(results.all.remote()).get("result")
+    ray.kill(results)
+    if done is None:
+        raise RuntimeError("Ray Train finished without a result from rank 0; see the workers' output above")
+    model_dir = model_from_run(done["run_id"], output / "mlflow-model")
+    report(f"MLflow model: {model_dir}  (run {done['run_id']}, trained by rank 0 on node {done['node'][:12]})")
+    return TrainingResult(model_dir, done["run_id"], done["labels"], done["best_epoch"], done["best_metrics"],
+                          done["epochs_run"], done["history"], time.time() - started, done["workers"])

@@ -5,11 +5,15 @@ the per-validation report such a process sends back to Tune; and a trial's train
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import ray
 import torch
 
 from models.data.streaming import is_remote
@@ -66,9 +70,6 @@ class Board:
 def model_from_run(run_id: str, target: Path) -> Path:
     """The MLflow model folder run `run_id` logged (`mlflow-model`), downloaded into `target` in place of what is
     there: a model trained on another node reaches this one through the tracking server, never its disk."""
-    import shutil
-    import tempfile
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
@@ -84,18 +85,12 @@ def model_from_run(run_id: str, target: Path) -> Path:
 def open_board():
     """A new Board actor (no CPU; it goes when the caller drops its handle) and the name by which other
     processes of this job find it (`board`): a name travels in a trial's or worker's config as a string does."""
-    import uuid
-
-    import ray
-
     name = f"visionserve-board-{uuid.uuid4().hex}"
     return ray.remote(num_cpus=0, max_restarts=0)(Board).options(name=name).remote(), name
 
 
 def board(name: str):
     """The Board `open_board` named `name`."""
-    import ray
-
     return ray.get_actor(name)
 
 
