@@ -94,7 +94,8 @@ def cluster_address(address: str | None = None) -> str | None:
 # what a process on another node needs from this one's environment: where models and runs live, and this
 # project's own settings (VISIONSERVE_*); secrets stay on the nodes (a runtime_env is visible to anyone who can
 # read the cluster's job table), or are given with `--env` knowingly
-TRAVELLING = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME")
+TRAVELLING = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 TRAVELLING_PREFIX = "VISIONSERVE_"
 
 

@@ -211,3 +211,32 @@ def ray_session():
     ensure_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cluster(pretrained_cache):
+    """A two-node Ray cluster on this machine, the second node as if on another machine (a private /tmp), and an
+    MLflow tracking server with proxied artifacts (tests/cluster.py); started once, stopped at the session's end
+    (also when a test fails)."""
+    from cluster import two_node_cluster
+
+    started = time.monotonic()
+    with two_node_cluster(pretrained_cache) as running:
+        running.start_seconds = round(time.monotonic() - started, 1)
+        print(f"\ntwo-node cluster started in {running.start_seconds} s", file=sys.stderr)
+        yield running
+
+
+@pytest.fixture(scope="session")
+def cluster_model(cluster, trained) -> str:
+    """The tiny classifier (`trained`, in a head-only folder) logged to the cluster's tracking server and
+    registered there: → its URI, models:/vs-cluster/1."""
+    import mlflow
+
+    result, _ = trained("image_classification")
+    with tracking_at(cluster.tracking_uri):
+        mlflow.set_experiment("cluster")
+        with mlflow.start_run(run_name="registered") as run:
+            mlflow.log_artifacts(str(result.model_dir), "mlflow-model")
+        version = mlflow.register_model(f"runs:/{run.info.run_id}/mlflow-model", "vs-cluster")
+    return f"models:/vs-cluster/{version.version}"

@@ -43,6 +43,7 @@ from serving.batch.parts import (
     open_parts,
     output_manifest,
 )
+from serving.cluster import check_every_node_sees, on_cluster
 from serving.loading import ModelFolder
 from serving.predictor import Predictor
 from serving.scoring import Scoring
@@ -194,6 +195,8 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
             say(f"resuming: {skipped} of {len(items)} images already scored in {parts}, skipping them")
         if pending:
             ensure_ray(address, num_cpus)
+            if on_cluster(address):  # a model folder is read by the scoring actors on every node
+                check_every_node_sees(str(model), folder.path)
             writer = PartWriter(parts, part_size)
             with tqdm(total=len(items), initial=skipped, unit="img", file=sys.stderr, disable=not progress,
                       desc="scoring") as bar:
