@@ -1,6 +1,13 @@
 # visionserve on a CUDA runtime. torch's CUDA 13.0 build brings its own CUDA libraries as wheels;
 # the base image supplies the driver-facing runtime pieces. Build: docker build -t visionserve .
-# Run:   docker run --gpus all -v "$PWD:/work" visionserve train job.yml --output /work/outputs
+# One image for every role:
+#   docker run --gpus all -v "$PWD:/work" visionserve train job.yml --output /work/outputs
+#   docker run --gpus all -p 8000:8000 -e MLFLOW_TRACKING_URI=http://mlflow:5000 visionserve \
+#       serve models:/NAME/VERSION --host 0.0.0.0 --api-key-file /run/secrets/key        (one machine)
+#   docker run -p 8000:8000 -v hub-state:/var/lib/visionserve-hub visionserve hub --host 0.0.0.0 \
+#       --state-dir /var/lib/visionserve-hub --api-key-file /run/secrets/key
+#   a Ray cluster's node: the same image with `ray start ...` as its command (KubeRay does that:
+#   deploy/rayservice-serve.yaml), serving deploy/serve.yaml or deploy/hub.yaml
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /uvx /bin/
@@ -34,6 +41,12 @@ COPY serving ./serving
 COPY explain ./explain
 COPY loadtests ./loadtests
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev
+
+# Serve's HTTP port (HAProxy); a Ray head's GCS, dashboard, client server; Ray's metrics export port
+# (ray start --metrics-export-port=8080, as KubeRay sets it)
+EXPOSE 8000 6379 8265 10001 8080
+# (no HEALTHCHECK: the image also runs trainings and Ray nodes; `serve` and `hub` answer GET /health/ready
+#  once they can answer requests, which is what a probe of a serving container should ask)
 
 WORKDIR /work
 ENTRYPOINT ["visionserve"]

@@ -23,6 +23,7 @@ from models.runtime import DOWNLOADS, reserved_port, wait_until_ready
 pytestmark = pytest.mark.slow
 
 VISIONSERVE = str(Path(sys.executable).parent / "visionserve")
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def _serve_flags(cluster) -> list[str]:
@@ -162,16 +163,12 @@ def test_a_registered_model_is_served_by_replicas_on_both_nodes(served, cluster,
 
 
 def _prometheus(cluster, folder: Path) -> tuple[subprocess.Popen, str]:
-    """Prometheus scraping every node Ray's service discovery file names, every 2 s."""
+    """Prometheus with deploy/prometheus.yml (every node Ray's service discovery file names), every 2 s."""
     port = reserved_port()
-    (folder / "prometheus.yml").write_text(f"""
-global: {{scrape_interval: 2s, evaluation_interval: 2s}}
-scrape_configs:
-  - job_name: ray
-    file_sd_configs:
-      - files: ["{cluster.ray_temp / 'prom_metrics_service_discovery.json'}"]
-        refresh_interval: 2s
-""")
+    config = (DEPLOY / "prometheus.yml").read_text()
+    config = config.replace("/tmp/ray/prom_metrics_service_discovery.json",
+                            str(cluster.ray_temp / "prom_metrics_service_discovery.json"))
+    (folder / "prometheus.yml").write_text(config.replace("10s", "2s").replace("30s", "2s"))
     proc = subprocess.Popen(["prometheus", f"--config.file={folder / 'prometheus.yml'}",
                              f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=(folder / "prometheus.log").open("w"), stderr=subprocess.STDOUT)
@@ -187,10 +184,30 @@ def _by_node(cluster, url: str, query: str) -> dict[str, float]:
             for row in answer["data"]["result"]}
 
 
+def _dashboard_queries() -> list[str]:
+    """Every query of deploy/grafana/visionserve-serve.json, for the application "visionserve"."""
+    dashboard = json.loads((DEPLOY / "grafana" / "visionserve-serve.json").read_text())
+    return [target["expr"].replace("$__rate_interval", "1m").replace("$application", "visionserve")
+            for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def _an_error_and_an_explanation(url: str, body: dict) -> None:
+    image = body["input_data"]["data"][0]
+    explain = json.dumps({"image_base64": image, "model_explainability": True,
+                          "xai_parameters": {"xai_algorithm": "guided_backprop", "visualizations": False}})
+    answer = httpx.post(f"{url}/score?partial=true", timeout=300,
+                        json={"input_data": {"columns": ["image"], "data": ["bm90IGFuIGltYWdl", explain]}})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()[0]["error"]["code"] == "invalid_image" and "probs" in answer.json()[1]
+
+
 def test_prometheus_reads_the_serve_series_of_the_replicas_on_both_nodes(served, cluster, synth, tmp_path):
+    """Prometheus with deploy/prometheus.yml finds both nodes through Ray's service discovery file and reads
+    visionserve's series of both replicas; every query of the Grafana dashboard answers."""
     url, _, _ = served
     proc, prometheus = _prometheus(cluster, tmp_path)
     try:
+        _an_error_and_an_explanation(url, _body(synth))
         deadline, seen = time.monotonic() + 120, {}
         while time.monotonic() < deadline:
             assert _burst(url, _body(synth), 8) == [200] * 8
@@ -204,6 +221,12 @@ def test_prometheus_reads_the_serve_series_of_the_replicas_on_both_nodes(served,
             assert set(_by_node(cluster, prometheus, f"sum by (instance) ({series})")) >= {"head", "node2"}
         targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=30).json()["data"]["activeTargets"]
         assert all(t["health"] == "up" for t in targets), targets
+        empty = _dashboard_queries()
+        while empty and time.monotonic() < deadline + 60:  # a rate needs two scrapes of a series
+            empty = [q for q in empty if not httpx.get(f"{prometheus}/api/v1/query", params={"query": q},
+                                                       timeout=30).json()["data"]["result"]]
+            time.sleep(2)
+        assert empty == []
     finally:
         proc.terminate()
         proc.wait(timeout=30)
