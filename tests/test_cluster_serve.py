@@ -198,7 +198,7 @@ def _an_error_and_an_explanation(url: str, body: dict) -> None:
     answer = httpx.post(f"{url}/score?partial=true", timeout=300,
                         json={"input_data": {"columns": ["image"], "data": ["bm90IGFuIGltYWdl", explain]}})
     assert answer.status_code == 200, answer.text
-    assert answer.json()[0]["error"]["code"] == "invalid_image" and "probs" in answer.json()[1]
+    assert answer.json()[0]["error"]["code"] == "not_an_image" and "probs" in answer.json()[1]
 
 
 def test_prometheus_reads_the_serve_series_of_the_replicas_on_both_nodes(served, cluster, synth, tmp_path):
