@@ -9,8 +9,9 @@ What a remote process needs from this one's environment travels in the job's run
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -144,37 +145,55 @@ def deploy(app, name: str, route_prefix: str, timeout_s: float, say: Callable[[s
     from ray import serve
 
     free_route(name, route_prefix, say)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="visionserve-deploy")
-    waiting = pool.submit(serve.run, app, name=name, route_prefix=route_prefix)
     try:
-        waiting.result(timeout=timeout_s)
+        _in_background(serve.run, app, name=name, route_prefix=route_prefix).result(timeout=timeout_s)
         return
     except FutureTimeout:
         problem = f"not running after {timeout_s:g} s (--deploy-timeout-s)"
     except RuntimeError as exc:  # Serve's "Deploying application ... failed"
         log.debug("deploy failed: %s", exc)
         problem = "failed to deploy"
-    finally:
-        pool.shutdown(wait=False)
     reason = _why(name)
     serve.delete(name)
     raise DeployError(f"application {name!r} {problem}: {reason}. It was removed; nothing holds {route_prefix}")
 
 
-def stop(name: str, *, cluster: bool) -> None:
+STOP_S = 60.0  # how long a stop waits for Serve to remove the application
+
+
+def stop(name: str, *, cluster: bool, say: Callable[[str], None] = print) -> None:
     """Remove this application; on a cluster only it (other applications keep running), on an instance of its
-    own Serve altogether. Then each node removes the model downloads its ended replicas left."""
+    own Serve altogether. Then each node removes the model downloads its ended replicas left. A removal Serve has
+    not finished within STOP_S (a replica still starting) goes on without this process."""
+    import ray
     from ray import serve
 
-    import ray
-
     if cluster:
-        serve.delete(name)
+        try:
+            _in_background(serve.delete, name).result(timeout=STOP_S)
+        except FutureTimeout:
+            say(f"Serve is still removing application {name!r} after {STOP_S:g} s; it goes on without this command")
+            return
         remove_downloads_on_every_node()
     else:
         serve.shutdown()
         ray.shutdown()  # the instance's replicas end with it
         remove_orphaned_downloads()
+
+
+def _in_background(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """`call(*args, **kwargs)` on a daemon thread, which never holds up this process's exit (a pool's thread would:
+    Python joins those at exit) → its Future, for a caller that waits a bounded time."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001  (handed to the waiting caller)
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="visionserve-serve").start()
+    return future
 
 
 def remove_downloads_on_every_node(timeout_s: float = NODE_CHECK_S) -> None:
