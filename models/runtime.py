@@ -49,8 +49,11 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, *, log
         return
     address = cluster_address(address)
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver,
-                 runtime_env={"env_vars": {**travelling_env(), **(env or {})}})
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver,
+                     runtime_env={"env_vars": {**travelling_env(), **(env or {})}})
+        except ConnectionError as exc:
+            raise ValueError(f"Ray cluster at {address} (--address or RAY_ADDRESS): {_why_not_joined(exc)}") from None
         log.info("joined the Ray cluster at %s", address)
     else:
         _same_environment_for_workers()
@@ -63,6 +66,18 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, *, log
             for name in _PER_INSTANCE.intersection(chosen):
                 os.environ.pop(name, None)
         log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+def _why_not_joined(exc: BaseException) -> str:
+    """Why Ray could not join a cluster, in a sentence: its own message is a traceback chained to the cause."""
+    chain, cause = [], exc
+    while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if any("InvalidAuthToken" in text or "AuthenticationError" in text for text in chain):
+        return ("the cluster refused this process's Ray authentication token: give it the cluster's token in "
+                "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (with RAY_AUTH_MODE=token)")
+    return "nothing answered there as a Ray cluster; check the address and that the head node runs"
 
 
 def node_cpus() -> list[float]:

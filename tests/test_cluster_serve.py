@@ -59,6 +59,19 @@ def test_a_model_folder_only_the_head_has_is_refused_naming_the_folder_and_the_n
     print(f"refused in {time.monotonic() - started:.1f} s")
 
 
+def test_a_command_with_another_token_than_the_clusters_is_refused_saying_so(cluster, cluster_model):
+    """The cluster runs with Ray's token authentication: a command with another token is refused naming the
+    cluster and where the token goes, not with a traceback, and deploys nothing. (Without a token at all Ray
+    answers the same.)"""
+    done = cluster.visionserve("serve", cluster_model, *_serve_flags(cluster), timeout=300, RAY_AUTH_TOKEN="wrong")
+    assert done.returncode == 2, done.stdout + done.stderr
+    error = done.stderr[done.stderr.index("error: "):]
+    assert error.startswith(f"error: Ray cluster at {cluster.address} (--address or RAY_ADDRESS): the cluster "
+                            "refused this process's Ray authentication token")
+    assert "RAY_AUTH_TOKEN" in error and "Traceback" not in done.stderr
+    assert "visionserve" not in _applications(cluster)
+
+
 def _leave_a_failed_application(cluster) -> None:
     """An application that failed to deploy at "/" (as `serve deploy` of a broken config leaves one)."""
     code = f"""
