@@ -38,6 +38,12 @@ def _applications(cluster) -> dict:
     return answer.json().get("applications") or {}
 
 
+def _our_error(stderr: str) -> str:
+    """The command's own error (from its last line that starts with "error: " to the end; Ray's log lines before
+    it may contain "error: " too)."""
+    return stderr[stderr.rindex("\nerror: ") + 1:]
+
+
 def _body(synth) -> dict:
     data = synth("image_classification", images=12, validation_fraction=0.0)
     line = json.loads(Path(data.train_jsonl).read_text().splitlines()[0])
@@ -65,7 +71,7 @@ def test_a_command_with_another_token_than_the_clusters_is_refused_saying_so(clu
     answers the same.)"""
     done = cluster.visionserve("serve", cluster_model, *_serve_flags(cluster), timeout=300, RAY_AUTH_TOKEN="wrong")
     assert done.returncode == 2, done.stdout + done.stderr
-    error = done.stderr[done.stderr.index("error: "):]
+    error = _our_error(done.stderr)
     assert error.startswith(f"error: Ray cluster at {cluster.address} (--address or RAY_ADDRESS): the cluster "
                             "refused this process's Ray authentication token")
     assert "RAY_AUTH_TOKEN" in error and "Traceback" not in done.stderr
@@ -108,7 +114,7 @@ def test_a_deploy_that_fails_on_its_replicas_is_removed_with_their_reason_and_fr
     seconds = time.monotonic() - started
     assert done.returncode == 1, done.stdout + done.stderr
     assert "removing application 'broken', which failed to deploy and held /" in done.stdout
-    error = done.stderr[done.stderr.index("error: "):]
+    error = _our_error(done.stderr)
     assert error.startswith("error: application 'visionserve' failed to deploy: ")
     assert "http://127.0.0.1:1" in error and "It was removed; nothing holds /" in error
     assert _applications(cluster) == {}
