@@ -213,18 +213,57 @@ def ray_session():
     ray.shutdown()
 
 
+class _Cluster:
+    """The session's two-node cluster: started by the first test that asks for it, stopped after the last one
+    that does (not at the session's end: the rest of the suite runs without its processes)."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.ExitStack()
+        self.running = None
+        self.last_user = None  # the last collected test that uses it
+
+    def start(self, weights: Path):
+        from cluster import two_node_cluster
+
+        started = time.monotonic()
+        self.running = self.stack.enter_context(two_node_cluster(weights))
+        self.running.start_seconds = round(time.monotonic() - started, 1)
+        print(f"\ntwo-node cluster started in {self.running.start_seconds} s", file=sys.stderr)
+        return self.running
+
+    def stop(self) -> None:
+        if self.running is not None:
+            started = time.monotonic()
+            self.stack.close()
+            self.running = None
+            print(f"\ntwo-node cluster stopped in {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+
+_CLUSTER = _Cluster()
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m deselected what will not run
+def pytest_collection_modifyitems(items):
+    users = [item for item in items if "cluster" in getattr(item, "fixturenames", ())]
+    _CLUSTER.last_user = users[-1] if users else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # the test's own fixtures first (a server it started on the cluster)
+    if item is _CLUSTER.last_user:
+        _CLUSTER.stop()
+
+
 @pytest.fixture(scope="session")
 def cluster(pretrained_cache):
     """A two-node Ray cluster on this machine, the second node as if on another machine (a private /tmp), and an
-    MLflow tracking server with proxied artifacts (tests/cluster.py); started once, stopped at the session's end
-    (also when a test fails)."""
-    from cluster import two_node_cluster
-
-    started = time.monotonic()
-    with two_node_cluster(pretrained_cache) as running:
-        running.start_seconds = round(time.monotonic() - started, 1)
-        print(f"\ntwo-node cluster started in {running.start_seconds} s", file=sys.stderr)
-        yield running
+    MLflow tracking server with proxied artifacts (tests/cluster.py); started once, stopped after the last test
+    that uses it (also when a test fails)."""
+    try:
+        yield _CLUSTER.start(pretrained_cache)
+    finally:
+        _CLUSTER.stop()
 
 
 @pytest.fixture(scope="session")
