@@ -78,7 +78,7 @@ def hub(ray_session, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"state_dir": str(root / "state"), "image_root": str(root), "api_key_file": str(key_file),
-              "cache_size": 2, "model_cpus": 0.3}
+              "cache_size": 2, "model_cpus": 0.3, "max_concurrent_trainings": 2}
 
     def deploy():
         serve.run(build_hub(config), name="hub", route_prefix="/")

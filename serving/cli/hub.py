@@ -7,6 +7,10 @@ from typing import Any
 
 from models.errors import SettingsError
 from serving.cli.flags import add_cluster_flags, add_scoring_flags, env_flags
+from serving.hub.scheduler import Quotas
+
+QUOTA_FLAGS = {"datasets": "datasets the hub keeps", "models": "models the hub keeps",
+               "evaluations": "evaluations per model", "waiting_trainings": "trainings waiting for a slot (more: 429)"}
 
 
 def start(args: argparse.Namespace, *, block: bool = True) -> str:
@@ -17,11 +21,17 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
 
     env = env_flags(args)  # a malformed --env is refused first
     refuse_open_without_key(args, keyed=bool(args.api_key_file))
-    if args.cache_size < 1 or args.model_replicas < 1:
-        raise SettingsError(["--cache-size and --model-replicas must be at least 1"], "command line")
+    counts = {"--cache-size": args.cache_size, "--model-replicas": args.model_replicas,
+              "--max-concurrent-trainings": 1 if args.max_concurrent_trainings is None else args.max_concurrent_trainings,
+              **{f"--max-{what}": getattr(args, f"max_{what}") for what in QUOTA_FLAGS}}
+    low = [f"{flag} {value}: must be at least 1" for flag, value in counts.items() if value < 1]
+    if low:
+        raise SettingsError(low, "command line")
+    quotas = {("waiting" if what == "waiting_trainings" else what): getattr(args, f"max_{what}") for what in QUOTA_FLAGS}
     hub = build_hub({"state_dir": args.state_dir, "image_root": args.image_root, "api_key_file": args.api_key_file,
                      "cache_size": args.cache_size, "model_replicas": args.model_replicas,
-                     "model_cpus": args.model_cpus, "env": env, **scoring_limits(args)})
+                     "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
+                     "max_concurrent_trainings": args.max_concurrent_trainings, **scoring_limits(args)})
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: hub, "visionserve-hub", f"visionserve hub at {url}  (state in "
                              f"{args.state_dir}; /computervision/..., POST /score, GET /models)",
@@ -48,5 +58,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--model-replicas", type=int, default=1, help="replicas serving the models")
     p.add_argument("--model-cpus", type=float, default=0.5, help="CPUs per model replica")
     p.add_argument("--request-timeout-s", type=float, default=90.0)
+    p.add_argument("--max-concurrent-trainings", type=int, help="trainings side by side; the others wait, in "
+                   "order, notStarted (default: one per two CPUs of the Ray cluster)")
+    defaults = Quotas()
+    for what, help_ in QUOTA_FLAGS.items():
+        p.add_argument(f"--max-{what.replace('_', '-')}", type=int, dest=f"max_{what}", help=help_,
+                       default=getattr(defaults, "waiting" if what == "waiting_trainings" else what))
     add_scoring_flags(p)
     p.set_defaults(func=_hub)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import Depends, FastAPI, Request
 from ray import serve
 
@@ -33,6 +34,7 @@ from serving.hub.jobs import Jobs
 from serving.hub.predict import analyze, automl, image
 from serving.hub.progress import training_progress
 from serving.hub.replicas import hub_models
+from serving.hub.scheduler import Quotas, default_slots
 from serving.hub.state import Store
 from serving.scoring import ScoringLimits
 from serving.studio import add_studio
@@ -48,6 +50,8 @@ class HubConfig:
     image_root: str | None = None
     api_key_sha256: str | None = None
     cache_size: int = 3  # models kept per HubModels replica
+    max_concurrent_trainings: int | None = None  # None: serving.hub.scheduler.default_slots of the cluster's CPUs
+    quotas: dict[str, int] = field(default_factory=dict)  # Quotas' fields
     limits: dict[str, Any] = field(default_factory=dict)  # ScoringLimits' fields: the same as `visionserve serve`'s
 
 
@@ -94,8 +98,11 @@ class HubService:
         self.store = Store(self.config.state_dir)
         self.views = DatasetViews(self.config.image_root)  # what the studio reads of datasets
         self.models = models  # the HubModels deployment handle
-        self.jobs = Jobs(self.store, self.config)
+        self.quotas = Quotas(**self.config.quotas)
+        slots = self.config.max_concurrent_trainings or default_slots(ray.cluster_resources().get("CPU", 1))
+        self.jobs = Jobs(self.store, self.config, slots, self.quotas)
         self.jobs.recover()  # what a restart interrupted ends failed (or cancelled), never stays training
+        self.jobs.dispatch()  # trainings that were waiting for a slot wait again, and the first ones start
         log.info("visionserve hub ready: state in %s, registry %s", self.store.root, self.config.tracking_uri)
 
     def __del__(self) -> None:
@@ -108,7 +115,7 @@ class HubService:
 
     @app.put("/computervision/datasets/{name}", dependencies=API)
     async def put_dataset(self, name: str, request: Request):
-        return await datasets.register_dataset(self.store, name, request, self.config)
+        return await datasets.register_dataset(self.store, name, request, self.config, self.quotas)
 
     @app.patch("/computervision/datasets/{name}", dependencies=API)
     async def patch_dataset(self, name: str, request: Request):
@@ -227,8 +234,8 @@ class HubService:
 
 def build_hub(args: dict[str, Any]) -> serve.Application:
     """Application builder: `state_dir`, optional `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
-    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment variables), and
-    ScoringLimits' fields (the same limits, batching and explanation admission as `visionserve serve`)."""
+    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment variables),
+    `max_concurrent_trainings`, `quotas` (serving.hub.scheduler.Quotas' fields), and ScoringLimits' fields (the same limits, batching and explanation admission as `visionserve serve`)."""
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)

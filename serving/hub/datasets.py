@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from models.data.coco_files import CocoProblems, read_coco_files
 from serving.hub.api import ApiError, field, json_body, no_content, not_found, page, public, resource_name
+from serving.hub.scheduler import Quotas
 from serving.hub.state import Store, now
 
 KINDS = {"imageclassification": "imageClassification", "multiclassclassification": "imageClassification",
@@ -60,7 +61,7 @@ def _if_match(request: Request, record: dict[str, Any]) -> None:
         raise ApiError(412, "PreconditionFailed", f"If-Match {wanted} does not match the eTag {record.get('eTag')}")
 
 
-async def register_dataset(store: Store, name: str, request: Request, config: Any) -> JSONResponse:
+async def register_dataset(store: Store, name: str, request: Request, config: Any, quotas: Quotas) -> JSONResponse:
     name = resource_name(name, "name", "dataset")
     doc = await json_body(request)
     kind = _kind(field(doc, "annotationKind"))
@@ -68,6 +69,7 @@ async def register_dataset(store: Store, name: str, request: Request, config: An
     properties = _properties(field(doc, "customProperties"))
     if store.get("datasets", name) is not None:
         raise ApiError(409, "DatasetAlreadyExists", f"dataset {name!r} already exists", name)
+    quotas.check("datasets", store.count("datasets"))
     await asyncio.to_thread(_check_files, uris, kind, config.image_root)
     record = {"name": name, "annotationKind": kind, "annotationFileUris": uris, "createdDateTime": now()}
     auth = field(doc, "authentication")
@@ -78,6 +80,7 @@ async def register_dataset(store: Store, name: str, request: Request, config: An
     with store.lock:
         if store.get("datasets", name) is not None:
             raise ApiError(409, "DatasetAlreadyExists", f"dataset {name!r} already exists", name)
+        quotas.check("datasets", store.count("datasets"))
         return JSONResponse(public(store.put("datasets", record)), 201)
 
 

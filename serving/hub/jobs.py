@@ -1,5 +1,7 @@
-"""Models and evaluations: their records, the trainings and evaluations running in Ray actors of their own,
-`:cancel`, recovery after a restart, and the names the hub can serve (its own models and any registered in MLflow)."""
+"""Models and evaluations: their records, the trainings (queued, serving.hub.scheduler) and evaluations running in
+Ray actors of their own, `:cancel`, recovery after a restart, and the names the hub can serve (its own models and
+any registered in MLflow). Every create checks everything before it writes; a record is only ever written by the
+run that owns it (a deleted evaluation's run is stopped, and its result dropped)."""
 
 from __future__ import annotations
 
@@ -27,12 +29,14 @@ from serving.hub.api import (
 )
 from serving.hub.catalog import describe
 from serving.hub.replicas import model_id
+from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import Store, file_name, now
 from serving.hub.training import (
     CANCEL_FILE,
     DATASET_KIND,
     EXPERIMENT,
     KIND_TASK,
+    Failed,
     evaluate_task,
     train_model,
 )
@@ -80,9 +84,22 @@ def _registry():
     return mlflow.MlflowClient()
 
 
+def _failure(exc: BaseException, what: str) -> dict[str, Any]:
+    """A run that raised: its status and error as the API shows them. The API user sees the hub's own words (a
+    `Failed`'s code and message), never a remote traceback, a process id or a path of the server: those go to
+    the log."""
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the task's own exception
+    if isinstance(cause, Failed):
+        return {"status": "failed", "error": {"code": cause.code, "message": cause.message}}
+    log.error("hub: the %s failed: %s", what, exc)
+    return {"status": "failed", "error": {"code": "unknown", "message": f"the {what} stopped unexpectedly "
+                                          f"({type(cause).__name__}); the hub's log has the details"}}
+
+
 class Jobs:
-    def __init__(self, store: Store, config: Any):
-        self.store, self.config = store, config
+    def __init__(self, store: Store, config: Any, slots: int, quotas: Quotas):
+        self.store, self.config, self.quotas = store, config, quotas
+        self.queue = TrainingQueue(slots)
         mlflow.set_tracking_uri(config.tracking_uri)
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
             mlflow.create_experiment(EXPERIMENT, artifact_location=(store.root / "mlartifacts").as_uri())
@@ -100,6 +117,7 @@ class Jobs:
         if self.stopping:
             return
         self.stopping = True
+        self.queue.clear()  # what waits stays notStarted: the next start queues it again
         runs = dict(self.running)
         trainings = {name: run for name, run in runs.items() if "/" not in name}  # evaluations are "model/name"
         for name in trainings:
@@ -110,10 +128,13 @@ class Jobs:
             _end(run)
 
     def recover(self) -> None:
-        """Trainings and evaluations a restart interrupted end failed (cancelling ones cancelled)."""
+        """Trainings a restart interrupted end failed (cancelling ones cancelled), as do evaluations; trainings
+        that were still waiting for a slot wait again, in their order."""
         message = f"the hub stopped while this ran (restarted at {now()}); start it again"
         for record in self.store.all("models"):
-            if record["status"] in ACTIVE:
+            if record["status"] == "notStarted" and not record.get("_started"):
+                self.queue.add(record["name"])
+            elif record["status"] in ACTIVE:
                 status = "cancelled" if record["status"] == "cancelling" else "failed"
                 error = {} if status == "cancelled" else {"error": {"code": "unknown", "message": message}}
                 self.store.update("models", record["name"], status=status, **error)
@@ -155,18 +176,44 @@ class Jobs:
         with self.store.lock:
             if self.store.get("models", name) is not None or self._registered(name)[0] is not None:
                 raise ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
+            self.quotas.check("models", self.store.count("models"))
+            self.quotas.check("waiting", len(self.queue.waiting))
             record = self.store.put("models", record)
-        order = {"model": name, "dataset": dataset, "dataset_name": dataset_name, "kind": kind, "budget_hours": budget,
-                "image_root": self.config.image_root, "tracking_uri": self.config.tracking_uri,
-                "job_dir": str(self.store.job_dir(name)), "test_dataset_name": test,
-                "test_dataset": self.store.get("datasets", test) if test else None}
-        self._start(name, order)
+            self.queue.add(name)
+        self.dispatch()
         return JSONResponse(public(record), 201)
 
-    def _start(self, name: str, order: dict[str, Any]) -> None:
+    def dispatch(self) -> None:
+        """Starts the waiting trainings that a free slot lets start (after a PUT, a training's end, a restart)."""
+        if self.stopping:
+            return
+        for name in self.queue.startable():
+            try:
+                self._start(name)
+            except Exception:  # noqa: BLE001  (the record says so; the slot is given back)
+                log.exception("hub: training %s could not start", name)
+                self.queue.finished(name)
+                self.store.update("models", name, status="failed", error={
+                    "code": "unknown", "message": "the training could not start; the hub's log has the details"})
+
+    def _order(self, record: dict[str, Any]) -> dict[str, Any]:
+        """What a training needs, read when it starts (a dataset deleted while it waited fails it: datasetNotFound)."""
+        name, params = record["name"], record["trainingParameters"]
+        test = (record.get("evaluationParameters") or {}).get("testDatasetName")
+        return {"model": name, "dataset": self.store.get("datasets", params["trainingDatasetName"]),
+                "dataset_name": params["trainingDatasetName"], "kind": params["modelKind"],
+                "budget_hours": params["timeBudgetInHours"], "image_root": self.config.image_root,
+                "tracking_uri": self.config.tracking_uri, "job_dir": str(self.store.job_dir(name)),
+                "test_dataset_name": test, "test_dataset": self.store.get("datasets", test) if test else None}
+
+    def _start(self, name: str) -> None:
+        record = self.store.update("models", name, _started=now())
+        if record is None or record["status"] != "notStarted":  # gone or cancelled while it waited
+            self.queue.finished(name)
+            return
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
-        run = self.running[name] = _launch(train_model, order)
+        run = self.running[name] = _launch(train_model, self._order(record))
         asyncio.get_running_loop().create_task(self._watch(name, run))
 
     async def _watch(self, name: str, run: Run) -> None:
@@ -174,11 +221,12 @@ class Jobs:
             fields = await run.ref
         except _stopped_errors() as exc:
             cancelled = (self.store.get("models", name) or {}).get("status") == "cancelling"
-            fields = {"status": "cancelled"} if cancelled else {
-                "status": "failed", "error": {"code": "unknown", "message": f"the training stopped: {exc}"[:2000]}}
+            fields = {"status": "cancelled"} if cancelled else _failure(exc, "training")
         finally:
             self.running.pop(name, None)
+            self.queue.finished(name)
             _end(run)
+            self.dispatch()
         record = self.store.get("models", name)
         if record is None or self.stopping:
             return
@@ -211,6 +259,9 @@ class Jobs:
         record = self.store.get("models", name)
         if record is None:
             raise not_found("model", name)
+        if self.queue.withdraw(name):  # still waiting for a slot: nothing ran, nothing to stop
+            record = self.store.update("models", name, status="cancelled", trainingCostInMinutes=0)
+            return JSONResponse(public(record), 202)
         run = self.running.get(name)
         if run is not None and record["status"] in ("notStarted", "training"):
             record = self.store.update("models", name, status="cancelling")
@@ -231,16 +282,22 @@ class Jobs:
         if record["status"] in ACTIVE or name in self.running:
             raise ApiError(409, "ModelBusy", f"model {name!r} is {self._merged(record)['status']}: cancel it first, "
                            "then delete it once it is cancelled", name)
-        if record.get("_version"):
-            try:
-                _registry().delete_registered_model(name)
-            except Exception:  # noqa: BLE001  (already gone from the registry)
-                log.warning("hub: model %s was not in the registry", name)
-        self.store.delete("models", name)
-        shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
-        shutil.rmtree(self.store.root / "evaluations" / file_name(name), ignore_errors=True)
         self._names.pop(name, None)
+        if record.get("_version") or record.get("_started"):  # a late cancel or a crash may have registered it
+            await asyncio.to_thread(self._unregister, name)
+        for key in [k for k in self.running if k.startswith(f"{name}/")]:  # its evaluations stop with it
+            _end(self.running.pop(key))
+        self.store.delete("models", name)
+        for folder in (self.store.job_dir(name), self.store.root / "evaluations" / file_name(name)):
+            await asyncio.to_thread(shutil.rmtree, folder, True)
         return no_content()
+
+    @staticmethod
+    def _unregister(name: str) -> None:
+        try:
+            _registry().delete_registered_model(name)
+        except Exception:  # noqa: BLE001  (never registered, or already gone)
+            log.info("hub: model %s was not in the registry", name)
 
     def model_list(self) -> list[dict[str, Any]]:
         own = [self._merged(r) for r in self.store.all("models")]
@@ -306,26 +363,33 @@ class Jobs:
             mid = self.model_id(model)
         except ApiError as exc:
             raise ApiError(exc.status, "modelNotFound" if exc.status == 404 else exc.code, exc.message, model) from None
-        if self.store.get("evaluations", name, model) is not None:
-            raise ApiError(409, "EvaluationAlreadyExists", f"evaluation {name!r} of model {model!r} already exists")
-        record = self.store.put("evaluations", {"name": name, "modelName": model, "createdDateTime": now(),
-                                                "status": "notStarted",
-                                                "evaluationParameters": {"testDatasetName": test}}, model)
         dataset = self.store.get("datasets", test)
+        if dataset is None:
+            raise ApiError(404, "datasetNotFound", f"testDatasetName: dataset {test!r} does not exist", "testDatasetName")
+        with self.store.lock:
+            if self.store.get("evaluations", name, model) is not None:
+                raise ApiError(409, "EvaluationAlreadyExists", f"evaluation {name!r} of model {model!r} already exists")
+            self.quotas.check("evaluations", self.store.count("evaluations", model))
+            record = self.store.put("evaluations", {"name": name, "modelName": model, "createdDateTime": now(),
+                                                    "status": "notStarted",
+                                                    "evaluationParameters": {"testDatasetName": test}}, model)
         run = self.running[f"{model}/{name}"] = _launch(evaluate_task, f"models:/{mid}", dataset, test,
                                                         self.config.image_root, self.config.tracking_uri)
         asyncio.get_running_loop().create_task(self._watch_evaluation(model, name, run))
         return JSONResponse(public(record), 201)
 
     async def _watch_evaluation(self, model: str, name: str, run: Run) -> None:
+        key = f"{model}/{name}"
         try:
             fields = await run.ref
         except Exception as exc:  # noqa: BLE001
-            fields = {"status": "failed", "error": {"code": "unknown", "message": str(exc)[:2000]}}
+            fields = _failure(exc, "evaluation")
         finally:
-            self.running.pop(f"{model}/{name}", None)
+            owner = self.running.get(key) is run  # not when it was deleted (and perhaps created again) meanwhile
+            if owner:
+                self.running.pop(key)
             _end(run)
-        if not self.stopping:
+        if owner and not self.stopping:
             self.store.update("evaluations", name, model, **fields)
 
     async def evaluation_answer(self, model: str, name: str) -> JSONResponse:
@@ -335,6 +399,10 @@ class Jobs:
         return JSONResponse(public(record))
 
     async def delete_evaluation(self, model: str, name: str):
+        """Removes the record; a running evaluation is stopped, and nothing it would have written is kept."""
+        run = self.running.pop(f"{model}/{name}", None)
+        if run is not None:
+            _end(run)
         if not self.store.delete("evaluations", name, model):
             raise not_found("evaluation", name)
         return no_content()

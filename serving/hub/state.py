@@ -89,6 +89,11 @@ class Store:
             records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
         return sorted(records, key=lambda r: (r.get("createdDateTime", ""), r["name"]))
 
+    def count(self, kind: str, model: str | None = None) -> int:
+        """How many records of a kind there are (their files counted, none read)."""
+        folder = self.root / kind if model is None else self.root / kind / file_name(model)
+        return sum(1 for _ in folder.glob("*.json")) if folder.is_dir() else 0
+
     def job_dir(self, model: str) -> Path:
         return self.root / "jobs" / file_name(model)
 
