@@ -207,10 +207,11 @@ class Jobs:
                 "test_dataset_name": test, "test_dataset": self.store.get("datasets", test) if test else None}
 
     def _start(self, name: str) -> None:
-        record = self.store.update("models", name, _started=now())
+        record = self.store.get("models", name)
         if record is None or record["status"] != "notStarted":  # gone or cancelled while it waited
             self.queue.finished(name)
             return
+        record = self.store.update("models", name, _started=now())  # a restart now fails it, never reruns it
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
         run = self.running[name] = _launch(train_model, self._order(record))
