@@ -70,7 +70,7 @@ CORPUS = [  # (method, path, extra query, headers, body, status, code)
     ("PUT", "/computervision/datasets/ok", {}, {}, {"annotationKind": "imageClassification",
                                                      "annotationFileUris": ["a.json"], "customProperties": [1]},
      400, "InvalidArgument"),
-    ("PUT", "/computervision/datasets/ok", {}, {"content-length": str(2 << 20)}, b"{}", 413, "InvalidRequest"),
+    ("PUT", "/computervision/datasets/ok", {}, {}, b"{" + b" " * (2 << 20) + b"}", 413, "InvalidRequest"),
     ("PATCH", "/computervision/datasets/cls", {}, {}, {"annotationFileUris": ["/etc/passwd"]}, 400,
      "DatasetInvalidAnnotationUri"),
     ("PATCH", "/computervision/datasets/cls", {}, {"if-match": '"stale"'}, {"customProperties": {"a": "b"}}, 412,
@@ -114,7 +114,7 @@ CORPUS = [  # (method, path, extra query, headers, body, status, code)
     ("GET", f"/models/{N}/metadata", {}, {}, None, 400, "InvalidArgument"),
     ("GET", "/models/ghost/progress", {}, {}, None, 404, "NotFound"),
     ("GET", "/datasets/ghost/contents", {}, {}, None, 404, "NotFound"),
-    ("GET", "/datasets/cls/images/-1", {}, {}, None, 404, None),
+    ("GET", "/datasets/cls/images/-1", {}, {}, None, 400, "InvalidArgument"),
     ("GET", "/datasets/cls/images/abc", {}, {}, None, 400, None),
     ("GET", "/image", {"url": "/etc/passwd"}, {}, None, 400, None),
     ("GET", "/image", {"url": "gopher://x/y.png"}, {}, None, 400, None),
@@ -137,7 +137,9 @@ def test_a_hostile_request_is_a_4xx_in_the_api_format_and_the_hub_answers_after_
     answer = _ask(hub["client"], method, path, query, headers, body)
     assert answer.status_code == status, (answer.status_code, answer.text[:500])
     error = answer.json()["error"]
-    assert error["code"] == answer.headers["x-ms-error-code"] and (code is None or error["code"] == code), error
+    assert code is None or error["code"] == code, error
+    if path not in ("/score", "/invocations") or "x-ms-error-code" in answer.headers:  # the AutoML bodies'
+        assert error["code"] == answer.headers["x-ms-error-code"], error            # format has no header
     text = answer.text
     assert "Traceback" not in text and str(hub["root"]) not in text and "site-packages" not in text, text
     assert hub["client"].get("/computervision/datasets/cls").status_code == 200
@@ -193,6 +195,10 @@ def test_a_burst_of_trainings_runs_one_at_a_time_the_rest_queued_then_cancelled_
     again = client.put("/computervision/models/burst0", json=body)  # the name is free again
     assert again.status_code == 201
     assert client.post("/computervision/models/burst0:cancel").status_code == 202
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and _status(client, "burst0") != "cancelled":
+        time.sleep(1)
+    assert client.delete("/computervision/models/burst0").status_code == 204
 
 
 def test_quotas_are_refused_naming_the_flag_before_anything_is_written(hub):
