@@ -47,13 +47,13 @@ def train_detector(root: Path, task: str = "image_object_detection"):
     return Path(train(job, progress=False, report=lambda _: None).model_dir), data
 
 
-def _scenes(data, count: int) -> list[tuple[torch.Tensor, list[dict]]]:
+def _scenes(train_jsonl: Path, count: int) -> list[tuple[torch.Tensor, list[dict]]]:
     from PIL import Image
 
-    lines = [json.loads(line) for line in Path(data.train_jsonl).read_text().splitlines()][:count]
+    lines = [json.loads(line) for line in train_jsonl.read_text().splitlines()][:count]
     out = []
     for line in lines:
-        picture = Image.open(Path(data.train_jsonl).parent / line["image_url"]).convert("RGB")
+        picture = Image.open(train_jsonl.parent / line["image_url"]).convert("RGB")
         out.append((torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255, line["label"]))
     return out
 
@@ -103,15 +103,19 @@ def _true_box(objects: list[dict], labels: list[str], box, label: int, height: i
     return truth[int(iou.argmax())].tolist() if float(iou.max()) >= 0.5 else None
 
 
-def drise_quality(images: int, masks: int, resolution: int, seed: int = 0) -> dict:
-    """Pointing game and deletion AUCs (D-RISE, random, box prior) over the detections of `images` scenes."""
+def drise_quality(images: int, masks: int, resolution: int, seed: int = 0, model: Path | None = None,
+                  train_jsonl: Path | None = None) -> dict:
+    """Pointing game and deletion AUCs (D-RISE, random, box prior) over the detections of `images` scenes; a model
+    folder and its training JSONL (made by `train_detector` before) are reused when given."""
     from explain import TorchDetector, explain_detections, parse_xai
     from serving.loading import load_model
 
-    root = Path(tempfile.mkdtemp(prefix="visionserve-drise-quality-"))
-    started = time.perf_counter()
-    folder, data = train_detector(root)
-    print(f"trained the tiny detector in {time.perf_counter() - started:.0f} s", flush=True)
+    if model is None:
+        started = time.perf_counter()
+        model, data = train_detector(Path(tempfile.mkdtemp(prefix="visionserve-drise-quality-")))
+        train_jsonl = data.train_jsonl
+        print(f"trained the tiny detector in {time.perf_counter() - started:.0f} s", flush=True)
+    folder = Path(model)
     loaded = load_model(folder / "artifacts" / "settings.json", folder / "artifacts" / "model.pt",
                         device=torch.device("cpu"))
     detector, labels = TorchDetector(loaded.model, torch.device("cpu"), loaded.spec.settings), loaded.spec.labels
@@ -120,7 +124,7 @@ def drise_quality(images: int, masks: int, resolution: int, seed: int = 0) -> di
                      "attributions": True, "visualizations": False}, "image_object_detection")
     rng = np.random.default_rng(seed)
     rows, seconds = [], 0.0
-    for image, objects in _scenes(data, images):
+    for image, objects in _scenes(Path(train_jsonl), images):
         height, width = image.shape[1:]
         prediction = detector(image.unsqueeze(0))[0]
         begun = time.perf_counter()

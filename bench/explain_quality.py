@@ -249,6 +249,16 @@ def _judged(rows: list[dict], accuracy: float, args) -> dict:
             "steps_per_curve": STEPS, "harness_trusted": beats(oracle, random_), "rows": rows}
 
 
+def _earlier() -> dict:
+    from bench._common import RESULTS
+
+    path = RESULTS / "explain_quality.json"
+    if not path.exists():
+        return {}
+    found = json.loads(path.read_text())
+    return {k: found[k] for k in ("classifiers", "d_rise") if k in found}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48, help="validation images explained per method")
@@ -259,9 +269,11 @@ def main() -> None:
     parser.add_argument("--drise-images", type=int, default=6)
     parser.add_argument("--drise-masks", type=int, default=300)
     parser.add_argument("--drise-resolution", type=int, default=8)
+    parser.add_argument("--detector-model", type=Path, help="a tiny detector folder trained before (else trained)")
+    parser.add_argument("--detector-data", type=Path, help="its training JSONL")
     parser.add_argument("--only", choices=("classifiers", "d_rise"), default=None)
     args = parser.parse_args()
-    results: dict = {}
+    results: dict = _earlier() if args.only else {}  # one part rerun: the other part's last figures are kept
     if args.only != "d_rise":
         results["classifiers"] = classifier_quality(args)
         print(f"harness trusted (the occlusion oracle beats random on both curves): "
@@ -272,7 +284,8 @@ def main() -> None:
     if args.only != "classifiers":
         from bench._drise_quality import drise_quality
 
-        results["d_rise"] = found = drise_quality(args.drise_images, args.drise_masks, args.drise_resolution)
+        results["d_rise"] = found = drise_quality(args.drise_images, args.drise_masks, args.drise_resolution,
+                                                      model=args.detector_model, train_jsonl=args.detector_data)
         print(table([{"map": k, "deletion_auc": v} for k, v in found["deletion_auc"].items()], ["map", "deletion_auc"]))
         print(f"pointing game {found['pointing_game']:.3f} (chance {found['pointing_chance']:.3f}) over "
               f"{found['detections']} detections; positive saliency inside the box {found['positive_mass_inside_box']:.3f}")

@@ -45,13 +45,22 @@ STEPPED = ("xrai", "integrated_gradients")
 DRISE_SIZE = (640, 480)
 
 
-def _drise_seconds_per_mask(detector, image: torch.Tensor, masks: int, batch: int) -> float:
+def _drise_seconds_per_mask(detector, image: torch.Tensor, masks: int, batches: tuple[int, ...],
+                            rounds: int = 3) -> dict[int, float]:
+    """Seconds per mask for each batch size; the modes alternate in `rounds` so that a change in the machine's
+    load (other processes share these cores) falls on both alike."""
     from explain.drise import Sampling, saliency
 
     boxes, labels = torch.tensor([[200.0, 150, 400, 330]]), torch.tensor([1])
-    saliency(detector, image, boxes, labels, Sampling(masks=2, batch=batch, budget_s=1e9))  # warm-up
-    result = saliency(detector, image, boxes, labels, Sampling(masks=masks, batch=batch, budget_s=1e9))
-    return result.seconds / result.masks
+    seconds, done = dict.fromkeys(batches, 0.0), dict.fromkeys(batches, 0)
+    saliency(detector, image, boxes, labels, Sampling(masks=2, batch=2, budget_s=1e9))  # warm-up
+    for _ in range(rounds):
+        for batch in batches:
+            result = saliency(detector, image, boxes, labels,
+                              Sampling(masks=max(1, masks // rounds), batch=batch, budget_s=1e9))
+            seconds[batch] += result.seconds
+            done[batch] += result.masks
+    return {b: seconds[b] / done[b] for b in batches}
 
 
 def drise_rows(sample: int, batch: int, device: torch.device) -> list[dict]:
@@ -66,7 +75,7 @@ def drise_rows(sample: int, batch: int, device: torch.device) -> list[dict]:
     image = torch.rand(3, DRISE_SIZE[1], DRISE_SIZE[0], device=device)
     default = DetectionXaiParameters()
     masks = default.number_of_masks
-    timed = {b: _drise_seconds_per_mask(detector, image, sample, b) for b in (batch, 1)}
+    timed = _drise_seconds_per_mask(detector, image, sample, (batch, 1))
     per_image = {b: s * masks for b, s in timed.items()}
     row = {"algorithm": "d_rise", "image": f"{DRISE_SIZE[0]}x{DRISE_SIZE[1]}", "masks": masks,
            "masks_timed": sample, "batch": batch, "batched_s_per_mask": round(timed[batch], 3),

