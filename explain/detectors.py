@@ -32,18 +32,24 @@ class TorchDetector:
     would cost a paste per detection). The model that scores requests is never modified."""
 
     def __init__(self, model: nn.Module, device: torch.device, settings=None, score_floor: float = SCORE_FLOOR):
-        from models.tasks.detection import configure
-
         private = copy.deepcopy(model).float().eval().to(device)
-        if settings is not None:
-            configure(private, settings)  # the request's sizes: the map explains the detector the user asked
         heads = private.roi_heads if hasattr(private, "roi_heads") else private  # RetinaNet keeps them on itself
-        heads.score_thresh = min(heads.score_thresh, score_floor)
         if hasattr(heads, "mask_roi_pool"):
             heads.mask_roi_pool = heads.mask_head = heads.mask_predictor = None  # has_mask() is now False
         for p in private.parameters():
             p.requires_grad_(False)
-        self.model, self.device = private, device
+        self.model, self.device, self.score_floor = private, device, score_floor
+        self.configure(settings)
+
+    def configure(self, settings=None) -> None:
+        """A request's inference settings (sizes, NMS, detections per image: the map explains the detector the
+        user asked), scores still down to the floor; None keeps the model's own."""
+        from models.tasks.detection import configure
+
+        if settings is not None:
+            configure(self.model, settings)
+        heads = self.model.roi_heads if hasattr(self.model, "roi_heads") else self.model
+        heads.score_thresh = min(heads.score_thresh, self.score_floor)
 
     def __call__(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         with torch.inference_mode():

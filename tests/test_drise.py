@@ -121,7 +121,7 @@ def test_d_rise_answers_in_the_documented_shape():
     image = torch.rand(3, 48, 64)
     prediction = {"boxes": torch.tensor([[4.0, 4, 30, 20], [30, 20, 60, 44]]), "labels": torch.tensor([1, 3]),
                   "scores": torch.tensor([0.4, 0.9])}
-    xai = parse_xai({"number_of_masks": 8, "attributions": True, "max_explained_detections": 1,
+    xai = parse_xai({"number_of_masks": 8, "attributions": True, "max_explained_detections": 1, "time_budget_s": 600,
                      "target_box": {"label": "b", "topX": 0.1, "topY": 0.1, "bottomX": 0.5, "bottomY": 0.6}},
                     "image_instance_segmentation")
     out = explain_detections(detector, image, prediction, ["a", "b", "c"], xai)
@@ -215,3 +215,17 @@ def test_similarity_is_iou_times_same_label_times_score():
     weights = similarity(target_boxes, target_labels, found)
     assert weights[0].tolist() == pytest.approx([0.5 * 0.8, 0.0])  # the second target's label is not found
     assert weights[1].tolist() == [0.0, 0.0]
+
+
+def test_the_torch_detector_explains_a_private_copy_at_the_requests_sizes_with_scores_down_to_its_floor():
+    from models.tasks.registry import get_task, inference_settings
+
+    detector, _ = _random_detector("image_instance_segmentation")
+    model = detector.model
+    assert model.roi_heads.score_thresh == 0.01 and not model.roi_heads.has_mask()
+    request = inference_settings(get_task("image_instance_segmentation"),
+                                 {"min_size": 80, "max_size": 100, "box_score_thresh": 0.9})
+    detector.configure(request)
+    assert model.transform.min_size == (80,) and model.roi_heads.score_thresh == 0.01
+    found = detector(torch.rand(2, 3, 40, 50))
+    assert len(found) == 2 and set(found[0]) == {"boxes", "labels", "scores"}
