@@ -144,6 +144,7 @@ def drise_quality(images: int, masks: int, resolution: int, seed: int = 0, model
                          "d_rise": deletion_auc(detector, image, box, label, saliency_map, rng),
                          "random": deletion_auc(detector, image, box, label, rng.random((height, width)), rng),
                          "box_prior": deletion_auc(detector, image, box, label, _box_prior(box, height, width), rng)})
+            print(f"    {rows[-1]}", flush=True)
         print(f"  {len(rows)} detections explained ({seconds:.0f} s of D-RISE)", flush=True)
     mean = lambda key: round(float(np.mean([r[key] for r in rows])), 4)  # noqa: E731
     return {"detector": "fasterrcnn_resnet18_fpn, tests' tiny recipe, 128x96 synthetic scenes",
