@@ -4,7 +4,7 @@ A tiny fasterrcnn_resnet18_fpn trained the way the tests train theirs (12 synthe
 shapes, 25 epochs from scratch: it finds its objects) explains its own detections with score >= 0.5:
 - pointing game: the map's maximum lies inside the object's true box (the drawn shape's box); chance is the box's
   share of the image. Also the share of the map's positive mass inside the box next to the box's share of area;
-- deletion: pixels are blacked out (what a D-RISE mask does to them) in order of the map, 16 steps to the whole
+- deletion: pixels are hidden (set to the mean colour, what a D-RISE mask does to them) in order of the map, 16 steps to the whole
   image; at each step the detector scores the image and the curve is the explained detection's similarity (best
   IoU x same label x score, D-RISE's own measure). Lower AUC is better. Controls in the same harness: a random
   order, and a box prior that knows the answer (the pixels of the detection's box first, nearest its centre
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.tasks.settings import IMAGENET_MEAN
 
 STEPS = 16
 MIN_SCORE = 0.5
@@ -74,17 +76,19 @@ def _box_prior(box, height: int, width: int) -> np.ndarray:
 
 
 def deletion_auc(detector, image: torch.Tensor, box, label: int, importance: np.ndarray, rng) -> float:
-    """AUC of the detection's similarity while pixels are blacked out most important first (ties at random)."""
+    """AUC of the detection's similarity while pixels are hidden most important first (ties at random)."""
     from explain.drise import similarity
 
     height, width = image.shape[1:]
     order = np.argsort(-(importance.ravel() + rng.random(height * width) * 1e-9))
     keep = np.ones(height * width, dtype=np.float32)
+    fill = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     images = []
     for k in range(STEPS + 1):
         keep[:] = 1
         keep[order[: int(round(k / STEPS * height * width))]] = 0
-        images.append(image * torch.from_numpy(keep.reshape(height, width)))
+        shown = torch.from_numpy(keep.reshape(height, width))
+        images.append(image * shown + fill * (1 - shown))
     found = detector(torch.stack(images))
     curve = similarity(torch.tensor([box], dtype=torch.float32), torch.tensor([label]), found)[:, 0].numpy()
     return float(np.trapezoid(curve, dx=1 / STEPS))

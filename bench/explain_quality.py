@@ -7,7 +7,9 @@ deletion curve.
                                            [--only classifiers|d_rise]
 
 The classifier is the demo's (serving/demo.py's recipe: resnet18 from scratch on 2000 synthetic 64x64 shape
-images, 12 epochs); its first `--images` validation images are explained for the predicted class:
+images, 12 epochs); its first `--images` validation images are explained for the predicted class. With
+`--train-images` <= 24 it is the tests' tiny resnet18 instead, which memorises its images, and those are explained
+(an hour less of training on a busy 2-core machine; its figures say so in the JSON):
 - deletion / insertion: pixels ordered by the method's |attribution| (summed over channels, as the PNG draws it;
   ties at random) are greyed out of the image (deletion) or revealed on a uniform grey image (insertion) in 16
   steps; the curve is the class probability. Deletion AUC: lower is better; insertion: higher is better;
@@ -43,6 +45,7 @@ from bench._common import table, write  # noqa: E402
 SIZE = 64
 STEPS = 16
 PATCH = 8
+TESTS_RECIPE_IMAGES = 24  # --train-images up to this: the tests' memorising recipe instead of the demo's
 CASCADE = (("fc",), ("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
 
 
@@ -56,17 +59,27 @@ def train_classifier(root: Path, images: int, validation: int, epochs: int | Non
     from models.train.loop import train
     from serving.demo import DEMOS
 
-    recipe = DEMOS["image_classification"]
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    data = write_synthetic_dataset("image_classification", root / "data", images, image_size=recipe["size"], seed=0,
-                                   validation_fraction=validation / images)
-    job = build_job(task="image_classification", training_data=data.train_jsonl,
-                    validation_data=data.validation_jsonl,
-                    params={**recipe["params"], **({"number_of_epochs": epochs} if epochs else {})}, output_dir=root / "out",
-                    experiment_name="bench")
+    if images <= TESTS_RECIPE_IMAGES:  # the tests' recipe: a few images memorised, explained where it learnt them
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import NO_AUGMENT, RECIPES
+
+        data = write_synthetic_dataset("image_classification", root / "data", images, image_size=(SIZE, SIZE),
+                                       seed=0, validation_fraction=0.0)
+        params = {**RECIPES["image_classification"], "weights": "none", "advanced_settings": NO_AUGMENT,
+                  "early_stopping": 0, **({"number_of_epochs": epochs} if epochs else {})}
+        validation_jsonl = data.train_jsonl
+    else:
+        recipe = DEMOS["image_classification"]
+        data = write_synthetic_dataset("image_classification", root / "data", images, image_size=recipe["size"],
+                                       seed=0, validation_fraction=validation / images)
+        params = {**recipe["params"], **({"number_of_epochs": epochs} if epochs else {})}
+        validation_jsonl = data.validation_jsonl
+    job = build_job(task="image_classification", training_data=data.train_jsonl, validation_data=validation_jsonl,
+                    params=params, output_dir=root / "out", experiment_name="bench")
     result = train(job, progress=False, report=lambda _: None)
-    lines = [json.loads(line) for line in Path(data.validation_jsonl).read_text().splitlines()]
-    return Path(result.model_dir), [(Path(data.validation_jsonl).parent / line["image_url"], line["label"])
+    lines = [json.loads(line) for line in Path(validation_jsonl).read_text().splitlines()]
+    return Path(result.model_dir), [(Path(validation_jsonl).parent / line["image_url"], line["label"])
                                     for line in lines]
 
 
@@ -229,7 +242,8 @@ def classifier_quality(args) -> dict:
                                              for stage, c in zip(CASCADE, corr)}
         rows.append(row)
         print(row, flush=True)
-    return _judged(rows, accuracy, args) | {"train_images": args.train_images - args.images,
+    return _judged(rows, accuracy, args) | {"train_images": args.train_images - args.images * (
+                                            args.train_images > TESTS_RECIPE_IMAGES),
                                             "epochs": args.epochs or 12}
 
 
@@ -247,7 +261,9 @@ def _judged(rows: list[dict], accuracy: float, args) -> dict:
         if spearman_by_stage:
             row["spearman_logits_only"] = spearman_by_stage["fc"]
             row["spearman_all_random"] = spearman_by_stage["conv1+bn1"]
-    return {"classifier": "resnet18, the demo's recipe, 64x64 synthetic shapes", "validation_accuracy": round(accuracy, 3),
+    recipe = ("the tests' recipe: memorised images, explained" if args.train_images <= TESTS_RECIPE_IMAGES
+              else "the demo's recipe, held-out images explained")
+    return {"classifier": f"resnet18, 64x64 synthetic shapes, {recipe}", "accuracy": round(accuracy, 3),
             "images": args.images, "randomization_images": args.randomization_images, "n_steps": args.n_steps,
             "steps_per_curve": STEPS, "harness_trusted": beats(oracle, random_), "rows": rows}
 
@@ -265,7 +281,8 @@ def _earlier() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48, help="validation images explained per method")
-    parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--train-images", type=int, default=2000,
+                        help=f"<= {TESTS_RECIPE_IMAGES}: the tests' recipe (memorised images, explained)")
     parser.add_argument("--epochs", type=int, default=None, help="the demo's 12 unless given")
     parser.add_argument("--randomization-images", type=int, default=8)
     parser.add_argument("--variant-images", type=int, default=12, help="images for the integrated-gradients variants")
