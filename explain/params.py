@@ -21,13 +21,18 @@ DETECTION_FAMILIES = ("detection", "segmentation")
 # these words as the documentation of `xai_algorithm`.
 METHOD_NOTES = {
     "xrai": "regions ranked by integrated gradients from a black and a white baseline (the class probability)",
-    "integrated_gradients": "path integral of the class probability's gradient from a black image",
+    "integrated_gradients": "path integral of the class probability's gradient from a black image; measured on the "
+                            "demo classifier (issue 26) it barely beats, and on insertion loses to, a centre prior "
+                            "that ignores the model: read it with care",
     "guided_gradcam": "GradCAM of the class logit on the last spatial stage times guided backprop",
     "guided_backprop": "gradient of the class logit with only non-negative gradients passed back",
     "d_rise": "D-RISE (Petsiuk et al. 2021): the detector scores randomly masked copies of the image; each mask "
               "is weighted by how well the masked image's best detection matches the explained one (box IoU x same "
               "label x score); the map is the mean weight of the masks that keep a pixel minus the mean weight: "
-              "positive where seeing the pixel helps the detection",
+              "positive where seeing the pixel helps the detection. Hidden pixels take the mean colour the detector "
+              "normalises by (black holes look like objects). On the tests' tiny detector its maxima fell inside the "
+              "explained object's box and hiding pixels in its order removed the detection as fast as a box prior "
+              "(bench/explain_quality.py)",
 }
 
 
