@@ -177,11 +177,17 @@ def test_d_rise_is_for_detectors_and_names_the_models_labels():
 def test_d_rise_keeps_its_time_budget_and_uses_the_masks_done():
     detector, _ = _random_detector()
     image, box, label = torch.rand(3, 48, 64), torch.tensor([[8.0, 8, 40, 40]]), torch.tensor([1])
+    detector(image[None])  # warm: the first pass of a model allocates
     started = time.perf_counter()
-    result = saliency(detector, image, box, label, Sampling(masks=20000, batch=4, budget_s=1.5))
+    detector(image[None])
+    one_pass = time.perf_counter() - started  # on a shared machine this is what the budget's slack scales with
+    budget = max(1.5, 4 * one_pass)
+    started = time.perf_counter()
+    result = saliency(detector, image, box, label, Sampling(masks=20000, batch=4, budget_s=budget))
     elapsed = time.perf_counter() - started
     assert result.out_of_time and 1 <= result.masks < 20000
-    assert elapsed < 1.5 + 1.0, elapsed  # a batch starts only when it is expected to end within the budget
+    # a batch starts only when it is expected to end within the budget: past it by at most about one pass
+    assert elapsed < budget + 2 * one_pass + 0.5, (elapsed, budget, one_pass)
     assert result.maps.shape == (1, 48, 64) and torch.isfinite(result.maps).all()
 
 
