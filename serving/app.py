@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from models.errors import ErrorCode, SettingsError
-from serving.access import read_key_file
+from serving.access import KEYED, Access, read_key_file
 from serving.backends import BACKENDS, ScoringPlan
 from serving.contract import RequestError, Route, openapi_components
-from serving.edge import KEYED, Access, install, read_body
+from serving.edge import install, read_body
 from serving.replica import ScoringReplica
 from serving.scoring import Scoring, ScoringLimits, request_too_large
 from serving.studio import add_studio

@@ -1,10 +1,9 @@
 """The HTTP threshold every app shares (`visionserve serve`, the hub, the studio's keyed routes): one body reader,
-one key check, one way errors become answers, one request id.
+one way errors become answers, one request id (the one key check is serving.access's `KEYED`). Nothing here
+needs Ray: the pyfunc's errors derive from `EdgeError` too.
 
 - `read_body`: a body read up to a cap, refused (413) from its declared length or while streaming, before it is
   buffered whole.
-- `KEYED`: the one auth dependency of every keyed route; each app's ingress names its `Access` (the key's SHA-256,
-  the headers that may carry it, and the app's words for a refusal).
 - `install(app, ...)`: the one exception handler per app (`EdgeError`s in the app's format, a path no route
   answers, anything unexpected as a 500 without a traceback), and the request id: the client's `x-request-id`
   when it is a plain token, else a new one sent back as `x-visionserve-request-id`; one log line per request.
@@ -13,20 +12,21 @@ one key check, one way errors become answers, one request id.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from serving.access import key_matches, request_id_of
 
 log = logging.getLogger("ray.serve")
 REQUEST_ID = "x-visionserve-request-id"
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class EdgeError(Exception):
@@ -63,33 +63,10 @@ async def read_body(request: Request, limit: int, too_large: Callable[[], EdgeEr
     return b"".join(chunks)
 
 
-@dataclass(frozen=True)
-class Access:
-    """Who may call an app's keyed routes: anyone when `digest` is None, else who sends the key that hashes to it
-    as `Authorization: Bearer <key>` or in one of `headers`; `refusal()` is the app's 401."""
-
-    digest: str | None
-    refusal: Callable[[], EdgeError]
-    headers: tuple[str, ...] = ()
-
-    def check(self, request: Request) -> None:
-        if self.digest is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = next((request.headers[h] for h in self.headers if request.headers.get(h)), None) or (
-            header[7:].strip() if header[:7].lower() == "bearer " else "")
-        if not key_matches(token, self.digest):
-            raise self.refusal()
-
-
-def _authorized(request: Request) -> None:
-    """The ingress replica's `access` decides (Ray Serve runs one instance of the ingress class per replica)."""
-    from ray import serve
-
-    serve.get_replica_context().servable_object.access.check(request)
-
-
-KEYED = [Depends(_authorized)]
+def request_id_of(header: str | None) -> str:
+    """The client's x-request-id when it is a plain token of at most 128 characters, else a new one: what is
+    echoed and logged is never arbitrary text."""
+    return header if header and _PLAIN_ID.match(header) else uuid.uuid4().hex
 
 
 def request_id(request: Request) -> str | None:

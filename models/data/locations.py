@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 CLOUD_SCHEMES = frozenset({"azureml", "amldatastore", "http", "https", "wasb", "wasbs", "abfs", "abfss", "s3", "gs",
                            "gcs", "adl"})
@@ -49,11 +49,11 @@ def is_cloud(url: str) -> bool:
 def shown(url: str, limit: int = 200) -> str:
     """`url` as messages show it: as given, less the query and fragment of a URL (a SAS token), clipped."""
     try:
-        parts = urlsplit(url)
-        text = url if len(parts.scheme) <= 1 or parts.scheme.lower() == "file" else \
-            urlunsplit(parts._replace(query="", fragment=""))
+        scheme = urlsplit(url).scheme
     except ValueError:  # e.g. a broken IPv6 host
-        text = url.split("?", 1)[0].split("#", 1)[0]
+        scheme = "broken"
+    local = len(scheme) <= 1 or scheme.lower() == "file"
+    text = url if local else url.split("?", 1)[0].split("#", 1)[0]  # as typed: the scheme's case kept
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 

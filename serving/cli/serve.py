@@ -58,13 +58,20 @@ def _cpus_per_replica(args: argparse.Namespace) -> float:
     return (os.cpu_count() or 1) / args.replicas
 
 
-def _config(args: argparse.Namespace, plan: ScoringPlan, limits: dict[str, Any]):
+def key_of(args: argparse.Namespace) -> str | None:
+    """The API key's SHA-256 from --api-key-file (refused when missing or empty), or None; refused when --host
+    reaches beyond this machine without one (see refuse_open_without_key)."""
     from serving.access import read_key_file
-    from serving.app import ServiceConfig
-    from serving.scoring import ScoringLimits
 
     digest = read_key_file(args.api_key_file) if args.api_key_file else None
     refuse_open_without_key(args, keyed=digest is not None)
+    return digest
+
+
+def _config(args: argparse.Namespace, plan: ScoringPlan, limits: dict[str, Any], digest: str | None):
+    from serving.app import ServiceConfig
+    from serving.scoring import ScoringLimits
+
     return ServiceConfig.of(args.model, plan, ScoringLimits(**limits), overrides=parse_param_flags(args.set, "--set"),
                             api_key_sha256=digest)
 
@@ -106,9 +113,10 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     """Deploy the endpoint on the local Ray instance (or --address) and return its URL."""
     from serving.app import VisionService
 
-    limits = scoring_limits(args)  # the flags first: a typo costs nothing
+    limits = scoring_limits(args)  # the flags and the key first: a typo costs nothing
+    digest = key_of(args)
     folder, plan = plan_replicas(args)
-    config = _config(args, plan, limits)
+    config = _config(args, plan, limits, digest)
     print(layout_line(args, plan), flush=True)
     options = deployment_options(args, plan)
     url = f"http://{args.host}:{args.port}"

@@ -22,9 +22,9 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from ray import serve
 
-from serving.access import read_key_file
+from serving.access import KEYED, Access, read_key_file
 from serving.backends import ONNX_REPLICA_ENV
-from serving.edge import KEYED, Access, install
+from serving.edge import install
 from serving.hub import datasets
 from serving.hub.api import ApiError, check_api_version, resource_name
 from serving.hub.browse import DatasetViews, dataset_contents, dataset_image
