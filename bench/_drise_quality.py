@@ -75,7 +75,7 @@ def _box_prior(box, height: int, width: int) -> np.ndarray:
     return _box_mask(box, height, width).numpy() * 1e6 - distance
 
 
-def deletion_auc(detector, image: torch.Tensor, box, label: int, importance: np.ndarray, rng) -> float:
+def deletion_auc(detector, settings, image: torch.Tensor, box, label: int, importance: np.ndarray, rng) -> float:
     """AUC of the detection's similarity while pixels are hidden most important first (ties at random)."""
     from explain.drise import similarity
 
@@ -89,7 +89,8 @@ def deletion_auc(detector, image: torch.Tensor, box, label: int, importance: np.
         keep[order[: int(round(k / STEPS * height * width))]] = 0
         shown = torch.from_numpy(keep.reshape(height, width))
         images.append(image * shown + fill * (1 - shown))
-    found = detector(torch.stack(images))
+    with torch.inference_mode():
+        found = detector.predict(images, settings)
     curve = similarity(torch.tensor([box], dtype=torch.float32), torch.tensor([label]), found)[:, 0].numpy()
     return float(np.trapezoid(curve, dx=1 / STEPS))
 
@@ -111,18 +112,19 @@ def drise_quality(images: int, masks: int, resolution: int, seed: int = 0, model
                   train_jsonl: Path | None = None) -> dict:
     """Pointing game and deletion AUCs (D-RISE, random, box prior) over the detections of `images` scenes; a model
     folder and its training JSONL (made by `train_detector` before) are reused when given."""
-    from explain import TorchDetector, explain_detections, parse_xai
-    from serving.loading import load_model
+    from explain import detector_copy, explain_detections, explaining_settings, parse_xai
+    from serving.loading import ModelFolder, load_model
 
     if model is None:
         started = time.perf_counter()
         model, data = train_detector(Path(tempfile.mkdtemp(prefix="visionserve-drise-quality-")))
         train_jsonl = data.train_jsonl
         print(f"trained the tiny detector in {time.perf_counter() - started:.0f} s", flush=True)
-    folder = Path(model)
-    loaded = load_model(folder / "artifacts" / "settings.json", folder / "artifacts" / "model.pt",
-                        device=torch.device("cpu"))
-    detector, labels = TorchDetector(loaded.model, torch.device("cpu"), loaded.spec.settings), loaded.spec.labels
+    folder = ModelFolder.open(model)
+    loaded = load_model(folder, folder.plan("torch", "cpu"))
+    detector = loaded.scorer.on(detector_copy(loaded.model))  # what serving explains through
+    settings, labels = folder.model_settings.settings, folder.model_settings.labels
+    scored = explaining_settings(settings)  # what D-RISE scores masked images under
     xai = parse_xai({"number_of_masks": masks, "mask_resolution": resolution, "internal_batch_size": 16,
                      "time_budget_s": 3600, "max_explained_detections": 10, "detection_score_threshold": MIN_SCORE,
                      "attributions": True, "visualizations": False}, "image_object_detection")
@@ -130,9 +132,10 @@ def drise_quality(images: int, masks: int, resolution: int, seed: int = 0, model
     rows, seconds = [], 0.0
     for image, objects in _scenes(Path(train_jsonl), images):
         height, width = image.shape[1:]
-        prediction = detector(image.unsqueeze(0))[0]
+        with torch.inference_mode():
+            prediction = detector.predict([image], settings)[0]
         begun = time.perf_counter()
-        out = explain_detections(detector, image, prediction, labels, xai)
+        out = explain_detections(detector, image, prediction, labels, xai, settings)
         seconds += time.perf_counter() - begun
         for explained, saliency_map in zip(out["explained_boxes"], out["attributions"]):
             i = explained["detection"]
@@ -145,9 +148,10 @@ def drise_quality(images: int, masks: int, resolution: int, seed: int = 0, model
             positive = np.clip(saliency_map, 0, None)
             rows.append({"hit": bool(inside.ravel()[saliency_map.argmax()]), "chance": float(inside.mean()),
                          "mass_inside": float(positive[inside].sum() / max(positive.sum(), 1e-12)),
-                         "d_rise": deletion_auc(detector, image, box, label, saliency_map, rng),
-                         "random": deletion_auc(detector, image, box, label, rng.random((height, width)), rng),
-                         "box_prior": deletion_auc(detector, image, box, label, _box_prior(box, height, width), rng)})
+                         "d_rise": deletion_auc(detector, scored, image, box, label, saliency_map, rng),
+                         "random": deletion_auc(detector, scored, image, box, label, rng.random((height, width)), rng),
+                         "box_prior": deletion_auc(detector, scored, image, box, label, _box_prior(box, height, width),
+                                                   rng)})
             print(f"    {rows[-1]}", flush=True)
         print(f"  {len(rows)} detections explained ({seconds:.0f} s of D-RISE)", flush=True)
     mean = lambda key: round(float(np.mean([r[key] for r in rows])), 4)  # noqa: E731

@@ -193,15 +193,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def classifier_quality(args) -> dict:
     from explain import ALGORITHMS, make_explainer
-    from serving.loading import load_model
+    from serving.loading import ModelFolder, load_model
 
     root = Path(tempfile.mkdtemp(prefix="visionserve-explain-quality-"))
     started = time.perf_counter()
     folder, validation = train_classifier(root, args.train_images, args.images, args.epochs)
     validation = validation[: args.images]
-    loaded = load_model(folder / "artifacts" / "settings.json", folder / "artifacts" / "model.pt",
-                        device=torch.device("cpu"))
-    spec, device = loaded.spec, torch.device("cpu")
+    opened = ModelFolder.open(folder)
+    loaded = load_model(opened, opened.plan("torch", "cpu"))
+    spec, device = opened.model_settings, torch.device("cpu")
     explainer = make_explainer(loaded.model, "resnet18", False, device, spec.settings.image_mean, spec.settings.image_std)
     images = _pixels([path for path, _ in validation])
     with torch.no_grad():

@@ -45,7 +45,7 @@ STEPPED = ("xrai", "integrated_gradients")
 DRISE_SIZE = (640, 480)
 
 
-def _drise_seconds_per_mask(detector, image: torch.Tensor, masks: int, batches: tuple[int, ...],
+def _drise_seconds_per_mask(detector, settings, image: torch.Tensor, masks: int, batches: tuple[int, ...],
                             rounds: int = 3) -> dict[int, float]:
     """Seconds per mask for each batch size; the modes alternate in `rounds` so that a change in the machine's
     load (other processes share these cores) falls on both alike."""
@@ -53,10 +53,10 @@ def _drise_seconds_per_mask(detector, image: torch.Tensor, masks: int, batches: 
 
     boxes, labels = torch.tensor([[200.0, 150, 400, 330]]), torch.tensor([1])
     seconds, done = dict.fromkeys(batches, 0.0), dict.fromkeys(batches, 0)
-    saliency(detector, image, boxes, labels, Sampling(masks=2, batch=2, budget_s=1e9))  # warm-up
+    saliency(detector, image, boxes, labels, settings, Sampling(masks=2, batch=2, budget_s=1e9))  # warm-up
     for _ in range(rounds):
         for batch in batches:
-            result = saliency(detector, image, boxes, labels,
+            result = saliency(detector, image, boxes, labels, settings,
                               Sampling(masks=max(1, masks // rounds), batch=batch, budget_s=1e9))
             seconds[batch] += result.seconds
             done[batch] += result.masks
@@ -64,18 +64,19 @@ def _drise_seconds_per_mask(detector, image: torch.Tensor, masks: int, batches: 
 
 
 def drise_rows(sample: int, batch: int, device: torch.device) -> list[dict]:
-    from explain import TorchDetector
+    from explain import detector_copy, explaining_settings
     from explain.params import DetectionXaiParameters
+    from serving.scorers import TorchScorer
 
     task = get_task("image_object_detection")
     settings = inference_settings(task, {})
     torch.manual_seed(0)
     model = build_model(get_architecture("fasterrcnn_resnet18_fpn", "detection"), 4, settings).eval()
-    detector = TorchDetector(model, device, settings)
+    detector = TorchScorer(detector_copy(model).to(device), task.ops)  # what serving explains through
     image = torch.rand(3, DRISE_SIZE[1], DRISE_SIZE[0], device=device)
     default = DetectionXaiParameters()
     masks = default.number_of_masks
-    timed = _drise_seconds_per_mask(detector, image, sample, (batch, 1))
+    timed = _drise_seconds_per_mask(detector, explaining_settings(settings), image, sample, (batch, 1))
     per_image = {b: s * masks for b, s in timed.items()}
     row = {"algorithm": "d_rise", "image": f"{DRISE_SIZE[0]}x{DRISE_SIZE[1]}", "masks": masks,
            "masks_timed": sample, "batch": batch, "batched_s_per_mask": round(timed[batch], 3),

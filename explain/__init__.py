@@ -1,8 +1,8 @@
 """Explanations (scoring.md, Explanations). Classifiers: XRAI, integrated gradients, guided GradCAM and guided
 backprop on the evaluation center crop, drawn as the spec's 2x2 PNG (`make_explainer`, `explain_crop`).
-Detectors and instance segmentation: D-RISE over any `Detector` (`TorchDetector`, or serving's ONNX Runtime
-one), one map per explained detection (`explain_detections`). `parse_xai(raw, task_name)` validates either's
-`xai_parameters`."""
+Detectors and instance segmentation: D-RISE over any `Detector` (serving's scorers are: the torch network on a
+private copy, `detector_copy`, or its ONNX Runtime graph), one map per explained detection (`explain_detections`).
+`parse_xai(raw, task_name)` validates either's `xai_parameters`."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ import torch
 from explain.guided import prepare
 from explain.methods import METHODS, Explainer, attribute
 from explain.detections import explain_detections
-from explain.detectors import Detector, TorchDetector
+from explain.detectors import SCORE_FLOOR, Detector, detector_copy, explaining_settings
 from explain.errors import Stopped, TooManyLabels, UnknownLabel
 from explain.params import (ALGORITHMS, DEFAULT, DETECTOR_ALGORITHMS, MAX_EXPLAINED_LABELS, DetectionXaiParameters,
-                            XaiParameters, parse_xai, xai_parameters_class)
+                            XaiParameters, label_problems, parse_xai, xai_parameter_schemas, xai_parameters_class)
 from explain.visualize import render
 from models.tasks.settings import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ALGORITHMS", "DEFAULT", "DETECTOR_ALGORITHMS", "MAX_EXPLAINED_LABELS", "METHODS", "DetectionXaiParameters",
-           "Detector", "Explainer", "Stopped", "TooManyLabels", "TorchDetector", "UnknownLabel", "XaiParameters",
-           "attribute", "explain_crop", "explain_detections", "make_explainer", "parse_xai", "targets",
+__all__ = ["ALGORITHMS", "DEFAULT", "DETECTOR_ALGORITHMS", "MAX_EXPLAINED_LABELS", "METHODS", "SCORE_FLOOR",
+           "DetectionXaiParameters", "Detector", "Explainer", "Stopped", "TooManyLabels", "UnknownLabel",
+           "XaiParameters", "attribute", "detector_copy", "explain_crop", "explain_detections", "explaining_settings",
+           "label_problems", "make_explainer", "parse_xai", "targets", "xai_parameter_schemas",
            "xai_parameters_class"]
 
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from explain.detectors import Detector
+from explain.detectors import Detector, explaining_settings
 from explain.drise import Sampling, saliency, similarity
 from explain.errors import UnknownLabel
-from explain.params import DetectionXaiParameters
+from explain.params import DetectionXaiParameters, label_problems
+from explain.visualize import render_detection
 
 ATTRIBUTION_DECIMALS = 5  # the maps are means over masks: more digits would only be sampling noise, and bytes
 
@@ -42,9 +44,8 @@ def choose_targets(prediction: dict[str, torch.Tensor], labels: Sequence[str], x
     chosen = []
     if xai.target_box is not None:
         box = xai.target_box
-        if box.label not in labels:
-            raise UnknownLabel(f"xai_parameters.target_box.label={box.label!r} is not a label of this model; its "
-                               f"labels: {', '.join(labels)}")
+        if problems := label_problems(xai, labels):
+            raise UnknownLabel(problems[0])
         chosen.append(Target((box.topX * width, box.topY * height, box.bottomX * width, box.bottomY * height),
                              labels.index(box.label) + 1, None, None))
     scores = prediction["scores"].detach().float().cpu()
@@ -70,11 +71,12 @@ def sampling_of(xai: DetectionXaiParameters) -> Sampling:
 
 
 def explain_detections(detector: Detector, image: torch.Tensor, prediction: dict[str, torch.Tensor],
-                       labels: Sequence[str], xai: DetectionXaiParameters,
+                       labels: Sequence[str], xai: DetectionXaiParameters, settings: Any,
                        should_stop: Callable[[], bool] = lambda: False) -> dict:
-    """The explanation keys of one image's response (see the module's words). `image` [3, H, W] float in [0, 1]
-    on the detector's device, as the model saw it; `prediction` the raw detections the response reports; `labels`
-    the model's labels. Raises UnknownLabel (a 400 naming xai_parameters.target_box.label) and Stopped."""
+    """The explanation keys of one image's response (see the module's words). `image` [3, H, W] float in [0, 1],
+    as the model saw it; `prediction` the raw detections the response reports; `labels` the model's labels;
+    `settings` the inference settings in force (the masked images are scored under them, scores down to
+    explain.detectors.SCORE_FLOOR). Raises UnknownLabel (a target box's label the model lacks) and Stopped."""
     height, width = image.shape[-2:]
     targets = choose_targets(prediction, labels, xai, width, height)
     out: dict = {"explained_boxes": [], "masks_used": 0}
@@ -86,8 +88,10 @@ def explain_detections(detector: Detector, image: torch.Tensor, prediction: dict
         return out
     boxes = torch.tensor([t.box for t in targets], dtype=torch.float32)
     classes = torch.tensor([t.label for t in targets])
-    unmasked = similarity(boxes, classes, detector(image.unsqueeze(0)))[0]
-    result = saliency(detector, image, boxes, classes, sampling_of(xai), should_stop)
+    settings = explaining_settings(settings)
+    with torch.inference_mode():
+        unmasked = similarity(boxes, classes, detector.predict([image], settings))[0]
+    result = saliency(detector, image, boxes, classes, settings, sampling_of(xai), should_stop)
     out["masks_used"] = result.masks
     pixels = image.detach().float().cpu()
     for k, target in enumerate(targets):
@@ -97,8 +101,6 @@ def explain_detections(detector: Detector, image: torch.Tensor, prediction: dict
             "box": _fractions(target, xai, width, height),
             "similarity": round(float(unmasked[k]), 4), "mean_similarity": round(float(result.mean_similarity[k]), 4)})
         if xai.visualizations:
-            from explain.visualize import render_detection
-
             what = f"{target.score:.3f}" if target.score is not None else "target box"
             out["visualizations"].append(render_detection(pixels, result.maps[k], target.box,
                                                           f"{name}: {what} (d_rise, {result.masks} masks)"))

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -100,10 +101,11 @@ def _next_count(sampling: Sampling, done: int, elapsed: float, per_mask: float |
     return max(0, min(sampling.batch, left, fit))
 
 
-def saliency(detector: Detector, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+def saliency(detector: Detector, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, settings: Any,
              sampling: Sampling = Sampling(), should_stop: Callable[[], bool] = lambda: False) -> Saliency:
     """D-RISE maps of T targets (`boxes` [T, 4] pixels, `labels` [T] class ids) in `image` [3, H, W] (float in
-    [0, 1], on the detector's device). `should_stop` is asked before every batch (Stopped)."""
+    [0, 1]), the masked images scored under `settings` (explain.detectors.explaining_settings). `should_stop` is
+    asked before every batch (Stopped)."""
     height, width = image.shape[-2:]
     boxes, labels = boxes.detach().float().cpu(), labels.detach().cpu().long()
     generator = torch.Generator().manual_seed(sampling.seed)
@@ -118,7 +120,9 @@ def saliency(detector: Detector, image: torch.Tensor, boxes: torch.Tensor, label
         batch_started = time.perf_counter()
         masks = random_masks(count, height, width, sampling.resolution, sampling.keep, generator).to(image.device)
         shown = masks.unsqueeze(1)
-        weights = similarity(boxes, labels, detector(image * shown + fill * (1 - shown)))  # [count, T]
+        with torch.inference_mode():
+            found = detector.predict(list(image * shown + fill * (1 - shown)), settings)
+        weights = similarity(boxes, labels, found)  # [count, T]
         weighted += torch.einsum("bt,bhw->thw", weights.to(image.device), masks)
         coverage += masks.sum(0)
         total += weights.sum(0)

@@ -2,20 +2,20 @@
 method is (the words /metadata shows). Classifiers and detectors take different parameters: `xai_parameters_class`
 picks the class for a task, `parse_xai` validates against it."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import field_validator
 
 from models.errors import SettingsError
 from models.tasks.fields import Flag, Float, Int, SettingsModel, Text, maybe, nested, one_of, param, parse_settings
+from models.tasks.registry import TASKS, get_task
 
 ALGORITHMS = ("xrai", "integrated_gradients", "guided_gradcam", "guided_backprop")  # classifiers
 DETECTOR_ALGORITHMS = ("d_rise",)  # image_object_detection, image_instance_segmentation
 APPROXIMATIONS = ("riemann_middle", "gausslegendre")
 MAX_EXPLAINED_LABELS = 10  # per image (multilabel): each is a full attribution, seconds of work
 MAX_EXPLAINED_DETECTIONS = 10  # per image (D-RISE): the masks are shared, but each is a map and a picture
-DETECTION_FAMILIES = ("detection", "segmentation")
 
 # What each method explains and how far to trust it (bench/explain_quality.py measures the claims); /metadata shows
 # these words as the documentation of `xai_algorithm`.
@@ -79,7 +79,9 @@ class DetectionXaiParameters(SettingsModel):
     mask_resolution: Int = param(16, ge=2, le=64, doc="D-RISE: cells along each side of a mask before upsampling")
     mask_keep_probability: Float = param(0.5, ge=0.05, le=0.95, doc="D-RISE: chance that a mask cell shows the image")
     time_budget_s: Float = param(60.0, ge=0.1, le=3600, doc="D-RISE: stop drawing masks before a batch that would "
-                                                            "end past this; the map uses the masks done")
+                                                            "end past this; the map uses the masks done (on a server, "
+                                                            "at most its explanation_timeout_s, shared by the "
+                                                            "request's images)")
     internal_batch_size: Int = param(8, ge=1, le=64, doc="visionserve: masked images per forward pass")
 
     @field_validator("target_box")
@@ -98,11 +100,22 @@ class DetectionXaiParameters(SettingsModel):
 DEFAULT = XaiParameters()
 
 
-def xai_parameters_class(task_name: str) -> type[SettingsModel]:
-    """The xai_parameters a model of `task_name` takes (what /metadata and /docs describe for it)."""
-    from models.tasks.registry import get_task
+# The xai_parameters of each task family (a family missing here does not explain).
+BY_FAMILY: dict[str, type[SettingsModel]] = {"classification": XaiParameters, "detection": DetectionXaiParameters,
+                                             "segmentation": DetectionXaiParameters}
 
-    return DetectionXaiParameters if get_task(task_name).family in DETECTION_FAMILIES else XaiParameters
+
+def xai_parameters_class(task_name: str) -> type[SettingsModel] | None:
+    """The xai_parameters a model of `task_name` takes (what /metadata and /docs describe for it); None: its
+    models do not explain."""
+    return BY_FAMILY.get(get_task(task_name).family)
+
+
+def xai_parameter_schemas() -> dict[str, type[SettingsModel]]:
+    """The xai_parameters of each task family of the registry, by the name the OpenAPI document gives it
+    (`ClassificationXaiParameters`, ...), as `models.tasks.registry.request_params` names the request params."""
+    families = dict.fromkeys(t.family for t in TASKS.values())
+    return {f"{f.capitalize()}XaiParameters": BY_FAMILY[f] for f in families if f in BY_FAMILY}
 
 
 def _something_explained(xai: SettingsModel) -> list[str]:
@@ -112,10 +125,21 @@ def _something_explained(xai: SettingsModel) -> list[str]:
     return []
 
 
+def label_problems(xai: SettingsModel, labels: Sequence[str]) -> list[str]:
+    """What the model's `labels` refuse in validated parameters: a target box's label it does not have."""
+    box = getattr(xai, "target_box", None)
+    if box is None or box.label in labels:
+        return []
+    return [f"xai_parameters.target_box.label={box.label!r} is not a label of this model (its labels: "
+            f"{', '.join(labels)})"]
+
+
 def parse_xai(raw: Mapping[str, Any] | None, task_name: str = "image_classification") -> SettingsModel:
     """Validated parameters for a model of `task_name` (XaiParameters or DetectionXaiParameters);
     `SettingsError.problems` name each bad key as `xai_parameters.<key>...`."""
     cls = xai_parameters_class(task_name)
+    if cls is None:
+        raise SettingsError([f"xai_parameters: {task_name} models do not explain"], "xai_parameters")
     if raw is None:
         return cls()
     if not isinstance(raw, Mapping):
