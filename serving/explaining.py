@@ -111,7 +111,11 @@ class Explanations:
         answer = ops.format(prediction, (image.shape[-1], image.shape[-2]), ms.labels, settings)
         if (left := time_left()) is not None:
             xai = xai.model_copy(update={"time_budget_s": max(0.0, min(xai.time_budget_s, DEADLINE_SHARE * left))})
-        return {**answer, **explain_detections(scorer, image.float(), prediction, ms.labels, xai, settings, stopped)}
+        explained = explain_detections(scorer, image.float(), prediction, ms.labels, xai, settings, stopped)
+        for item in explained["explained_boxes"]:  # a detection's box exactly as the answer writes it
+            if item["detection"] is not None:
+                item["box"] = answer["boxes"][item["detection"]]["box"]
+        return {**answer, **explained}
 
 
 def _share(deadline: float | None, images_left: int) -> Callable[[], float | None]:
