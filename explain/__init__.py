@@ -1,5 +1,8 @@
-"""Explanations of classifier decisions (scoring.md, Explanations): XRAI, integrated gradients,
-guided GradCAM and guided backprop on the evaluation center crop, drawn as the spec's 2x2 PNG."""
+"""Explanations (scoring.md, Explanations). Classifiers: XRAI, integrated gradients, guided GradCAM and guided
+backprop on the evaluation center crop, drawn as the spec's 2x2 PNG (`make_explainer`, `explain_crop`).
+Detectors and instance segmentation: D-RISE over any `Detector` (serving's scorers are: the torch network on a
+private copy, `detector_copy`, or its ONNX Runtime graph), one map per explained detection (`explain_detections`).
+`parse_xai(raw, task_name)` validates either's `xai_parameters`."""
 
 from __future__ import annotations
 
@@ -9,12 +12,19 @@ import torch
 
 from explain.guided import prepare
 from explain.methods import METHODS, Explainer, attribute
-from explain.params import ALGORITHMS, DEFAULT, MAX_EXPLAINED_LABELS, XaiParameters, parse_xai
+from explain.detections import explain_detections
+from explain.detectors import SCORE_FLOOR, Detector, detector_copy, explaining_settings
+from explain.errors import Stopped, TooManyLabels, UnknownLabel
+from explain.params import (ALGORITHMS, DEFAULT, DETECTOR_ALGORITHMS, MAX_EXPLAINED_LABELS, DetectionXaiParameters,
+                            XaiParameters, label_problems, parse_xai, xai_parameter_schemas, xai_parameters_class)
 from explain.visualize import render
 from models.tasks.settings import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ALGORITHMS", "DEFAULT", "MAX_EXPLAINED_LABELS", "METHODS", "Explainer", "Stopped", "TooManyLabels",
-           "XaiParameters", "attribute", "explain_crop", "make_explainer", "parse_xai", "targets"]
+__all__ = ["ALGORITHMS", "DEFAULT", "DETECTOR_ALGORITHMS", "MAX_EXPLAINED_LABELS", "METHODS", "SCORE_FLOOR",
+           "DetectionXaiParameters", "Detector", "Explainer", "Stopped", "TooManyLabels", "UnknownLabel",
+           "XaiParameters", "attribute", "detector_copy", "explain_crop", "explain_detections", "explaining_settings",
+           "label_problems", "make_explainer", "parse_xai", "targets", "xai_parameter_schemas",
+           "xai_parameters_class"]
 
 
 def make_explainer(model: torch.nn.Module, arch_name: str, multilabel: bool, device: torch.device,
@@ -29,14 +39,6 @@ def targets(probs: torch.Tensor, multilabel: bool, threshold: float) -> list[int
     if multilabel:
         return [i for i, p in enumerate(probs.tolist()) if p >= threshold]
     return [int(probs.argmax())]
-
-
-class TooManyLabels(ValueError):
-    """More labels qualify for an explanation than one image may have explained."""
-
-
-class Stopped(Exception):
-    """The caller stopped waiting: the explanation was abandoned between two labels."""
 
 
 def explain_crop(explainer: Explainer, crop: torch.Tensor, labels: Sequence[str], xai: XaiParameters,

@@ -59,3 +59,39 @@ def render(crop: torch.Tensor, attributions: torch.Tensor, title: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def positive_heat(saliency: torch.Tensor) -> np.ndarray:
+    """[H, W] signed D-RISE saliency → [H, W] in [0, 1]: its positive part scaled by its 99.5th percentile."""
+    positive = saliency.clamp_min(0).numpy().astype(np.float64)
+    top = np.percentile(positive, 99.5)
+    if not np.isfinite(top) or top <= 0:
+        top = positive.max()
+    return np.clip(positive / top, 0, 1) if top > 0 else np.zeros_like(positive)
+
+
+def render_detection(image: torch.Tensor, saliency: torch.Tensor, box: tuple[float, float, float, float],
+                     title: str) -> str:
+    """[3, H, W] image in [0, 1] + one detection's [H, W] saliency → base64 PNG: the image with the box, and the
+    heat map (bgyw, white = most support; only where seeing the pixel raises the detection) over the image."""
+    import colorcet
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    picture = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    height, width = picture.shape[:2]
+    figure = Figure(figsize=(8, 8 * height / width / 2 + 0.8), dpi=80)
+    axes = figure.subplots(1, 2)
+    for ax, name, overlay in zip(axes, ("input", "D-RISE saliency over input"), (False, True)):
+        ax.imshow(picture)
+        if overlay:
+            ax.imshow(positive_heat(saliency), cmap=colorcet.cm["bgyw"], alpha=0.6, vmin=0, vmax=1)
+        x0, y0, x1, y1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.5))
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

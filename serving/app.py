@@ -86,10 +86,13 @@ def _route_doc(body: str) -> dict[str, Any]:
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{body}"}}}},
-        "responses": {status: {"description": text, **error} for status, text in (
+        "responses": {"200": {"description": "one answer per image, in input order (scoring.md's response per "
+                              "task); a classifier's explanation entry adds `visualizations` (the 2x2 PNG) and "
+                              "`attributions` when asked, a detector's the DetectionExplanation keys"},
+                      **{status: {"description": text, **error} for status, text in (
             ("400", "malformed JSON, a refused image or parameter"), ("401", "API key missing or wrong"),
             ("413", "body or image count over the limits"), ("422", "a field of the body is missing or wrong"),
-            ("429", "over capacity; see Retry-After"), ("504", "an explanation took too long"))}}
+            ("429", "over capacity; see Retry-After"), ("504", "an explanation took too long"))}}}
 
 
 def _mlmodel(model_dir: Path) -> dict:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import models_json_schema
 
-from explain.params import XaiParameters as xai
+from explain.params import xai_parameter_schemas
 from models.data.formats import ImageLimits
 from models.data.images import Probed
 from models.errors import ErrorCode, ImageError
@@ -135,7 +135,8 @@ class ExplanationEntry(BaseModel):
 
     image_base64: str = Field(description="the image, base64")
     model_explainability: Flag = Field(False, description="explain (true) or only score")
-    xai_parameters: dict[str, Any] | None = Field(None, description="see XaiParameters")
+    xai_parameters: dict[str, Any] | None = Field(None, description="the model's task family's: "
+                                                  "ClassificationXaiParameters, DetectionXaiParameters, ...")
 
 
 _ENTRY_ERRORS = {"image_base64": "a JSON entry needs an image_base64 string",
@@ -155,15 +156,48 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ExplainedBox(BaseModel):
+    """What one D-RISE map explains."""
+
+    detection: int | None = Field(description="its index in the answer's `boxes`; null for the request's target_box")
+    label: str
+    score: float | None = Field(description="the detection's score; null for a target_box")
+    box: dict[str, float] = Field(description="topX, topY, bottomX, bottomY: fractions of the image, as `boxes`")
+    similarity: float = Field(description="IoU x same label x score of the unmasked image's best match (about 0: "
+                                          "a miss)")
+    mean_similarity: float = Field(description="the same, averaged over the masked images")
+
+
+class DetectionExplanation(BaseModel):
+    """The keys an explanation entry's answer adds to a detector's (or instance segmentation's) `boxes`."""
+
+    explained_boxes: list[ExplainedBox] = Field(description="target_box first, then the top detections")
+    visualizations: list[str] | None = Field(None, description="one base64 PNG per explained box: the image "
+                                                               "with the box, and the heat map over it")
+    attributions: list[list[list[float]]] | None = Field(None, description="one [height, width] signed map per "
+                                                                           "explained box (the image as scored)")
+    masks_used: int = Field(description="the masks the maps rest on (fewer than asked: the time budget ended)")
+
+
 def openapi_components() -> dict[str, Any]:
     """Component schemas of the bodies, the per-task request params (per-request settings only, one schema per
-    task family of the registry) and the xai parameters, for the app's OpenAPI document."""
+    task family of the registry) and the xai parameters (one schema per task family too), for the app's OpenAPI
+    document."""
     params = request_params()
     _, schemas = models_json_schema([(m, "validation") for m in (ScoreRequest, InvocationsRequest,
-                                                                 ExplanationEntry, ErrorResponse, xai)],
+                                                                 ExplanationEntry, ErrorResponse,
+                                                                 DetectionExplanation)],
                                     ref_template="#/components/schemas/{model}")
     components = schemas["$defs"]
-    components["ExplanationEntry"]["properties"]["xai_parameters"] = {"$ref": f"#/components/schemas/{xai.__name__}"}
+    xai = xai_parameter_schemas()
+    for name, cls in xai.items():
+        schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[name] = {**schema, "title": name, "description": f"xai_parameters of "
+                            f"{name.removesuffix('XaiParameters').lower()} models: {schema.get('description', '')}"}
+    entry = components["ExplanationEntry"]["properties"]
+    entry["xai_parameters"] = {"anyOf": [{"$ref": f"#/components/schemas/{n}"} for n in xai] + [{"type": "null"}],
+                               "description": entry["xai_parameters"].get("description", "")}
     for name, cls in params.items():
         full = cls.model_json_schema()
         keep = {k: {**v, "default": None} for k, v in full["properties"].items()

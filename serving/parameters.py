@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from explain.params import XaiParameters, parse_xai
+from explain.params import label_problems, parse_xai
 from models.errors import ErrorCode, ImageError, SettingsError
 from models.tasks.fields import form_of, is_per_request
 from serving.contract import RawEntry, RequestError
@@ -34,19 +34,24 @@ def per_request_problems(inference_cls: type[BaseModel], given: Mapping[str, Any
             for k in given if k in fields and not is_per_request(fields[k])]
 
 
-def explanation_wishes(entries: Sequence[RawEntry], explains: bool, task_name: str) -> list[Any]:
-    """Per entry: None (plain scoring), its validated xai_parameters (explain.XaiParameters), or the ImageError
-    that refuses its wish (the model does not explain; a parameter out of range, named)."""
+def explanation_wishes(entries: Sequence[RawEntry], explains: bool, task_name: str,
+                       labels: Sequence[str]) -> list[Any]:
+    """Per entry: None (plain scoring), its validated xai_parameters (the task's: explain.XaiParameters for
+    classifiers, explain.DetectionXaiParameters for detectors and instance segmentation), or the ImageError that
+    refuses its wish (the model does not explain; a parameter out of range, or a target box's label the model's
+    `labels` lack, named)."""
     wishes: list[Any] = [None] * len(entries)
     for i, entry in enumerate(entries):
         if not entry.explain:
             continue
         if not explains:
-            wishes[i] = ImageError(ErrorCode.EXPLANATIONS_UNSUPPORTED, "explanations are for classification models "
-                                   f"only; this {task_name} model can only score (set model_explainability to false)")
+            wishes[i] = ImageError(ErrorCode.EXPLANATIONS_UNSUPPORTED, f"this {task_name} model does not explain; "
+                                   "it can only score (set model_explainability to false)")
             continue
         try:
-            wishes[i] = parse_xai(entry.xai_parameters)
+            wishes[i] = parse_xai(entry.xai_parameters, task_name)
+            if problems := label_problems(wishes[i], labels):
+                raise SettingsError(problems, "xai_parameters")
         except SettingsError as exc:
             wishes[i] = ImageError(ErrorCode.INVALID_XAI_PARAMETERS, "; ".join(exc.problems))
     return wishes
@@ -67,8 +72,10 @@ def wishes_refused(entries: Sequence[RawEntry], wishes: Sequence[Any]) -> Reques
     return RequestError(400, ErrorCode.INVALID_PARAMETER, "; ".join(d["message"] for d in details), details)
 
 
-def parameter_forms(inference_cls: type[BaseModel], settings: BaseModel, explains: bool) -> dict[str, Any]:
+def parameter_forms(inference_cls: type[BaseModel], settings: BaseModel,
+                    xai_cls: type[BaseModel] | None) -> dict[str, Any]:
     """What `/metadata` says of the parameters a request may send, for a page to build its forms from: the
-    per-request settings (the model's values as defaults) and, for classifiers, the xai_parameters."""
+    per-request settings (the model's values as defaults) and the xai_parameters of its explanation entries
+    (`xai_cls`; none when the model does not explain)."""
     return {"parameters": form_of(inference_cls, settings, keep=is_per_request),
-            "xai_parameters": form_of(XaiParameters) if explains else []}
+            "xai_parameters": form_of(xai_cls) if xai_cls is not None else []}

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from explain.params import xai_parameters_class
 from models.data.formats import PREDICTION_LIMITS, ImageLimits
 from models.data.images import Probed, decode_tensor, shrink, to_tensor
 from models.errors import ErrorCode, ImageError, SettingsError
@@ -81,9 +82,15 @@ class Predictor:
         return self.plan.compiled
 
     @property
+    def xai_parameters(self) -> type | None:
+        """The xai_parameters this model's explanation entries take (classifiers': XaiParameters; detectors' and
+        instance segmentation's: DetectionXaiParameters, D-RISE); None: it does not explain."""
+        return xai_parameters_class(self.task.name)
+
+    @property
     def explains(self) -> bool:
-        """Whether this model answers explanation entries (classifiers do)."""
-        return self.task.is_classification
+        """Whether this model answers explanation entries."""
+        return self.xai_parameters is not None
 
     def description(self) -> dict[str, Any]:
         """What `/metadata` says of the model (on `visionserve serve` and the hub): task, labels, the settings in
@@ -91,7 +98,7 @@ class Predictor:
         ms = self.model_settings
         return {"task": ms.task.name, "model_name": ms.model_name, "labels": ms.labels,
                 "settings": as_dict(ms.settings, inference_only=True),
-                **parameter_forms(ms.task.inference_cls, ms.settings, self.explains),
+                **parameter_forms(ms.task.inference_cls, ms.settings, self.xai_parameters),
                 "compiled": self.compiled, "backend": self.backend}
 
     def settings_for(self, params: Mapping[str, Any] | None) -> Any:
@@ -185,7 +192,8 @@ class Predictor:
             results[i] = answer
 
     def explain(self, images: Sequence[Probed | ImageError], xai: Sequence[Any], settings: Any,
-                rows: Sequence[int], stop: threading.Event | None = None) -> list[dict]:
-        """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order; once `stop`
-        is set, the images not yet explained are answered as stopped."""
-        return self._explanations.explain(images, xai, settings, rows, self.limits, stop)
+                rows: Sequence[int], stop: threading.Event | None = None, deadline: float | None = None) -> list[dict]:
+        """Scoring keys plus explanations (`xai[i]`: the validated xai_parameters) per image, in input order; once
+        `stop` is set, the images not yet explained are answered as stopped. `deadline` (time.monotonic()): when
+        the caller stops waiting; D-RISE's time budget is capped by it."""
+        return self._explanations.explain(images, xai, settings, rows, self.limits, stop, deadline)

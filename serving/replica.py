@@ -129,10 +129,13 @@ class ScoringReplica:
 
     async def _explain(self, predictor: Predictor, images: list, wishes: list, settings: Any,
                        rows: list[int]) -> list[dict]:
-        """Explanations off the batcher: a few at a time, a long timeout, 429 when too many wait."""
+        """Explanations off the batcher: a few at a time, a long timeout, 429 when too many wait. The timeout is
+        also their deadline: D-RISE's time budget is capped by what is left of it."""
         started = time.perf_counter()
+        deadline = time.monotonic() + self.limits.explanation_timeout_s  # the admission's, counted from now too
         try:
-            return await self._explanations.run(functools.partial(predictor.explain, images, wishes, settings, rows))
+            return await self._explanations.run(functools.partial(predictor.explain, images, wishes, settings, rows,
+                                                                  deadline=deadline))
         except Busy:
             raise RequestError(429, ErrorCode.TOO_MANY_EXPLANATIONS, f"{self._explanations.admitted} explanation "
                                "requests are in progress on this replica; retry later",
@@ -140,6 +143,6 @@ class ScoringReplica:
         except TimedOut:
             raise RequestError(504, ErrorCode.EXPLANATION_TIMEOUT, f"the explanation took over "
                                f"{self.limits.explanation_timeout_s:g} s (explanation_timeout_s); try fewer images, "
-                               "a smaller n_steps or a faster xai_algorithm") from None
+                               "a smaller n_steps, a faster xai_algorithm or (d_rise) fewer number_of_masks") from None
         finally:
             self.explain_seconds.observe(time.perf_counter() - started)

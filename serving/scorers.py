@@ -11,6 +11,10 @@ in force as an argument (nothing shared is changed per request, so there is no l
   proposals than a whole image), is scored by the torch network. A Mask R-CNN's graph also gives each
   detection's 28x28 mask probabilities over its box, which the responses paste one at a time, as on torch.
 
+A detector's scorer is also what D-RISE explains (explain.detectors.Detector): an explanation scores its masked
+images through `scorer.on(a private copy of the network)`. D-RISE asks for scores down to 0.01, below the graph's
+built-in box_score_thresh, so on `onnx` its masked images go through that copy of the torch network.
+
 Measured on the 2-core development machine (bench/inference_throughput.py), resnet18 at 224 on 2 threads:
 31.2 ms per image at batch 1 in eager torch, 17.1 in ONNX Runtime, with no start-up cost beyond loading the
 file (torch.compile takes 15-25 s for a similar speed). A Faster R-CNN (resnet18 FPN, a 640x480 image at
@@ -50,6 +54,10 @@ class TorchScorer:
 
     def predict(self, inputs: Sequence[torch.Tensor], settings: Any) -> list[Any]:
         return self.ops.predict(self.module, inputs, settings)
+
+    def on(self, module: torch.nn.Module) -> TorchScorer:
+        """The same scorer over another copy of the network (an explanation's private one)."""
+        return replace(self, module=module)
 
 
 def _session(path: Path, device: torch.device):
@@ -108,6 +116,11 @@ class OnnxDetector:
             keep = keep[:settings.box_detections_per_img]  # scores are descending
             outputs.append({key: value[keep] for key, value in out.items()})
         return outputs
+
+    def on(self, module: torch.nn.Module) -> OnnxDetector:
+        """The same graph (ONNX Runtime runs one session from many threads), another copy of the network for what
+        the graph cannot follow (an explanation's private one)."""
+        return replace(self, fallback=self.fallback.on(module))
 
 
 def scorer_for(scoring: ScoringPlan, module: torch.nn.Module, model_settings: ModelSettings, onnx: Path,

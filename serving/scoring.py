@@ -106,17 +106,21 @@ class Scoring:
         return self._request([parse_entry(row, f"row {i}") for i, row in enumerate(rows)], params, True)
 
     def read_images(self, items: Sequence[bytes | ImageError], params: Mapping[str, Any] | None = None,
-                    fields: Sequence[str] | None = None) -> ScoringRequest:
-        """Encoded images (or the error each already has: batch scoring's unreadable files), each answered."""
+                    fields: Sequence[str] | None = None,
+                    xai_parameters: Mapping[str, Any] | None = None) -> ScoringRequest:
+        """Encoded images (or the error each already has: batch scoring's unreadable files), each answered;
+        with `xai_parameters` (batch scoring's --explain), each one an explanation entry with those wishes."""
         names = fields or [f"row {i}" for i in range(len(items))]
-        return self._request([RawEntry(f, item) for f, item in zip(names, items)], params, True)
+        explain = xai_parameters is not None
+        return self._request([RawEntry(f, item, explain, xai_parameters) for f, item in zip(names, items)], params,
+                             True)
 
     def _request(self, raw: Sequence[RawEntry], params: Mapping[str, Any] | None, partial: bool) -> ScoringRequest:
         try:
             settings = self.predictor.settings_for(params)
         except SettingsError as exc:
             raise parameter_error(exc) from None
-        wishes = explanation_wishes(raw, self.predictor.explains, self.predictor.task.name)
+        wishes = explanation_wishes(raw, self.predictor.explains, self.predictor.task.name, self.predictor.labels)
         refusal = None if partial else wishes_refused(raw, wishes)
         if refusal is not None:
             raise refusal

@@ -347,6 +347,54 @@ def test_detector_boxes_and_set_threshold(ray_session, trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_explain_wishes_out_of_bounds_are_refused_before_ray_starts(trained, tmp_path, monkeypatch, capsys):
+    result, data = trained("image_object_detection")
+    monkeypatch.setattr(batch, "ensure_ray", _no_ray)
+    out = tmp_path / "predictions.jsonl"
+    for flag, named in (('{"number_of_masks": 7}', "xai_parameters.number_of_masks=7 is out of range"),
+                        ('{"target_box": {"label": "pallet"}}', "xai_parameters.target_box.label='pallet'"),
+                        ('{"xai_algorithm": "xrai"}', "xai_parameters.xai_algorithm"),
+                        ("{number_of_masks: 8}", "--explain '{number_of_masks: 8}': not JSON"),
+                        ("[8]", "expected a JSON object of xai_parameters")):
+        code = main(["score", str(result.model_dir), "--input", str(data.train_jsonl), "--output", str(out),
+                     "--explain", flag])
+        assert code == 2
+        assert named in capsys.readouterr().err
+    assert not out.exists() and not out.with_name(out.name + ".parts").exists()
+
+
+@pytest.mark.slow
+def test_a_detector_run_with_explain_answers_each_image_with_its_d_rise_maps(ray_session, trained, tmp_path, capsys):
+    """--explain makes every image an explanation entry (the same scoring core as /score's): the detector's lines
+    carry the documented D-RISE keys; the manifest records the wishes, so another --explain is not kept."""
+    result, data = trained("image_object_detection")
+    jsonl = tmp_path / "two.jsonl"
+    root = Path(data.train_jsonl).parent
+    jsonl.write_text("".join(json.dumps({"image_url": str(root / line["image_url"])}) + "\n"
+                             for line in _lines(Path(data.train_jsonl))[:2]))
+    out = tmp_path / "explained.jsonl"
+    wishes = {"number_of_masks": 16, "mask_resolution": 4, "max_explained_detections": 1, "attributions": True}
+    assert main(["score", str(result.model_dir), "--input", str(jsonl), "--output", str(out), "--no-progress",
+                 "--explain", json.dumps(wishes)]) == 0
+    plain = tmp_path / "plain.jsonl"
+    score(result.model_dir, jsonl, plain, progress=False)
+    for line, scored in zip(_lines(out), _lines(plain), strict=True):
+        assert set(line) == {"image", "boxes", "explained_boxes", "visualizations", "attributions", "masks_used"}
+        # the same boxes (plain scoring batches images together: padding moves coordinates by float noise)
+        assert [b["label"] for b in line["boxes"]] == [b["label"] for b in scored["boxes"]]
+        assert [b["box"] for b in line["boxes"]] == [pytest.approx(b["box"], abs=1e-4) for b in scored["boxes"]]
+        assert line["masks_used"] == 16
+        [explained] = line["explained_boxes"]
+        assert explained["detection"] == 0 and explained["label"] == scored["boxes"][0]["label"]
+        assert len(line["visualizations"]) == len(line["attributions"]) == 1
+    assert json.loads(output_manifest(out).read_text())["settings"]["explain"] == wishes
+    capsys.readouterr()
+    assert main(["score", str(result.model_dir), "--input", str(jsonl), "--output", str(out), "--no-progress",
+                 "--explain", '{"number_of_masks": 32}']) == 2
+    assert "setting explain:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_gpu_actors_without_gpus_fail_clearly(ray_session, trained, tmp_path):
     result, data = trained("image_classification")
     with pytest.raises(ValueError, match="has 0 GPUs"):

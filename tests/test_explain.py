@@ -268,8 +268,28 @@ def test_bad_rows_get_errors_naming_row_and_parameter_and_others_are_answered():
     assert set(answers[4]) == {"probs", "labels", "visualizations"}
 
 
-def test_detection_models_say_explanations_are_for_classification_only():
-    predictor = _predictor("image_object_detection", "fasterrcnn_resnet18_fpn")
-    answer = predictor.score_rows([_row(_noise())])[0]
-    assert answer["error"]["code"] == "explanations_unsupported"
-    assert "classification models only" in answer["error"]["message"]
+@pytest.mark.parametrize("task, model_name", [("image_object_detection", "fasterrcnn_resnet18_fpn"),
+                                              ("image_instance_segmentation", "maskrcnn_resnet18_fpn")])
+def test_detection_models_explain_with_d_rise_through_the_scoring_core(task, model_name):
+    """The pyfunc's path (Scoring.score_rows): a detector's explanation entry answers its boxes plus D-RISE's keys;
+    a parameter out of bounds or a label the model lacks is that row's error, naming the parameter."""
+    scoring = _predictor(task, model_name)
+    assert scoring.predictor.explains
+    box = {"label": LABELS[1], "topX": 0.1, "topY": 0.2, "bottomX": 0.6, "bottomY": 0.7}
+    image = _noise()
+    plain, explained, over, unknown = scoring.score_rows([
+        image,
+        _row(image, number_of_masks=8, mask_resolution=4, attributions=True, target_box=box),
+        _row(image, number_of_masks=7),
+        _row(image, target_box={**box, "label": "pallet"}),
+    ])
+    assert set(explained) >= {"boxes", "explained_boxes", "visualizations", "attributions", "masks_used"}
+    assert explained["boxes"] == plain["boxes"]  # the answer is plain scoring's
+    assert explained["masks_used"] == 8 and explained["explained_boxes"][0]["box"] == {
+        k: v for k, v in box.items() if k != "label"}
+    assert np.asarray(explained["attributions"][0]).shape == (56, 64)  # the image as scored (min_size 64)
+    assert Image.open(io.BytesIO(base64.b64decode(explained["visualizations"][0]))).format == "PNG"
+    assert over["error"]["code"] == "invalid_xai_parameters"
+    assert "xai_parameters.number_of_masks=7 is out of range" in over["error"]["message"]
+    assert unknown["error"]["code"] == "invalid_xai_parameters"
+    assert "xai_parameters.target_box.label='pallet' is not a label of this model" in unknown["error"]["message"]

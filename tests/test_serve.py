@@ -293,8 +293,10 @@ def test_explanation_and_plain_entries_mixed_in_one_request(endpoint, trained):
         "input_data.data[1].xai_parameters.n_steps"
     detection = _score(f"{endpoint}/det/score", [json.dumps({"image_base64": _images(trained, "image_object_detection",
                                                                                        1)[0],
-                                                             "model_explainability": True})])
-    assert detection.status_code == 400 and detection.json()["error"]["code"] == "explanations_unsupported"
+                                                             "model_explainability": True,
+                                                             "xai_parameters": {"number_of_masks": 16}})])
+    assert detection.status_code == 200, detection.text  # detectors explain with D-RISE (tests/test_drise_serving.py)
+    assert detection.json()[0]["masks_used"] == 16 and detection.json()[0]["explained_boxes"]
 
 
 def test_unknown_parameter_and_too_many_images_are_refused(endpoint, trained):

@@ -182,7 +182,10 @@ def test_metadata_describes_the_per_request_parameters_from_the_settings_declara
         "type": "number", "minimum": 0, "maximum": 1}
     assert by_name["min_size"]["default"] == meta["settings"]["min_size"]  # the model's value, not the class's
     assert by_name["tile_grid_size"]["nullable"] and by_name["tile_merge"]["choices"] == ["nms", "greedy_nmm"]
-    assert meta["xai_parameters"] == []
+    xai = {p["name"]: p for p in meta["xai_parameters"]}  # D-RISE's
+    assert xai["xai_algorithm"]["choices"] == ["d_rise"] and xai["target_box"]["type"] == "object"
+    assert {k: xai["number_of_masks"][k] for k in ("type", "minimum", "maximum")} == {
+        "type": "integer", "minimum": 8, "maximum": 20000}
     xai = httpx.get(f"{endpoint}/cls/metadata", timeout=30).json()["xai_parameters"]
     assert next(p for p in xai if p["name"] == "xai_algorithm")["choices"] == [
         "xrai", "integrated_gradients", "guided_gradcam", "guided_backprop"]
@@ -345,6 +348,41 @@ def test_an_explanation_shows_the_heat_map_and_the_apis_picture(endpoint, traine
     page.keyboard.press("End")
     assert page.get_attribute("#xai-overlay image.heat", "opacity") == "1"
     _shoot(page, "explain")
+
+
+def test_a_detections_d_rise_map_is_drawn_over_the_image_with_its_box(endpoint, trained, page):
+    """The detector's Explain view: D-RISE's parameters from /metadata, one map per explained detection, each
+    drawn over the whole image with the box the API explained, chosen in a list; the API's picture beside."""
+    from playwright.sync_api import expect
+
+    _open(page, endpoint, "/det")
+    _scored(page, "/det", lambda: page.set_input_files("#file", str(_image(trained, "image_object_detection"))))
+    page.click("#tab-explain")
+    page.fill("#xai-number_of_masks", "24")
+    page.fill("#xai-mask_resolution", "6")
+    page.fill("#xai-max_explained_detections", "2")
+    with page.expect_request(_is_score("/det")) as request, \
+            page.expect_response(_is_score("/det"), timeout=240_000) as response:
+        page.click("#explain-button")
+    wishes = json.loads(request.value.post_data_json["input_data"]["data"][0])["xai_parameters"]
+    assert wishes["number_of_masks"] == 24 and wishes["attributions"] is True
+    answer = response.value.json()[0]
+    explained = answer["explained_boxes"]
+    assert explained, "the memorised image has detections to explain"
+    expect(page.locator("#xai-figure")).to_be_visible(timeout=30_000)
+    assert page.locator("#xai-class option").count() == len(explained)
+    assert page.eval_on_selector("#xai-grid", "img => img.complete && img.naturalWidth") > 0
+    assert page.locator("#xai-overlay image.heat").count() == 1
+    width = float(page.eval_on_selector("#xai-overlay", "svg => svg.viewBox.baseVal.width"))
+    drawn = float(page.get_attribute("#xai-overlay rect.explained-box", "x"))
+    assert drawn == pytest.approx(explained[0]["box"]["topX"] * width, abs=0.5)
+    if len(explained) > 1:
+        first = page.get_attribute("#xai-overlay image.heat", "href")
+        page.select_option("#xai-class", "1")
+        assert page.get_attribute("#xai-overlay image.heat", "href") != first
+        drawn = float(page.get_attribute("#xai-overlay rect.explained-box", "x"))
+        assert drawn == pytest.approx(explained[1]["box"]["topX"] * width, abs=0.5)
+    _shoot(page, "explain-detection")
 
 
 # ---------------------------------------------------------------- the API key

@@ -95,9 +95,10 @@ class Index:
                 handle.close()
 
 
-def fingerprint(folder: Any) -> dict[str, Any]:
-    """What makes results of two runs interchangeable: the model files and the effective settings (of a
-    serving.loading.ModelFolder, opened with the run's --set overrides)."""
+def fingerprint(folder: Any, explain: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What makes results of two runs interchangeable: the model files, the effective settings (of a
+    serving.loading.ModelFolder, opened with the run's --set overrides) and the explanations asked (--explain's
+    xai_parameters, recorded as the setting `explain`; absent when none are)."""
     from models.export import SETTINGS_FILE, WEIGHTS_FILE
     from models.tasks.fields import as_dict
 
@@ -108,7 +109,7 @@ def fingerprint(folder: Any) -> dict[str, Any]:
                 digest.update(chunk)
     settings = as_dict(folder.model_settings.settings, inference_only=True)
     fields = {"model": str(folder.path), "model_sha256": digest.hexdigest(), "batch_size": settings.pop("batch_size"),
-              "settings": settings}
+              "settings": settings if explain is None else {**settings, "explain": dict(explain)}}
     return json.loads(json.dumps(fields))  # as a manifest reads back (lists, not tuples), so they compare
 
 

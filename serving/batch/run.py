@@ -27,6 +27,7 @@ import torch
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 from tqdm import tqdm
 
+from explain.params import xai_parameters_class
 from models.data.formats import BATCH_LIMITS
 from models.errors import ImageError, SettingsError
 from models.runtime import ensure_ray
@@ -44,7 +45,9 @@ from serving.batch.parts import (
     output_manifest,
 )
 from serving.cluster import check_every_node_sees, on_cluster
+from serving.contract import RawEntry
 from serving.loading import ModelFolder
+from serving.parameters import explanation_wishes
 from serving.predictor import Predictor
 from serving.scoring import Scoring
 
@@ -86,18 +89,20 @@ class Scorer:
     """A Ray actor holding one model's scoring core: a batch of bytes → one JSON line per image."""
 
     def __init__(self, model: str, local: str, overrides: dict[str, Any] | None, plan: dict[str, Any],
-                 threads: int | None) -> None:
+                 threads: int | None, explain: dict[str, Any] | None = None) -> None:
         if threads:
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         folder = ModelFolder.open(local if (Path(local) / "MLmodel").is_file() else model, overrides)  # another node
         self.scoring = Scoring(Predictor.load(folder, plan=ScoringPlan(**plan), limits=BATCH_LIMITS))
+        self.explain = explain  # --explain's xai_parameters (checked before the run started), or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One line per image; an image that cannot be scored gets an error line naming its input position
         (the Predictor scores a failing batch again image by image, so a bad image costs only itself)."""
         items = [ImageError(str(code), str(message)) if code else bytes(data)
                  for data, code, message in zip(batch["data"], batch["code"], batch["message"])]
-        request = self.scoring.read_images(items, fields=[str(key) for key in batch["image"]])
+        request = self.scoring.read_images(items, fields=[str(key) for key in batch["image"]],
+                                           xai_parameters=self.explain)
         responses = self.scoring.answer_now(request, rows=[int(i) for i in batch["idx"]])
         lines = [json.dumps({"image": str(key), **response}) for key, response in zip(batch["image"], responses)]
         return {"idx": batch["idx"], "line": np.array(lines, dtype=object)}
@@ -116,7 +121,8 @@ def _resources(concurrency: int | None, gpus: float) -> tuple[int, int | None]:
 
 
 def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Path], overrides: dict | None,
-             batch_size: int, concurrency: int | None, gpus: float, plan: ScoringPlan) -> Iterator[tuple[int, str]]:
+             batch_size: int, concurrency: int | None, gpus: float, plan: ScoringPlan,
+             explain: dict[str, Any] | None = None) -> Iterator[tuple[int, str]]:
     """(input index, output line) of each pending image, streamed as Ray Data produces them."""
     actors, threads = _resources(concurrency, gpus)
     rows = max(batch_size, -(-len(pending) // 5000))
@@ -133,7 +139,8 @@ def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Pa
         ds = ds.map_batches(Scorer, batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
                             num_cpus=_ACTOR_CPUS, num_gpus=gpus,
                             fn_constructor_kwargs={"model": model[0], "local": str(model[1]), "overrides": overrides,
-                                                   "plan": plan.as_dict(), "threads": threads})
+                                                   "plan": plan.as_dict(), "threads": threads,
+                                                   "explain": explain})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield from zip((int(i) for i in batch["idx"]), (str(line) for line in batch["line"]))
     finally:
@@ -151,6 +158,18 @@ def _open(model: str | Path, params: Mapping[str, Any] | None) -> ModelFolder:
         raise SettingsError(exc.problems, "--set inference settings") from None
 
 
+def _check_explain(folder: ModelFolder, explain: dict[str, Any] | None) -> None:
+    """--explain's xai_parameters, checked before Ray starts by the rule every request's entries follow (the
+    model explains; each parameter in its bounds; a target box's label is the model's)."""
+    if explain is None:
+        return
+    ms = folder.model_settings
+    [wish] = explanation_wishes([RawEntry("--explain", b"", True, explain)], xai_parameters_class(ms.task.name)
+                                is not None, ms.task.name, ms.labels)
+    if isinstance(wish, ImageError):
+        raise SettingsError(str(wish).split("; "), "--explain xai_parameters")
+
+
 def _summary(output: Path, index: Index, scored: int, skipped: int, start: float) -> ScoreSummary:
     seconds = time.monotonic() - start
     return ScoreSummary(output, len(index.position), index.errors, scored, skipped, round(seconds, 3),
@@ -161,9 +180,10 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
           concurrency: int | None = None, num_gpus_per_actor: float = 0.0, params: Mapping[str, Any] | None = None,
           image_root: str | Path | None = None, progress: bool = True, overwrite: bool = False,
           part_size: int = PART_SIZE, address: str | None = None, num_cpus: float | None = None,
-          backend: str = "auto") -> ScoreSummary:
-    """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run.
-    A finished output of another model or other settings is refused (`overwrite` re-scores it)."""
+          backend: str = "auto", explain: dict[str, Any] | None = None) -> ScoreSummary:
+    """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run; with
+    `explain` (xai_parameters, {} for the defaults) every image is explained too, as an explanation entry is.
+    A finished output of another model, other settings or other `explain` is refused (`overwrite` re-scores it)."""
     start = time.monotonic()
     bad = [f"{name}={value}: must be at least 1" for name, value in
            (("batch_size", batch_size), ("concurrency", concurrency), ("part_size", part_size))
@@ -173,7 +193,8 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
                                    if num_gpus_per_actor < 0 else []), "scoring options")
     folder = _open(model, params)  # an unknown or invalid --set fails here, before Ray starts
     scoring = folder.plan(backend, "cuda" if num_gpus_per_actor > 0 else "cpu")  # and a backend that cannot score it
-    settings = fingerprint(folder)
+    _check_explain(folder, explain)  # and explanation wishes out of bounds
+    settings = fingerprint(folder, explain)
     items = list_inputs(input, image_root)
     output, index = Path(output), Index(items)
     parts = output.with_name(output.name + ".parts")
@@ -202,7 +223,7 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
                       desc="scoring") as bar:
                 for idx, line in _results(items, pending, (str(model), folder.path), dict(params or {}) or None,
                                           batch_size or max(32, settings["batch_size"]), concurrency,
-                                          num_gpus_per_actor, scoring):
+                                          num_gpus_per_actor, scoring, explain):
                     writer.add(idx, line)
                     bar.update(1)
             writer.flush()

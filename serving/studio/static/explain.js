@@ -1,13 +1,15 @@
-// The "Explain" view (classifiers): an explanation entry (`model_explainability`, `xai_parameters` from a form
-// built from /metadata) sent to POST /score; the heat map of its attributions blended over the image where
-// the network looked (the center crop), and the 2x2 visualization the API returns. While it runs: the
-// elapsed time and a cancel button (the request is aborted).
+// The "Explain" view: an explanation entry (`model_explainability`, `xai_parameters` from a form built from
+// /metadata) sent to POST /score. Classifiers: the heat map of its attributions blended over the image where the
+// network looked (the center crop), and the 2x2 visualization the API returns. Detectors and instance
+// segmentation (D-RISE): one map per explained detection, chosen in a list, drawn over the whole image with its
+// box, and the API's picture of it. While it runs: the elapsed time and a cancel button (the request is aborted).
 
 import { scoreBody } from "./api.js";
 import { buildForm } from "./form.js";
 import { reset, save, svg, toPng } from "./overlay.js";
 
 const ASKED = ["visualizations", "attributions"]; // always asked for: the page shows both
+const DETECTION_TASKS = ["image_object_detection", "image_instance_segmentation"];
 // blue-green-yellow-white, as the API's own pictures colour their heat maps
 const RAMP = [[0, [20, 20, 160]], [0.35, [0, 160, 110]], [0.7, [240, 220, 20]], [1, [255, 255, 255]]];
 
@@ -44,6 +46,29 @@ export function heatPng(attributions) {
   return canvas.toDataURL("image/png");
 }
 
+/** [H][W] signed D-RISE saliency → a PNG data URL of its positive part (where seeing the pixel helps the
+ *  detection), scaled by its 99.5th percentile as explain/visualize.py does, transparent where it is low. */
+export function saliencyPng(map) {
+  const height = map.length;
+  const width = map[0].length;
+  const positive = Float64Array.from(map.flat(), (v) => Math.max(0, v));
+  const sorted = Float64Array.from(positive).sort();
+  let top = sorted[Math.min(sorted.length - 1, Math.floor(0.995 * (sorted.length - 1)))];
+  if (!(top > 0)) top = sorted[sorted.length - 1] || 1;
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(width, height);
+  positive.forEach((m, i) => {
+    const t = Math.min(1, m / top);
+    const [r, g, b] = rampColour(t);
+    pixels.data.set([r, g, b, Math.round(255 * (0.1 + 0.9 * t))], i * 4);
+  });
+  context.putImageData(pixels, 0, 0);
+  return canvas.toDataURL("image/png");
+}
+
 /** Where the network looked, in the image's pixels: the center crop after the shorter side is resized. */
 export function cropRect(width, height, resize, crop) {
   const side = (crop * Math.min(width, height)) / resize;
@@ -58,6 +83,7 @@ export class ExplainView {
     this.pending = null;
     this.answer = null;
     this.multilabel = meta.task === "image_classification_multilabel";
+    this.detector = DETECTION_TASKS.includes(meta.task); // D-RISE: one map per explained detection
     const fields = meta.xai_parameters.filter((f) => !ASKED.includes(f.name)
       && (this.multilabel || f.name !== "confidence_score_threshold_multilabel"));
     this.form = buildForm($("xai-fields"), fields, "xai");
@@ -83,7 +109,8 @@ export class ExplainView {
     reset($("xai-overlay"), image.width || 1, image.height || 1);
     $("xai-grid").removeAttribute("src");
     $("xai-figure").hidden = true;
-    $("xai-status").textContent = "Choose an algorithm and press Explain.";
+    $("xai-status").textContent = this.detector ? "Press Explain: D-RISE maps the top detections."
+      : "Choose an algorithm and press Explain.";
   }
 
   running(on) {
@@ -135,8 +162,12 @@ export class ExplainView {
     }
   }
 
-  /** The classes explained: the top class, or (multilabel) every class at or over the threshold. */
+  /** What was explained, in the order of the answer's pictures: the top class, or (multilabel) every class at
+   *  or over the threshold; for a detector, each explained box ("label 0.93", or "label (target box)"). */
   explained() {
+    if (this.detector) {
+      return this.answer.explained_boxes.map((b) => `${b.label} ${b.score === null ? "(target box)" : b.score.toFixed(2)}`);
+    }
     const { probs, labels, threshold } = this.answer;
     if (!this.multilabel) return [labels[probs.indexOf(Math.max(...probs))]];
     return labels.filter((_, i) => probs[i] >= threshold);
@@ -146,32 +177,52 @@ export class ExplainView {
     const { $ } = this.studio;
     const select = $("xai-class");
     select.replaceChildren(...this.explained().map((label, i) => new Option(label, String(i))));
-    $("xai-class-row").hidden = !this.multilabel;
+    $("xai-class-label").textContent = this.detector ? "Detection explained" : "Class explained";
+    $("xai-class-row").hidden = !(this.multilabel || this.detector);
   }
 
   show() {
     const { $, meta } = this.studio;
     const answer = this.answer;
-    const pick = (value) => (this.multilabel ? value?.[Number($("xai-class").value || 0)] : value);
+    const pick = (value) => (this.multilabel || this.detector ? value?.[Number($("xai-class").value || 0)] : value);
     const picture = pick(answer.visualizations);
     const attributions = pick(answer.attributions);
     const { width, height } = this.image;
     reset($("xai-overlay"), width || 1, height || 1);
     if (!picture) {
       $("xai-figure").hidden = true;
-      $("xai-status").textContent = `No class has a probability of at least ${answer.threshold}: nothing to explain.`;
+      $("xai-status").textContent = this.detector ? "The model detected nothing to explain: lower "
+        + "detection_score_threshold, or explain a box of your own (xai_parameters.target_box, in the API)."
+        : `No class has a probability of at least ${answer.threshold}: nothing to explain.`;
       return;
     }
+    const what = this.explained()[Number($("xai-class").value || 0)];
     $("xai-grid").src = `data:image/png;base64,${picture}`;
-    $("xai-grid").alt = `the API's 2x2 explanation of ${this.explained()[Number($("xai-class").value || 0)]}`;
+    $("xai-grid").alt = this.detector ? `the API's D-RISE picture of ${what}` : `the API's 2x2 explanation of ${what}`;
+    $("xai-caption").textContent = this.detector
+      ? `The API's picture: the image with the box, and the D-RISE heat map over it (${answer.masks_used} masks).`
+      : "The API's picture: the crop, the attribution, the two blended, the top 30 % pixels.";
     $("xai-figure").hidden = false;
-    if (attributions && width) {
+    if (attributions && width && this.detector) {
+      this.drawDetection(attributions, this.answer.explained_boxes[Number($("xai-class").value || 0)].box);
+    } else if (attributions && width) {
       const { x, y, side } = cropRect(width, height, meta.settings.valid_resize_size, meta.settings.valid_crop_size);
       svg("image", { class: "heat", href: heatPng(attributions), x, y, width: side, height: side, preserveAspectRatio: "none" }, $("xai-overlay"));
       svg("rect", { x, y, width: side, height: side, fill: "none", stroke: "#fff", "stroke-width": side / 200, "stroke-dasharray": `${side / 50} ${side / 70}` }, $("xai-overlay"));
       $("xai-download").disabled = false;
       this.opacity();
     }
+  }
+
+  /** One detection's map stretched over the whole image (the map is the image as the model scored it), and its box. */
+  drawDetection(map, box) {
+    const { $ } = this.studio;
+    const { width, height } = this.image;
+    svg("image", { class: "heat", href: saliencyPng(map), x: 0, y: 0, width, height, preserveAspectRatio: "none" }, $("xai-overlay"));
+    svg("rect", { class: "explained-box", x: box.topX * width, y: box.topY * height, width: (box.bottomX - box.topX) * width,
+      height: (box.bottomY - box.topY) * height, fill: "none", stroke: "#f33", "stroke-width": Math.max(width, height) / 200 }, $("xai-overlay"));
+    $("xai-download").disabled = false;
+    this.opacity();
   }
 
   opacity() {
