@@ -67,7 +67,7 @@ def _imports(path: Path) -> set[str]:
 GRAPH = {name: _imports(path) - {name} for name, path in MODULES.items()}
 
 
-SAME_LAYER = {"models.onnx_export": "models.export"}  # the model folder's ONNX file belongs with the folder
+SAME_LAYER = {"models.onnx_export": "models.export", "models.onnx_int8": "models.export"}  # the folder's ONNX files
 
 
 def layer(module: str) -> str:

@@ -33,6 +33,7 @@ from models.data.jsonl import read_dataset
 from models.data.records import Dataset, Record
 from models.errors import DataError
 from models.export import export_model, model_settings_from_training
+from models.onnx_int8 import QuantizationData, quantized_at_export
 from models.train.optim import EarlyStopping, make_optimizer, make_scheduler
 from models.tasks.fields import as_dict
 from models.tasks.registry import Task, training_settings
@@ -356,7 +357,8 @@ def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], No
         best = checkpoints.read_checkpoint(loop.best_path)  # this run's own: run() always settles one
         mlflow.log_artifact(str(loop.best_path), "checkpoints")
         spec = model_settings_from_training(job.task, prepared.arch.name, prepared.labels, prepared.settings)
-        model_dir = export_model(job.output_dir / "mlflow-model", spec, best["model"])
+        int8 = QuantizationData(prepared.train, prepared.validation) if quantized_at_export(job.task) else None
+        model_dir = export_model(job.output_dir / "mlflow-model", spec, best["model"], quantization=int8)
         mlflow.log_artifacts(str(model_dir), "mlflow-model")
         mlflow.log_metrics({f"best_{k}": v for k, v in loop.best_metrics.items()})
         report(f"best epoch {loop.best_epoch}: {json.dumps({k: round(v, 4) for k, v in loop.best_metrics.items()})}")
