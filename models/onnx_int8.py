@@ -175,13 +175,13 @@ def quantize(source: Path, target: Path, model_settings: Any, calibration: Seque
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    family = model_settings.task.family
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_root_logger():
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
-        # folds the exporter's Identity nodes into initializers (so that biases quantize) and fuses; a detector's
-        # graph has shapes symbolic inference cannot follow (it gives up after a minute), ONNX's own inference can
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=family != "classification")
+        # folds the exporter's Identity nodes into initializers (so that biases quantize) and fuses. ONNX's own shape
+        # inference is enough: ONNX Runtime's symbolic one gives the same graph for a classifier, gives up on a
+        # detector's after a minute, and then leaves a file in the working directory
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(prepared))
         excluded = [node.name for node in graph.graph.node if _answers(node, graph)]
         feeds = _Feeds([array for array, _ in _inputs(model_settings, calibration)])
