@@ -48,8 +48,9 @@ MIN_SECONDS = {"environment": 5, "nvjpeg": 20, "forward": 30, "onnxruntime_cuda"
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "gpu.json"
 
 
-class SectionTimeout(Exception):
-    """The global time limit ran out during a section."""
+class SectionTimeout(BaseException):
+    """The global time limit ran out during a section (a BaseException: a section's own `except Exception`, which
+    records a failed measurement and goes on, does not swallow it)."""
 
 
 def _bounded(flag: str, low: float, high: float, kind: type = float) -> Callable[[str], Any]:
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "measured")
         run.results["sections"] = {name: {"skipped": "no CUDA device"} for name in args.sections}
         run.write()
+        run.workdir.rmdir()
         print(f"no CUDA device: wrote {args.output}")
         return 0
     try:

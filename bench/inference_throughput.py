@@ -19,7 +19,7 @@ batch 1 (one image per call) and batch 8, each also as a ratio to eager torch. T
 slower than eager torch.
 
 INT8 (`--int8-models`, `--int8-only` for this part alone): resnet18 and resnet50 trained from random weights on
-synthetic shapes (`--int8-train-images`, `--int8-epochs`) at a `--int8-crop` crop (default 112: training at 224
+synthetic shapes (`--int8-train-images`, `--int8-epochs`, `--int8-background`) at a `--int8-crop` crop (default 112: training at 224
 on this shared 2-core machine took over 7 minutes an epoch for resnet18 alone), exported with their
 model.int8.onnx (calibrated on training images); the accuracy of each file on the held-out validation images as
 export recorded it (at that crop), and images/s of the same two files on ONNX Runtime alone (CPU threads: all, as
@@ -151,7 +151,7 @@ def backends(name: str, repeats: int, workdir: Path) -> list[dict]:
 INT8_TARGET = 2.5
 
 
-def _trained(name: str, images: int, epochs: int, crop: int, workdir: Path) -> Path:
+def _trained(name: str, images: int, epochs: int, crop: int, background: str, workdir: Path) -> Path:
     """A `name` classifier trained from random weights on synthetic shapes at `crop`: its exported folder."""
     from bench._common import private_mlflow_store
     from models.data.synth import write_synthetic_dataset
@@ -160,7 +160,8 @@ def _trained(name: str, images: int, epochs: int, crop: int, workdir: Path) -> P
 
     private_mlflow_store()
     data = write_synthetic_dataset("image_classification", workdir / f"data-{name}", images,
-                                   image_size=(crop * 8 // 7, crop), seed=11, validation_fraction=0.4)
+                                   image_size=(crop * 8 // 7, crop), seed=11, validation_fraction=0.4,
+                                   background=background)
     params = {"weights": "none", "model_name": name, "number_of_epochs": epochs, "training_batch_size": 16,
               "validation_batch_size": 32, "valid_resize_size": crop, "valid_crop_size": crop, "train_crop_size": crop,
               "optimizer": "adam", "learning_rate": 0.001, "warmup_cosine_lr_warmup_epochs": 1, "early_stopping": 0}
@@ -178,7 +179,8 @@ def int8(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 
     started = time.perf_counter()
     crop, repeats = args.int8_crop, max(args.repeats, 5)
-    artifacts = _trained(name, args.int8_train_images, args.int8_epochs, crop, workdir) / "artifacts"
+    artifacts = _trained(name, args.int8_train_images, args.int8_epochs, crop, args.int8_background,
+                         workdir) / "artifacts"
     train_s = time.perf_counter() - started
     record = read_settings(artifacts / "settings.json").int8
     crops = np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32)
@@ -218,6 +220,8 @@ def main() -> None:
     parser.add_argument("--int8-train-images", type=int, default=800, help="synthetic images (40 %% held out)")
     parser.add_argument("--int8-epochs", type=int, default=4)
     parser.add_argument("--int8-crop", type=int, default=112, help="the crop the INT8 models train and score at")
+    parser.add_argument("--int8-background", choices=("plain", "textured"), default="plain",
+                        help="the synthetic images' background (textured: harder, needs more epochs)")
     args = parser.parse_args()
     if args.int8_only:
         with tempfile.TemporaryDirectory() as tmp:

@@ -72,3 +72,4 @@ def test_a_section_that_fails_or_overruns_is_recorded_and_the_next_one_runs(tmp_
     assert result["environment"]["error"] == "RuntimeError: no such kernel"
     assert result["nvjpeg"]["error"].startswith("SectionTimeout") and result["nvjpeg"]["seconds"] <= 12
     assert result["serve"]["skipped"].startswith("time limit")
+    run.workdir.rmdir()

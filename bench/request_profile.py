@@ -1,0 +1,187 @@
+"""Where one request's time goes on the default `visionserve serve` layout (resnet18 at 224, one 640x480 JPEG).
+
+    uv run python bench/request_profile.py [--seconds 20] [--repeats 200] [--py-spy]
+
+Three views of the same request, in one run:
+- steps: each step the endpoint takes, timed in this process with the functions the replica calls (median of
+  `--repeats`): the client's JSON body, the body's JSON parse, the cloud's schema and base64
+  (serving.contract.parse_request), the image header probe, the settings, decoding (at the size the model needs:
+  JPEG draft scaling), preprocessing, the forward pass on ONNX Runtime (the folder's model.onnx, as `auto` picks on a
+  CPU), the answer's format and its JSON;
+- endpoint: `visionserve serve DIR` with its default flags, one client sending one request after another, then 8
+  clients: images/s and latency; at one client, what the steps above do not account for (`unaccounted_ms`: the
+  HTTP client, HAProxy, reading the body, Ray Serve's routing, the hops between the event loop, the parsing thread
+  and the model thread, the batcher) is the client's p50 less the steps' sum;
+- py-spy (`--py-spy`, via `uvx py-spy`): the replica process sampled during the single-client load, its samples
+  grouped by what they were doing.
+Writes bench/results/request_profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import RESULTS, table, write  # noqa: E402
+from bench.inference_throughput import _folder, _jpeg  # noqa: E402
+from bench.serve_throughput import BIN, _stop, load  # noqa: E402
+from models.runtime import free_port, wait_until_ready  # noqa: E402
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 3)
+
+
+def steps(folder: Path, jpeg: bytes, repeats: int) -> list[dict]:
+    """Each step of one request, timed with the replica's own functions (in this process, one thread)."""
+    import torch
+
+    from models.data.formats import PREDICTION_LIMITS
+    from models.data.images import decode_tensor, probe
+    from serving.contract import parse_json, parse_request, probe_images
+    from serving.predictor import Predictor
+
+    predictor = Predictor.load(folder)  # backend auto: ONNX Runtime on a CPU
+    body = {"input_data": {"columns": ["image"], "data": [base64.b64encode(jpeg).decode()]}}
+    raw = json.dumps(body).encode()
+    parsed = parse_request(parse_json(raw), "score", 64)
+    settings = predictor.settings_for({})
+    ops = predictor.spec.task.ops
+    size = ops.decode_size(settings, *probe(jpeg, PREDICTION_LIMITS))
+    pixels = decode_tensor(jpeg, PREDICTION_LIMITS, "cpu", size)
+    preprocess = ops.preprocess(settings)
+    crop = preprocess(pixels)
+    answer = predictor.predict_bytes([jpeg])
+    output = ops.predict(predictor.scorer, [crop], settings)[0]
+    rows = [
+        ("client: json.dumps of the body", lambda: json.dumps(body).encode()),
+        ("parse_json (the body's JSON)", lambda: parse_json(raw)),
+        ("parse_request (schema, base64)", lambda: parse_request(parse_json(raw), "score", 64)),
+        ("probe_images (headers)", lambda: probe_images(parsed, PREDICTION_LIMITS)),
+        ("settings_for (per-request settings)", lambda: predictor.settings_for({})),
+        (f"decode_tensor (JPEG at {size})", lambda: decode_tensor(jpeg, PREDICTION_LIMITS, "cpu", size)),
+        ("preprocess (resize, crop, normalise)", lambda: preprocess(pixels)),
+        ("forward (ONNX Runtime, batch 1)", lambda: ops.predict(predictor.scorer, [crop], settings)),
+        ("format + JSON of the answer", lambda: json.dumps([ops.format(output, (224, 224), predictor.labels,
+                                                                      settings)])),
+        ("predict_bytes (probe..format, all)", lambda: predictor.predict_bytes([jpeg])),
+    ]
+    with torch.inference_mode():
+        out = [{"step": name, "ms": _median_ms(fn, repeats)} for name, fn in rows]
+    forward = next(r["ms"] for r in out if r["step"].startswith("forward"))
+    for r in out:
+        r["vs_forward"] = round(r["ms"] / forward, 3)
+    assert answer and "probs" in answer[0]
+    return out
+
+
+def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    if shutil.which("uvx") is None:
+        return None
+    return subprocess.Popen(["uvx", "py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--format", "raw", "--rate", "200", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+GROUPS = (  # the first group one of a sample's innermost 12 frames matches names it
+    ("forward (ONNX Runtime)", r"Session\.run|OnnxScorer"),
+    ("decode (Pillow)", r"decode_tensor|ImageFile|to_rgb|exif_transpose"),
+    ("preprocess (torchvision)", r"torchvision/transforms|Normalize|ToDtype|Resize\.|CenterCrop"),
+    ("JSON / schema / base64", r"parse_json|parse_request|decode_base64|json/|JSONResponse|pydantic"),
+    ("HTTP / ASGI (body read, middleware)", r"uvicorn|h11|httptools|starlette|_body|Middleware|_direct_ingress"),
+    ("Ray Serve (batcher, metrics, routing)", r"ray/serve"),
+    ("asyncio", r"asyncio"),
+)
+NATIVE = "in native code (Ray's core worker loop, threads with no Python frame below Thread.run)"
+
+
+def _spy_groups(raw: Path) -> list[dict]:
+    """py-spy's samples of the replica by what they were doing (its non-idle samples only)."""
+    counts: Counter[str] = Counter()
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")[::-1]
+        name = next((g for g, pattern in GROUPS if any(re.search(pattern, f) for f in frames[:12])), None)
+        if name is None:
+            native = frames[0].startswith(("Thread.run", "Worker.main_loop"))
+            name = NATIVE if native else "other"
+        counts[name] += int(n)
+    total = sum(counts.values()) or 1
+    return [{"doing": k, "share": round(v / total, 3), "samples": v} for k, v in counts.most_common()]
+
+
+def endpoint(folder: Path, jpeg: bytes, seconds: float, spy: bool, workdir: Path) -> dict:
+    """The default `visionserve serve`: client latency vs the replica's handler time, at 1 and 8 clients."""
+    import psutil
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = workdir / "serve.log"
+    proc = subprocess.Popen([str(BIN / "visionserve"), "serve", str(folder), "--port", str(port)], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_ready(f"{url}/health/ready", proc, log, timeout=600)
+        bodies = [{"input_data": {"columns": ["image"], "data": [base64.b64encode(jpeg).decode()]}}]
+        load(f"{url}/score", bodies, 2, 3)  # warm-up
+        replica = next(p for p in psutil.process_iter(["cmdline"]) if "ServeReplica" in " ".join(p.info["cmdline"]
+                                                                                                  or []))
+        out: dict = {"layout": next((line for line in log.read_text().splitlines() if line.startswith("layout")), "")}
+        spy_out = workdir / "replica.spy"
+        spying = _py_spy(replica.pid, seconds, spy_out) if spy else None
+        one = load(f"{url}/score", bodies, 1, seconds)
+        if spying is not None:
+            spying.wait(timeout=seconds + 60)
+            out["py_spy"] = _spy_groups(spy_out) if spy_out.exists() else "py-spy wrote nothing"
+            if spy_out.exists():
+                shutil.copy(spy_out, RESULTS / "request_profile.spy.txt")  # the raw stacks, for a closer look
+        out.update({"c1": one, "c8": load(f"{url}/score", bodies, 8, seconds)})
+        return out
+    finally:
+        _stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--py-spy", action="store_true", help="sample the replica with py-spy (uvx py-spy)")
+    args = parser.parse_args()
+    jpeg = _jpeg(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, _, _ = _folder("resnet18", Path(tmp))
+        rows = steps(folder, jpeg, args.repeats)
+        print(table(rows, ["step", "ms", "vs_forward"]), flush=True)
+        served = endpoint(folder, jpeg, args.seconds, args.py_spy, Path(tmp))
+    inside = sum(r["ms"] for r in rows if r["step"].startswith(("parse_request", "probe_images", "predict_bytes")))
+    served["steps_ms"] = round(inside, 2)
+    served["unaccounted_ms"] = round(served["c1"]["p50_ms"] - inside, 2)
+    served["in_process_images_per_s"] = round(1000 / inside, 1)
+    served["c1_vs_in_process"] = round(served["c1"]["images_per_s"] * inside / 1000, 3)
+    print(json.dumps(served, indent=2))
+    print(f"\nwritten {write('request_profile', {'steps': rows, 'endpoint': served})}")
+
+
+if __name__ == "__main__":
+    main()
