@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from models.errors import SettingsError
-from models.onnx_int8 import INT8_FILE, Int8Record, QuantizationData, make_int8, write_int8
+from models.int8_record import INT8_FILE, Int8Record
+from models.onnx_int8 import QuantizationData, make_int8, write_int8
 from models.onnx_export import ONNX_FILE, exportable, write_onnx
 from models.tasks.fields import as_dict, is_per_request, kind_of
 from models.tasks.registry import Task, get_task, inference_settings
@@ -44,7 +45,7 @@ SETTINGS_FILE = "settings.json"
 # imports it (serving sits above models, see ARCHITECTURE.md).
 PYFUNC_ENTRY = "serving.mlflow_model"
 WEIGHTS_FILE = "model.pt"
-# settings.json's fields that are not inference settings; `int8` (models.onnx_int8.Int8Record) is there only when
+# settings.json's fields that are not inference settings; `int8` (models.int8_record.Int8Record) is there only when
 # the folder has a model.int8.onnx, so folders written before it are read as they were
 _META_KEYS = ("task", "model_name", "labels", "visionserve_version", "int8")
 # What the pyfunc imports, explanations included (pip resolves what these need in turn);

@@ -1,7 +1,7 @@
 """`artifacts/model.int8.onnx`: the model's `model.onnx` statically quantized for CPUs (ONNX Runtime's
 quantization: QDQ format, per-channel int8 weights, uint8 activations whose ranges are calibrated on training
 images through the model's own preprocessing), with what it costs in accuracy measured on the validation set
-and recorded in settings.json (`Int8Record`, the `int8` field).
+and recorded in settings.json (the `int8` field: models.int8_record.Int8Record).
 
 What is quantized: every Conv, Gemm and MatMul but the last layers, whose outputs are the answers (a
 classifier's head, a detector's box/class predictors and RPN logits, a Mask R-CNN's mask predictor): they
@@ -21,26 +21,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.errors import SettingsError
+from models.int8_record import INT8_FILE, Int8Record
 from models.onnx_export import DETECTION_OUTPUTS, INPUT, ONNX_FILE, OUTPUT, exportable
 
 log = logging.getLogger(__name__)
 
-INT8_FILE = "model.int8.onnx"
-# The most a model may lose in its primary metric (accuracy, IoU, mAP; 0.01 is one point) for a loader to
-# choose the INT8 file by itself; a user may still ask for it by name whatever it lost.
-TOLERANCE = 0.01
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 # Nodes left in float whatever their type: the layers whose outputs are the answers (names as torch's
 # exporter writes them: the module path)
@@ -74,61 +69,6 @@ class QuantizationData:
         family = "classification" if family == "classification" else "detection"
         return (_spread(self.calibration, self.calibration_images or CALIBRATION_IMAGES[family]),
                 _spread(self.validation, self.validation_images or VALIDATION_IMAGES[family]))
-
-
-@dataclass(frozen=True)
-class Int8Record:
-    """settings.json's `int8`: the INT8 file and what it costs, measured on the validation set as it was
-    written. `fp32` / `int8` are the task's primary metric (accuracy, iou, or voc mAP@0.5 on boxes) of each
-    file, `difference` = int8 - fp32 (negative: a loss; 0.01 is one point). `agreement`: the share of
-    images whose top label is the same (multi-label: of image-label decisions at 0.5; detectors: of the FP32
-    file's detections that the INT8 file also finds, same label at IoU >= 0.5); `largest_score_difference`:
-    the largest difference of a probability (None for detectors)."""
-
-    metric: str
-    fp32: float
-    int8: float
-    difference: float
-    agreement: float
-    largest_score_difference: float | None
-    images: int
-    calibration_images: int
-    calibrated_on: str = "training"
-    file: str = INT8_FILE
-    quantized: dict[str, int] = field(default_factory=dict)  # operator → nodes computing in int8
-    float_ops: dict[str, int] = field(default_factory=dict)  # costly operators left in float → nodes
-
-    @property
-    def loss(self) -> float:
-        """What the INT8 file gives up in the primary metric (0 when it does as well or better)."""
-        return max(0.0, -self.difference)
-
-    def within_tolerance(self, tolerance: float = TOLERANCE) -> bool:
-        return self.loss <= tolerance + 1e-9
-
-    def document(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_document(cls, doc: Any, source: str) -> Int8Record:
-        """settings.json's `int8` value, checked (a SettingsError names the field)."""
-        if not isinstance(doc, dict):
-            raise SettingsError(["int8: expected an object (what quantization recorded)"], source)
-        numbers = ("fp32", "int8", "difference", "agreement")
-        problems = [f"int8.{name}: expected a number" for name in numbers
-                    if not isinstance(doc.get(name), (int, float)) or isinstance(doc.get(name), bool)
-                    or not math.isfinite(doc[name])]
-        problems += [f"int8.{name}: expected a whole number" for name in ("images", "calibration_images")
-                     if not isinstance(doc.get(name), int) or isinstance(doc.get(name), bool)]
-        if not isinstance(doc.get("metric"), str):
-            problems.append("int8.metric: expected the metric's name")
-        if doc.get("file", INT8_FILE) != INT8_FILE:
-            problems.append(f"int8.file: expected {INT8_FILE!r}")
-        unknown = sorted(set(doc) - {f.name for f in cls.__dataclass_fields__.values()})
-        problems += [f"int8.{name}: unknown field" for name in unknown]
-        if problems:
-            raise SettingsError(problems, source)
-        return cls(**doc)
 
 
 def quantized_at_export(task: Any) -> bool:

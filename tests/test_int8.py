@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from models.onnx_export import INPUT, ONNX_FILE, OUTPUT
-from models.onnx_int8 import CALIBRATION_IMAGES, INT8_FILE, TOLERANCE, VALIDATION_IMAGES
+from models.int8_record import INT8_FILE, TOLERANCE
+from models.onnx_int8 import CALIBRATION_IMAGES, VALIDATION_IMAGES
 from serving.cli import main
 
 CLASSIFIERS = ("image_classification", "image_classification_multilabel")
@@ -88,7 +89,7 @@ def test_int8_answers_agree_with_fp32_as_recorded_on_the_validation_set(trained,
 
 
 def test_a_loaders_tolerance_counts_only_what_int8_loses():
-    from models.onnx_int8 import Int8Record
+    from models.int8_record import Int8Record
 
     def record(difference: float) -> Int8Record:
         return Int8Record("accuracy", 0.9, 0.9 + difference, difference, 1.0, 0.0, 100, 32)
@@ -111,6 +112,14 @@ def test_a_settings_json_without_int8_reads_as_before_and_a_bad_record_is_named(
     with pytest.raises(SettingsError) as caught:
         read_settings(tmp_path / "bad.json")
     assert "int8.fp32: expected a number" in str(caught.value) and "int8.extra: unknown field" in str(caught.value)
+    missing = {k: v for k, v in doc["int8"].items() if k not in ("images", "largest_score_difference")}
+    wrong = {**doc["int8"], "quantized": {"Conv": -1}, "calibrated_on": "guesswork", "agreement": float("nan")}
+    for record, named in ((missing, ("int8.images", "int8.largest_score_difference")),
+                          (wrong, ("int8.quantized", "int8.calibrated_on", "int8.agreement")), ([1], ("int8:",))):
+        (tmp_path / "bad.json").write_text(json.dumps({**doc, "int8": record}))
+        with pytest.raises(SettingsError) as caught:
+            read_settings(tmp_path / "bad.json")
+        assert all(name in str(caught.value) for name in named) and "bad.json" in str(caught.value)
 
 
 def _folder_without_int8(result, tmp_path: Path) -> Path:
