@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,3 +74,16 @@ def test_a_section_that_fails_or_overruns_is_recorded_and_the_next_one_runs(tmp_
     assert result["nvjpeg"]["error"].startswith("SectionTimeout") and result["nvjpeg"]["seconds"] <= 12
     assert result["serve"]["skipped"].startswith("time limit")
     run.workdir.rmdir()
+
+
+def test_its_sections_run_on_the_cpu_where_the_script_is_checked(tmp_path):
+    """--device cpu: the sections that need no model run for real; D-RISE's slot says why it is not there."""
+    output = tmp_path / "gpu.json"
+    done = _run("--device", "cpu", "--output", str(output), "--sections", "environment", "d_rise", cuda=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sections = json.loads(output.read_text())["sections"]
+    assert "CPUExecutionProvider" in sections["environment"]["onnxruntime_providers"]
+    assert sections["environment"]["nvjpeg"]["available"] is True  # decode_jpeg, here on the CPU
+    d_rise = sections["d_rise"]
+    assert d_rise.get("available") is False and "d_rise" in d_rise["reason"] or d_rise.get("available") is True
+    assert not list(Path(tempfile.gettempdir()).glob("visionserve-gpu-*"))  # its models are removed
