@@ -19,12 +19,12 @@ batch 1 (one image per call) and batch 8, each also as a ratio to eager torch. T
 slower than eager torch.
 
 INT8 (`--int8-models`, `--int8-only` for this part alone): resnet18 and resnet50 trained from random weights on
-synthetic shapes (`--int8-train-images`, `--int8-epochs`, `--int8-background`) at a `--int8-crop` crop (default 112: training at 224
-on this shared 2-core machine took over 7 minutes an epoch for resnet18 alone), exported with their
+synthetic shapes (`--int8-train-images`, `--int8-epochs`, `--int8-background`) at a `--int8-crop` crop (default
+112: at 224, one epoch of resnet18 alone took over 7 minutes on this shared 2-core machine), exported with their
 model.int8.onnx (calibrated on training images); the accuracy of each file on the held-out validation images as
 export recorded it (at that crop), and images/s of the same two files on ONNX Runtime alone (CPU threads: all, as
 a replica runs them) on 224 crops (the graphs take any size) at batch 1 and 8, rounds interleaved. Target: INT8
->= 2.5x FP32 at batch 1 and 8, within 1 point of accuracy.
+>= 2.5x FP32 at batch 1 and 8, within 1 point of accuracy. `--int8-epochs 0`: untrained models (speed only).
 Writes bench/results/inference_throughput.json (bench/results/inference_throughput_int8.json with --int8-only).
 """
 
@@ -152,16 +152,28 @@ INT8_TARGET = 2.5
 
 
 def _trained(name: str, images: int, epochs: int, crop: int, background: str, workdir: Path) -> Path:
-    """A `name` classifier trained from random weights on synthetic shapes at `crop`: its exported folder."""
+    """A `name` classifier trained from random weights on synthetic shapes at `crop`: its exported folder (with
+    `epochs` 0, untrained: random weights, exported with its INT8 file calibrated on the same images; for speed)."""
     from bench._common import private_mlflow_store
+    from models.data.jsonl import read_dataset
     from models.data.synth import write_synthetic_dataset
     from models.job import build_job
+    from models.onnx_int8 import QuantizationData
     from models.train.loop import train
 
     private_mlflow_store()
     data = write_synthetic_dataset("image_classification", workdir / f"data-{name}", images,
                                    image_size=(crop * 8 // 7, crop), seed=11, validation_fraction=0.4,
                                    background=background)
+    if epochs == 0:
+        task = get_task("image_classification")
+        spec = ModelSettings(task, name, data.labels, inference_settings(task, {"valid_resize_size": crop,
+                                                                                "valid_crop_size": crop}))
+        torch.manual_seed(0)
+        model = build_model(get_architecture(name, task.family), len(data.labels), spec.settings).eval()
+        records = [read_dataset(p, task.name).records for p in (data.train_jsonl, data.validation_jsonl)]
+        return export_model(workdir / f"{name}-untrained", spec, model.state_dict(),
+                            quantization=QuantizationData(*records))
     params = {"weights": "none", "model_name": name, "number_of_epochs": epochs, "training_batch_size": 16,
               "validation_batch_size": 32, "valid_resize_size": crop, "valid_crop_size": crop, "train_crop_size": crop,
               "optimizer": "adam", "learning_rate": 0.001, "warmup_cosine_lr_warmup_epochs": 1, "early_stopping": 0}
@@ -218,7 +230,7 @@ def main() -> None:
     parser.add_argument("--int8-models", nargs="*", default=["resnet18", "resnet50"])
     parser.add_argument("--int8-only", action="store_true", help="only the FP32 vs INT8 measurement")
     parser.add_argument("--int8-train-images", type=int, default=800, help="synthetic images (40 %% held out)")
-    parser.add_argument("--int8-epochs", type=int, default=4)
+    parser.add_argument("--int8-epochs", type=int, default=4, help="0: untrained (random weights; speed only)")
     parser.add_argument("--int8-crop", type=int, default=112, help="the crop the INT8 models train and score at")
     parser.add_argument("--int8-background", choices=("plain", "textured"), default="plain",
                         help="the synthetic images' background (textured: harder, needs more epochs)")

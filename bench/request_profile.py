@@ -9,9 +9,10 @@ Three views of the same request, in one run:
   JPEG draft scaling), preprocessing, the forward pass on ONNX Runtime (the folder's model.onnx, as `auto` picks on a
   CPU), the answer's format and its JSON;
 - endpoint: `visionserve serve DIR` with its default flags, one client sending one request after another, then 8
-  clients: images/s and latency; at one client, what the steps above do not account for (`unaccounted_ms`: the
-  HTTP client, HAProxy, reading the body, Ray Serve's routing, the hops between the event loop, the parsing thread
-  and the model thread, the batcher) is the client's p50 less the steps' sum;
+  clients: images/s, latency, and the CPU milliseconds each process of the endpoint spent per request (the
+  replica, HAProxy, Ray Serve's proxy and controller, the raylet, ...), against the CPU the steps above take in one
+  process (`cpu_beyond_steps_ms`: what serving adds). CPU time, unlike latency, hardly changes when other work
+  shares the machine: the steps are timed both ways;
 - py-spy (`--py-spy`, via `uvx py-spy`): the replica process sampled during the single-client load, its samples
   grouped by what they were doing.
 Writes bench/results/request_profile.json.
@@ -34,6 +35,9 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# as in an ONNX Runtime replica (serving.backends.ONNX_REPLICA_ENV): torch's threads, which only preprocess here,
+# wait without spinning; set before torch is imported
+os.environ.update({"OMP_WAIT_POLICY": "PASSIVE"})
 
 from bench._common import RESULTS, table, write  # noqa: E402
 from bench.inference_throughput import _folder, _jpeg  # noqa: E402
@@ -41,14 +45,16 @@ from bench.serve_throughput import BIN, _stop, load  # noqa: E402
 from models.runtime import free_port, wait_until_ready  # noqa: E402
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of `fn` (CPU: every thread of this process, ONNX Runtime's included)."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, used = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1000, 3)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - used)
+    return round(statistics.median(wall) * 1000, 3), round(statistics.median(cpu) * 1000, 3)
 
 
 def steps(folder: Path, jpeg: bytes, repeats: int) -> list[dict]:
@@ -86,12 +92,49 @@ def steps(folder: Path, jpeg: bytes, repeats: int) -> list[dict]:
         ("predict_bytes (probe..format, all)", lambda: predictor.predict_bytes([jpeg])),
     ]
     with torch.inference_mode():
-        out = [{"step": name, "ms": _median_ms(fn, repeats)} for name, fn in rows]
-    forward = next(r["ms"] for r in out if r["step"].startswith("forward"))
+        out = [dict(zip(("step", "ms", "cpu_ms"), (name, *_median_ms(fn, repeats)))) for name, fn in rows]
+    forward = next(r["cpu_ms"] for r in out if r["step"].startswith("forward"))
     for r in out:
-        r["vs_forward"] = round(r["ms"] / forward, 3)
+        r["cpu_vs_forward"] = round(r["cpu_ms"] / forward, 3)
     assert answer and "probs" in answer[0]
     return out
+
+
+KINDS = (("replica", "ServeReplica"), ("haproxy", "haproxy"), ("serve proxy", "ProxyActor"),
+         ("serve controller", "ServeController"), ("raylet", "raylet"), ("gcs", "gcs_server"))
+
+
+def _cpu_by_kind(root) -> dict[str, float]:
+    """CPU seconds used so far by `root` (the `visionserve serve` process) and every process under it, by kind."""
+    import psutil
+
+    out: Counter[str] = Counter()
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            times = p.cpu_times()
+        except psutil.Error:
+            continue
+        kind = next((k for k, match in KINDS if match in cmd), "other Ray and driver processes")
+        out[kind] += times.user + times.system
+    return dict(out)
+
+
+def _cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    return {k: round((after.get(k, 0) - before.get(k, 0)) * 1000 / max(requests, 1), 2)
+            for k in sorted(after, key=lambda k: before.get(k, 0) - after[k])}
+
+
+def _threads(process) -> dict[int, float]:
+    return {t.id: t.user_time + t.system_time for t in process.threads()}
+
+
+def _thread_shares(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """Each of the replica's busiest threads' share of its CPU time (Ray names them all ray::IDLE: the two
+    busiest are the model thread, which decodes, preprocesses and calls ONNX Runtime, and ONNX Runtime's own)."""
+    used = sorted((after[k] - before.get(k, 0.0) for k in after), reverse=True)
+    total = sum(used) or 1.0
+    return [round(u / total, 3) for u in used[:6]]
 
 
 def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
@@ -149,14 +192,20 @@ def endpoint(folder: Path, jpeg: bytes, seconds: float, spy: bool, workdir: Path
                                                                                                   or []))
         out: dict = {"layout": next((line for line in log.read_text().splitlines() if line.startswith("layout")), "")}
         spy_out = workdir / "replica.spy"
+        root = psutil.Process(proc.pid)
+        for concurrency in (1, 8):  # CPU per request, by process: what a shared machine's load does not change much
+            before, threads = _cpu_by_kind(root), _threads(replica)
+            row = load(f"{url}/score", bodies, concurrency, seconds)
+            row["cpu_ms_per_request"] = _cpu_per_request(before, _cpu_by_kind(root), row["requests"])
+            row["replica_threads_cpu_share"] = _thread_shares(threads, _threads(replica))
+            out[f"c{concurrency}"] = row
         spying = _py_spy(replica.pid, seconds, spy_out) if spy else None
-        one = load(f"{url}/score", bodies, 1, seconds)
+        load(f"{url}/score", bodies, 1, seconds)  # what py-spy samples
         if spying is not None:
             spying.wait(timeout=seconds + 60)
             out["py_spy"] = _spy_groups(spy_out) if spy_out.exists() else "py-spy wrote nothing"
             if spy_out.exists():
                 shutil.copy(spy_out, RESULTS / "request_profile.spy.txt")  # the raw stacks, for a closer look
-        out.update({"c1": one, "c8": load(f"{url}/score", bodies, 8, seconds)})
         return out
     finally:
         _stop(proc)
@@ -172,13 +221,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, _, _ = _folder("resnet18", Path(tmp))
         rows = steps(folder, jpeg, args.repeats)
-        print(table(rows, ["step", "ms", "vs_forward"]), flush=True)
+        print(table(rows, ["step", "ms", "cpu_ms", "cpu_vs_forward"]), flush=True)
         served = endpoint(folder, jpeg, args.seconds, args.py_spy, Path(tmp))
-    inside = sum(r["ms"] for r in rows if r["step"].startswith(("parse_request", "probe_images", "predict_bytes")))
-    served["steps_ms"] = round(inside, 2)
-    served["unaccounted_ms"] = round(served["c1"]["p50_ms"] - inside, 2)
-    served["in_process_images_per_s"] = round(1000 / inside, 1)
-    served["c1_vs_in_process"] = round(served["c1"]["images_per_s"] * inside / 1000, 3)
+    steps_cpu = sum(r["cpu_ms"] for r in rows if r["step"].startswith(("parse_request", "probe_images",
+                                                                        "predict_bytes")))
+    served["steps_cpu_ms"] = round(steps_cpu, 2)
+    for level in ("c1", "c8"):  # CPU the endpoint spends per request beyond the replica's own steps
+        cpu = served[level]["cpu_ms_per_request"]
+        served[level]["cpu_ms_total"] = round(sum(cpu.values()), 2)
+        served[level]["cpu_beyond_steps_ms"] = round(sum(cpu.values()) - steps_cpu, 2)
     print(json.dumps(served, indent=2))
     print(f"\nwritten {write('request_profile', {'steps': rows, 'endpoint': served})}")
 
