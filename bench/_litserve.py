@@ -27,15 +27,16 @@ import torch
 class VisionAPI(ls.LitAPI):
     def setup(self, device):
         from serving.predictor import Predictor
+        from serving.scoring import Scoring
 
         torch.set_num_threads(int(os.environ["LITSERVE_THREADS"]))
-        self.predictor = Predictor.load(os.environ["LITSERVE_MODEL"])
+        self.scoring = Scoring(Predictor.load(os.environ["LITSERVE_MODEL"]))
 
     def decode_request(self, request):
         return base64.b64decode(request["input_data"]["data"][0])
 
     def predict(self, images):
-        return self.predictor.predict_bytes(list(images))
+        return self.scoring.score_bytes(list(images))
 
     def encode_response(self, output):
         return [output]

@@ -64,7 +64,7 @@ def main() -> None:
     from ray import serve
 
     from models.runtime import ensure_ray
-    from serving.app import ServiceConfig, VisionService
+    from serving.app import VisionService, service_config
 
     cpus = float(os.cpu_count() or 1)
     image = base64.b64encode(_jpeg(0)).decode()
@@ -99,7 +99,7 @@ def main() -> None:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run_many([serve.RunTarget(VisionService.options(ray_actor_options={"num_cpus": (cpus - 0.1) / 3}).bind(
-            asdict(ServiceConfig(model=str(folders[name]), compile=False))), name=name, route_prefix=f"/{name}")
+            asdict(service_config(model=str(folders[name]), compile=False))), name=name, route_prefix=f"/{name}")
             for name in NAMES])
         bodies = [(f"http://127.0.0.1:{port}/{name}/score", body) for name in NAMES]
         rows.append({"case": "3 visionserve serve apps, 1/3 of the CPUs each",

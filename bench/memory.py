@@ -2,7 +2,7 @@
 
     uv run python bench/memory.py [--tasks image_object_detection ...] [--cases jpeg_16000 ...]
 
-Cases (each scored alone, in a fresh process, through `Predictor.predict_bytes` as every route does):
+Cases (each scored alone, in a fresh process, through the scoring core (`Scoring.score_bytes`) as every route does):
 - jpeg_16000:  one 16000x16000 JPEG (smooth content, a few MB: legal under the 6 MB limit);
 - png16_8000:  one 16-bit grayscale 8000x8000 PNG;
 - tiled_16000: one 16000x12000 JPEG with `tile_grid_size` 3x2 (detection only: segmentation refuses tiling).
@@ -85,17 +85,18 @@ def _one(model_dir: str, image: str, case: str) -> dict:
     from PIL import Image
 
     from serving.predictor import Predictor
+    from serving.scoring import Scoring
 
     torch.set_num_threads(2)
-    predictor = Predictor.load(model_dir)
+    predictor = Scoring(Predictor.load(model_dir))
     small = io.BytesIO()
     Image.new("RGB", (320, 240), (120, 80, 40)).save(small, format="JPEG")
-    predictor.predict_bytes([small.getvalue()])
+    predictor.score_bytes([small.getvalue()])
     model_mb = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     params = {"tile_grid_size": "3x2"} if case == "tiled_16000" else None
     started = time.perf_counter()
-    [answer] = predictor.predict_bytes([Path(image).read_bytes()], params)
+    [answer] = predictor.score_bytes([Path(image).read_bytes()], params)
     seconds = time.perf_counter() - started
     return {"model_mb": round(model_mb), "peak_mb": round(_status("VmHWM")), "seconds": round(seconds, 1),
             "answer": "error: " + answer["error"]["code"] if "error" in answer else "ok"}

@@ -61,35 +61,38 @@ def steps(folder: Path, jpeg: bytes, repeats: int) -> list[dict]:
     """Each step of one request, timed with the replica's own functions (in this process, one thread)."""
     import torch
 
-    from models.data.formats import PREDICTION_LIMITS
-    from models.data.images import decode_tensor, probe
-    from serving.contract import parse_json, parse_request, probe_images
+    from models.data.images import decode_tensor
+    from serving.contract import parse_json, request_rows
     from serving.predictor import Predictor
+    from serving.scoring import Scoring
 
     predictor = Predictor.load(folder)  # backend auto: ONNX Runtime on a CPU
+    scoring = Scoring(predictor)
     body = {"input_data": {"columns": ["image"], "data": [base64.b64encode(jpeg).decode()]}}
     raw = json.dumps(body).encode()
-    parsed = parse_request(parse_json(raw), "score", 64)
-    settings = predictor.settings_for({})
-    ops = predictor.spec.task.ops
-    size = ops.decode_size(settings, *probe(jpeg, PREDICTION_LIMITS))
-    pixels = decode_tensor(jpeg, PREDICTION_LIMITS, "cpu", size)
+    request = scoring.read(raw, "score")
+    settings = request.settings
+    image = request.entries[0].image
+    ops = predictor.task.ops
+    size = ops.decode_size(settings, *image.size)
+    pixels = decode_tensor(jpeg, predictor.limits, "cpu", size)
     preprocess = ops.preprocess(settings)
     crop = preprocess(pixels)
-    answer = predictor.predict_bytes([jpeg])
-    output = ops.predict(predictor.scorer, [crop], settings)[0]
+    scorer = predictor.loaded.scorer
+    answer = scoring.answer_now(request)
+    output = scorer.predict([crop], settings)[0]
     rows = [
         ("client: json.dumps of the body", lambda: json.dumps(body).encode()),
         ("parse_json (the body's JSON)", lambda: parse_json(raw)),
-        ("parse_request (schema, base64)", lambda: parse_request(parse_json(raw), "score", 64)),
-        ("probe_images (headers)", lambda: probe_images(parsed, PREDICTION_LIMITS)),
+        ("request_rows (schema, base64)", lambda: request_rows(parse_json(raw), "score", 64)),
+        ("Scoring.read (all of the above, settings, headers)", lambda: scoring.read(raw, "score")),
         ("settings_for (per-request settings)", lambda: predictor.settings_for({})),
-        (f"decode_tensor (JPEG at {size})", lambda: decode_tensor(jpeg, PREDICTION_LIMITS, "cpu", size)),
+        (f"decode_tensor (JPEG at {size})", lambda: decode_tensor(jpeg, predictor.limits, "cpu", size)),
         ("preprocess (resize, crop, normalise)", lambda: preprocess(pixels)),
-        ("forward (ONNX Runtime, batch 1)", lambda: ops.predict(predictor.scorer, [crop], settings)),
+        (f"forward ({predictor.plan.engine}, batch 1)", lambda: scorer.predict([crop], settings)),
         ("format + JSON of the answer", lambda: json.dumps([ops.format(output, (224, 224), predictor.labels,
                                                                       settings)])),
-        ("predict_bytes (probe..format, all)", lambda: predictor.predict_bytes([jpeg])),
+        ("answer_now (decode..format, all)", lambda: scoring.answer_now(request)),
     ]
     with torch.inference_mode():
         out = [dict(zip(("step", "ms", "cpu_ms"), (name, *_median_ms(fn, repeats)))) for name, fn in rows]

@@ -17,6 +17,9 @@ requests of one 640x480 JPEG each, sent by `concurrency` client threads for `--s
   `POST /invocations` with `dataframe_split`.
 Also in-process: `mlflow.pyfunc.load_model(DIR).predict` on 16 images at a time, no HTTP: the ceiling a
 server could reach (measured before and after the servers, the best of the two), and one at a time.
+`--baseline TREE` adds `baseline`: `visionserve serve DIR` as `default` but with the code of another checkout (a
+`git worktree` of an earlier commit) on PYTHONPATH, in this environment, so a change is measured against what came
+before in the same run (`x_baseline` in the targets).
 Each server runs alone (the others are stopped), in `--rounds` rounds, in turn; each server's best round at
 each concurrency is reported, the same rule for all, so a slow spell of a shared machine does not decide a
 ratio (every round is kept in the JSON). Targets for `default`: >= 2x mlflow's images/s at concurrency 8 and
@@ -169,8 +172,8 @@ def _seconds(fn) -> float:
 SERVERS = ("default", "torch-2x1", "onnx-2x1", "litserve-2x1", "litserve-1x2", "mlflow")
 
 
-def _server(name: str, folder: Path, images: list[str], workdir: Path) -> dict:
-    """How to start server `name` (SERVERS), where it is ready, where to send what."""
+def _server(name: str, folder: Path, images: list[str], workdir: Path, baseline: str | None = None) -> dict:
+    """How to start server `name` (SERVERS, or "baseline"), where it is ready, where to send what."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     body = [{"input_data": {"columns": ["image"], "data": [b]}} for b in images]
@@ -185,11 +188,13 @@ def _server(name: str, folder: Path, images: list[str], workdir: Path) -> dict:
         return {"command": _litserve.command(port), "ready": f"{url}/health", "route": f"{url}/predict",
                 "bodies": body, "env": _litserve.environment(folder, workers, threads),
                 "rss": lambda cmd: str(_litserve.ENV) in cmd}
-    flags = {"default": [], "torch-2x1": ["--replicas", "2", "--cpus-per-replica", "1", "--backend", "torch"],
+    flags = {"default": [], "baseline": [],
+             "torch-2x1": ["--replicas", "2", "--cpus-per-replica", "1", "--backend", "torch"],
              "onnx-2x1": ["--replicas", "2", "--cpus-per-replica", "1", "--backend", "onnx"]}[name]
-    return {"command": [str(BIN / "visionserve"), "serve", str(folder), "--port", str(port),
-                        "--max-ongoing-requests", "64", *flags],
-            "ready": f"{url}/health/ready", "route": f"{url}/score", "bodies": body,
+    env = {**os.environ, "PYTHONPATH": baseline} if name == "baseline" else None
+    return {"command": [str(BIN / "python"), "-c", "from serving.cli import main; raise SystemExit(main())", "serve",
+                        str(folder), "--port", str(port), "--max-ongoing-requests", "64", *flags],
+            "ready": f"{url}/health/ready", "route": f"{url}/score", "bodies": body, "env": env,
             "rss": lambda cmd: "ServeReplica" in cmd}
 
 
@@ -203,6 +208,10 @@ def _targets(rows: list[dict]) -> dict:
         if ours and theirs:
             out[f"x_mlflow_at_{c}"] = ours["images_per_s"] / theirs["images_per_s"]
             out[f"x_mlflow_at_{c}_target"] = need
+    for c in sorted({r["concurrency"] for r in rows}):
+        ours, before = at("default", c), at("baseline", c)
+        if ours and before:
+            out[f"x_baseline_at_{c}"] = ours["images_per_s"] / before["images_per_s"]
     lit = [r for r in rows if r["server"].startswith("litserve") and r["concurrency"] == 8]
     if at("default", 8) and lit:
         out["x_best_litserve_at_8"] = at("default", 8)["images_per_s"] / max(r["images_per_s"] for r in lit)
@@ -216,7 +225,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="every server this many times, in turn")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--baseline", help="a checkout of another commit: its `visionserve serve` as `baseline`")
     args = parser.parse_args()
+    if args.baseline:
+        args.servers = ["baseline", *args.servers]
     workdir = Path(tempfile.mkdtemp(prefix="visionserve-serve-bench-"))
     folder, _, _ = _folder("resnet18", workdir)
     jpegs = [_jpeg(i) for i in range(16)]
@@ -227,7 +239,7 @@ def main() -> None:
     runs: list[dict] = []
     for round_ in range(1, args.rounds + 1):
         for name in args.servers:
-            server = _server(name, folder, images, workdir)
+            server = _server(name, folder, images, workdir, args.baseline)
             runs += [{**row, "round": round_} for row in run_server(
                 name, server["command"], server["ready"], server["route"], server["bodies"], args,
                 workdir / f"{name}.log", server["rss"], server.get("env"))]

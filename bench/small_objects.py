@@ -29,6 +29,7 @@ from models.tasks.detection_metrics import detection_metrics
 from models.data.synth import write_synthetic_dataset  # noqa: E402
 from models.train.loop import train  # noqa: E402
 from serving.predictor import Predictor  # noqa: E402
+from serving.scoring import Scoring  # noqa: E402
 
 TRAIN = {"weights": "none", "model_name": "fasterrcnn_resnet18_fpn", "training_batch_size": 2, "validation_batch_size": 2,
           "learning_rate": 0.01, "warmup_cosine_lr_warmup_epochs": 1,
@@ -87,7 +88,7 @@ def main() -> None:
             params = {"min_size": 600, "max_size": 1333, "box_score_thresh": 0.1, "tile_grid_size": grid,
                       "tile_merge": merge, "batch_size": 2}
             start = time.perf_counter()
-            responses = predictor.predict_files(paths, params)
+            responses = Scoring(predictor).score_files(paths, params)
             seconds = (time.perf_counter() - start) / len(paths)
             predictions = [_prediction(r, labels, 1600, 1200) for r in responses]
             metrics = detection_metrics(predictions, targets, labels, metric_type="voc", iou_threshold=0.5)

@@ -34,6 +34,8 @@ from typing import Any, Callable
 import torch
 
 from models.tasks.architectures import build_model, get_architecture
+from models.tasks.classification import probabilities
+from models.tasks.detection import configured, paste_masks_one_at_a_time
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,6 @@ def exportable(task: Any) -> bool:
 def not_exported_why(task: Any) -> str:
     """In words, why a model of `task` has no ONNX file ("" when it has one)."""
     return "" if exportable(task) else f"visionserve exports no ONNX graph for {task.name}"
-
-
-def _probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
 def metadata(model_settings: Any) -> dict[str, str]:
@@ -132,10 +130,10 @@ def _export_classifier(model: torch.nn.Module, model_settings: Any, arch: Any, p
     _quiet_export(model, (sample,), path, input_names=[INPUT], output_names=[OUTPUT],
                   dynamic_axes={INPUT: axes, OUTPUT: {0: "batch"}})
     with torch.no_grad():
-        expected = _probabilities(model(sample), multilabel)
+        expected = probabilities(model(sample), multilabel)
 
     def check(session) -> float:
-        got = _probabilities(torch.from_numpy(session.run([OUTPUT], {INPUT: sample.numpy()})[0]), multilabel)
+        got = probabilities(torch.from_numpy(session.run([OUTPUT], {INPUT: sample.numpy()})[0]), multilabel)
         difference = float((got - expected).abs().max())
         if difference > TOLERANCE:
             raise ValueError(f"ONNX Runtime's probabilities differ from torch's by {difference:.2g} "
@@ -148,9 +146,7 @@ def _export_classifier(model: torch.nn.Module, model_settings: Any, arch: Any, p
 def _export_detector(model: torch.nn.Module, model_settings: Any, arch: Any, path: Path) -> Callable:
     """Writes the detector's graph (Mask R-CNN's with its masks unpasted), its settings built in; → the check of a
     session on it."""
-    from models.tasks.detection import configure, paste_masks_one_at_a_time
-
-    configure(model, model_settings.settings)
+    model = configured(model, model_settings.settings)
     names, keys = list(DETECTION_OUTPUTS), DETECTION_OUTPUTS
     if model_settings.task.family == "segmentation":
         paste_masks_one_at_a_time(model)

@@ -1,14 +1,21 @@
-"""Who may call and how a call is named: the API key (stored as its SHA-256) and the request id."""
+"""Who may call: the API key (stored as its SHA-256), each app's `Access` and `KEYED`, the one auth dependency
+of every keyed route (each app's ingress names its `Access`: the key's SHA-256, the headers that may carry it, and
+the app's words for a refusal)."""
+
+from __future__ import annotations
 
 import hashlib
 import hmac
-import re
-import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import SettingsError
+from fastapi import Depends, Request
 
-__all__ = ["key_digest", "key_matches", "read_key_file", "request_id_of"]
+from models.errors import SettingsError
+from serving.edge import EdgeError
+
+__all__ = ["KEYED", "Access", "key_digest", "key_matches", "read_key_file"]
 
 
 def key_digest(key: str) -> str:
@@ -27,15 +34,35 @@ def read_key_file(path: str | Path, flag: str = "--api-key-file") -> str:
     return key_digest(key)
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-def request_id_of(header: str | None) -> str:
-    """The client's x-request-id when it is a plain token of at most 128 characters, else a new one: what is
-    echoed and logged is never arbitrary text."""
-    return header if header and _REQUEST_ID.match(header) else uuid.uuid4().hex
-
-
 def key_matches(token: str | None, digest: str) -> bool:
     """Whether the token the client sent hashes to `digest`, compared in constant time."""
     return bool(token) and hmac.compare_digest(key_digest(token), digest)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call an app's keyed routes: anyone when `digest` is None, else who sends the key that hashes to it
+    as `Authorization: Bearer <key>` or in one of `headers`; `refusal()` is the app's 401."""
+
+    digest: str | None
+    refusal: Callable[[], EdgeError]
+    headers: tuple[str, ...] = ()
+
+    def check(self, request: Request) -> None:
+        if self.digest is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = next((request.headers[h] for h in self.headers if request.headers.get(h)), None) or (
+            header[7:].strip() if header[:7].lower() == "bearer " else "")
+        if not key_matches(token, self.digest):
+            raise self.refusal()
+
+
+def _authorized(request: Request) -> None:
+    """The ingress replica's `access` decides (Ray Serve runs one instance of the ingress class per replica)."""
+    from ray import serve
+
+    serve.get_replica_context().servable_object.access.check(request)
+
+
+KEYED = [Depends(_authorized)]

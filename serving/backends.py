@@ -1,17 +1,27 @@
-"""What scores a model's images (a light module: the command line lists these without loading torch).
+"""What scores a model's images, decided once (a light module: the command line plans and prints this without
+loading torch).
 
 - `auto` (the default): `onnx` for a classifier on the CPU whose folder has a model.onnx, else `torch`;
   measured on 2 CPUs, resnet18 at 224: 17.1 ms per image at batch 1 on ONNX Runtime, 31.2 eager, and
   torch.compile's similar speed costs 15-25 s of start-up. Detectors stay on torch: a Faster R-CNN took
   2.24 s on ONNX Runtime against 1.78 s in torch. On a GPU, torch.
 - `torch`: the torch network, eager, or compiled for CPU classifiers where asked (serving.compiled);
-- `onnx`: the folder's `artifacts/model.onnx` on ONNX Runtime (any task; serving.onnx_backend).
+- `onnx`: the folder's `artifacts/model.onnx` on ONNX Runtime (any task; serving.scorers).
 
+`plan` turns what was asked for (a backend name, whether to compile, a device) and what the model is into a
+`ScoringPlan`: the backend, whether it is compiled, the device, and why. The command line makes it once, prints it
+and hands it to the replicas, batch actors and the pyfunc as a value; none of them decides again.
 Explanations always run on the torch network: they need gradients.
 """
 
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
 BACKENDS = ("auto", "torch", "onnx")
 DEFAULT_BACKEND = "auto"
+ENGINES = {"torch": "torch", "onnx": "ONNX Runtime"}
 
 # Replicas that score on ONNX Runtime: torch's OpenMP threads, which run only the preprocessing there, wait
 # without spinning, so that they leave the CPUs to ONNX Runtime's own threads. resnet18, 2 threads, one 640x480
@@ -20,9 +30,52 @@ DEFAULT_BACKEND = "auto"
 ONNX_REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def choose(backend: str, family: str, on_cpu: bool, has_onnx: bool) -> str:
-    """The backend `backend` means for a model of task `family` ("classification", ...) on the CPU or not,
-    whose folder has a model.onnx or not: "torch" or "onnx"."""
-    if backend != "auto":
-        return backend
-    return "onnx" if on_cpu and family == "classification" and has_onnx else "torch"
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What scores a model: `backend` ("torch" or "onnx"), `compiled` (torch.compile, CPU classifiers only), on
+    `device` ("cpu", "cuda", "cuda:1" ...), and `why` (the rule `auto` followed, for the command line to print; empty
+    when the backend was asked for by name)."""
+
+    backend: str
+    compiled: bool
+    device: str
+    why: str = ""
+
+    @property
+    def engine(self) -> str:
+        """In words: "ONNX Runtime", "torch", "torch, compiled"."""
+        return ENGINES[self.backend] + (", compiled" if self.compiled else "")
+
+    def replica_env(self) -> dict[str, str]:
+        """Environment variables a process scoring with this plan wants set before torch starts."""
+        return dict(ONNX_REPLICA_ENV) if self.backend == "onnx" else {}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class NoPlan(ValueError):
+    """A backend that cannot score the model (a message saying why and what to use instead)."""
+
+
+def plan(asked: str, family: str, device: str, has_onnx: bool, *, compile: bool | None = None,
+         onnx_missing_why: str = "") -> ScoringPlan:
+    """The plan for a model of task `family` ("classification", "detection", "segmentation") whose folder has a
+    model.onnx or not (`onnx_missing_why`: why not, for the message), scoring on `device`, when `asked` (BACKENDS).
+    `compile`: True asks for a compiled classifier (so `auto` keeps a CPU classifier on torch), None compiles one
+    when torch scores it anyway (`visionserve serve`'s default), False never; NoPlan when `asked` cannot be done."""
+    if asked not in BACKENDS:
+        raise NoPlan(f"backend {asked!r}: expected one of {', '.join(BACKENDS)}")
+    cpu_classifier = device.split(":")[0] == "cpu" and family == "classification"
+    if asked == "onnx" and not has_onnx:
+        raise NoPlan(f"backend onnx: {onnx_missing_why or 'the model folder has no artifacts/model.onnx'}; use the "
+                     "torch backend")
+    if asked != "auto":
+        backend, why = asked, ""  # asked for by name: nothing to explain
+    elif cpu_classifier and compile:
+        backend, why = "torch", "auto: torch, since compiling was asked for"
+    elif cpu_classifier and has_onnx:
+        backend, why = "onnx", "auto: ONNX Runtime for a classifier on CPUs"
+    else:
+        backend, why = "torch", "auto: torch for a detector, on a GPU, or without a model.onnx"
+    return ScoringPlan(backend, backend == "torch" and cpu_classifier and compile is not False, device, why)

@@ -14,39 +14,48 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import models_json_schema
 
+from explain.params import XaiParameters as xai
 from models.data.formats import ImageLimits
-from models.data.images import probe
-from models.errors import ErrorCode, ImageError, SettingsError
+from models.data.images import Probed
+from models.errors import ErrorCode, ImageError
 from models.tasks.fields import Flag
+from models.tasks.registry import request_params
+from serving.edge import EdgeError
 
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 _IMAGE = "a base64 image (standard or URL-safe, newlines allowed), or a JSON string of an ExplanationEntry"
 
 
-class RequestError(ValueError):
-    """A request the endpoint refuses: HTTP `status`, and one detail per offending field or image."""
+class RequestError(EdgeError):
+    """A scoring request refused: HTTP `status`, and one detail per offending field or image. Worded the same on
+    every app that scores (`visionserve serve`, the hub's `/score` and `/invocations`)."""
 
     def __init__(self, status: int, code: ErrorCode, message: str, details: list[dict] | None = None,
                  headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.details, self.headers = status, ErrorCode(code), details or [], headers or {}
+        super().__init__(status, ErrorCode(code), message, headers)
+        self.details = details or []
 
     def body(self, request_id: str | None = None) -> dict:
-        error: dict[str, Any] = {"code": self.code, "message": str(self)}
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:
             error["details"] = self.details
         if request_id:
             error["request_id"] = request_id
         return {"error": error}
 
+    @classmethod
+    def from_body(cls, status: int, body: Mapping[str, Any], headers: dict[str, str] | None = None) -> RequestError:
+        """The refusal another process worded (a hub model replica's), to be answered here."""
+        error = body["error"]
+        return cls(status, error["code"], error["message"], error.get("details"), headers)
 
 # ---------------------------------------------------------------- the bodies, as documented at /docs
 
@@ -72,11 +81,13 @@ class InputData(BaseModel):
                             json_schema_extra={"items": {"type": "string"}})
 
 
-_PARAMS = Field(None, description="per-request inference settings (the model's settings.json otherwise); which "
-                                  "ones depends on the model's task", json_schema_extra={"anyOf": [
-                                      {"$ref": "#/components/schemas/ClassificationParams"},
-                                      {"$ref": "#/components/schemas/DetectionParams"},
-                                      {"$ref": "#/components/schemas/SegmentationParams"}]})
+def _params_field() -> Any:
+    return Field(None, description="per-request inference settings (the model's settings.json otherwise); which "
+                                   "ones depends on the model's task", json_schema_extra={"anyOf": [
+                                       {"$ref": f"#/components/schemas/{name}"} for name in request_params()]})
+
+
+_PARAMS = _params_field()
 
 
 class ScoreRequest(_Body):
@@ -144,9 +155,10 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def openapi_components(params: Mapping[str, type[BaseModel]], xai: type[BaseModel]) -> dict[str, Any]:
-    """Component schemas of the bodies, the per-task request params (per-request settings only) and the
-    xai parameters, for the app's OpenAPI document."""
+def openapi_components() -> dict[str, Any]:
+    """Component schemas of the bodies, the per-task request params (per-request settings only, one schema per
+    task family of the registry) and the xai parameters, for the app's OpenAPI document."""
+    params = request_params()
     _, schemas = models_json_schema([(m, "validation") for m in (ScoreRequest, InvocationsRequest,
                                                                  ExplanationEntry, ErrorResponse, xai)],
                                     ref_template="#/components/schemas/{model}")
@@ -164,24 +176,51 @@ def openapi_components(params: Mapping[str, type[BaseModel]], xai: type[BaseMode
                                            "(unset: the model's settings.json)"}
     return components
 
-
 # ---------------------------------------------------------------- parsing
 
 
-@dataclass
+@dataclass(frozen=True)
 class Entry:
-    """One image of a request: where it was (field), its bytes or why not, explanation wishes."""
+    """One image of a request, as read once: where it was (field), its bytes with their header read (`Probed`)
+    or why not (`ImageError`), and its explanation wishes (validated XaiParameters) when it asks for one."""
+
+    field: str
+    image: Probed | ImageError
+    xai: Any = None
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """A request validated once: its entries, the settings in force (the frozen settings object, which is also
+    the batch key: images under equal settings share forward passes) and whether refused images become error
+    rows (`partial`) rather than failing the request."""
+
+    entries: tuple[Entry, ...]
+    settings: Any
+    partial: bool = False
+
+    def plain(self) -> list[int]:
+        """The entries to score (their image readable, no explanation asked for)."""
+        return [i for i, e in enumerate(self.entries) if isinstance(e.image, Probed) and e.xai is None]
+
+    def explained(self) -> list[int]:
+        """The entries to explain (their image readable)."""
+        return [i for i, e in enumerate(self.entries) if isinstance(e.image, Probed) and e.xai is not None]
+
+    def refused(self) -> list[dict]:
+        """One detail per entry that cannot be scored (its bytes or header were refused)."""
+        return [{"field": e.field, "index": i, "code": e.image.code, "message": str(e.image)}
+                for i, e in enumerate(self.entries) if isinstance(e.image, ImageError)]
+
+
+@dataclass(frozen=True)
+class RawEntry:
+    """An entry as the body has it: bytes (base64 decoded) or why not, and its explanation wishes, unchecked."""
 
     field: str
     data: bytes | ImageError
     explain: bool = False
-    xai_parameters: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ParsedRequest:
-    entries: list[Entry]
-    params: dict[str, Any]
+    xai_parameters: Mapping[str, Any] | None = None
 
 
 Route = Literal["score", "invocations"]
@@ -258,7 +297,7 @@ def _field(prefix: str, i: int) -> str:
     return f"{prefix}[{i}]"
 
 
-def parse_entry(value: Any, field_name: str) -> Entry:
+def parse_entry(value: Any, field_name: str) -> RawEntry:
     """A base64 string, or a JSON string with `image_base64` (+ explanation wishes)."""
     if isinstance(value, list) and len(value) == 1:  # a dataframe_split row: [image]
         value = value[0]
@@ -271,9 +310,9 @@ def parse_entry(value: Any, field_name: str) -> Entry:
             first = exc.errors()[0]
             message = _ENTRY_ERRORS.get(str(first["loc"][0]) if first["loc"] else "",
                                         f"not valid JSON ({first['msg']})")
-            return Entry(field_name, ImageError(ErrorCode.INVALID_INPUT, message))
-        return Entry(field_name, _bytes(entry.image_base64), entry.model_explainability, entry.xai_parameters or {})
-    return Entry(field_name, _bytes(value))
+            return RawEntry(field_name, ImageError(ErrorCode.INVALID_INPUT, message))
+        return RawEntry(field_name, _bytes(entry.image_base64), entry.model_explainability, entry.xai_parameters)
+    return RawEntry(field_name, _bytes(value))
 
 
 def _bytes(value: Any) -> bytes | ImageError:
@@ -283,85 +322,29 @@ def _bytes(value: Any) -> bytes | ImageError:
         return exc
 
 
-def parse_request(doc: Any, route: Route, max_images: int | None = None) -> ParsedRequest:
-    """A decoded JSON body → its images (decoded from base64, or the error of each) and params; the
-    shape is checked first, then the image count (before any image is decoded)."""
+def request_rows(doc: Any, route: Route, max_images: int | None = None) -> tuple[list[RawEntry], dict[str, Any]]:
+    """A decoded JSON body → its entries (decoded from base64, or the error of each) and params; the shape is
+    checked first, then the image count (before any image is decoded)."""
     prefix, rows, params = _rows(doc, route)
-    if max_images is not None and len(rows) > max_images:
-        raise RequestError(413, ErrorCode.TOO_MANY_IMAGES, f"{len(rows)} images in one request; at most {max_images}")
-    return ParsedRequest([parse_entry(v, _field(prefix, i)) for i, v in enumerate(rows)], params)
+    check_count(len(rows), max_images)
+    return [parse_entry(v, _field(prefix, i)) for i, v in enumerate(rows)], params
 
 
-def probe_images(request: ParsedRequest, limits: ImageLimits) -> list[dict]:
-    """Header-check every image (no decoding); returns one detail per bad image (its entry gets the error)."""
-    details = []
-    for index, entry in enumerate(request.entries):
-        try:
-            if isinstance(entry.data, ImageError):
-                raise entry.data
-            probe(entry.data, limits)
-        except ImageError as exc:
-            entry.data = exc
-            details.append({"field": entry.field, "index": index, "code": exc.code, "message": str(exc)})
-    return details
+def check_count(count: int, max_images: int | None) -> None:
+    if max_images is not None and count > max_images:
+        raise RequestError(413, ErrorCode.TOO_MANY_IMAGES, f"{count} images in one request; at most {max_images}")
+
+
+def probed(data: bytes | ImageError, limits: ImageLimits) -> Probed | ImageError:
+    """The image's header read and checked once (`Probed`), or why it cannot be scored."""
+    if isinstance(data, ImageError):
+        return data
+    try:
+        return Probed.of(data, limits)
+    except ImageError as exc:
+        return exc
 
 
 def row_error(row: int, exc: ImageError) -> dict:
     """The response entry of an image that could not be scored (its neighbours still are)."""
     return {"error": {"row": row, "code": exc.code, "message": f"image {row}: {exc}"}}
-
-
-# ---------------------------------------------------------------- per-request settings
-
-
-def field_of(problem: str) -> str:
-    """The parameter a settings problem names: "box_score_thresh=2: must be ..." → box_score_thresh."""
-    return problem.split(":")[0].split("=")[0].split(" ")[0]
-
-
-def parameter_error(exc: SettingsError, prefix: str = "params.", index: int | None = None) -> RequestError:
-    """A 400 naming each refused parameter (`params.<name>`, or an entry's `...xai_parameters.<name>`)."""
-    details = [{"field": f"{prefix}{field_of(p)}", "message": p, **({"index": index} if index is not None else {})}
-               for p in exc.problems]
-    return RequestError(400, ErrorCode.INVALID_PARAMETER, str(exc), details)
-
-
-def per_request_problems(inference_cls: type[BaseModel], given: Mapping[str, Any]) -> list[str]:
-    """Settings a request names that only the model's loading may set."""
-    from models.tasks.fields import is_per_request
-
-    fields = inference_cls.model_fields
-    return [f"{k}: set when the model loads (settings.json or --set), not per request"
-            for k in given if k in fields and not is_per_request(fields[k])]
-
-
-def check_xai(entries: Sequence[Entry], is_classification: bool, task_name: str) -> dict[int, Any]:
-    """Validated xai_parameters of every explanation entry; a 400 naming each bad one."""
-    from explain.params import parse_xai
-
-    asked = [i for i, e in enumerate(entries) if e.explain]
-    if asked and not is_classification:
-        raise RequestError(400, ErrorCode.EXPLANATIONS_UNSUPPORTED,
-                           f"explanations are for classification models only; this {task_name} model can only "
-                           "score (set model_explainability to false)",
-                           [{"field": entries[i].field, "index": i} for i in asked])
-    wishes, details = {}, []
-    for i in asked:
-        try:
-            wishes[i] = parse_xai(entries[i].xai_parameters)
-        except SettingsError as exc:
-            details += [{"field": f"{entries[i].field}.{field_of(p)}", "index": i, "message": f"image {i}: {p}"}
-                        for p in exc.problems]
-    if details:
-        raise RequestError(400, ErrorCode.INVALID_PARAMETER, "; ".join(d["message"] for d in details), details)
-    return wishes
-
-
-def parameter_forms(inference_cls: type[BaseModel], settings: BaseModel, explains: bool) -> dict[str, Any]:
-    """What `/metadata` says of the parameters a request may send, for a page to build its forms from: the
-    per-request settings (the model's values as defaults) and, for classifiers, the xai_parameters."""
-    from explain.params import XaiParameters
-    from models.tasks.fields import form_of, is_per_request
-
-    return {"parameters": form_of(inference_cls, settings, keep=is_per_request),
-            "xai_parameters": form_of(XaiParameters) if explains else []}

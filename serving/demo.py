@@ -5,9 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
+import mlflow
+from ray import serve
+
+from models.data.synth import write_synthetic_dataset
+from models.job import build_job
+from models.runtime import ensure_ray, free_port
+from models.train.loop import train
+from serving.app import deployment, service_config
 
 # CPU-sized recipes: small images, small models, torchvision's samplers trimmed. The demo trains from
 # scratch (weights=none: it runs offline and downloads nothing; every other training starts from
@@ -37,22 +48,14 @@ def _tracking_uri(out: Path) -> str:
 
 
 def _ensure_experiment(name: str, artifacts: Path) -> None:
-    import mlflow
-
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
 
 
 def run_demo(out: Path, *, task: str = "image_classification", images: int | None = None,
-             epochs: int | None = None) -> dict[str, Any]:
-    import mlflow
-    import mlflow.pyfunc
-    import pandas as pd
-
-    from models.job import build_job
-    from models.data.synth import write_synthetic_dataset
-    from models.train.loop import train
-
+             epochs: int | None = None, keep_serving: bool = False, port: int | None = None) -> dict[str, Any]:
+    """Synthetic data → training → the MLflow model → served on a local port through the same scoring core as
+    `visionserve serve`, scored and (classifiers) explained over HTTP; stops after (`keep_serving`: until Ctrl-C)."""
     if task not in DEMOS:
         raise ValueError(f"--task {task!r}: the demo covers {', '.join(DEMOS)}")
     recipe = DEMOS[task]
@@ -72,23 +75,73 @@ def run_demo(out: Path, *, task: str = "image_classification", images: int | Non
     job = build_job(task=task, training_data=data.train_jsonl, validation_data=data.validation_jsonl,
                     params=params, output_dir=out / "outputs", experiment_name="visionserve-demo", run_name="demo")
     result = train(job)
-
-    print(f"3/4 loading {result.model_dir} with mlflow.pyfunc.load_model and scoring 3 validation images")
-    model = mlflow.pyfunc.load_model(str(result.model_dir))
-    lines = [json.loads(line) for line in Path(data.validation_jsonl).read_text().splitlines()][:3]
-    paths = [Path(data.validation_jsonl).parent / line["image_url"] for line in lines]
-    frame = pd.DataFrame({"image": [base64.encodebytes(p.read_bytes()).decode("utf-8") for p in paths]})
-    responses = model.predict(frame)
-
-    print("4/4 done")
     print(f"\nvalidation metrics (best epoch {result.best_epoch}):")
     for name, value in result.best_metrics.items():
         if "/" not in name:
             print(f"  {name:<24} {value:.4f}")
+
+    line = json.loads(Path(data.validation_jsonl).read_text().splitlines()[0])
+    image = Path(data.validation_jsonl).parent / line["image_url"]
+    print(f"3/4 serving {result.model_dir} on a local port (Ray Serve, as `visionserve serve` does)")
+    calls = _serve_and_call(result.model_dir, image, out, keep_serving=keep_serving, port=port)
+    print(f"\nsample response for {image.name} (true label: {json.dumps(line['label'])[:200]}):")
+    print(json.dumps(calls["response"], indent=2)[:2000])
     print(f"\nMLflow model folder: {result.model_dir}")
-    print(f"  serve it:  uv run mlflow models serve -m {result.model_dir} --env-manager local -p 5001")
     print(f"  settings:  {result.model_dir / 'artifacts' / 'settings.json'}")
-    print(f"\nsample response for {paths[0].name} (true label: {json.dumps(lines[0]['label'])[:200]}):")
-    print(json.dumps(responses[0], indent=2)[:2000])
+    print(f"  serve it:  uv run visionserve serve {result.model_dir}")
     print(f"\ntotal {time.perf_counter() - started:.0f}s (training {result.seconds:.0f}s)")
-    return {"result": result, "responses": responses, "labels": [line["label"] for line in lines]}
+    return {"result": result, **calls, "label": line["label"]}
+
+
+def _request_body(image: Path, explain: bool) -> dict[str, Any]:
+    encoded = base64.b64encode(image.read_bytes()).decode("ascii")
+    entry = json.dumps({"image_base64": encoded, "model_explainability": True,
+                        "xai_parameters": {"xai_algorithm": "xrai", "n_steps": 20}}) if explain else encoded
+    return {"input_data": {"columns": ["image"], "data": [entry]}}
+
+
+def _serve_and_call(model_dir: Path, image: Path, out: Path, *, keep_serving: bool, port: int | None) -> dict:
+    """The model served on 127.0.0.1:`port` (a free one by default); one image scored over HTTP and, for a
+    classifier, explained (its picture written to `out`); the studio's URL and a curl line printed."""
+    ensure_ray(log_to_driver=False)
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        config = service_config(model_dir)
+        serve.run(deployment(config, ray_actor_options={"num_cpus": 1}), name="visionserve-demo", route_prefix="/")
+        request = out / "request.json"
+        request.write_text(json.dumps(_request_body(image, explain=False)))
+        print(f"4/4 scoring {image.name} over HTTP: POST {url}/score")
+        response = httpx.post(f"{url}/score", content=request.read_bytes(), timeout=120).json()[0]
+        explained = _explain(url, image, out) if "probs" in response else None
+        print(f"\nstudio (try and explain the model in a browser): {url}/studio")
+        print(f"the same request with curl:  curl -s -X POST {url}/score -H 'Content-Type: application/json' "
+              f"-d @{request}")
+        if keep_serving:
+            print(f"serving at {url} until Ctrl-C", flush=True)
+            _wait_for_interrupt()
+    finally:
+        serve.shutdown()
+    return {"response": response, "explanation": explained, "url": url}
+
+
+def _explain(url: str, image: Path, out: Path) -> dict[str, Any]:
+    print(f"   and explaining it (xrai): POST {url}/score with model_explainability: true")
+    answer = httpx.post(f"{url}/score", json=_request_body(image, explain=True), timeout=300).json()[0]
+    picture = out / "explanation.png"
+    picture.write_bytes(base64.b64decode(answer["visualizations"]))
+    print(f"   explanation: {picture} (the image, the attribution map and its overlays)")
+    return {key: value for key, value in answer.items() if key != "visualizations"}
+
+
+def _wait_for_interrupt() -> None:
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)

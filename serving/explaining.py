@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from explain import Stopped, TooManyLabels, explain_crop, make_explainer
 from models.data.formats import ImageLimits
-from models.data.images import decode_tensor, probe
+from models.data.images import Probed, decode_tensor
 from models.errors import ErrorCode, ImageError
+from models.tasks.classification import eval_crop
 from serving.contract import row_error
 from serving.loading import LoadedModel
 
@@ -29,33 +31,28 @@ class Explanations:
     """Up to `copies` explainers of one loaded classifier, each made on first use; an explanation takes one
     for its duration (so `copies` run at once and the rest wait) and gives it back."""
 
-    def __init__(self, loaded: LoadedModel, limits: ImageLimits, copies: int = 1):
-        self.loaded, self.limits, self.copies = loaded, limits, max(1, copies)
+    def __init__(self, loaded: LoadedModel, copies: int = 1):
+        self.loaded, self.copies = loaded, max(1, copies)
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._made = 0
         self._lock = threading.Lock()
 
     def _take(self) -> Any:
-        from explain import make_explainer
-
         with self._lock:
             if self._idle.empty() and self._made < self.copies:
                 self._made += 1
-                spec = self.loaded.spec
-                return make_explainer(self.loaded.model, self.loaded.arch.name, spec.task.ops.multilabel,
-                                      self.loaded.device, spec.settings.image_mean, spec.settings.image_std)
+                ms = self.loaded.model_settings
+                return make_explainer(self.loaded.model, self.loaded.arch.name, ms.task.multilabel,
+                                      self.loaded.device, ms.settings.image_mean, ms.settings.image_std)
         return self._idle.get()
 
-    def explain(self, items: Sequence[bytes | ImageError], xai: Sequence[Any], settings: Any, rows: Sequence[int],
-                stop: threading.Event | None = None) -> list[dict]:
+    def explain(self, items: Sequence[Probed | ImageError], xai: Sequence[Any], settings: Any, rows: Sequence[int],
+                limits: ImageLimits, stop: threading.Event | None = None) -> list[dict]:
         """Scoring keys plus explanations (`xai[i]`: explain.XaiParameters) per image, in input order; once
         `stop` is set, what is left is answered as not explained."""
-        from explain import Stopped, TooManyLabels, explain_crop
-        from models.tasks.classification import eval_crop
-
-        spec = self.loaded.spec
-        if not spec.task.is_classification:
-            return [row_error(r, unsupported(spec.task.name)) for r in rows]
+        ms = self.loaded.model_settings
+        if not ms.task.is_classification:
+            return [row_error(r, unsupported(ms.task.name)) for r in rows]
         crop = eval_crop(settings)
         stopped = stop.is_set if stop is not None else (lambda: False)
         out = []
@@ -67,11 +64,11 @@ class Explanations:
                         raise Stopped
                     if isinstance(item, ImageError):
                         raise item
-                    size = spec.task.ops.decode_size(settings, *probe(item, self.limits))  # header checks first
+                    size = ms.task.ops.decode_size(settings, *item.size)
                     with torch.inference_mode():
-                        pixels = crop(decode_tensor(item, self.limits, self.loaded.device, size))
-                    probs, extra = explain_crop(explainer, pixels, spec.labels, wishes, stopped)
-                    out.append({**spec.task.ops.format(probs, (0, 0), spec.labels, settings), **extra})
+                        pixels = crop(decode_tensor(item.data, limits, self.loaded.device, size))
+                    probs, extra = explain_crop(explainer, pixels, ms.labels, wishes, stopped)
+                    out.append({**ms.task.ops.format(probs, (0, 0), ms.labels, settings), **extra})
                 except ImageError as exc:
                     out.append(row_error(row, exc))
                 except TooManyLabels as exc:

@@ -1,6 +1,6 @@
-"""Where a model comes from and how it is made ready to score: an MLflow model folder or URI → its
-settings, the network with its weights on a device, and the scorer (BatchNorm folded, compiled, or the
-model's ONNX file on ONNX Runtime)."""
+"""Where a model comes from and how it is made ready to score: an MLflow model folder or URI → a `ModelFolder`
+(its settings.json read once), a `ScoringPlan` for it (serving.backends), and the network with its weights on a
+device plus the scorer the plan names (serving.scorers)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx.experimental.optimization import fuse
 
 from models.export import SETTINGS_FILE, WEIGHTS_FILE, ModelSettings, read_settings
-from models.onnx_export import ONNX_FILE
+from models.onnx_export import ONNX_FILE, not_exported_why
 from models.tasks.architectures import Architecture, build_model, get_architecture
-from serving.backends import BACKENDS, DEFAULT_BACKEND, choose
+from models.tasks.detection import paste_masks_one_at_a_time
+from serving.backends import ScoringPlan, plan
+from serving.scorers import Scorer, scorer_for
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +40,48 @@ def resolve_model(model: str | Path) -> Path:
     return path.resolve()
 
 
-def find_artifacts(model_dir: str | Path) -> tuple[Path, Path]:
-    """settings.json and model.pt of an MLflow model folder (or of a bare artifacts folder)."""
+def find_artifacts(model_dir: str | Path) -> Path:
+    """The folder of settings.json and model.pt in an MLflow model folder (or a bare artifacts folder)."""
     root = Path(model_dir)
     for folder in (root / "artifacts", root):
         if (folder / SETTINGS_FILE).exists():
-            return folder / SETTINGS_FILE, folder / WEIGHTS_FILE
+            return folder
     raise FileNotFoundError(f"{model_dir}: no artifacts/{SETTINGS_FILE}; is this a visionserve model folder?")
 
 
-def check_backend(model_dir: str | Path, backend: str) -> None:
-    """Before anything loads: a ValueError when `backend` (BACKENDS) cannot score the model in `model_dir`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend == "onnx":
-        from serving.onnx_backend import onnx_file
+@dataclass(frozen=True)
+class ModelFolder:
+    """An exported model on this machine, settings.json read (once, with deploy-time overrides): `path` (the
+    MLflow folder), `artifacts` (its settings.json, model.pt, model.onnx), `model_settings`."""
 
-        settings_path, weights_path = find_artifacts(model_dir)
-        onnx_file(weights_path.parent, read_settings(settings_path))
+    path: Path
+    artifacts: Path
+    model_settings: ModelSettings
 
+    @classmethod
+    def open(cls, model: str | Path, overrides: dict[str, Any] | None = None) -> ModelFolder:
+        """`model` (a folder or MLflow URI, see resolve_model) read; SettingsError for bad settings or overrides."""
+        path = resolve_model(model)
+        return cls.of_artifacts(find_artifacts(path), overrides, path)
 
-def chosen_backend(model_dir: str | Path, backend: str, device: torch.device | str) -> str:
-    """What `backend` ("auto" included) scores the model in `model_dir` with on `device`: "torch" or "onnx"."""
-    settings_path, weights_path = find_artifacts(model_dir)
-    return choose(backend, read_settings(settings_path).task.family, torch.device(device).type == "cpu",
-                  (weights_path.parent / ONNX_FILE).is_file())
+    @classmethod
+    def of_artifacts(cls, artifacts: str | Path, overrides: dict[str, Any] | None = None,
+                     path: Path | None = None) -> ModelFolder:
+        artifacts = Path(artifacts)
+        return cls(path or artifacts.parent, artifacts, read_settings(artifacts / SETTINGS_FILE, overrides))
+
+    @property
+    def onnx(self) -> Path:
+        return self.artifacts / ONNX_FILE
+
+    def plan(self, backend: str = "auto", device: str | None = None, compile: bool | None = False) -> ScoringPlan:
+        """What scores this model (serving.backends.plan); NoPlan when `backend` cannot."""
+        task = self.model_settings.task
+        missing = not_exported_why(task) or (f"{self.onnx} not found (a model exported before visionserve wrote "
+                                             "ONNX files for its task, or one whose ONNX check failed: its training "
+                                             "log says); train it again")
+        return plan(backend, task.family, device or default_device().type, self.onnx.is_file(), compile=compile,
+                    onnx_missing_why=missing)
 
 
 def default_device() -> torch.device:
@@ -78,7 +98,6 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     has no BatchNorm2d (the detectors' is frozen into their backbones already) or torch.fx cannot trace it."""
     if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         return model
-    from torch.fx.experimental.optimization import fuse
 
     try:
         return fuse(model)
@@ -89,63 +108,49 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to score: `model` (eval mode, on `device`; explanations use it) and `scorer`
-    (what scoring calls: `model` with BatchNorm folded, compiled when asked)."""
+    """A model ready to score: `model` (eval mode, on `device`; explanations use it) and `scorer` (what the plan
+    says scores: the model with BatchNorm folded, compiled, or its ONNX graph)."""
 
-    spec: ModelSettings
+    model_settings: ModelSettings
     arch: Architecture
     model: torch.nn.Module
-    scorer: torch.nn.Module
+    scorer: Scorer
     device: torch.device
+    plan: ScoringPlan
 
 
-def _weights(model: torch.nn.Module, spec: ModelSettings, weights_path: Path, settings_path: Path) -> None:
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+def _weights(model: torch.nn.Module, folder: ModelFolder) -> None:
+    state = torch.load(folder.artifacts / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    ms = folder.model_settings
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     except RuntimeError as exc:
-        raise ValueError(f"{weights_path} does not fit {spec.model_name} with {len(spec.labels)} labels "
-                         f"and the settings in {settings_path} ({str(exc).splitlines()[0]}); "
-                         "was valid_crop_size changed for a ViT model?") from None
+        raise ValueError(f"{WEIGHTS_FILE} does not fit {ms.model_name} with {len(ms.labels)} labels and the "
+                         f"settings in {SETTINGS_FILE} ({str(exc).splitlines()[0]}); was valid_crop_size changed "
+                         "for a ViT model?") from None
 
 
-def load_model(settings_path: str | Path, weights_path: str | Path, *, device: torch.device | None = None,
-               overrides: dict[str, Any] | None = None, compile_scorer: bool = False,
-               backend: str = DEFAULT_BACKEND) -> LoadedModel:
-    """The model of an exported folder's files; `compile_scorer`: a classifier on the CPU is compiled now
-    (serving.compiled: slower to load, faster per image; for long-lived processes) when torch scores it;
-    `backend` (BACKENDS): "onnx" scores with the folder's model.onnx (a ValueError says why a model has
-    none), "auto" with it where that is faster (serving.backends.choose)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")  # as check_backend says
-    spec = read_settings(settings_path, overrides)
-    device = device or default_device()
-    arch = get_architecture(spec.model_name, spec.task.family)
-    model = build_model(arch, len(spec.labels), spec.settings)
-    _weights(model, spec, Path(weights_path), Path(settings_path))
+def load_model(folder: ModelFolder, scoring: ScoringPlan) -> LoadedModel:
+    """The model of `folder` on the plan's device, and the scorer the plan names."""
+    ms = folder.model_settings
+    device = torch.device(scoring.device)
+    arch = get_architecture(ms.model_name, ms.task.family)
+    model = build_model(arch, len(ms.labels), ms.settings)
+    _weights(model, folder)
     model.eval().to(device)
-    scorer = fold_batchnorm(model)
-    for module in {model, scorer}:
+    folded = fold_batchnorm(model)
+    for module in {model, folded}:
         if arch.channels_last:
             module.to(memory_format=torch.channels_last)
-        if spec.settings.half_precision and device.type == "cuda":
+        if ms.settings.half_precision and device.type == "cuda":
             module.half()
-    if spec.task.family == "segmentation":
-        from models.tasks.detection import paste_masks_one_at_a_time
+    if ms.task.family == "segmentation":
 
-        paste_masks_one_at_a_time(scorer)
-    shape = spec.task.ops.input_shape(spec.settings)
-    backend = choose(backend, spec.task.family, device.type == "cpu", (Path(weights_path).parent / ONNX_FILE).is_file())
-    if backend == "onnx":
-        from serving.onnx_backend import onnx_scorer
-
-        scorer = onnx_scorer(Path(weights_path).parent, spec, device, fallback=scorer)
-    elif compile_scorer and device.type == "cpu" and shape:
-        from serving.compiled import compile_for_cpu
-
-        scorer = compile_for_cpu(scorer, shape)
-    log.info("loaded %s (%s, %d labels) on %s", spec.model_name, spec.task.name, len(spec.labels), device)
-    return LoadedModel(spec, arch, model, scorer, device)
+        paste_masks_one_at_a_time(folded)
+    scorer, scoring = scorer_for(scoring, folded, ms, folder.onnx, device)
+    log.info("loaded %s (%s, %d labels) on %s, scoring on %s", ms.model_name, ms.task.name, len(ms.labels), device,
+             scoring.engine)
+    return LoadedModel(ms, arch, model, scorer, device, scoring)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+from models.values import to_flag
+from serving.contract import RequestError
+from serving.loading import ModelFolder
+from serving.predictor import Predictor
+from serving.scoring import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +40,31 @@ def image_rows(model_input: Any) -> list[Any]:
 
 
 class VisionModel(mlflow.pyfunc.PythonModel):
-    """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row.
+    """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row through the
+    scoring core (serving.scoring), as every route does: a bad row gets its error object, the others their answers.
 
     By default (`backend: auto`, serving.backends) a classifier on the CPU scores on its `artifacts/model.onnx`
     on ONNX Runtime, and anything else on torch; `model_config={"backend": "onnx"}` asks for ONNX Runtime
-    (any task, serving.onnx_backend), `{"backend": "torch"}` for torch, and
-    `{"compile": True}` for a classifier compiled for the CPU while loading (serving.compiled: worth it in a
-    process that scores for a long time)."""
+    (any task, serving.scorers), `{"backend": "torch"}` for torch, and `{"compile": True}` for a classifier
+    compiled for the CPU while loading (serving.compiled: worth it in a process that scores for a long time)."""
 
     def load_context(self, context) -> None:
-        from serving.predictor import Predictor
-
         config = context.model_config or {}
-        compile_scorer, backend = bool(config.get("compile", False)), str(config.get("backend", "auto"))
-        if compile_scorer and backend == "auto":  # compiling is asked for by name (the folder's default is False)
-            backend = "torch"
-        self.predictor = Predictor.from_files(context.artifacts["settings"], context.artifacts["weights"],
-                                              compile_scorer=compile_scorer, backend=backend)
+        folder = ModelFolder.of_artifacts(Path(context.artifacts["settings"]).parent)
+        scoring = folder.plan(str(config.get("backend", "auto")), compile=to_flag(config.get("compile", False)))
+        self.scoring = Scoring(Predictor.load(folder, plan=scoring))
+
+    @property
+    def predictor(self):
+        return self.scoring.predictor
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict]:
         """One response per image row; `params` may override inference settings for this call. Refusals are
         MlflowExceptions without a traceback: a 400 from `mlflow models serve` for bad input, a 500 naming a
         log id for our own failure (the traceback goes to the log, never into a response)."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
-
         try:
-            return self.predictor.predict_encoded(image_rows(model_input), params)
-        except ValueError as exc:  # SettingsError, ImageError, a wrong frame: the caller's input
+            return self.scoring.score_rows(image_rows(model_input), params)
+        except (RequestError, ValueError) as exc:  # a bad parameter, explanation wish or frame: the caller's input
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         except Exception:  # noqa: BLE001
             log_id = uuid.uuid4().hex

@@ -27,6 +27,7 @@ from serving.batch.inputs import list_inputs, read_image
 from serving.batch.parts import fingerprint, output_manifest
 from serving.batch.run import score
 from serving.cli import main
+from serving.loading import ModelFolder
 
 
 def _lines(path: Path) -> list[dict]:
@@ -119,7 +120,7 @@ def test_cloud_urls_that_escape_the_image_root_are_refused_with_file_and_line(tm
     with pytest.raises(DataError) as caught:
         list_inputs(jsonl, image_root=root)
     assert caught.value.problems == [
-        f"score.jsonl:{line}: image_url: {urls[line - 1]} maps to {mapped}, outside the image root {root}"
+        f"score.jsonl:{line}: image_url: {urls[line - 1]} maps to {mapped}, outside the image root {root}; refused"
         for line, mapped in ((2, "/etc/shadow"), (3, tmp_path.parent / "etc" / "passwd"), (4, tmp_path / "secret.png"))]
     jsonl.write_text("".join(json.dumps({"image_url": u}) + "\n" for u in (urls[0], urls[4], urls[5])))
     assert [item.path for item in list_inputs(jsonl, image_root=root)] == [  # inside the root, relative, absolute
@@ -399,7 +400,7 @@ def test_rerun_with_another_model_does_not_keep_stale_results(ray_session, train
 
     assert main(run[:1] + [str(detector.model_dir)] + run[1:]) == 2
     err = capsys.readouterr().err
-    old, new = (fingerprint(m.model_dir, None)["model_sha256"] for m in (classifier, detector))
+    old, new = (fingerprint(ModelFolder.open(m.model_dir))["model_sha256"] for m in (classifier, detector))
     assert f"{out} holds results of another model or other settings" in err
     assert f"the model: sha256 {old} (from {classifier.model_dir}), this run's {new} (from {detector.model_dir})" in err
     assert "--overwrite" in err and out.read_bytes() == first  # refused, the old results untouched
@@ -513,7 +514,7 @@ def test_resume_after_kill_9(ray_session, trained, synth, tmp_path, capsys):
     # nothing left over: no part folder, no temp file, no lock; the manifest names the model
     assert sorted(p.name for p in out.parent.iterdir()) == ["predictions.jsonl", "predictions.jsonl.manifest.json"]
     assert json.loads(output_manifest(out).read_text())["model_sha256"] == \
-           fingerprint(result.model_dir, None)["model_sha256"]
+           fingerprint(ModelFolder.open(result.model_dir))["model_sha256"]
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from serving.cli import main
 
@@ -151,8 +152,6 @@ def test_predict_prints_one_response_per_image_in_order(trained, capsys, tmp_pat
     result, data = trained("image_classification")
     images = sorted(Path(data.images_dir).iterdir())[:2]
     small = tmp_path / "small.png"
-    from PIL import Image
-
     Image.new("RGB", (10, 10)).save(small)
     assert main(["predict", str(result.model_dir), str(images[0]), str(small), str(images[1]), "--compact"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -161,12 +160,15 @@ def test_predict_prints_one_response_per_image_in_order(trained, capsys, tmp_pat
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_from_the_console_script(tmp_path):
+def test_demo_trains_then_serves_scores_and_explains_over_http(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run([VISIONSERVE, "demo", "--out", str(tmp_path / "demo"), "--images", "16", "--epochs", "1"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sample response" in done.stdout and '"probs"' in done.stdout
+    assert "POST http://127.0.0.1:" in done.stdout and "/studio" in done.stdout and "curl -s -X POST" in done.stdout
+    with Image.open(tmp_path / "demo" / "explanation.png") as picture:  # explained over HTTP
+        assert picture.format == "PNG" and min(picture.size) > 200
     assert (tmp_path / "demo" / "outputs" / "mlflow-model" / "MLmodel").is_file()
     assert (tmp_path / "demo" / "mlflow.db").is_file() and not (tmp_path / "mlruns").exists()
 

@@ -450,7 +450,7 @@ def test_a_confined_read_refuses_local_files_outside_the_image_root(tmp_path):
     inside.mkdir()
     outside = tmp_path / "elsewhere.json"
     outside.write_text("{}")
-    with pytest.raises(CocoProblems, match=r"elsewhere\.json: outside the image root .*; refused"):
+    with pytest.raises(CocoProblems, match=r"elsewhere\.json lies outside the image root; refused"):
         read_coco_files([str(outside)], "imageClassification", image_root=inside, confined=True)
     with pytest.raises(CocoProblems, match="no image root is set; refused"):
         read_coco_files([str(outside)], "imageClassification", confined=True)

@@ -16,9 +16,11 @@ pytestmark = pytest.mark.slow  # compiling takes 10-20 s on 2 CPUs
 @pytest.fixture(scope="module")
 def predictors(trained):
     from serving.predictor import Predictor
+    from serving.scoring import Scoring
 
     model_dir = trained("image_classification")[0].model_dir
-    return Predictor.load(model_dir, backend="torch"), Predictor.load(model_dir, compile_scorer=True, backend="torch")
+    return Scoring(Predictor.load(model_dir, backend="torch")), Scoring(Predictor.load(model_dir, compile=True,
+                                                                                       backend="torch"))
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def _probs(answers: list[dict]) -> np.ndarray:
 @pytest.mark.parametrize("count", [1, 3, 7, 12])
 def test_compiled_classifier_scores_like_the_eager_one_for_any_batch_size(predictors, images, count):
     eager, compiled = predictors
-    assert compiled.compiled and not eager.compiled
-    assert np.allclose(_probs(compiled.predict_bytes(images[:count])), _probs(eager.predict_bytes(images[:count])),
+    assert compiled.predictor.compiled and not eager.predictor.compiled
+    assert np.allclose(_probs(compiled.score_bytes(images[:count])), _probs(eager.score_bytes(images[:count])),
                        atol=1e-5)
 
 
@@ -44,8 +46,8 @@ def test_an_input_of_another_size_is_scored_eagerly_without_compiling_again(pred
     eager, compiled = predictors
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     params = {"valid_resize_size": 56, "valid_crop_size": 48}
-    answers = compiled.predict_bytes(images[:3], params)
-    assert np.allclose(_probs(answers), _probs(eager.predict_bytes(images[:3], params)), atol=1e-5)
+    answers = compiled.score_bytes(images[:3], params)
+    assert np.allclose(_probs(answers), _probs(eager.score_bytes(images[:3], params)), atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
@@ -79,4 +81,4 @@ def test_the_pyfunc_compiles_when_its_model_config_asks(trained, images, predict
         model = mlflow.pyfunc.load_model(model_dir, model_config={"compile": True})
     assert model.unwrap_python_model().predictor.compiled
     rows = pd.DataFrame({"image": [base64.b64encode(b).decode() for b in images[:5]]})
-    assert np.allclose(_probs(model.predict(rows)), _probs(predictors[0].predict_bytes(images[:5])), atol=1e-5)
+    assert np.allclose(_probs(model.predict(rows)), _probs(predictors[0].score_bytes(images[:5])), atol=1e-5)

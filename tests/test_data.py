@@ -251,7 +251,7 @@ def test_a_cloud_url_that_climbs_out_of_the_image_root_is_refused(tmp_path, url,
     mapped = reaches if reaches.startswith("/") else str(Path(tmp_path, reaches)).rstrip("/")
     with pytest.raises(LabelError, match=f"maps to {re.escape(mapped)}, outside the image root {re.escape(str(root))}"):
         resolve_image_url(url, tmp_path / "data", root)
-    with pytest.raises(LabelError, match="outside .*the JSONL file's folder"):  # no image root: the same rule
+    with pytest.raises(LabelError, match="outside .*the folder of the file naming it"):  # no image root: the same rule
         resolve_image_url(url, tmp_path / "data" / "deeper" / "still", None)
 
 
@@ -268,7 +268,7 @@ def test_training_data_names_the_line_of_a_cloud_url_that_escapes(tmp_path):
                                                   {"image_url": "/elsewhere/c.jpg", "label": "can"}])
     dataset = read_jsonl(path, CLASSES, image_root=tmp_path / "root")
     assert [str(p) for p in dataset.problems] == [
-        f"train.jsonl:2: image_url: {CLOUD}/etc/shadow maps to /etc/shadow, outside the image root {tmp_path / 'root'}"]
+        f"train.jsonl:2: image_url: {CLOUD}/etc/shadow maps to /etc/shadow, outside the image root {tmp_path / 'root'}; refused"]
     assert [r.line for r in dataset.records] == [1, 3, 4]  # relative and absolute paths are as before
     assert [r.image for r in dataset.records][1:] == [str(tmp_path / "../images/b.jpg"), "/elsewhere/c.jpg"]
 

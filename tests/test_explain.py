@@ -41,7 +41,11 @@ def _predictor(task: str, model_name: str, crop: int = 32, labels=LABELS):
     from models.tasks.architectures import build_model, get_architecture
     from models.export import ModelSettings
     from models.tasks.registry import get_task, inference_settings
+    from serving.backends import ScoringPlan
+    from serving.loading import LoadedModel
     from serving.predictor import Predictor
+    from serving.scorers import TorchScorer
+    from serving.scoring import Scoring
 
     task_ = get_task(task)
     sizes = {"valid_resize_size": crop + 4, "valid_crop_size": crop} if task_.is_classification else {
@@ -50,7 +54,9 @@ def _predictor(task: str, model_name: str, crop: int = 32, labels=LABELS):
     arch = get_architecture(model_name, task_.family)
     torch.manual_seed(0)
     model = build_model(arch, len(labels), settings).eval()
-    return Predictor(ModelSettings(task_, model_name, list(labels), settings), arch, model, torch.device("cpu"))
+    loaded = LoadedModel(ModelSettings(task_, model_name, list(labels), settings), arch, model,
+                         TorchScorer(model, task_.ops), torch.device("cpu"), ScoringPlan("torch", False, "cpu"))
+    return Scoring(Predictor(loaded))
 
 
 # ---------------------------------------------------------------- parameters
@@ -95,11 +101,11 @@ def test_every_algorithm_answers_the_schema(task, model_name):
 
     predictor = _predictor(task, model_name, labels=LABELS[:2])
     image = _noise()
-    plain = predictor.predict_encoded([image])[0]
+    plain = predictor.score_rows([image])[0]
     rows = [image] + [_row(image, xai_algorithm=a, n_steps=3, attributions=True,
                            confidence_score_threshold_multilabel=0.0) for a in ALGORITHMS]
     pyfunc = VisionModel()
-    pyfunc.predictor = predictor
+    pyfunc.scoring = predictor
     answers = pyfunc.predict(None, pd.DataFrame({"image": rows}))
     assert answers[0] == plain
     multilabel = task.endswith("multilabel")
@@ -121,11 +127,11 @@ def test_every_algorithm_answers_the_schema(task, model_name):
 def test_defaults_apply_when_xai_parameters_are_absent_and_multilabel_threshold_filters():
     predictor = _predictor("image_classification_multilabel", "resnet18", labels=LABELS[:2])
     image = _noise()
-    probs = predictor.predict_encoded([image])[0]["probs"]
+    probs = predictor.score_rows([image])[0]["probs"]
     bare = json.dumps({"image_base64": image, "model_explainability": True})
     high = _row(image, xai_algorithm="guided_backprop", confidence_score_threshold_multilabel=1.0)
     scored = json.dumps({"image_base64": image, "model_explainability": False})
-    default, none_explained, plain = predictor.predict_encoded([bare, high, scored])
+    default, none_explained, plain = predictor.score_rows([bare, high, scored])
     assert set(default) == {"probs", "labels", "visualizations"}  # xrai, pictures only
     assert len(default["visualizations"]) == sum(p >= 0.5 for p in probs)
     assert none_explained["visualizations"] == []
@@ -185,8 +191,8 @@ def test_explainer_sees_what_scoring_sees():
     """No off-by-255: the explainer's [0, 1] crop, normalised, gives the scoring probabilities."""
     predictor = _predictor("image_classification", "resnet18")
     image = _noise(seed=3)
-    answer = predictor.predict_encoded([_row(image, xai_algorithm="guided_backprop")])[0]
-    assert np.allclose(answer["probs"], predictor.predict_encoded([image])[0]["probs"], atol=1e-5)
+    answer = predictor.score_rows([_row(image, xai_algorithm="guided_backprop")])[0]
+    assert np.allclose(answer["probs"], predictor.score_rows([image])[0]["probs"], atol=1e-5)
 
 
 def test_batched_integrated_gradients_equal_salienys_one_step_at_a_time():
@@ -214,13 +220,13 @@ def test_batched_integrated_gradients_equal_salienys_one_step_at_a_time():
 
 def test_the_scoring_model_is_not_modified():
     predictor = _predictor("image_classification", "mobilenetv2")
-    before = [type(m).__name__ for m in predictor.model.modules()]
+    before = [type(m).__name__ for m in predictor.predictor.loaded.model.modules()]
     image = _noise()
-    plain = predictor.predict_encoded([image])[0]
-    predictor.predict_encoded([_row(image, xai_algorithm="guided_gradcam")])
-    assert [type(m).__name__ for m in predictor.model.modules()] == before
-    assert any(getattr(m, "inplace", False) for m in predictor.model.modules())
-    assert predictor.predict_encoded([image])[0] == plain
+    plain = predictor.score_rows([image])[0]
+    predictor.score_rows([_row(image, xai_algorithm="guided_gradcam")])
+    assert [type(m).__name__ for m in predictor.predictor.loaded.model.modules()] == before
+    assert any(getattr(m, "inplace", False) for m in predictor.predictor.loaded.model.modules())
+    assert predictor.score_rows([image])[0] == plain
 
 
 def test_vit_guided_gradcam_uses_the_patch_grid():
@@ -247,7 +253,7 @@ def test_vit_guided_gradcam_uses_the_patch_grid():
 def test_bad_rows_get_errors_naming_row_and_parameter_and_others_are_answered():
     predictor = _predictor("image_classification", "resnet18")
     image = _noise()
-    answers = predictor.predict_encoded([
+    answers = predictor.score_rows([
         image,
         _row(image, xai_algorithm="gradcam++"),
         _row(image, xai_algorithm="integrated_gradients", n_steps=1),
@@ -264,6 +270,6 @@ def test_bad_rows_get_errors_naming_row_and_parameter_and_others_are_answered():
 
 def test_detection_models_say_explanations_are_for_classification_only():
     predictor = _predictor("image_object_detection", "fasterrcnn_resnet18_fpn")
-    answer = predictor.predict_encoded([_row(_noise())])[0]
+    answer = predictor.score_rows([_row(_noise())])[0]
     assert answer["error"]["code"] == "explanations_unsupported"
     assert "classification models only" in answer["error"]["message"]

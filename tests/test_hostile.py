@@ -123,11 +123,11 @@ def endpoint(ray_session, trained):
     """The classifier on a Ray Serve app with small limits (2 MB bodies, 4 images per request)."""
     from ray import serve
 
-    from serving.app import ServiceConfig, VisionService
+    from serving.app import VisionService, service_config
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServiceConfig(model=str(trained("image_classification")[0].model_dir), max_request_mb=MAX_MB,
+    config = service_config(model=str(trained("image_classification")[0].model_dir), max_request_mb=MAX_MB,
                            max_images_per_request=MAX_IMAGES, compile=False)
     serve.run(VisionService.options(ray_actor_options={"num_cpus": 0.1}).bind(asdict(config)), name="hostile",
               route_prefix="/hostile")

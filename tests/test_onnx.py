@@ -186,15 +186,13 @@ def test_a_detector_on_the_onnx_backend_answers_what_torch_answers_tiled_and_wit
     to the torch network."""
     import mlflow.pyfunc
 
-    from serving.onnx_backend import scorer_for
-
     result, data = trained("image_object_detection")
     rows = _rows(_images(data))
     on_torch = mlflow.pyfunc.load_model(result.model_dir)
     on_onnx = mlflow.pyfunc.load_model(result.model_dir, model_config={"backend": "onnx"})
     predictor = on_onnx.unwrap_python_model().predictor
     assert predictor.backend == "onnx"
-    assert (scorer_for(predictor.scorer, predictor.settings_for(params)) is predictor.scorer) is graph
+    assert predictor.loaded.scorer.follows(predictor.settings_for(params)) is graph
     want = on_torch.predict(rows, params=params)
     assert any(a["boxes"] for a in want)
     _same_detections(on_onnx.predict(rows, params=params), want)

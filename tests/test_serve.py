@@ -36,29 +36,29 @@ def endpoint(ray_session, trained):
     from ray.serve.config import BackpressureConfig
 
     from serving.access import key_digest
-    from serving.app import ServiceConfig, VisionService
+    from serving.app import VisionService, service_config
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     cls_dir = trained("image_classification")[0].model_dir
-    apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(ServiceConfig(
+    apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(service_config(
         model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02,
         compile=task == "image_classification", backend="torch" if task == "image_classification" else "auto"))),
         name=task, route_prefix=PREFIX[task]) for task in TASKS]
-    secure = ServiceConfig(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4,
+    secure = service_config(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4,
                            max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2,
                            compile=False)
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
                                 route_prefix="/secure"))
-    patient = ServiceConfig(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False,
+    patient = service_config(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False,
                             backend="torch")
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
                                 route_prefix="/patient"))
-    on_onnx = ServiceConfig(model=str(cls_dir), max_batch_size=8)  # the default backend
+    on_onnx = service_config(model=str(cls_dir), max_batch_size=8)  # the default backend
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(on_onnx)), name="onnx",
                                 route_prefix="/onnx"))
-    tight = ServiceConfig(model=str(cls_dir), max_batch_size=1, compile=False)
+    tight = service_config(model=str(cls_dir), max_batch_size=1, compile=False)
     apps.append(serve.RunTarget(VisionService.options(
         max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
                                                                                              retry_after_s=2),
@@ -121,12 +121,13 @@ def test_invocations_accepts_every_mlflow_format(endpoint, trained, body):
 
 def test_answers_of_the_compiled_classifier_match_the_pyfunc(endpoint, trained):
     from serving.predictor import Predictor
+    from serving.scoring import Scoring
 
     assert httpx.get(f"{endpoint}/cls/metadata").json()["compiled"] is True
     assert httpx.get(f"{endpoint}/patient/metadata").json()["compiled"] is False
     rows = _images(trained, "image_classification", 3)
     served = _score(f"{endpoint}/cls/score", rows).json()
-    local = Predictor.load(trained("image_classification")[0].model_dir, backend="torch").predict_encoded(rows)
+    local = Scoring(Predictor.load(trained("image_classification")[0].model_dir, backend="torch")).score_rows(rows)
     assert [a["labels"] for a in served] == [a["labels"] for a in local]
     assert np.allclose([a["probs"] for a in served], [a["probs"] for a in local], atol=1e-5)
 

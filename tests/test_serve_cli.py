@@ -57,9 +57,11 @@ def test_onnx_runtime_replicas_let_torchs_threads_wait_without_spinning(monkeypa
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = build_parser().parse_args(["serve", "model"])
-    assert deployment_options(args, "onnx")["ray_actor_options"]["runtime_env"] == {
+    from serving.backends import ScoringPlan
+
+    assert deployment_options(args, ScoringPlan("onnx", False, "cpu"))["ray_actor_options"]["runtime_env"] == {
         "env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
-    assert "runtime_env" not in deployment_options(args, "torch")["ray_actor_options"]
+    assert "runtime_env" not in deployment_options(args, ScoringPlan("torch", False, "cpu"))["ray_actor_options"]
 
 
 def _start(result, port: int, log: Path, *flags: str) -> subprocess.Popen:
@@ -71,6 +73,25 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+
+@pytest.mark.parametrize("command", ["serve", "hub"])
+@pytest.mark.parametrize("flag, value", [("--max-batch-size", "0"), ("--max-request-mb", "-1"),
+                                         ("--max-images-per-request", "0"), ("--max-image-mb", "0"),
+                                         ("--batch-wait-ms", "-5"), ("--max-concurrent-explanations", "0"),
+                                         ("--explanation-timeout-s", "0")])
+def test_scoring_flags_out_of_range_are_refused_naming_the_flag_before_anything_starts(command, flag, value, tmp_path,
+                                                                                       capsys):
+    """The limits both servers share (serving.cli.flags.SCORING_FLAGS): refused before a model is read or Ray
+    starts, the flag named, exit code 2."""
+    from serving.cli import main
+
+    target = [str(tmp_path / "no-such-model")] if command == "serve" else ["--state-dir", str(tmp_path / "state")]
+    assert main([command, *target, flag, value]) == 2
+    error = capsys.readouterr().err
+    assert f"{flag} {float(value):g}: must be" in error and "Traceback" not in error
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.slow
@@ -100,7 +121,7 @@ def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_
         assert ("layout: 2 replicas x 0.5 CPUs each, scoring on torch; change with --replicas, --cpus-per-replica, "
                 "--backend") in log.read_text()
         assert ("layout: 1 replica x 0.5 CPUs each, scoring on ONNX Runtime (auto: ONNX Runtime for a classifier on "
-                "CPUs, else torch)") in other_log.read_text()
+                "CPUs)") in other_log.read_text()
         from_onnx = httpx.post(f"http://127.0.0.1:{other_port}/score", json=body, timeout=60)
         assert from_onnx.status_code == 200 and from_onnx.json()[0]["labels"] == answer.json()[0]["labels"]
         other.send_signal(signal.SIGINT)

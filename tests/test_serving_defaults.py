@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.errors import SettingsError
-from serving.access import key_digest, key_matches, read_key_file, request_id_of
+from serving.access import key_digest, key_matches, read_key_file
+from serving.edge import request_id_of
 
 VISIONSERVE = str(Path(sys.executable).parent / "visionserve")
 

@@ -39,13 +39,13 @@ def endpoint(ray_session, trained):
     from ray import serve
 
     from serving.access import key_digest
-    from serving.app import ServiceConfig, VisionService
+    from serving.app import VisionService, service_config
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"ray_actor_options": {"num_cpus": 0.1}}
-    configs = {name: ServiceConfig(model=str(trained(task)[0].model_dir), compile=False) for task, name in PREFIX.items()}
-    configs["/secure"] = ServiceConfig(model=str(trained("image_classification")[0].model_dir), compile=False,
+    configs = {name: service_config(model=str(trained(task)[0].model_dir), compile=False) for task, name in PREFIX.items()}
+    configs["/secure"] = service_config(model=str(trained("image_classification")[0].model_dir), compile=False,
                                        api_key_sha256=key_digest(API_KEY))
     serve.run_many([serve.RunTarget(VisionService.options(**small).bind(asdict(config)), name=prefix.strip("/"),
                                     route_prefix=prefix) for prefix, config in configs.items()])

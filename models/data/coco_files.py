@@ -17,15 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from models.data.coco_checks import (
-    MAX_ANNOTATIONS, MAX_IMAGES, CheckedFile, CheckedImage, Problems, brief, check_coco, clip,
+    MAX_ANNOTATIONS, MAX_IMAGES, CheckedFile, CheckedImage, Problems, brief, check_coco,
 )
 from models.data.convert import jsonl_line
 from models.data.formats import MB, TRAINING_LIMITS
-from models.data.jsonl import resolve_image_url
-from models.data.records import Box, Label, LabelError, Record
+from models.data.locations import Refused, is_cloud, locate, shown
+from models.data.records import Box, Label, Record
 from models.errors import ImageError
 
 CLASSIFICATION, DETECTION = "imageClassification", "imageObjectDetection"
@@ -37,7 +36,6 @@ MAX_FILES = 10
 MAX_FILE_BYTES = 200 * MB
 MAX_OBJECTS = 3 * MAX_ANNOTATIONS  # JSON objects in one file, counted before it is parsed
 MAX_PROBLEMS = 100
-_BLOB_HOST = ".blob.core.windows.net"
 
 
 class CocoProblems(ValueError):
@@ -70,68 +68,16 @@ def annotation_kind(kind: Any) -> str | None:
     return KINDS.get(kind.strip().lower()) if isinstance(kind, str) else None
 
 
-def shown_uri(uri: str) -> str:
-    """A URI as messages show it: as given, less the query and fragment (a SAS token) of a URL; clipped."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:  # e.g. a broken IPv6 host
-        return clip(uri.split("?", 1)[0].split("#", 1)[0])
-    if len(parts.scheme) <= 1 or parts.scheme.lower() == "file":
-        return clip(uri)
-    return clip(urlunsplit(parts._replace(query="", fragment="")))
-
-
-def _is_cloud(uri: str) -> bool:
-    try:
-        scheme = urlsplit(uri.strip()).scheme.lower()
-    except ValueError:
-        return True  # not a path; a broken URL
-    return len(scheme) > 1 and scheme != "file"
-
-
-def _inside(root: Path, path: str) -> bool:
-    inside = os.path.abspath(root)
-    return os.path.commonpath([inside, os.path.abspath(path)]) == inside
-
-
-def local_candidates(url: str, base: Path, root: Path | None) -> list[str]:
-    """The local paths `url` may be at, likeliest first (see the module docstring); LabelError when it leaves
-    the root (or `base`, the folder relative paths start from, with no root)."""
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        raise LabelError("url", "is not a valid URL") from None
-    try:
-        path = resolve_image_url(url, base, root)
-    except LabelError:
-        where = f"the image root {root}" if root is not None else f"{base}, the COCO file's folder"
-        raise LabelError("url", f"maps outside {where}; refused") from None
-    container, _, rest = unquote(parts.path.lstrip("/")).partition("/")
-    blob = parts.scheme.lower() in ("http", "https") and _BLOB_HOST in parts.netloc.lower()
-    if not blob or not rest or container in ("", ".", ".."):
-        return [path]
-    return [str((root if root is not None else base) / container / rest), path]
-
-
-def _pick(candidates: list[str]) -> str:
-    return os.path.abspath(next((c for c in candidates if os.path.exists(c)), candidates[0]))
-
-
 def _locate_file(uri: str, root: Path | None, problems: Problems, confined: bool = False) -> str | None:
-    shown = shown_uri(uri)
-    if _is_cloud(uri) and root is None:
-        problems.add(f"{shown}: a cloud URL, and no image root is set to map it to a local file")
+    named = shown(uri)
+    if is_cloud(uri) and root is None:
+        problems.add(f"{named}: a cloud URL, and no image root is set to map it to a local file")
         return None
     try:
-        path = _pick(local_candidates(uri, Path("."), root))
-    except LabelError as exc:
-        problems.add(f"{shown}: {exc}")
+        return os.path.abspath(locate(uri, Path("."), root, confined=confined))
+    except Refused as exc:  # it names the URI itself
+        problems.add(str(exc))
         return None
-    if confined and (root is None or not _inside(root, path)):
-        where = f"outside the image root {root}" if root is not None else "a local file, and no image root is set"
-        problems.add(f"{shown}: {where}; refused")
-        return None
-    return path
 
 
 def _load(path: str, shown: str, problems: Problems) -> Any:
@@ -176,25 +122,21 @@ def _load(path: str, shown: str, problems: Problems) -> Any:
     return None
 
 
-def _image_path(image: CheckedImage, coco_dir: Path, root: Path | None, cloud: bool, where: str,
-                problems: Problems) -> str | None:  # `cloud`: the file came from a cloud URL, or all is confined
-    """The local path of one image; a cloud COCO file's images must stay inside the root as well."""
+def _image_path(image: CheckedImage, coco_dir: Path, root: Path | None, confined: bool, where: str,
+                problems: Problems) -> str | None:
+    """The local path of one image; a cloud COCO file's images (or all, when `confined`) stay inside the root."""
     try:
-        candidates = local_candidates(image.url, coco_dir, root)
-    except LabelError as exc:
-        problems.add(f"{where}: {shown_uri(image.url)} {exc}")
+        return os.path.abspath(locate(image.url, coco_dir, root, confined=confined))
+    except Refused as exc:
+        problems.add(f"{where}: {exc}")
         return None
-    if cloud and root is not None and not _is_cloud(image.url) and not all(_inside(root, c) for c in candidates):
-        problems.add(f"{where}: {shown_uri(image.url)} is outside the image root {root}; refused")
-        return None
-    return _pick(candidates)
 
 
 def _check_image_file(path: str, image: CheckedImage, where: str, problems: Problems) -> None:
     """The file is there, a readable image of the declared size, within the training limits (header only)."""
     from models.data.images import check_bytes, check_size, image_size
 
-    where = f"{where}: {shown_uri(image.url)}"
+    where = f"{where}: {shown(image.url)}"
     try:
         size = os.stat(path).st_size
     except OSError:
@@ -218,20 +160,20 @@ def _check_image_file(path: str, image: CheckedImage, where: str, problems: Prob
 def _read_one(uri: str, kind: str, root: Path | None, check_images: bool, problems: Problems,
               confined: bool = False) -> tuple[CheckedFile, list[str]] | None:
     """One COCO file checked, with the local path of each of its images; None when anything is wrong."""
-    shown = shown_uri(uri)
+    named = shown(uri)
     path = _locate_file(uri, root, problems, confined)
-    data = _load(path, shown, problems) if path is not None else None
+    data = _load(path, named, problems) if path is not None else None
     if data is None:
         return None
     before = len(problems)
-    checked = check_coco(data, shown, kind, problems)
+    checked = check_coco(data, named, kind, problems)
     del data
     if checked is None:
         return None
     paths = []
     for image in checked.images:
-        where = f"{shown}: image {image.id}"
-        local = _image_path(image, Path(path).parent, root, confined or _is_cloud(uri), where, problems)
+        where = f"{named}: image {image.id}"
+        local = _image_path(image, Path(path).parent, root, confined or is_cloud(uri), where, problems)
         if local is not None and check_images:
             _check_image_file(local, image, where, problems)
         paths.append(local or "")
@@ -262,14 +204,14 @@ def _merge(kind: str, files: list[tuple[str, CheckedFile, list[str]]]) -> CocoDa
     """One dataset of several files: categories matched by name, image ids kept per file."""
     counts: dict[str, int] = {}
     records = []
-    for shown, checked, paths in files:
+    for source, checked, paths in files:
         for name in checked.categories.values():
             counts.setdefault(name, 0)
         for image, path in zip(checked.images, paths):
             label = _label(kind, image)
             for name in ([label] if isinstance(label, str) else [box.label for box in label]):
                 counts[name] += 1
-            records.append(Record(path, label, shown, image.id))
+            records.append(Record(path, label, source, image.id))
     return CocoDataset(kind, records, list(counts), counts)
 
 
@@ -292,7 +234,7 @@ def read_coco_files(uris: Sequence[str], kind: str, *, image_root: str | Path | 
     for uri in uris:
         read = _read_one(uri, canonical, root, check_images, problems, confined)
         if read is not None:
-            files.append((shown_uri(uri), *read))
+            files.append((shown(uri), *read))
     total = sum(len(checked.images) for _, checked, _ in files)
     if total > MAX_IMAGES[canonical]:
         problems.add(f"the COCO files list {total:,} images together; at most {MAX_IMAGES[canonical]:,} are allowed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,24 @@ def probe(data: bytes, limits: ImageLimits = ImageLimits()) -> Size:
     width, height = image_size(data)
     check_size(width, height, limits)
     return width, height
+
+
+@dataclass(frozen=True)
+class Probed:
+    """Encoded image bytes whose header has been read and checked (`probe`): what scoring carries inward, so that
+    no later step reads the header again."""
+
+    data: bytes
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, data: bytes, limits: ImageLimits = ImageLimits()) -> Probed:
+        return cls(data, *probe(data, limits))
+
+    @property
+    def size(self) -> Size:
+        return self.width, self.height
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

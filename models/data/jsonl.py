@@ -7,13 +7,12 @@ field, and `DataError` reports all of them at once.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import yaml
 
+from models.data.locations import Refused, locate
 from models.data.records import LABEL_PARSERS, Dataset, LabelError, Record
 from models.errors import DataError, Problem
 
@@ -21,46 +20,14 @@ from models.errors import DataError, Problem
 # ---------------------------------------------------------------- image_url resolution
 
 
-def _under(root: Path, path: str, url: str, image_root: Path | None) -> str:
-    """`root / path` for a cloud URL's path, refused (`LabelError` on `image_url`) unless it stays inside
-    `root`: an absolute path or `..` climbing out of it would reach any file on the machine."""
-    inside = os.path.abspath(root)
-    mapped = os.path.abspath(os.path.join(inside, path))
-    if os.path.commonpath([inside, mapped]) != inside:
-        where = (f"the image root {image_root}" if image_root is not None
-                 else f"{root}, the JSONL file's folder (no image root given)")
-        raise LabelError("image_url", f"{url} maps to {mapped}, outside {where}")
-    return str(root / path)
-
-
 def resolve_image_url(url: str, base_dir: Path, image_root: Path | None) -> str:
-    """Map `image_url` to a local path (data.md): relative, absolute, file://, cloud URLs. A cloud URL
-    maps under `image_root` (else `base_dir`) and must stay inside it; otherwise `LabelError`."""
-    url = url.strip()
-    parsed = urlparse(url)
-    scheme = parsed.scheme.lower()
-    root = image_root if image_root is not None else base_dir
-    if scheme == "file":
-        if parsed.netloc not in ("", "localhost"):  # file://./images/a.jpg: relative, not /images/a.jpg
-            relative = Path(unquote(url[len("file://"):]))
-            return str(relative if relative.is_absolute() else base_dir / relative)
-        return unquote(parsed.path)
-    if scheme == "azureml":
-        marker = "/paths/"
-        if marker in url:
-            return _under(root, unquote(url.split(marker, 1)[1]), url, image_root)
-        return _under(root, unquote(parsed.path.lstrip("/")), url, image_root)
-    if scheme == "amldatastore":
-        return _under(root, unquote(url.split("://", 1)[1]), url, image_root)
-    if scheme in ("http", "https", "wasb", "wasbs", "abfs", "abfss", "s3", "gs", "gcs", "adl"):
-        path = unquote(parsed.path.lstrip("/"))
-        if scheme in ("http", "https") and ".blob.core.windows.net" in parsed.netloc:
-            path = path.split("/", 1)[1] if "/" in path else path  # drop the container
-        return _under(root, path, url, image_root)
-    if len(scheme) == 1:  # a Windows drive letter, e.g. C:/data
-        return url
-    path = Path(url)
-    return str(path if path.is_absolute() else base_dir / path)
+    """Map `image_url` to a local path (data.md): relative, absolute, file://, cloud URLs
+    (`models.data.locations`). A cloud URL maps under `image_root` (else `base_dir`) and must stay inside it,
+    links followed; an unknown scheme is refused; either is a `LabelError` on `image_url`."""
+    try:
+        return locate(url, base_dir, image_root)
+    except Refused as exc:
+        raise LabelError("image_url", str(exc)) from None
 
 
 # ---------------------------------------------------------------- JSONL and MLTable

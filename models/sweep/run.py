@@ -21,12 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
+import ray
+import torch
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import CombinedStopper
 
-from models.train.remote import job_from, portable_job, train_on_one_thread
-from models.sweep.search_space import grid_configs, random_configs, tune_space
+from models.data.jsonl import read_dataset
+from models.errors import SettingsError
+from models.runtime import ensure_ray
+from models.sweep.report import collect, export_best, summary_table
+from models.sweep.search_space import auto_search_space, grid_configs, random_configs, tune_space
 from models.sweep.settings import JobLimits, SweepSettings
+from models.sweep.termination import CallerStopper, ExitScoreStopper, make_scheduler
 from models.tasks.registry import training_settings
+from models.train.distributed import train_distributed, worker_count
 from models.train.loop import TrainingJob, prepare, train
+from models.train.remote import job_from, portable_job, train_on_one_thread
 
 log = logging.getLogger(__name__)
 TRIAL_FILE = "trial.json"
@@ -48,8 +60,6 @@ def _write(path: Path, payload: dict[str, Any]) -> None:
 
 def run_trial(config: dict[str, Any]) -> None:
     """The Ray Tune trainable: one trial = one `train` with the trial's hyperparameters."""
-    from ray import tune
-
     ctx = config["__ctx"]
     trial_id = tune.get_context().get_trial_id()
     if "__trial" in config:
@@ -75,7 +85,6 @@ def run_trial(config: dict[str, Any]) -> None:
                   run_name=f"{base.run_name}-trial-{index if index is not None else trial_id}",
                   timeout_minutes=max(deadline - now, 1e-3) / 60)
     if ctx["workers"] > 1:  # node_count_per_trial > 1: this trial trains data-parallel on Ray Train
-        from models.train.distributed import train_distributed
 
         result = train_distributed(job, report=log.info, workers=ctx["workers"], use_gpu=ctx["use_gpu"],
                                    cpus_per_worker=ctx["cpus"], in_tune_trial=True)
@@ -97,8 +106,6 @@ def _configs(sweep: SweepSettings, seed: int) -> list[dict[str, Any]] | None:
 
 def _check_configs(job: TrainingJob, configs: list[dict[str, Any]]) -> None:
     """Every trial's settings are valid before the first one starts."""
-    from models.errors import SettingsError
-
     problems = []
     for i, params in enumerate(configs):
         try:
@@ -115,8 +122,6 @@ TRIAL_DRIVER_CPU = 0.01  # a data-parallel trial's own actor only drives its Ray
 def _resources(concurrent: int, workers: int = 1) -> dict[str, float]:
     """One trial's (or, data-parallel, one Ray Train worker's) share of the Ray cluster: its CPUs (and GPUs)
     split across the concurrent trials and their workers."""
-    import ray
-
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0) / (concurrent * workers)
     gpus = math.floor(gpus) if gpus >= 1 else round(gpus, 3)
@@ -141,8 +146,6 @@ def _concurrency(limits: JobLimits, nodes: int, report: Callable[[str], None]) -
 def _searcher(sweep: SweepSettings, seed: int):
     if sweep.sampling_algorithm != "bayesian":
         return None
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, sweep.limits.max_trials)))
 
@@ -151,12 +154,6 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> SweepResult:
     """Run the job's sweep on Ray Tune; export the best trial as the job's MLflow model. `should_stop`:
     polled by Tune; once it answers True every trial ends (their resources given back) and the sweep returns."""
-    from ray import tune
-    from ray.tune.stopper import CombinedStopper
-
-    from models.sweep.termination import CallerStopper, ExitScoreStopper, make_scheduler
-    from models.runtime import ensure_ray
-
     report = report or (lambda message: print(message, file=sys.stderr))
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial skipped at the timeout reports nothing
     sweep: SweepSettings = job.sweep
@@ -170,7 +167,6 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
         _check_configs(job, configs)
     prepare(replace(job, parameters={**base, **(configs[0] if configs else {})}))  # the data, checked once
     ensure_ray()
-    from models.train.distributed import worker_count
 
     workers, use_gpu = worker_count(job)
     concurrent = _concurrency(sweep.limits, job.node_count, report)
@@ -223,7 +219,6 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
                                       stop=_stoppers(exit_score, should_stop, CombinedStopper, CallerStopper)),
         )
         grid = tuner.fit()
-        from models.sweep.report import collect, export_best, summary_table
 
         if exit_score is not None and exit_score.reached_by:
             report(f"limits.exit_score {exit_score.score} reached by trial {exit_score.reached_by}: sweep stopped")
@@ -242,11 +237,6 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
 
 def _auto(job: TrainingJob, sweep: SweepSettings, report: Callable[[str], None]) -> SweepSettings:
     """AutoMode: the built-in search space for the task, data size and machine."""
-    import torch
-
-    from models.data.jsonl import read_dataset
-    from models.sweep.search_space import auto_search_space
-
     records = read_dataset(job.training_data, job.task.name, image_root=job.image_root).records
     per_label = Counter(name for r in records for name in set(r.label_names()))
     space = auto_search_space(job.task, len(records), float(torch.cuda.device_count()), job.parameters,
@@ -268,7 +258,6 @@ def run_job(job: TrainingJob, *, progress: bool = True, report: Callable[[str], 
     if job.sweep is not None:
         return run_sweep(job, report=report, should_stop=should_stop)
     if job.node_count > 1 or (job.workers_per_node or 1) > 1:
-        from models.train.distributed import train_distributed
 
         return train_distributed(job, report=report)
     return train(job, progress=progress, report=report)

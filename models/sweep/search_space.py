@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import SettingsError
 from models.tasks.architectures import get_architecture
 from models.tasks.fields import aliases_of, check_value, unknown_name_message
 from models.tasks.registry import Task
@@ -185,8 +186,6 @@ def _check_values(task: Task, name: str, dist: Distribution, where: str) -> list
 
 def parse_search_space(raw: Any, task: Task, key: str = "search_space") -> tuple[Subspace, ...]:
     """A list of subspaces (or one mapping) → validated subspaces; SettingsError lists every problem."""
-    from models.errors import SettingsError
-
     if isinstance(raw, Mapping):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
@@ -230,8 +229,6 @@ def random_configs(space: Sequence[Subspace], n: int, seed: int) -> list[dict[st
 
 def grid_configs(space: Sequence[Subspace], key: str = "search_space") -> list[dict[str, Any]]:
     """Every combination of every subspace, in order; grid sampling takes choice distributions only."""
-    from models.errors import SettingsError
-
     problems = [f"{key}[{i}].{name}: {d.describe()}: grid sampling takes only choice distributions"
                 for i, sub in enumerate(space) for name, d in sub.items() if d.type != "choice"]
     if problems:
@@ -246,8 +243,6 @@ def grid_configs(space: Sequence[Subspace], key: str = "search_space") -> list[d
 
 def tune_space(space: Sequence[Subspace], key: str = "search_space") -> dict[str, Any]:
     """The Ray Tune param_space of a single (non-conditional) subspace, for bayesian search."""
-    from models.errors import SettingsError
-
     if len(space) != 1:
         message = (f"{key}: sampling_algorithm bayesian does not support a conditional search space "
                    f"({len(space)} subspaces); use random or grid, or give a single subspace")
@@ -262,8 +257,8 @@ def tune_space(space: Sequence[Subspace], key: str = "search_space") -> dict[str
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
-
 # ---------------------------------------------------------------- AutoMode
+
 
 _AUTO_MODELS = {  # (cpu only, small data) → (with a GPU or more data)
     "classification": (["mobilenetv2", "resnet18", "resnet34"], ["resnet50", "seresnext", "vits16r224", "vitb16r224"]),
@@ -284,8 +279,6 @@ def auto_search_space(task: Task, n_images: int, gpus: float, fixed: Mapping[str
     hyperparameters the user fixed in training_parameters are left out of the space. With pretrained
     weights (the default) and fewer than FEW_SHOT images for some class (`per_class`), every backbone
     group is frozen: a linear head on pretrained features, the standard few-shot baseline."""
-    from models.tasks.architectures import get_architecture
-
     small, large = _AUTO_MODELS[task.family]
     models = small + large if gpus > 0 else (small + large[:1] if n_images > LARGE_DATA else small)
     low, high = _AUTO_LR[task.family]

@@ -120,7 +120,12 @@ def loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, weights:
 
 def predict(model: nn.Module, images: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """Probabilities [N, C]: softmax (multiclass) or sigmoid per label (multilabel)."""
-    logits = model(images).float()
+    return probabilities(model(images), multilabel)
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Logits [N, C] → probabilities: softmax (multiclass) or sigmoid per label (multilabel)."""
+    logits = logits.float()
     return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 

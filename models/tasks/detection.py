@@ -8,7 +8,7 @@ original image, for validation and scoring alike.
 from __future__ import annotations
 
 import base64
-import contextlib
+import copy
 import io
 from collections.abc import Callable, Iterator, Sequence
 
@@ -173,51 +173,53 @@ def model_scale(width: float, height: float, settings) -> float:
     return min(settings.min_size / min(width, height), settings.max_size / max(width, height))
 
 
-def configure(model: nn.Module, settings) -> None:
-    """Apply sizes and thresholds of `settings` to a torchvision detector (they live on the model)."""
-    model.transform.min_size = (settings.min_size,)
-    model.transform.max_size = settings.max_size
-    heads = model.roi_heads if hasattr(model, "roi_heads") else model  # RetinaNet keeps them on itself
+def configured(model: nn.Module, settings, proposal_share: float = 1.0) -> nn.Module:
+    """A view of the torchvision detector `model` that scores under `settings` (sizes, thresholds, detections
+    per image) and, for a tile holding `proposal_share` of the image, proportionally fewer region proposals (at
+    least 100: the box head's cost grows with them). The view shares every weight with `model`, and nothing of
+    `model` changes: views for different settings score side by side, without a lock."""
+    view = _shallow(model)
+    if hasattr(model, "transform"):  # any module answering torchvision's detector outputs scores (tests' too)
+        transform = view.transform = _shallow(model.transform)
+        transform.min_size, transform.max_size = (settings.min_size,), settings.max_size
+    heads = view  # RetinaNet keeps its thresholds on itself
+    if hasattr(model, "roi_heads"):
+        heads = view.roi_heads = _shallow(model.roi_heads)
     heads.score_thresh = settings.box_score_thresh
     heads.nms_thresh = settings.nms_iou_thresh
     heads.detections_per_img = settings.box_detections_per_img
+    if proposal_share < 1.0 and hasattr(model, "rpn"):
+        rpn = view.rpn = _shallow(model.rpn)
+        rpn._pre_nms_top_n = {**rpn._pre_nms_top_n, "testing": _share(rpn._pre_nms_top_n["testing"], proposal_share)}
+        rpn._post_nms_top_n = {**rpn._post_nms_top_n,
+                               "testing": _share(rpn._post_nms_top_n["testing"], proposal_share)}
+    elif proposal_share < 1.0 and hasattr(model, "topk_candidates"):  # RetinaNet: candidates per pyramid level
+        view.topk_candidates = _share(model.topk_candidates, proposal_share)
+    return view
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose attributes and child list are its own, its children and weights shared."""
+    copied = copy.copy(module)
+    copied.__dict__["_modules"] = dict(module._modules)  # copy.copy would share the child dict itself
+    return copied
+
+
+def _share(count: int, share: float) -> int:
+    return max(100, int(count * share))
 
 
 def predict(model: nn.Module, images: Sequence[torch.Tensor], settings) -> list[dict]:
-    """Raw detections per image in its own pixel coordinates (torchvision's output dicts).
+    """Raw detections per image in its own pixel coordinates (torchvision's output dicts), under `settings`
+    (`configured`: `model` itself is not changed).
 
     With `tile_grid_size` set, each image is scored as its tiles (one batched forward pass) plus
     the whole image, and the detections are mapped back and merged (`models.tasks.tile_merge`).
     """
     grid = getattr(settings, "tile_grid", None)
     if grid is None:
-        return model(list(images))
+        return configured(model, settings)(list(images))
     return [_predict_tiled(model, image, grid, settings) for image in images]
-
-
-@contextlib.contextmanager
-def _proposal_budget(model: nn.Module, share: float) -> Iterator[None]:
-    """Region proposals for a tile in proportion to its share of the image (at least 100): a tile
-    holds that share of the objects, and the box head's cost grows with the proposals."""
-    if not hasattr(model, "rpn"):
-        if not hasattr(model, "topk_candidates"):  # a detector with no proposal stage
-            yield
-            return
-        saved = model.topk_candidates  # RetinaNet: candidates per pyramid level
-        model.topk_candidates = max(100, int(saved * share))
-        try:
-            yield
-        finally:
-            model.topk_candidates = saved
-        return
-    rpn = model.rpn
-    pre, post = rpn._pre_nms_top_n, rpn._post_nms_top_n
-    rpn._pre_nms_top_n = {**pre, "testing": max(100, int(pre["testing"] * share))}
-    rpn._post_nms_top_n = {**post, "testing": max(100, int(post["testing"] * share))}
-    try:
-        yield
-    finally:
-        rpn._pre_nms_top_n, rpn._post_nms_top_n = pre, post
 
 
 def _predict_tiled(model: nn.Module, image: torch.Tensor, grid: tuple[int, int], settings) -> dict:
@@ -228,11 +230,11 @@ def _predict_tiled(model: nn.Module, image: torch.Tensor, grid: tuple[int, int],
     share = crops[0].shape[-1] * crops[0].shape[-2] / (width * height)
     # the tiles share one size, so they batch without padding, a few per pass; the whole image goes on its own
     step = settings.images_per_pass()
+    tiles = configured(model, settings, proposal_share=share)
     outputs = []
-    with _proposal_budget(model, share):
-        for start in range(0, len(crops), step):
-            outputs += model(crops[start:start + step])
-    outputs += model([image])
+    for start in range(0, len(crops), step):
+        outputs += tiles(crops[start:start + step])
+    outputs += configured(model, settings)([image])
     shift = torch.tensor([[x, y, x, y] for x, y in offsets], dtype=torch.float32, device=image.device)
     all_boxes = torch.cat([out["boxes"] + shift[i] for i, out in enumerate(outputs)])
     sources = torch.cat([torch.full((len(out["boxes"]),), i, dtype=torch.long, device=image.device)

@@ -1,13 +1,14 @@
-"""What differs between the tasks, behind one interface: data, loss, prediction, metrics and output.
+"""What differs between the tasks, behind one interface (`TaskOps`): data, loss, prediction, metrics and output.
 
-Training, validation and scoring call a task's ops and never branch on the task name themselves.
+Training, validation and scoring call a task's ops and never branch on the task name themselves. A new task
+either reuses one of the two families here or adds a class that satisfies `TaskOps` (tests check both do).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -15,6 +16,39 @@ from torch import nn
 from models.data.records import Record
 from models.tasks import classification, detection, detection_metrics, metrics
 from models.tasks.tiling import tile_grid
+
+
+class TrainingOps(Protocol):
+    """What training and validation need of a task."""
+
+    collate: Callable | None  # how a DataLoader batches the dataset's items (None: default stacking)
+
+    def dataset(self, records: Sequence[Record], labels: Sequence[str], settings, *, train: bool) -> Any: ...
+
+    def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any: ...
+
+    def loss(self, model: nn.Module, batch, device: torch.device, context: Any) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, loader, labels: Sequence[str], settings) -> dict[str, float]: ...
+
+
+class ScoringOps(Protocol):
+    """What scoring needs of a task: decode at the size the model needs, preprocess, predict, format."""
+
+    def decode_size(self, settings, width: int, height: int) -> tuple[int, int] | None: ...
+
+    def preprocess(self, settings) -> Callable: ...
+
+    def input_shape(self, settings) -> tuple[int, ...] | None: ...
+
+    def predict(self, model: nn.Module, inputs: Sequence[torch.Tensor], settings) -> list[Any]: ...
+
+    def format(self, output: Any, size: tuple[int, int], labels: Sequence[str], settings) -> dict: ...
+
+
+@runtime_checkable
+class TaskOps(TrainingOps, ScoringOps, Protocol):
+    """Everything that differs between tasks (models.tasks.registry.Task.ops)."""
 
 
 class ClassificationOps:
@@ -40,9 +74,6 @@ class ClassificationOps:
         """The size a width x height image needs to be decoded at (None: its own): the shorter side at
         valid_resize_size, what the evaluation transform resizes it to."""
         return _scaled(width, height, settings.valid_resize_size / min(width, height))
-
-    def configure(self, model: nn.Module, settings) -> None:
-        """Nothing in a classifier depends on the inference settings."""
 
     def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
         return classification.class_weights(records, labels, settings.weighted_loss, self.multilabel)
@@ -102,9 +133,6 @@ class DetectionOps:
             tile = tile_grid(width, height, settings.tile_grid, settings.tile_overlap_ratio)[0]
             scale = max(scale, detection.model_scale(tile.width, tile.height, settings))
         return _scaled(width, height, scale)
-
-    def configure(self, model: nn.Module, settings) -> None:
-        detection.configure(model, settings)
 
     def loss_context(self, records: Sequence[Record], labels: Sequence[str], settings) -> Any:
         return None

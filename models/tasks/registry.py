@@ -16,7 +16,7 @@ from models.tasks.architectures import (
     FEATURE_STRIDE, VIT_PATCH, Architecture, Family, get_architecture, trains_batchnorm,
 )
 from models.tasks.fields import parse_settings
-from models.tasks.ops import ClassificationOps, DetectionOps
+from models.tasks.ops import ClassificationOps, DetectionOps, TaskOps
 from models.tasks.settings import (
     UNSUPPORTED, ClassificationInference, ClassificationSettings, DetectionInference, DetectionSettings,
     SegmentationInference, SegmentationSettings, cross_check_classification, cross_check_detection,
@@ -31,7 +31,7 @@ class Task:
     settings_cls: type
     inference_cls: type
     default_model: str
-    ops: ClassificationOps | DetectionOps
+    ops: TaskOps
     cross_check: Callable[[Any], list[str]]
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
@@ -42,6 +42,11 @@ class Task:
     @property
     def is_classification(self) -> bool:
         return self.family == "classification"
+
+    @property
+    def multilabel(self) -> bool:
+        """Labels are independent (a sigmoid each) rather than one of them (a softmax)."""
+        return self.name == "image_classification_multilabel"
 
 
 _CLASSIFICATION_DEFAULTS = {"training_batch_size": 78, "validation_batch_size": 78}
@@ -60,6 +65,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "maskrcnn_resnet50_fpn", DetectionOps(masks=True), cross_check_segmentation, _DETECTION_DEFAULTS),
 )}
 assert tuple(TASKS) == TASK_NAMES, "models.data.records.TASK_NAMES and the registry disagree"
+
+
+def request_params() -> dict[str, type]:
+    """The per-request parameter schema of each task family, by the name the OpenAPI document gives it
+    (`ClassificationParams`, ...): a task added to TASKS is documented at `/docs` with nothing else to do."""
+    return {f"{t.family.capitalize()}Params": t.inference_cls for t in TASKS.values()}
 
 
 def get_task(name: str) -> Task:

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from models.errors import SettingsError
 from serving.batch.files import atomic_file, atomic_write, fsync_dir
 from serving.batch.inputs import Item
 
@@ -96,27 +95,19 @@ class Index:
                 handle.close()
 
 
-def fingerprint(model_dir: Path, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What makes results of two runs interchangeable: the model files and the effective settings."""
-    from models.export import read_settings
+def fingerprint(folder: Any) -> dict[str, Any]:
+    """What makes results of two runs interchangeable: the model files and the effective settings (of a
+    serving.loading.ModelFolder, opened with the run's --set overrides)."""
+    from models.export import SETTINGS_FILE, WEIGHTS_FILE
     from models.tasks.fields import as_dict
-    from serving.loading import find_artifacts
 
-    settings_path, weights_path = find_artifacts(model_dir)
-    try:
-        spec = read_settings(settings_path, dict(params or {}))
-    except SettingsError as exc:
-        if not params:
-            raise
-        read_settings(settings_path)  # settings.json itself is valid: the problem is an override
-        raise SettingsError(exc.problems, "--set inference settings") from None
     digest = hashlib.sha256()
-    for path in (settings_path, weights_path):
+    for path in (folder.artifacts / SETTINGS_FILE, folder.artifacts / WEIGHTS_FILE):
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
-    settings = as_dict(spec.settings, inference_only=True)
-    fields = {"model": str(model_dir), "model_sha256": digest.hexdigest(), "batch_size": settings.pop("batch_size"),
+    settings = as_dict(folder.model_settings.settings, inference_only=True)
+    fields = {"model": str(folder.path), "model_sha256": digest.hexdigest(), "batch_size": settings.pop("batch_size"),
               "settings": settings}
     return json.loads(json.dumps(fields))  # as a manifest reads back (lists, not tuples), so they compare
 

@@ -21,15 +21,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from tqdm import tqdm
 
 from models.data.formats import BATCH_LIMITS
-from models.errors import SettingsError
+from models.errors import ImageError, SettingsError
+from models.runtime import ensure_ray
+from serving.backends import ScoringPlan
 from serving.batch.files import OutputLock, remove_temps
 from serving.batch.inputs import Item, list_inputs, read_image, say
-from serving.batch.parts import (PART_SIZE, Index, PartWriter, check_finished, fingerprint, finish, open_parts,
-                                 output_manifest)
-from models.runtime import ensure_ray
-from serving.loading import check_backend, resolve_model
+from serving.batch.parts import (
+    PART_SIZE,
+    Index,
+    PartWriter,
+    check_finished,
+    fingerprint,
+    finish,
+    open_parts,
+    output_manifest,
+)
+from serving.loading import ModelFolder
+from serving.predictor import Predictor
+from serving.scoring import Scoring
 
 _READ_TASK_CPUS = 0.25
 _ACTOR_CPUS = 0.5
@@ -51,6 +67,7 @@ class ScoreSummary:
         return (f"{self.images} images ({self.errors} errors) in {self.output}; scored {self.scored} in "
                 f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped} already done")
 
+
 def _read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Read each `path`'s bytes (regular files of at most the batch limit, 20 MB); a missing, unreadable
     or too large file gets an error code and message instead, and becomes its own error line."""
@@ -65,36 +82,28 @@ def _read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class Scorer:
-    """A Ray actor holding one `Predictor`: a batch of bytes → one JSON line per image."""
+    """A Ray actor holding one model's scoring core: a batch of bytes → one JSON line per image."""
 
-    def __init__(self, model: str, local: str, overrides: dict[str, Any] | None, device: str,
-                 threads: int | None, backend: str = "auto") -> None:
-        import torch
-
-        from serving.predictor import Predictor
-
+    def __init__(self, model: str, local: str, overrides: dict[str, Any] | None, plan: dict[str, Any],
+                 threads: int | None) -> None:
         if threads:
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-        folder = Path(local) if (Path(local) / "MLmodel").is_file() else resolve_model(model)  # another node
-        self.predictor = Predictor.load(folder, overrides=overrides, device=torch.device(device), limits=BATCH_LIMITS,
-                                        backend=backend)
+        folder = ModelFolder.open(local if (Path(local) / "MLmodel").is_file() else model, overrides)  # another node
+        self.scoring = Scoring(Predictor.load(folder, plan=ScoringPlan(**plan), limits=BATCH_LIMITS))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One line per image; an image that cannot be scored gets an error line naming its input position
         (the Predictor scores a failing batch again image by image, so a bad image costs only itself)."""
-        from models.errors import ImageError
-
         items = [ImageError(str(code), str(message)) if code else bytes(data)
                  for data, code, message in zip(batch["data"], batch["code"], batch["message"])]
-        responses = self.predictor.predict_bytes(items, rows=[int(i) for i in batch["idx"]])
+        request = self.scoring.read_images(items, fields=[str(key) for key in batch["image"]])
+        responses = self.scoring.answer_now(request, rows=[int(i) for i in batch["idx"]])
         lines = [json.dumps({"image": str(key), **response}) for key, response in zip(batch["image"], responses)]
         return {"idx": batch["idx"], "line": np.array(lines, dtype=object)}
 
 
 def _resources(concurrency: int | None, gpus: float) -> tuple[int, int | None]:
     """Actors (default: one per GPU share, else one per 4 CPUs) and torch threads per CPU actor."""
-    import ray
-
     cluster = ray.cluster_resources()
     if gpus > 0:
         if cluster.get("GPU", 0) < gpus:
@@ -106,12 +115,8 @@ def _resources(concurrency: int | None, gpus: float) -> tuple[int, int | None]:
 
 
 def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Path], overrides: dict | None,
-             batch_size: int, concurrency: int | None, gpus: float, backend: str) -> Iterator[tuple[int, str]]:
+             batch_size: int, concurrency: int | None, gpus: float, plan: ScoringPlan) -> Iterator[tuple[int, str]]:
     """(input index, output line) of each pending image, streamed as Ray Data produces them."""
-    import pyarrow as pa
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
-
     actors, threads = _resources(concurrency, gpus)
     rows = max(batch_size, -(-len(pending) // 5000))
     blocks = [pa.table({"idx": pa.array(chunk, pa.int64()), "image": [items[i].key for i in chunk],
@@ -127,13 +132,22 @@ def _results(items: Sequence[Item], pending: Sequence[int], model: tuple[str, Pa
         ds = ds.map_batches(Scorer, batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
                             num_cpus=_ACTOR_CPUS, num_gpus=gpus,
                             fn_constructor_kwargs={"model": model[0], "local": str(model[1]), "overrides": overrides,
-                                                   "device": "cuda" if gpus > 0 else "cpu", "threads": threads,
-                                                   "backend": backend})
+                                                   "plan": plan.as_dict(), "threads": threads})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield from zip((int(i) for i in batch["idx"]), (str(line) for line in batch["line"]))
     finally:
         context.enable_progress_bars, context.print_on_execution_start = saved
 
+
+def _open(model: str | Path, params: Mapping[str, Any] | None) -> ModelFolder:
+    """The model folder with the run's --set values applied; a SettingsError that says which is wrong."""
+    try:
+        return ModelFolder.open(model, dict(params or {}))
+    except SettingsError as exc:
+        if not params:
+            raise
+        ModelFolder.open(model)  # settings.json itself is valid: the problem is an override
+        raise SettingsError(exc.problems, "--set inference settings") from None
 
 
 def _summary(output: Path, index: Index, scored: int, skipped: int, start: float) -> ScoreSummary:
@@ -149,8 +163,6 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
           backend: str = "auto") -> ScoreSummary:
     """Score every image of `input` into `output` (JSONL, input order), resuming an interrupted run.
     A finished output of another model or other settings is refused (`overwrite` re-scores it)."""
-    from tqdm import tqdm
-
     start = time.monotonic()
     bad = [f"{name}={value}: must be at least 1" for name, value in
            (("batch_size", batch_size), ("concurrency", concurrency), ("part_size", part_size))
@@ -158,9 +170,9 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
     if bad or num_gpus_per_actor < 0:
         raise SettingsError(bad + ([f"num_gpus_per_actor={num_gpus_per_actor}: must be >= 0"]
                                    if num_gpus_per_actor < 0 else []), "scoring options")
-    model_dir = resolve_model(model)
-    settings = fingerprint(model_dir, params)  # an unknown or invalid --set fails here, before Ray starts
-    check_backend(model_dir, backend)  # and a model the backend cannot score
+    folder = _open(model, params)  # an unknown or invalid --set fails here, before Ray starts
+    scoring = folder.plan(backend, "cuda" if num_gpus_per_actor > 0 else "cpu")  # and a backend that cannot score it
+    settings = fingerprint(folder)
     items = list_inputs(input, image_root)
     output, index = Path(output), Index(items)
     parts = output.with_name(output.name + ".parts")
@@ -185,9 +197,9 @@ def score(model: str | Path, input: str | Path, output: str | Path, *, batch_siz
             writer = PartWriter(parts, part_size)
             with tqdm(total=len(items), initial=skipped, unit="img", file=sys.stderr, disable=not progress,
                       desc="scoring") as bar:
-                for idx, line in _results(items, pending, (str(model), model_dir), dict(params or {}) or None,
+                for idx, line in _results(items, pending, (str(model), folder.path), dict(params or {}) or None,
                                           batch_size or max(32, settings["batch_size"]), concurrency,
-                                          num_gpus_per_actor, backend):
+                                          num_gpus_per_actor, scoring):
                     writer.add(idx, line)
                     bar.update(1)
             writer.flush()

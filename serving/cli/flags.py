@@ -41,3 +41,35 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a training parameter with the spec's name, e.g. --param number_of_epochs=5")
     p.add_argument("--image-root", help="folder that cloud image URLs (azureml://.../paths/<p>) map under")
+
+
+# The limits, batching and explanation admission `visionserve serve` and `visionserve hub` share (the fields of
+# serving.scoring.ScoringLimits): flag, type, default, help.
+SCORING_FLAGS = (
+    ("--max-request-mb", float, 100.0, "largest request body, in MB (then 413)"),
+    ("--max-images-per-request", int, 64, "images in one request (then 413)"),
+    ("--max-image-mb", float, 6.0, "largest image, in MB, as the cloud allows (then a 400 naming it)"),
+    ("--max-batch-size", int, 16, "images per forward pass across requests"),
+    ("--batch-wait-ms", float, 10.0, "how long a batch waits to fill while other requests are being scored"),
+    ("--max-concurrent-explanations", int, 1, "explanation requests running at once per replica"),
+    ("--max-waiting-explanations", int, 4, "waiting explanation requests before 429"),
+    ("--explanation-timeout-s", float, 90.0, "then 504 explanation_timeout"),
+)
+
+
+def add_scoring_flags(p: argparse.ArgumentParser) -> None:
+    for flag, kind, default, help in SCORING_FLAGS:
+        p.add_argument(flag, type=kind, default=default, help=f"{help} (default {default:g})")
+
+
+def scoring_limits(args: argparse.Namespace) -> dict[str, float | int]:
+    """The scoring flags as serving.scoring.ScoringLimits' fields; a SettingsError naming each flag out of range."""
+    values = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, *_ in SCORING_FLAGS}
+    bad = [f"--{name.replace('_', '-')} {value:g}: must be > 0" for name, value in values.items()
+           if value <= 0 and name not in ("batch_wait_ms", "max_waiting_explanations")]
+    bad += [f"--{name.replace('_', '-')} {value:g}: must be >= 0" for name, value in values.items()
+            if value < 0 and name in ("batch_wait_ms", "max_waiting_explanations")]
+    if bad:
+        raise SettingsError(bad, "command line")
+    values["batch_wait_timeout_s"] = values.pop("batch_wait_ms") / 1000
+    return values

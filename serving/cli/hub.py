@@ -6,10 +6,12 @@ import argparse
 from typing import Any
 
 from models.errors import SettingsError
+from serving.cli.flags import add_scoring_flags
 
 
 def start(args: argparse.Namespace, *, block: bool = True) -> str:
     """Deploy the hub on the local Ray instance (or --address) and return its URL."""
+    from serving.cli.flags import scoring_limits
     from serving.cli.serve import refuse_open_without_key, run_until_stopped
     from serving.hub.app import build_hub
 
@@ -18,7 +20,7 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
         raise SettingsError(["--cache-size and --model-replicas must be at least 1"], "command line")
     hub = build_hub({"state_dir": args.state_dir, "image_root": args.image_root, "api_key_file": args.api_key_file,
                      "cache_size": args.cache_size, "model_replicas": args.model_replicas,
-                     "model_cpus": args.model_cpus})
+                     "model_cpus": args.model_cpus, **scoring_limits(args)})
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: hub, "visionserve-hub", f"visionserve hub at {url}  (state in "
                              f"{args.state_dir}; /computervision/..., POST /score, GET /models)",
@@ -44,4 +46,5 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--model-replicas", type=int, default=1, help="replicas serving the models")
     p.add_argument("--model-cpus", type=float, default=0.5, help="CPUs per model replica")
     p.add_argument("--request-timeout-s", type=float, default=90.0)
+    add_scoring_flags(p)
     p.set_defaults(func=_hub)

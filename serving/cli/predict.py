@@ -11,10 +11,13 @@ from serving.cli.flags import add_backend_flag, add_set_flag, parse_param_flags
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from models.data.formats import BATCH_LIMITS
     from serving.predictor import Predictor
+    from serving.scoring import Scoring
 
-    predictor = Predictor.load(args.model, overrides=parse_param_flags(args.set), backend=args.backend)
-    responses = predictor.predict_files(args.images)
+    predictor = Predictor.load(args.model, overrides=parse_param_flags(args.set), backend=args.backend,
+                               limits=BATCH_LIMITS)
+    responses = Scoring(predictor).score_files(args.images)
     out = [{"image": str(path), **response} for path, response in zip(args.images, responses)]
     text = json.dumps(out, indent=None if args.compact else 2)
     if args.output:

@@ -11,21 +11,24 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.errors import SettingsError
-from serving.backends import ONNX_REPLICA_ENV
-from serving.cli.flags import add_backend_flag, add_set_flag, parse_param_flags
+from serving.cli.flags import add_backend_flag, add_scoring_flags, add_set_flag, parse_param_flags, scoring_limits
+
+if TYPE_CHECKING:
+    from serving.backends import ScoringPlan
+    from serving.loading import ModelFolder
 
 
-def deployment_options(args: argparse.Namespace, backend: str = "torch") -> dict[str, Any]:
-    """Ray Serve deployment options from the flags: replicas or autoscaling, CPUs/GPUs, capacity; `backend`:
-    what the replicas will score with ("torch" or "onnx", see layout_line)."""
+def deployment_options(args: argparse.Namespace, plan: ScoringPlan | None = None) -> dict[str, Any]:
+    """Ray Serve deployment options from the flags: replicas or autoscaling, CPUs/GPUs, capacity; `plan`: what the
+    replicas will score with (its processes' environment)."""
     from ray.serve.config import BackpressureConfig
 
     actor: dict[str, Any] = {"num_cpus": _cpus_per_replica(args), "num_gpus": args.gpus_per_replica}
-    if backend == "onnx":
-        actor["runtime_env"] = {"env_vars": dict(ONNX_REPLICA_ENV)}
+    if plan is not None and plan.replica_env():
+        actor["runtime_env"] = {"env_vars": plan.replica_env()}
     options: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": args.max_ongoing_requests,
@@ -55,19 +58,22 @@ def _cpus_per_replica(args: argparse.Namespace) -> float:
     return (os.cpu_count() or 1) / args.replicas
 
 
-def _config(args: argparse.Namespace):
+def key_of(args: argparse.Namespace) -> str | None:
+    """The API key's SHA-256 from --api-key-file (refused when missing or empty), or None; refused when --host
+    reaches beyond this machine without one (see refuse_open_without_key)."""
     from serving.access import read_key_file
-    from serving.app import ServiceConfig
 
     digest = read_key_file(args.api_key_file) if args.api_key_file else None
     refuse_open_without_key(args, keyed=digest is not None)
-    return ServiceConfig(model=args.model, overrides=parse_param_flags(args.set, "--set"), api_key_sha256=digest,
-                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                         max_request_mb=args.max_request_mb, max_images_per_request=args.max_images_per_request,
-                         max_concurrent_explanations=args.max_concurrent_explanations,
-                         max_waiting_explanations=args.max_waiting_explanations,
-                         explanation_timeout_s=args.explanation_timeout_s, compile=args.compile,
-                         backend=args.backend)
+    return digest
+
+
+def _config(args: argparse.Namespace, plan: ScoringPlan, limits: dict[str, Any], digest: str | None):
+    from serving.app import ServiceConfig
+    from serving.scoring import ScoringLimits
+
+    return ServiceConfig.of(args.model, plan, ScoringLimits(**limits), overrides=parse_param_flags(args.set, "--set"),
+                            api_key_sha256=digest)
 
 
 def _loopback(host: str) -> bool:
@@ -81,51 +87,38 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _check_model(config) -> Path:
-    """Fail before Ray starts: the model folder exists, the settings (with --set) are valid, and the
-    backend can score it; → the folder."""
-    from models.export import read_settings
-    from serving.loading import check_backend, find_artifacts, resolve_model
+def plan_replicas(args: argparse.Namespace) -> tuple[ModelFolder, ScoringPlan]:
+    """Before Ray starts, once: the model folder (settings.json and --set read and checked) and what its replicas
+    will score with (a NoPlan when the backend cannot score it)."""
+    from serving.loading import ModelFolder
 
-    folder = resolve_model(config.model)
-    read_settings(find_artifacts(folder)[0], config.overrides)
-    check_backend(folder, config.backend)
-    return folder
+    folder = ModelFolder.open(args.model, parse_param_flags(args.set, "--set"))
+    compile = None if args.compile else False  # compiled where torch scores a CPU classifier, unless --no-compile
+    return folder, folder.plan(args.backend, "cuda" if args.gpus_per_replica else "cpu", compile)
 
 
-def replica_backend(args: argparse.Namespace, folder: Path) -> str:
-    """What the replicas will score the model in `folder` with: "torch" or "onnx"."""
-    from serving.loading import chosen_backend
-
-    return chosen_backend(folder, args.backend, "cuda" if args.gpus_per_replica else "cpu")
-
-
-def layout_line(args: argparse.Namespace, folder: Path, backend: str) -> str:
-    """What the replicas will be and what scores on them (`backend`, replica_backend's), and the flags that
-    change it."""
-    from models.export import read_settings
-    from serving.loading import find_artifacts
-
+def layout_line(args: argparse.Namespace, plan: ScoringPlan) -> str:
+    """What the replicas will be and what scores on them, why, and the flags that change it."""
     replicas = f"{args.autoscale} replicas (autoscaled)" if args.autoscale else \
         f"{args.replicas} replica{'s' if args.replicas != 1 else ''}"
     gpus = f" + {args.gpus_per_replica:g} GPU" if args.gpus_per_replica else ""
-    classifier = read_settings(find_artifacts(folder)[0]).task.family == "classification"
-    compiled = backend == "torch" and classifier and args.compile and not args.gpus_per_replica
-    engine = "ONNX Runtime" if backend == "onnx" else "torch, compiled as each replica starts" if compiled else "torch"
-    why = " (auto: ONNX Runtime for a classifier on CPUs, else torch)" if args.backend == "auto" else ""
-    return (f"layout: {replicas} x {_cpus_per_replica(args):g} CPUs{gpus} each, scoring on {engine}{why}; "
-            "change with --replicas, --cpus-per-replica, --backend")
+    when = ", compiled as each replica starts" if plan.compiled else ""
+    why = f" ({plan.why})" if plan.why else ""
+    return (f"layout: {replicas} x {_cpus_per_replica(args):g} CPUs{gpus} each, scoring on "
+            f"{plan.engine.removesuffix(', compiled')}{when}{why}; change with --replicas, --cpus-per-replica, "
+            "--backend")
 
 
 def start(args: argparse.Namespace, *, block: bool = True) -> str:
     """Deploy the endpoint on the local Ray instance (or --address) and return its URL."""
     from serving.app import VisionService
 
-    config = _config(args)
-    folder = _check_model(config)
-    backend = replica_backend(args, folder)
-    print(layout_line(args, folder, backend), flush=True)
-    options = deployment_options(args, backend)
+    limits = scoring_limits(args)  # the flags and the key first: a typo costs nothing
+    digest = key_of(args)
+    folder, plan = plan_replicas(args)
+    config = _config(args, plan, limits, digest)
+    print(layout_line(args, plan), flush=True)
+    options = deployment_options(args, plan)
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: VisionService.options(**options).bind(asdict(config)),
                              "visionserve", f"visionserve is serving {args.model} at {url}  (POST /score, "
@@ -206,17 +199,11 @@ def add_commands(sub) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without --api-key-file (anyone who can reach it may score)")
     add_set_flag(p, "override a settings.json inference setting, e.g. --set box_score_thresh=0.5")
-    p.add_argument("--max-batch-size", type=int, default=16, help="images per forward pass across requests")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    add_scoring_flags(p)
     p.add_argument("--max-ongoing-requests", type=int, default=16, help="concurrent requests per replica")
     p.add_argument("--max-queued-requests", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After of a 429")
     p.add_argument("--request-timeout-s", type=float, default=90.0)
-    p.add_argument("--max-request-mb", type=float, default=100.0)
-    p.add_argument("--max-images-per-request", type=int, default=64)
-    p.add_argument("--max-concurrent-explanations", type=int, default=1, help="explanation requests running at once")
-    p.add_argument("--max-waiting-explanations", type=int, default=4, help="waiting explanation requests before 429")
-    p.add_argument("--explanation-timeout-s", type=float, default=90.0, help="then 504 explanation_timeout")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="score with the eager model; by default a classifier that torch scores on CPU replicas "
                         "(--backend torch) is compiled (torch.compile) as the replica starts: 15-25 s more "

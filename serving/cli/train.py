@@ -10,8 +10,8 @@ from serving.cli.flags import add_training_flags, parse_param_flags
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.sweep.run import SweepResult, run_job
     from models.job import build_job
+    from models.sweep.run import SweepResult, run_job
 
     job = build_job(
         args.job_file, task=args.task, training_data=args.training_data, validation_data=args.validation_data,

@@ -10,55 +10,71 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+
+from serving.edge import EdgeError, read_body
 
 API_VERSIONS = ("2023-02-01-preview", "2023-04-01-preview", "2023-10-01")
+NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]*")
+MAX_NAME = 255
 MAX_BODY = 1 << 20  # a dataset, model or evaluation body; images go to analyze (6 MB)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 
 
-class ApiError(Exception):
-    """An answer other than 2xx, in the API's error format."""
+class ApiError(EdgeError):
+    """An answer other than 2xx, in the API's error format: `{"error": {code, message, target}}` and the code in
+    `x-ms-error-code`."""
 
     def __init__(self, status: int, code: str, message: str, target: str | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.target = status, code, message, target
+        super().__init__(status, code, message, {"x-ms-error-code": code})
+        self.target = target
 
-    def response(self) -> JSONResponse:
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
         error = {"code": self.code, "message": self.message}
         if self.target:
             error["target"] = self.target
-        return JSONResponse({"error": error}, self.status, headers={"x-ms-error-code": self.code})
+        return {"error": error}
 
 
 def not_found(what: str, name: str, code: str = "NotFound") -> ApiError:
     return ApiError(404, code, f"{what} {name!r} does not exist", name)
 
 
-def valid_name(name: str, what: str) -> str:
-    """`name` when it can name a `what` (dataset, model); a 400 saying the rule otherwise (a path, a quote ...)."""
-    from serving.hub.state import name_problem
+def resource_name(value: Any, field_name: str, what: str) -> str:
+    """The one name rule (image-analysis.md): a dataset, model or evaluation name from a path, query, header or
+    body field is 1-255 letters, digits, '.', '_' or '-', starting with a letter or digit; a 400 naming the field
+    otherwise, before the store or the registry is touched."""
+    if isinstance(value, str) and 0 < len(value) <= MAX_NAME and NAME.fullmatch(value):
+        return value
+    shown = repr(value[:80]) if isinstance(value, str) else f"a {type(value).__name__}"
+    raise ApiError(400, "InvalidArgument", f"{field_name}: {what} name {shown} is not valid: 1-{MAX_NAME} "
+                   "characters, letters, digits, '.', '_' or '-', starting with a letter or digit", field_name)
 
-    problem = name_problem(name, what)
-    if problem:
-        raise ApiError(400, "InvalidArgument", problem, "name")
-    return name
+
+def too_large() -> ApiError:
+    return ApiError(413, "InvalidRequest", f"the body is over {MAX_BODY // 1024} KB")
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """A dataset, model or evaluation body: read up to MAX_BODY (serving.edge.read_body), then `read_json`."""
+    return read_json(await read_body(request, MAX_BODY, too_large))
 
 
 def read_json(raw: bytes) -> dict[str, Any]:
-    """A JSON object body (a trailing comma tolerated, as the docs' own examples have); keys keep their case."""
+    """A JSON object body (a trailing comma tolerated, as the docs' own examples have); keys keep their case.
+    Anything JSON cannot read (bad syntax, nesting too deep, an integer of thousands of digits) is a 400."""
     if len(raw) > MAX_BODY:
-        raise ApiError(413, "InvalidRequest", f"the body is over {MAX_BODY // 1024} KB")
+        raise too_large()
     text = raw.decode("utf-8", errors="replace").strip() or "{}"
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
         try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
             doc = json.loads(_TRAILING_COMMA.sub(r"\1", text))
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ApiError(400, "InvalidRequest", f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "InvalidRequest", "the body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and int()'s digit limit
+        raise ApiError(400, "InvalidRequest", f"the body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "InvalidRequest", "the body must be a JSON object")
     return doc

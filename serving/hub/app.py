@@ -15,17 +15,26 @@ bytes of the image analyze's `{"url": ...}` would read).
 import asyncio
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
 from ray import serve
-from starlette.exceptions import HTTPException
 
-from serving.access import key_matches, read_key_file
+from serving.access import KEYED, Access, read_key_file
 from serving.backends import ONNX_REPLICA_ENV
-from serving.hub.api import ApiError, check_api_version
+from serving.edge import install
+from serving.hub import datasets
+from serving.hub.api import ApiError, check_api_version, resource_name
+from serving.hub.browse import DatasetViews, dataset_contents, dataset_image
+from serving.hub.catalog import metadata
+from serving.hub.jobs import Jobs
+from serving.hub.predict import analyze, automl, image
+from serving.hub.progress import training_progress
+from serving.hub.replicas import hub_models
+from serving.hub.state import Store
+from serving.scoring import ScoringLimits
 from serving.studio import add_studio
 
 log = logging.getLogger("ray.serve")
@@ -39,7 +48,7 @@ class HubConfig:
     image_root: str | None = None
     api_key_sha256: str | None = None
     cache_size: int = 3  # models kept per HubModels replica
-    max_image_mb: float = 6.0
+    limits: dict[str, Any] = field(default_factory=dict)  # ScoringLimits' fields: the same as `visionserve serve`'s
 
 
 app = FastAPI(title="visionserve hub", description="Image Analysis 4.0 model customization, self-hosted; "
@@ -55,14 +64,21 @@ async def _lenient_paths(request: Request, call_next):
     return await call_next(request)
 
 
-@app.exception_handler(HTTPException)
-async def _no_route(request: Request, exc: HTTPException) -> JSONResponse:
-    """A path or method no route answers (`../` included): the API's error format, not FastAPI's."""
-    code = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "InvalidRequest")
-    return ApiError(exc.status_code, code, f"{request.method} {request.url.path[:200]}: {exc.detail}").response()
-
-
+install(app, internal=lambda: ApiError(500, "InternalServerError", "internal error; the hub's log has the details"),
+        no_route=lambda status, message: ApiError(status, {404: "NotFound", 405: "MethodNotAllowed"}.get(
+            status, "InvalidRequest"), message))
 add_studio(app, server="hub")
+# every keyed route: the key, then the api-version (the API's two checks before any work)
+API = [*KEYED, Depends(check_api_version)]
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "Unauthorized", "a valid key is required: the Ocp-Apim-Subscription-Key header or "
+                    "Authorization: Bearer <key>")
+
+
+def model_name(name: str) -> str:
+    return resource_name(name, "name", "model")
 
 
 @serve.deployment(name="HubService", num_replicas=1, max_ongoing_requests=64, health_check_period_s=10,
@@ -72,11 +88,9 @@ class HubService:
     """The one owner of the hub's state: records, trainings and evaluations in flight."""
 
     def __init__(self, config: dict[str, Any], models: Any):
-        from serving.hub.browse import DatasetViews
-        from serving.hub.jobs import Jobs
-        from serving.hub.state import Store
-
         self.config = HubConfig(**config)
+        self.access = Access(self.config.api_key_sha256, unauthorized, ("ocp-apim-subscription-key",))
+        self.limits = ScoringLimits(**self.config.limits)
         self.store = Store(self.config.state_dir)
         self.views = DatasetViews(self.config.image_root)  # what the studio reads of datasets
         self.models = models  # the HubModels deployment handle
@@ -90,126 +104,82 @@ class HubService:
         if jobs is not None:
             jobs.stop_all()
 
-    def _denied(self, request: Request) -> JSONResponse | None:
-        if not self.config.api_key_sha256:
-            return None
-        header = request.headers.get("authorization", "")
-        token = request.headers.get("ocp-apim-subscription-key") or (
-            header[7:].strip() if header[:7].lower() == "bearer " else "")
-        if key_matches(token, self.config.api_key_sha256):
-            return None
-        return ApiError(401, "Unauthorized", "a valid key is required: the Ocp-Apim-Subscription-Key header or "
-                        "Authorization: Bearer <key>").response()
-
-    async def _call(self, request: Request, work) -> Any:
-        """Auth, api-version, then `work()`; ApiErrors answered in the API's format, bugs as a bare 500."""
-        denied = self._denied(request)
-        if denied is not None:
-            return denied
-        try:
-            check_api_version(request)
-            return await work()
-        except ApiError as exc:
-            return exc.response()
-        except Exception:  # noqa: BLE001
-            log.exception("hub: %s %s failed", request.method, request.url.path)
-            return ApiError(500, "InternalServerError", "internal error; the hub's log has the details").response()
-
     # ------------------------------------------------------------------ datasets
 
-    @app.put("/computervision/datasets/{name}")
+    @app.put("/computervision/datasets/{name}", dependencies=API)
     async def put_dataset(self, name: str, request: Request):
-        from serving.hub import records
+        return await datasets.register_dataset(self.store, name, request, self.config)
 
-        return await self._call(request, lambda: records.register_dataset(self.store, name, request, self.config))
-
-    @app.patch("/computervision/datasets/{name}")
+    @app.patch("/computervision/datasets/{name}", dependencies=API)
     async def patch_dataset(self, name: str, request: Request):
-        from serving.hub import records
+        return await datasets.update_dataset(self.store, name, request, self.config)
 
-        return await self._call(request, lambda: records.update_dataset(self.store, name, request))
+    @app.get("/computervision/datasets/{name}", dependencies=API)
+    async def get_dataset(self, name: str):
+        return await datasets.get("datasets", self.store, name)
 
-    @app.get("/computervision/datasets/{name}")
-    async def get_dataset(self, name: str, request: Request):
-        from serving.hub import records
-
-        return await self._call(request, lambda: records.get("datasets", self.store, name))
-
-    @app.delete("/computervision/datasets/{name}")
+    @app.delete("/computervision/datasets/{name}", dependencies=API)
     async def delete_dataset(self, name: str, request: Request):
-        from serving.hub import records
+        return await datasets.delete_dataset(self.store, name, request)
 
-        return await self._call(request, lambda: records.delete_dataset(self.store, name, request))
-
-    @app.get("/computervision/datasets")
+    @app.get("/computervision/datasets", dependencies=API)
     async def list_datasets(self, request: Request):
-        from serving.hub import records
-
-        return await self._call(request, lambda: records.listing(self.store.all("datasets"), request))
+        return await datasets.listing(self.store.all("datasets"), request)
 
     # ------------------------------------------------------------------ models
 
-    @app.put("/computervision/models/{name}")
+    @app.put("/computervision/models/{name}", dependencies=API)
     async def put_model(self, name: str, request: Request):
-        return await self._call(request, lambda: self.jobs.create_model(name, request))
+        return await self.jobs.create_model(model_name(name), request)
 
-    @app.get("/computervision/models/{name}")
-    async def get_model(self, name: str, request: Request):
-        return await self._call(request, lambda: self.jobs.model_answer(name))
+    @app.get("/computervision/models/{name}", dependencies=API)
+    async def get_model(self, name: str):
+        return await self.jobs.model_answer(model_name(name))
 
-    @app.post("/computervision/models/{name}:cancel")
-    async def cancel_model(self, name: str, request: Request):
-        return await self._call(request, lambda: self.jobs.cancel(name))
+    @app.post("/computervision/models/{name}:cancel", dependencies=API)
+    async def cancel_model(self, name: str):
+        return await self.jobs.cancel(model_name(name))
 
-    @app.delete("/computervision/models/{name}")
-    async def delete_model(self, name: str, request: Request):
-        return await self._call(request, lambda: self.jobs.delete_model(name))
+    @app.delete("/computervision/models/{name}", dependencies=API)
+    async def delete_model(self, name: str):
+        return await self.jobs.delete_model(model_name(name))
 
-    @app.get("/computervision/models")
+    @app.get("/computervision/models", dependencies=API)
     async def list_models(self, request: Request):
-        from serving.hub import records
-
-        return await self._call(request, lambda: records.listing(self.jobs.model_list(), request))
+        return await datasets.listing(self.jobs.model_list(), request)
 
     # ------------------------------------------------------------------ evaluations
 
-    @app.put("/computervision/models/{model}/evaluations/{name}")
+    @app.put("/computervision/models/{model}/evaluations/{name}", dependencies=API)
     async def put_evaluation(self, model: str, name: str, request: Request):
-        return await self._call(request, lambda: self.jobs.create_evaluation(model, name, request))
+        return await self.jobs.create_evaluation(model_name(model), resource_name(name, "name", "evaluation"),
+                                                 request)
 
-    @app.get("/computervision/models/{model}/evaluations/{name}")
-    async def get_evaluation(self, model: str, name: str, request: Request):
-        return await self._call(request, lambda: self.jobs.evaluation_answer(model, name))
+    @app.get("/computervision/models/{model}/evaluations/{name}", dependencies=API)
+    async def get_evaluation(self, model: str, name: str):
+        return await self.jobs.evaluation_answer(model_name(model), resource_name(name, "name", "evaluation"))
 
-    @app.delete("/computervision/models/{model}/evaluations/{name}")
-    async def delete_evaluation(self, model: str, name: str, request: Request):
-        return await self._call(request, lambda: self.jobs.delete_evaluation(model, name))
+    @app.delete("/computervision/models/{model}/evaluations/{name}", dependencies=API)
+    async def delete_evaluation(self, model: str, name: str):
+        return await self.jobs.delete_evaluation(model_name(model), resource_name(name, "name", "evaluation"))
 
-    @app.get("/computervision/models/{model}/evaluations")
+    @app.get("/computervision/models/{model}/evaluations", dependencies=API)
     async def list_evaluations(self, model: str, request: Request):
-        from serving.hub import records
-
-        return await self._call(request, lambda: records.listing(self.jobs.evaluation_list(model), request))
+        return await datasets.listing(self.jobs.evaluation_list(model_name(model)), request)
 
     # ------------------------------------------------------------------ predictions
 
-    @app.post("/computervision/imageanalysis:analyze")
+    @app.post("/computervision/imageanalysis:analyze", dependencies=API)
     async def analyze(self, request: Request):
-        from serving.hub.predict import analyze
+        return await analyze(self, request)
 
-        return await self._call(request, lambda: analyze(self, request))
-
-    @app.post("/score")
+    @app.post("/score", dependencies=API)
     async def score(self, request: Request):
-        from serving.hub.predict import automl
+        return await automl(self, request, "score")
 
-        return await self._call(request, lambda: automl(self, request, "score"))
-
-    @app.post("/invocations")
+    @app.post("/invocations", dependencies=API)
     async def invocations(self, request: Request):
-        from serving.hub.predict import automl
-
-        return await self._call(request, lambda: automl(self, request, "invocations"))
+        return await automl(self, request, "invocations")
 
     @app.get("/health/live")
     async def live(self) -> dict:
@@ -217,63 +187,48 @@ class HubService:
 
     @app.get("/health/ready")
     async def ready(self) -> dict:
-        return {"status": "ready", "models": len(self.jobs.model_list())}
+        return {"status": "ready", "models": len(self.store.all("models"))}
 
-    @app.get("/models")
-    async def models_list(self, request: Request):
-        async def work():
-            models = await asyncio.to_thread(self.jobs.hub_wide_list)
-            loads = await self.models.load_history.remote()  # of the model replica that answers
-            return {"models": models, "cache": {"size": self.config.cache_size, "loads": loads}}
-
-        return await self._call(request, work)
+    @app.get("/models", dependencies=API)
+    async def models_list(self):
+        models = await asyncio.to_thread(self.jobs.hub_wide_list)
+        loads = await self.models.load_history.remote()  # of the model replica that answers
+        return {"models": models, "cache": {"size": self.config.cache_size, "loads": loads}}
 
     # ------------------------------------------------------------------ what the studio reads
 
-    @app.get("/models/{name}/metadata")
-    async def model_metadata(self, name: str, request: Request):
-        from serving.hub.catalog import metadata
+    @app.get("/models/{name}/metadata", dependencies=API)
+    async def model_metadata(self, name: str):
+        return await metadata(self, model_name(name))
 
-        return await self._call(request, lambda: metadata(self, name))
-
-    @app.get("/models/{name}/progress")
-    async def model_progress(self, name: str, request: Request):
-        from serving.hub.api import valid_name
-        from serving.hub.progress import training_progress
+    @app.get("/models/{name}/progress", dependencies=API)
+    async def model_progress(self, name: str):
+        name = model_name(name)
 
         def work() -> dict[str, Any]:
-            record = self.jobs.model_record(valid_name(name, "model"))
+            record = self.jobs.model_record(name)
             message = self.store.progress(name).get("message") if record.get("createdDateTime") else None
             return training_progress(record, message, self.config.tracking_uri)
 
-        return await self._call(request, lambda: asyncio.to_thread(work))
+        return await asyncio.to_thread(work)
 
-    @app.get("/datasets/{name}/contents")
+    @app.get("/datasets/{name}/contents", dependencies=API)
     async def dataset_contents(self, name: str, request: Request):
-        from serving.hub.browse import dataset_contents
+        return await dataset_contents(self.store, self.views, resource_name(name, "name", "dataset"), request)
 
-        return await self._call(request, lambda: dataset_contents(self.store, self.views, name, request))
-
-    @app.get("/image")
+    @app.get("/image", dependencies=API)
     async def url_image(self, request: Request):
-        from serving.hub.predict import image
+        return await image(self, request)
 
-        return await self._call(request, lambda: image(self, request))
-
-    @app.get("/datasets/{name}/images/{index}")
-    async def dataset_image(self, name: str, index: str, request: Request):
-        from serving.hub.browse import dataset_image
-
-        return await self._call(request, lambda: dataset_image(self.store, self.views, name, index))
+    @app.get("/datasets/{name}/images/{index}", dependencies=API)
+    async def dataset_image(self, name: str, index: str):
+        return await dataset_image(self.store, self.views, resource_name(name, "name", "dataset"), index)
 
 
 def build_hub(args: dict[str, Any]) -> serve.Application:
     """Application builder: `state_dir`, optional `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
-    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each)."""
-    from pathlib import Path
-
-    from serving.hub.models import hub_models
-
+    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), and ScoringLimits' fields (the same limits,
+    batching and explanation admission as `visionserve serve`)."""
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -281,10 +236,11 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
     replicas = int(args.pop("model_replicas", 1))
     cpus = float(args.pop("model_cpus", 0.5))
     tracking = args.pop("tracking_uri", None) or f"sqlite:///{state / 'mlflow.db'}"
-    config = HubConfig(state_dir=str(state), tracking_uri=tracking,
+    limits = asdict(ScoringLimits(**{k: args.pop(k) for k in list(args) if k in ScoringLimits.__dataclass_fields__}))
+    config = HubConfig(state_dir=str(state), tracking_uri=tracking, limits=limits,
                        api_key_sha256=read_key_file(key_file, "api_key_file") if key_file else None, **args)
     models = hub_models(config.cache_size).options(  # classifiers score on ONNX Runtime there (backend auto)
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "runtime_env": {
-            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV}}}).bind()
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV}}}).bind(limits, max(1, round(cpus)))
     return HubService.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {
         "env_vars": {"MLFLOW_TRACKING_URI": tracking}}}).bind(asdict(config), models)

@@ -21,7 +21,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.hub.api import ApiError, not_found, valid_name
+from models.data.coco_files import CocoProblems, read_coco_files
+from models.data.formats import MAX_SIDE, MAX_TRAINING_BYTES, ImageLimits
+from models.data.images import decode, image_size
+from models.data.locations import Refused, inside, locate
+from models.errors import ImageError
+from serving.hub.api import ApiError, not_found
 from serving.hub.state import Store
 
 THUMB_SIDE = 480  # the longer side of a served image, in pixels
@@ -50,20 +55,9 @@ def _annotations(label: Any) -> list[dict[str, Any]]:
     return [{"category": b.label, "box": [b.x0, b.y0, b.x1, b.y1], "crowd": b.is_crowd} for b in label]
 
 
-def inside(root: str | Path | None, path: str | Path) -> bool:
-    """`path`, links followed, lies under `root` (links followed too)."""
-    if not root:
-        return False
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
-
-
 def _size(path: str, root: str | None) -> tuple[int, int] | None:
     """(width, height) from the image's header; None when it cannot be read, or it lies outside the root."""
-    from models.data.images import image_size
-    from models.errors import ImageError
-
-    if not inside(root, path):
+    if not root or not inside(root, path):
         return None
     try:
         return image_size(path)
@@ -81,24 +75,19 @@ class DatasetViews:
         self._lock = threading.Lock()
 
     def _read(self, record: dict[str, Any], check_images: bool):
-        from models.data.coco_files import read_coco_files
-
         return read_coco_files(record["annotationFileUris"], record["annotationKind"], image_root=self.image_root,
                                check_images=check_images, confined=True)
 
     def _signature(self, record: dict[str, Any]) -> tuple:
         """The dataset's version and each COCO file's identity and mtime: a change to any reads them again."""
-        from models.data.coco_files import local_candidates
-        from models.data.records import LabelError
-
         root = Path(self.image_root) if self.image_root else None
         out: list[Any] = [record.get("eTag")]
         for uri in record["annotationFileUris"]:
             try:
-                found = [os.stat(c) for c in local_candidates(uri, Path("."), root) if os.path.exists(c)]
-            except (LabelError, OSError):
-                found = []
-            out.append((uri, found[0].st_ino, found[0].st_mtime_ns, found[0].st_size) if found else (uri,))
+                found = os.stat(locate(uri, Path("."), root, confined=True))
+            except (Refused, OSError):
+                found = None
+            out.append((uri, found.st_ino, found.st_mtime_ns, found.st_size) if found else (uri,))
         return tuple(out)
 
     def _keep(self, name: str, signature: tuple, records: list) -> None:
@@ -110,8 +99,6 @@ class DatasetViews:
 
     def records(self, record: dict[str, Any]) -> list:
         """The dataset's records; ApiError 409 `datasetCorrupt` when its files cannot be read now."""
-        from models.data.coco_files import CocoProblems
-
         name, signature = record["name"], self._signature(record)
         with self._lock:
             hit = self._records.get(name)
@@ -126,8 +113,6 @@ class DatasetViews:
 
     def contents(self, record: dict[str, Any], skip: int, top: int) -> dict[str, Any]:
         """A page of images with their annotations, the counts per category and every problem (images checked)."""
-        from models.data.coco_files import CocoProblems
-
         signature, problems, coco = self._signature(record), [], None
         try:
             coco = self._read(record, check_images=True)
@@ -163,10 +148,6 @@ class DatasetViews:
 
     def thumbnail(self, record: dict[str, Any], index: int) -> bytes:
         """Image `index` of the dataset as a JPEG of at most THUMB_SIDE pixels a side."""
-        from models.data.formats import MAX_SIDE, MAX_TRAINING_BYTES, ImageLimits
-        from models.data.images import decode, image_size
-        from models.errors import ImageError
-
         records = self.records(record)
         name = record["name"]
         if index >= len(records):
@@ -188,7 +169,7 @@ class DatasetViews:
 
 
 def _dataset(store: Store, name: str) -> dict[str, Any]:
-    record = store.get("datasets", valid_name(name, "dataset"))
+    record = store.get("datasets", name)
     if record is None:
         raise not_found("dataset", name)
     return record

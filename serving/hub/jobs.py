@@ -10,12 +10,32 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import mlflow
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving.hub.api import ApiError, field, no_content, not_found, public, read_json, section
-from serving.hub.state import Store, name_problem, now
-from serving.hub.training import CANCEL_FILE, DATASET_KIND, EXPERIMENT, KIND_TASK
+from serving.hub.api import (
+    ApiError,
+    field,
+    json_body,
+    no_content,
+    not_found,
+    public,
+    resource_name,
+    section,
+)
+from serving.hub.catalog import describe
+from serving.hub.replicas import model_id
+from serving.hub.state import Store, file_name, now
+from serving.hub.training import (
+    CANCEL_FILE,
+    DATASET_KIND,
+    EXPERIMENT,
+    KIND_TASK,
+    evaluate_task,
+    train_model,
+)
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
@@ -40,15 +60,11 @@ class Run:
 
 
 def _launch(fn: Callable[..., dict[str, Any]], *args: Any) -> Run:
-    import ray
-
     actor = ray.remote(_Runner).options(num_cpus=0, max_restarts=0, max_task_retries=0).remote()
     return Run(actor, actor.run.remote(fn, *args))
 
 
 def _end(run: Run) -> None:
-    import ray
-
     try:
         ray.kill(run.actor, no_restart=True)
     except Exception:  # noqa: BLE001  (already gone, or Ray itself is stopping)
@@ -56,22 +72,16 @@ def _end(run: Run) -> None:
 
 
 def _stopped_errors() -> tuple[type[BaseException], ...]:
-    import ray
-
     return (ray.exceptions.RayActorError, ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError,
             ray.exceptions.RayTaskError)
 
 
 def _registry():
-    import mlflow
-
     return mlflow.MlflowClient()
 
 
 class Jobs:
     def __init__(self, store: Store, config: Any):
-        import mlflow
-
         self.store, self.config = store, config
         mlflow.set_tracking_uri(config.tracking_uri)
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
@@ -87,8 +97,6 @@ class Jobs:
         trials and removes their placement groups (Ray keeps a killed driver's groups, and their CPUs, for
         as long as the hub runs); what has not stopped within `grace_s` is killed. The records stay as they
         are: the next start fails them."""
-        import ray
-
         if self.stopping:
             return
         self.stopping = True
@@ -117,22 +125,20 @@ class Jobs:
     # ------------------------------------------------------------------ models
 
     async def create_model(self, name: str, request: Request) -> JSONResponse:
-        problem = name_problem(name, "model")
-        if problem:
-            raise ApiError(400, "InvalidArgument", problem, "name")
-        doc = read_json(await request.body())
+        doc = await json_body(request)
         params = section(doc, "trainingParameters")
         dataset_name = field(params, "trainingDatasetName")
-        if not isinstance(dataset_name, str) or not dataset_name:
+        if dataset_name is None or dataset_name == "":
             raise ApiError(400, "InvalidArgument", "trainingParameters.trainingDatasetName is required",
                            "trainingDatasetName")
+        dataset_name = resource_name(dataset_name, "trainingDatasetName", "dataset")
         budget = field(params, "timeBudgetInHours")
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1344:
             raise ApiError(400, "InvalidArgument", f"trainingParameters.timeBudgetInHours={budget!r}: must be a number "
                            "in (0, 1344] (fractions such as 0.05 are accepted)", "timeBudgetInHours")
         dataset = self.store.get("datasets", dataset_name)
         kind = field(params, "modelKind") or (DATASET_KIND[dataset["annotationKind"]] if dataset else None)
-        if kind is not None and kind not in KIND_TASK:
+        if kind is not None and (not isinstance(kind, str) or kind not in KIND_TASK):
             raise ApiError(400, "InvalidArgument", f"modelKind={kind!r}: must be one of {', '.join(KIND_TASK)}",
                            "modelKind")
         kind = kind or "Generic-Classifier"
@@ -140,6 +146,7 @@ class Jobs:
             raise ApiError(400, "InvalidArgument", f"timeBudgetInHours={budget}: at most "
                            f"{MAX_BUDGET[KIND_TASK[kind]]} for {kind}", "timeBudgetInHours")
         test = field(section(doc, "evaluationParameters"), "testDatasetName")
+        test = resource_name(test, "testDatasetName", "dataset") if test not in (None, "") else None
         record = {"name": name, "createdDateTime": now(), "status": "notStarted",
                   "trainingParameters": {"trainingDatasetName": dataset_name, "timeBudgetInHours": budget,
                                          "modelKind": kind}}
@@ -149,19 +156,17 @@ class Jobs:
             if self.store.get("models", name) is not None or self._registered(name)[0] is not None:
                 raise ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
             record = self.store.put("models", record)
-        spec = {"model": name, "dataset": dataset, "dataset_name": dataset_name, "kind": kind, "budget_hours": budget,
+        order = {"model": name, "dataset": dataset, "dataset_name": dataset_name, "kind": kind, "budget_hours": budget,
                 "image_root": self.config.image_root, "tracking_uri": self.config.tracking_uri,
                 "job_dir": str(self.store.job_dir(name)), "test_dataset_name": test,
                 "test_dataset": self.store.get("datasets", test) if test else None}
-        self._start(name, spec)
+        self._start(name, order)
         return JSONResponse(public(record), 201)
 
-    def _start(self, name: str, spec: dict[str, Any]) -> None:
-        from serving.hub.training import train_model
-
+    def _start(self, name: str, order: dict[str, Any]) -> None:
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
-        run = self.running[name] = _launch(train_model, spec)
+        run = self.running[name] = _launch(train_model, order)
         asyncio.get_running_loop().create_task(self._watch(name, run))
 
     async def _watch(self, name: str, run: Run) -> None:
@@ -233,7 +238,7 @@ class Jobs:
                 log.warning("hub: model %s was not in the registry", name)
         self.store.delete("models", name)
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
-        shutil.rmtree(self.store.root / "evaluations" / name, ignore_errors=True)
+        shutil.rmtree(self.store.root / "evaluations" / file_name(name), ignore_errors=True)
         self._names.pop(name, None)
         return no_content()
 
@@ -273,8 +278,6 @@ class Jobs:
 
     def model_id(self, name: str) -> str:
         """The multiplexed model id to serve `name` (404 unknown, 409 not trained yet)."""
-        from serving.hub.models import model_id
-
         record = self.store.get("models", name)
         if record is not None:
             if record["status"] != "succeeded":
@@ -288,23 +291,17 @@ class Jobs:
 
     def hub_wide_list(self) -> list[dict[str, Any]]:
         """GET /models: every model with its task, labels and status."""
-        from serving.hub.catalog import describe
-
         return [describe(r, self.store) for r in self.model_list()]
 
     # ------------------------------------------------------------------ evaluations
 
     async def create_evaluation(self, model: str, name: str, request: Request) -> JSONResponse:
-        from serving.hub.training import evaluate_task
-
-        problem = name_problem(name, "evaluation")
-        if problem:
-            raise ApiError(400, "InvalidArgument", problem, "name")
-        doc = read_json(await request.body())
+        doc = await json_body(request)
         test = field(section(doc, "evaluationParameters"), "testDatasetName")
-        if not isinstance(test, str) or not test:
+        if test is None or test == "":
             raise ApiError(400, "InvalidArgument", "evaluationParameters.testDatasetName is required",
                            "testDatasetName")
+        test = resource_name(test, "testDatasetName", "dataset")
         try:
             mid = self.model_id(model)
         except ApiError as exc:

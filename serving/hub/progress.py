@@ -9,6 +9,11 @@ import calendar
 import time
 from typing import Any
 
+from mlflow import MlflowClient
+
+from models.tasks.metrics import primary_metric_name
+from serving.hub.training import EXPERIMENT, KIND_TASK
+
 MAX_TRIALS = 100
 
 
@@ -38,11 +43,6 @@ def _trial(client: Any, run: Any, metric: str) -> dict[str, Any]:
 def training_progress(record: dict[str, Any], message: str | None, tracking_uri: str) -> dict[str, Any]:
     """The model's status, its training's message and each trial's metric per epoch (no trials: none logged yet,
     or a model registered outside the hub)."""
-    from mlflow import MlflowClient
-
-    from models.tasks.metrics import primary_metric_name
-    from serving.hub.training import EXPERIMENT, KIND_TASK
-
     name = record["name"]
     kind = (record.get("trainingParameters") or {}).get("modelKind") or "Generic-Classifier"
     task = record.get("_task") or KIND_TASK.get(kind, "image_classification")

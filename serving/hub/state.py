@@ -10,8 +10,8 @@ atomically, each with an eTag that changes on every write. The hub's ingress is 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 import secrets
 import threading
 import time
@@ -20,9 +20,9 @@ from typing import Any
 
 from serving.batch.files import atomic_file
 
-NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]*$")
-MAX_NAME = 255
 KINDS = ("datasets", "models")
+_LONG = 200  # a longer name's file is named by its first characters and a hash: "<name>.json" and the temp name
+#              beside it (".<name>.json.<pid>.tmp") must fit the file system's 255 bytes
 
 
 def now() -> str:
@@ -30,12 +30,11 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def name_problem(name: str, what: str) -> str | None:
-    """Why `name` cannot name a dataset, model or evaluation (None: it can)."""
-    if not name or len(name) > MAX_NAME or not NAME.match(name):
-        return (f"{what} name {name[:80]!r} is not valid: 1-{MAX_NAME} characters, letters, digits, '.', '_' "
-                "or '-', starting with a letter or digit")
-    return None
+def file_name(name: str) -> str:
+    """The file (or folder) name of a record's name: the name itself, or for a long one its start and a hash."""
+    if len(name) <= _LONG:
+        return name
+    return f"{name[:_LONG - 17]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
 class Store:
@@ -48,8 +47,9 @@ class Store:
         self.lock = threading.RLock()
 
     def _path(self, kind: str, name: str, model: str | None = None) -> Path:
-        folder = self.root / kind if model is None else self.root / kind / model
-        return folder / f"{name}.json"
+        """Where a record is. Names reach here checked by the one name rule (serving.hub.api.resource_name)."""
+        folder = self.root / kind if model is None else self.root / kind / file_name(model)
+        return folder / f"{file_name(name)}.json"
 
     def get(self, kind: str, name: str, model: str | None = None) -> dict[str, Any] | None:
         path = self._path(kind, name, model)
@@ -84,13 +84,13 @@ class Store:
 
     def all(self, kind: str, model: str | None = None) -> list[dict[str, Any]]:
         """Every record of a kind, oldest first (creation time, then name)."""
-        folder = self.root / kind if model is None else self.root / kind / model
+        folder = self.root / kind if model is None else self.root / kind / file_name(model)
         with self.lock:
             records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
         return sorted(records, key=lambda r: (r.get("createdDateTime", ""), r["name"]))
 
     def job_dir(self, model: str) -> Path:
-        return self.root / "jobs" / model
+        return self.root / "jobs" / file_name(model)
 
     def progress(self, model: str) -> dict[str, Any]:
         """What a running training last wrote about itself (jobs/<model>/progress.json)."""

@@ -11,12 +11,33 @@ trial is perfect on the held-out split or the budget is spent (a tiny dataset en
 from __future__ import annotations
 
 import json
+import logging
 import math
+import random
 import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import mlflow
+
+from models.data.coco_files import CocoProblems, few_images_problems, read_coco_files, to_jsonl_lines
+from models.data.formats import TRAINING_LIMITS
+from models.data.images import image_size
+from models.errors import DataError
+from models.job import build_job
+from models.sweep.run import run_job
+from models.sweep.search_space import FEW_SHOT
+from models.sweep.settings import parse_sweep
+from models.tasks.architectures import get_architecture
+from models.tasks.performance import model_performance
+from models.tasks.registry import get_task
+from models.train import weights
+from serving.hub.state import write_progress
+from serving.loading import ModelFolder
+from serving.predictor import Predictor
+from serving.scoring import Scoring
 
 EXPERIMENT = "visionserve-hub"  # the MLflow experiment of every hub training (its artifacts in --state-dir)
 KIND_TASK = {"Generic-Classifier": "image_classification", "Generic-Detector": "image_object_detection",
@@ -54,8 +75,6 @@ def check_budget(task: str, images: int, budget: float) -> None:
 
 def split(records: list, seed: int = 0) -> tuple[list, list]:
     """About a fifth of the images held out, at least one of each class (classification) where a class has two."""
-    import random
-
     rng = random.Random(seed)
     by_label: dict[str, list] = {}
     for r in records:
@@ -73,11 +92,6 @@ def split(records: list, seed: int = 0) -> tuple[list, list]:
 def _at_hand(task: str, per_class: int) -> list[dict[str, Any]]:
     """The trial configurations: AutoMode's architectures whose pretrained weights are cached or can be
     downloaded, cheapest first; a linear head on frozen features when a class has few images."""
-    from models.sweep.search_space import FEW_SHOT
-    from models.tasks.architectures import get_architecture
-    from models.tasks.registry import get_task
-    from models.train import weights
-
     family = get_task(task).family
     configs, reasons = [], []
     for name in CANDIDATES[task]:
@@ -101,8 +115,6 @@ def _at_hand(task: str, per_class: int) -> list[dict[str, Any]]:
 
 def _sizes(task: str, records: list) -> dict[str, Any]:
     """Input sizes from the data: detectors at the images' own scale up to torchvision's 600 px."""
-    from models.data.images import image_size
-
     if task == "image_classification":
         return {}
     shorter = sorted(min(image_size(r.image)) for r in records[:50])
@@ -110,21 +122,18 @@ def _sizes(task: str, records: list) -> dict[str, Any]:
     return {"min_size": side, "max_size": max(side, min(1000, 2 * side))}
 
 
-def _performance(task: str, model_dir: Path, records: list, labels: list[str]) -> dict[str, Any]:
-    """modelPerformance of the exported model on `records` (the held-out split or a test dataset)."""
-    from models.tasks.performance import model_performance
-    from serving.predictor import Predictor
-
-    predictor = Predictor.load(model_dir, compile_scorer=False)
-    responses = predictor.predict_bytes([Path(r.image).read_bytes() for r in records])
-    return model_performance(task, records, responses, labels)
+def _performance(folder: Any, records: list) -> dict[str, Any]:
+    """modelPerformance of the exported model (a serving.loading.ModelFolder) on `records` (the held-out split or a
+    test dataset)."""
+    ms = folder.model_settings
+    scoring = Scoring(Predictor.load(folder, limits=TRAINING_LIMITS))  # the images a dataset may hold
+    return model_performance(ms.task.name, records, scoring.score_files([r.image for r in records]), ms.labels)
 
 
-def evaluate(model_dir: Path, task: str, labels: list[str], dataset: dict[str, Any] | None, name: str,
-             image_root: str | None) -> dict[str, Any]:
-    """modelPerformance of an exported model on a registered dataset (a test dataset or an evaluation)."""
-    from models.data.coco_files import CocoProblems, read_coco_files
-
+def evaluate(folder: Any, dataset: dict[str, Any] | None, name: str, image_root: str | None) -> dict[str, Any]:
+    """modelPerformance of an exported model (a serving.loading.ModelFolder) on a registered dataset (a test dataset
+    or an evaluation)."""
+    task, labels = folder.model_settings.task.name, folder.model_settings.labels
     if dataset is None:
         raise Failed("datasetNotFound", f"dataset {name!r} is not registered")
     try:
@@ -140,80 +149,60 @@ def evaluate(model_dir: Path, task: str, labels: list[str], dataset: dict[str, A
     if unknown:
         raise Failed("datasetAnnotationsInvalid", f"dataset {name} has categories the model does not know: "
                      f"{', '.join(unknown[:10])}")
-    return _performance(task, model_dir, coco.records, labels)
+    return _performance(folder, coco.records)
 
 
 def evaluate_task(model_uri: str, dataset: dict[str, Any] | None, name: str, image_root: str | None,
                   tracking_uri: str) -> dict[str, Any]:
     """An evaluation (run in a Ray task): → its final fields."""
-    import mlflow
-
-    from serving.loading import find_artifacts, resolve_model
-    from models.export import read_settings
-
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        model_dir = resolve_model(model_uri)
-        spec = read_settings(find_artifacts(model_dir)[0])
-        performance = evaluate(model_dir, spec.task.name, spec.labels, dataset, name, image_root)
+        performance = evaluate(ModelFolder.open(model_uri), dataset, name, image_root)
     except Failed as exc:
         return {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
     return {"status": "succeeded", "modelPerformance": performance}
 
 
-def train_model(spec: dict[str, Any]) -> dict[str, Any]:
+def train_model(order: dict[str, Any]) -> dict[str, Any]:
     """The whole training (run in an actor of its own, serving.hub.jobs._Runner): → the model's final fields."""
-    from serving.hub.state import write_progress
-
-    job_dir = Path(spec["job_dir"])
+    job_dir = Path(order["job_dir"])
     started = time.time()
     write_progress(job_dir, status="training", trials=0)
-    from models.errors import DataError
 
     try:
-        fields = _train(spec, job_dir, started)
+        fields = _train(order, job_dir, started)
     except Failed as exc:
         fields = {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
     except DataError as exc:  # an image the COCO files name cannot be trained on
         fields = {"status": "failed", "error": {"code": "datasetCorrupt", "message": str(exc)}}
     except Exception as exc:  # noqa: BLE001  (reported on the model, with the log for details)
-        import logging
 
-        logging.getLogger(__name__).exception("training %s failed", spec["model"])
+        logging.getLogger(__name__).exception("training %s failed", order["model"])
         fields = {"status": "failed", "error": {"code": "unknown", "message": f"{type(exc).__name__}: {exc}"}}
     spent = (time.time() - started) / 60  # one trial at a time: wall minutes are the compute spent
-    fields["trainingCostInMinutes"] = round(min(spent, spec["budget_hours"] * 60), 4)
+    fields["trainingCostInMinutes"] = round(min(spent, order["budget_hours"] * 60), 4)
     return fields
 
 
-def _train(spec: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any]:
-    import mlflow
-
-    from models.data.coco_files import CocoProblems, few_images_problems, read_coco_files, to_jsonl_lines
-    from models.job import build_job
-    from models.sweep.run import run_job
-    from models.sweep.settings import parse_sweep
-    from models.tasks.registry import get_task
-    from serving.hub.state import write_progress
-
-    dataset = spec.get("dataset")
+def _train(order: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any]:
+    dataset = order.get("dataset")
     if dataset is None:
-        raise Failed("datasetNotFound", f"dataset {spec['dataset_name']!r} is not registered")
-    task = KIND_TASK[spec["kind"]]
+        raise Failed("datasetNotFound", f"dataset {order['dataset_name']!r} is not registered")
+    task = KIND_TASK[order["kind"]]
     try:
-        coco = read_coco_files(dataset["annotationFileUris"], dataset["annotationKind"], image_root=spec["image_root"],
+        coco = read_coco_files(dataset["annotationFileUris"], dataset["annotationKind"], image_root=order["image_root"],
                                confined=True)
     except CocoProblems as exc:
         raise Failed("datasetCorrupt", str(exc)) from None
     if KIND_TASK[DATASET_KIND[coco.kind]] != task:
-        raise Failed("datasetCorrupt", f"modelKind {spec['kind']} needs an imageObjectDetection dataset"
+        raise Failed("datasetCorrupt", f"modelKind {order['kind']} needs an imageObjectDetection dataset"
                      if task == "image_object_detection" else
-                     f"modelKind {spec['kind']} needs an imageClassification dataset")
+                     f"modelKind {order['kind']} needs an imageClassification dataset")
     few = few_images_problems(coco)
     if few:
         raise Failed("datasetCorrupt", "; ".join(few))
     train, held = split(coco.records)
-    check_budget(task, len(train), spec["budget_hours"])
+    check_budget(task, len(train), order["budget_hours"])
     lines = {id(r): line for r, line in zip(coco.records, to_jsonl_lines(coco))}  # two image ids may name one file
     for name, records in (("train", train), ("validation", held)):
         (job_dir / f"{name}.jsonl").write_text("".join(json.dumps(lines[id(r)]) + "\n" for r in records))
@@ -223,16 +212,16 @@ def _train(spec: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any
               **_sizes(task, train)}
     if task == "image_classification":
         params |= {"training_batch_size": 16, "validation_batch_size": 16}
-    budget_minutes = spec["budget_hours"] * 60 - (time.time() - started) / 60
+    budget_minutes = order["budget_hours"] * 60 - (time.time() - started) / 60
     doc = {"limits": {"max_trials": len(configs), "max_concurrent_trials": 1, "timeout_minutes": budget_minutes,
                       "exit_score": 1.0},
            "sweep": {"sampling_algorithm": "grid"},
            "search_space": [{k: {"type": "choice", "values": [v]} for k, v in c.items()} for c in configs]}
     job = build_job(task=task, training_data=job_dir / "train.jsonl", validation_data=job_dir / "validation.jsonl",
                     params=params, output_dir=job_dir / "outputs", experiment_name=EXPERIMENT,
-                    run_name=spec["model"])
+                    run_name=order["model"])
     job = replace(job, sweep=parse_sweep(doc, get_task(task)), min_images=2)  # the spec's few-shot minimum
-    mlflow.set_tracking_uri(spec["tracking_uri"])
+    mlflow.set_tracking_uri(order["tracking_uri"])
 
     def report(message: str) -> None:
         write_progress(job_dir, status="training", message=message[:500])
@@ -251,21 +240,22 @@ def _train(spec: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any
     if metric is None or not math.isfinite(metric) or (len(held) >= 10 and metric <= chance):
         raise Failed("diverged", f"the best trial's {get_task(task).primary_metric} is {metric} on {len(held)} held-out "
                      f"images, no better than chance ({chance:.3g})")
-    performance = _performance(task, result.model_dir, held, coco.labels)
-    if spec.get("test_dataset_name"):  # evaluationParameters.testDatasetName: its performance, not the split's
-        performance = evaluate(result.model_dir, task, coco.labels, spec.get("test_dataset"),
-                               spec["test_dataset_name"], spec["image_root"])
+    folder = ModelFolder.open(result.model_dir)
+    if order.get("test_dataset_name"):  # evaluationParameters.testDatasetName: its performance, not the split's
+        performance = evaluate(folder, order.get("test_dataset"), order["test_dataset_name"], order["image_root"])
+    else:
+        performance = _performance(folder, held)
     client = mlflow.MlflowClient()
-    version = mlflow.register_model(f"runs:/{result.run_id}/mlflow-model", spec["model"])
-    tags = {"modelKind": spec["kind"], "trainingDatasetName": dataset["name"],
-            "timeBudgetInHours": str(spec["budget_hours"]), "visionserve.hub": "1",
+    version = mlflow.register_model(f"runs:/{result.run_id}/mlflow-model", order["model"])
+    tags = {"modelKind": order["kind"], "trainingDatasetName": dataset["name"],
+            "timeBudgetInHours": str(order["budget_hours"]), "visionserve.hub": "1",
             "trainingCostInMinutes": f"{(time.time() - started) / 60:.4f}",
             "modelPerformance": json.dumps(performance)}
     for key, value in tags.items():
-        client.set_model_version_tag(spec["model"], version.version, key, value)
+        client.set_model_version_tag(order["model"], version.version, key, value)
     for key, value in performance.items():
         if isinstance(value, (int, float)):
             client.log_metric(result.run_id, f"hub_{key}", float(value))
     return {"status": "succeeded", "modelPerformance": performance, "modelVersion": version.version,
-            "modelUri": f"models:/{spec['model']}/{version.version}", "architecture": result.best["params"],
+            "modelUri": f"models:/{order['model']}/{version.version}", "architecture": result.best["params"],
             "task": task, "labels": coco.labels}

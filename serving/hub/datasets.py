@@ -9,19 +9,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from serving.hub.api import ApiError, field, no_content, not_found, page, public, read_json
-from serving.hub.state import Store, name_problem, now
+from models.data.coco_files import CocoProblems, read_coco_files
+from serving.hub.api import ApiError, field, json_body, no_content, not_found, page, public, resource_name
+from serving.hub.state import Store, now
 
 KINDS = {"imageclassification": "imageClassification", "multiclassclassification": "imageClassification",
          "imageobjectdetection": "imageObjectDetection", "objectdetection": "imageObjectDetection"}
 MAX_FILES = 10
 MAX_PROPERTIES = 10
-
-
-def _name(name: str, what: str) -> None:
-    problem = name_problem(name, what)
-    if problem:
-        raise ApiError(400, "InvalidArgument", problem, "name")
 
 
 def _kind(value: Any) -> str:
@@ -52,8 +47,6 @@ def _properties(value: Any) -> dict[str, str]:
 
 def _check_files(uris: list[str], kind: str, image_root: str | None) -> None:
     """The annotation files resolve and parse (images are checked when a model trains from them)."""
-    from models.data.coco_files import CocoProblems, read_coco_files
-
     try:
         read_coco_files(uris, kind, image_root=image_root, check_images=False,
                         confined=True)
@@ -68,8 +61,8 @@ def _if_match(request: Request, record: dict[str, Any]) -> None:
 
 
 async def register_dataset(store: Store, name: str, request: Request, config: Any) -> JSONResponse:
-    _name(name, "dataset")
-    doc = read_json(await request.body())
+    name = resource_name(name, "name", "dataset")
+    doc = await json_body(request)
     kind = _kind(field(doc, "annotationKind"))
     uris = _uris(field(doc, "annotationFileUris"))
     properties = _properties(field(doc, "customProperties"))
@@ -88,22 +81,30 @@ async def register_dataset(store: Store, name: str, request: Request, config: An
         return JSONResponse(public(store.put("datasets", record)), 201)
 
 
-async def update_dataset(store: Store, name: str, request: Request) -> JSONResponse:
-    doc = read_json(await request.body())
+async def update_dataset(store: Store, name: str, request: Request, config: Any) -> JSONResponse:
+    """PATCH: customProperties and annotationFileUris, each checked as PUT checks it, before anything is written."""
+    name = resource_name(name, "name", "dataset")
+    doc = await json_body(request)
+    record = store.get("datasets", name)
+    if record is None:
+        raise not_found("dataset", name)
+    changes: dict[str, Any] = {}
+    if field(doc, "customProperties") is not None:
+        changes["customProperties"] = _properties(field(doc, "customProperties"))
+    if field(doc, "annotationFileUris") is not None:
+        changes["annotationFileUris"] = _uris(field(doc, "annotationFileUris"))
+        await asyncio.to_thread(_check_files, changes["annotationFileUris"], record["annotationKind"],
+                                config.image_root)
     with store.lock:
         record = store.get("datasets", name)
         if record is None:
             raise not_found("dataset", name)
         _if_match(request, record)
-        changes: dict[str, Any] = {}
-        if field(doc, "customProperties") is not None:
-            changes["customProperties"] = _properties(field(doc, "customProperties"))
-        if field(doc, "annotationFileUris") is not None:
-            changes["annotationFileUris"] = _uris(field(doc, "annotationFileUris"))
         return JSONResponse(public(store.put("datasets", {**record, **changes})))
 
 
 async def delete_dataset(store: Store, name: str, request: Request):
+    name = resource_name(name, "name", "dataset")
     with store.lock:
         record = store.get("datasets", name)
         if record is None:
@@ -114,7 +115,7 @@ async def delete_dataset(store: Store, name: str, request: Request):
 
 
 async def get(kind: str, store: Store, name: str) -> JSONResponse:
-    record = store.get(kind, name)
+    record = store.get(kind, resource_name(name, "name", kind.rstrip("s")))
     if record is None:
         raise not_found(kind.rstrip("s"), name)
     return JSONResponse(public(record))
