@@ -6,6 +6,8 @@
       artifacts/settings.json   task, model_name, labels and inference.md's parameters
       artifacts/model.pt        the weights, a plain state_dict
       artifacts/model.onnx      the same network for ONNX Runtime (models.onnx_export)
+      artifacts/model.int8.onnx that network statically quantized for CPUs, when it quantizes (models.onnx_int8);
+                                settings.json's `int8` records what it costs on the validation set
 
 The pyfunc is MLflow "models from code": `mlflow_model.py` names `serving.pyfunc.VisionModel`, imported
 from the folder's own `code/` when it is loaded; nothing is pickled. `requirements.txt` pins only packages
@@ -24,7 +26,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ from typing import Any
 import torch
 
 from models.errors import SettingsError
+from models.int8_record import INT8_FILE, Int8Record
+from models.onnx_int8 import QuantizationData, make_int8, write_int8
 from models.onnx_export import ONNX_FILE, exportable, write_onnx
 from models.tasks.fields import as_dict, is_per_request, kind_of
 from models.tasks.registry import Task, get_task, inference_settings
@@ -41,7 +45,9 @@ SETTINGS_FILE = "settings.json"
 # imports it (serving sits above models, see ARCHITECTURE.md).
 PYFUNC_ENTRY = "serving.mlflow_model"
 WEIGHTS_FILE = "model.pt"
-_META_KEYS = ("task", "model_name", "labels", "visionserve_version")
+# settings.json's fields that are not inference settings; `int8` (models.int8_record.Int8Record) is there only when
+# the folder has a model.int8.onnx, so folders written before it are read as they were
+_META_KEYS = ("task", "model_name", "labels", "visionserve_version", "int8")
 # What the pyfunc imports, explanations included (pip resolves what these need in turn);
 # tests/test_exported_environment.py checks the list against what loading, scoring and explaining import.
 _RUNTIME_PACKAGES = ("torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "tqdm",
@@ -59,10 +65,13 @@ class ModelSettings:
     model_name: str
     labels: list[str]
     settings: Any
+    int8: Int8Record | None = None  # what artifacts/model.int8.onnx costs, when the folder has one
 
     def document(self) -> dict[str, Any]:
+        int8 = {"int8": self.int8.document()} if self.int8 is not None else {}
         return {"task": self.task.name, "model_name": self.model_name, "labels": list(self.labels),
-                "visionserve_version": _version("visionserve"), **as_dict(self.settings, inference_only=True)}
+                "visionserve_version": _version("visionserve"), **as_dict(self.settings, inference_only=True),
+                **int8}
 
 
 def _version(package: str) -> str | None:
@@ -103,7 +112,38 @@ def read_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     values = {k: v for k, v in doc.items() if k not in _META_KEYS}
     values.update(overrides or {})
     settings = inference_settings(task, values, source=str(path))
-    return ModelSettings(task, doc["model_name"], labels, settings)
+    int8 = Int8Record.from_document(doc["int8"], str(path)) if doc.get("int8") is not None else None
+    return ModelSettings(task, doc["model_name"], labels, settings, int8)
+
+
+def write_settings(path: str | Path, model_settings: ModelSettings) -> None:
+    """settings.json of `model_settings`."""
+    Path(path).write_text(json.dumps(model_settings.document(), indent=2) + "\n")
+
+
+def add_int8(artifacts: str | Path, data: QuantizationData) -> Int8Record:
+    """An exported folder's `artifacts` given a model.int8.onnx (replacing one it has) quantized from its
+    model.onnx (written first from model.pt when a folder from before ONNX files lacks it), and settings.json's
+    `int8` record; every other field of settings.json is kept as it is. Raises, the folder unchanged, when the
+    model does not quantize."""
+    artifacts = Path(artifacts)
+    settings_path = artifacts / SETTINGS_FILE
+    spec = read_settings(settings_path)
+    if not exportable(spec.task):
+        raise ValueError(f"{spec.model_name} ({spec.task.name}) has no ONNX graph to quantize")
+    onnx_path = artifacts / ONNX_FILE
+    if not onnx_path.is_file():
+        state = torch.load(artifacts / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        if write_onnx(onnx_path, spec, state) is None:
+            raise ValueError(f"{onnx_path} is missing and could not be written (the log says why)")
+    with tempfile.TemporaryDirectory(dir=artifacts, prefix=".int8-") as tmp:
+        record = make_int8(onnx_path, Path(tmp) / INT8_FILE, spec, data)
+        doc = json.loads(settings_path.read_text())
+        doc["int8"] = record.document()
+        (Path(tmp) / SETTINGS_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(Path(tmp) / INT8_FILE, artifacts / INT8_FILE)
+        os.replace(Path(tmp) / SETTINGS_FILE, settings_path)  # whole: a reader never sees half a file
+    return record
 
 
 def pip_requirements() -> list[str]:
@@ -161,8 +201,10 @@ def _quiet_save() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def export_model(path: str | Path, model_settings: ModelSettings, state_dict: dict[str, torch.Tensor]) -> Path:
-    """Write the MLflow model folder at `path` (replaced if it exists)."""
+def export_model(path: str | Path, model_settings: ModelSettings, state_dict: dict[str, torch.Tensor], *,
+                 quantization: QuantizationData | None = None) -> Path:
+    """Write the MLflow model folder at `path` (replaced if it exists); with `quantization` (training and
+    validation records) a model.int8.onnx too, where the model's ONNX graph quantizes."""
     import mlflow.pyfunc
 
     path = Path(path)
@@ -172,14 +214,17 @@ def export_model(path: str | Path, model_settings: ModelSettings, state_dict: di
         # an input example would make MLflow load and run the model at save time; the signature says it all
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "pip version" noise under uv
-        settings_file = Path(tmp) / SETTINGS_FILE
-        settings_file.write_text(json.dumps(model_settings.document(), indent=2) + "\n")
         weights_file = Path(tmp) / WEIGHTS_FILE
         torch.save({k: v.detach().cpu() for k, v in state_dict.items() if not k.endswith("num_batches_tracked")},
                    weights_file)
+        settings_file = Path(tmp) / SETTINGS_FILE
         artifacts = {"settings": str(settings_file), "weights": str(weights_file)}
         if exportable(model_settings.task) and write_onnx(Path(tmp) / ONNX_FILE, model_settings, state_dict):
             artifacts["onnx"] = str(Path(tmp) / ONNX_FILE)
+            if quantization is not None and (record := write_int8(tmp, model_settings, quantization)):
+                artifacts["int8"] = str(Path(tmp) / INT8_FILE)
+                model_settings = replace(model_settings, int8=record)
+        write_settings(settings_file, model_settings)
         mlflow.pyfunc.save_model(
             path=str(path),
             python_model=_pyfunc_entry(),

@@ -14,6 +14,7 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 from models.export import SETTINGS_FILE, WEIGHTS_FILE, ModelSettings, read_settings
+from models.int8_record import INT8_FILE
 from models.onnx_export import ONNX_FILE, not_exported_why
 from models.tasks.architectures import Architecture, build_model, get_architecture
 from models.tasks.detection import paste_masks_one_at_a_time
@@ -58,7 +59,7 @@ def find_artifacts(model_dir: str | Path) -> Path:
 @dataclass(frozen=True)
 class ModelFolder:
     """An exported model on this machine, settings.json read (once, with deploy-time overrides): `path` (the
-    MLflow folder), `artifacts` (its settings.json, model.pt, model.onnx), `model_settings`."""
+    MLflow folder), `artifacts` (its settings.json, model.pt, model.onnx, model.int8.onnx), `model_settings`."""
 
     path: Path
     artifacts: Path
@@ -80,6 +81,14 @@ class ModelFolder:
     def onnx(self) -> Path:
         return self.artifacts / ONNX_FILE
 
+    @property
+    def int8(self) -> Path:
+        return self.artifacts / INT8_FILE
+
+    def scoring_file(self, scoring: ScoringPlan) -> Path:
+        """The file whose network scores under `scoring`: model.pt, model.onnx or model.int8.onnx."""
+        return {"onnx": self.onnx, "onnx-int8": self.int8}.get(scoring.backend, self.artifacts / WEIGHTS_FILE)
+
     def plan(self, backend: str = "auto", device: str | None = None, compile: bool | None = False) -> ScoringPlan:
         """What scores this model (serving.backends.plan); NoPlan when `backend` cannot."""
         task = self.model_settings.task
@@ -87,7 +96,8 @@ class ModelFolder:
                                              "ONNX files for its task, or one whose ONNX check failed: its training "
                                              "log says); train it again")
         return plan(backend, task.family, device or default_device().type, self.onnx.is_file(), compile=compile,
-                    onnx_missing_why=missing)
+                    onnx_missing_why=missing, has_int8=self.int8.is_file(), int8=self.model_settings.int8,
+                    int8_missing_why=f"{self.int8} not found")
 
 
 def default_device() -> torch.device:
@@ -115,7 +125,8 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 @dataclass(frozen=True)
 class LoadedModel:
     """A model ready to score: `model` (eval mode, on `device`; explanations use it) and `scorer` (what the plan
-    says scores: the model with BatchNorm folded, compiled, or its ONNX graph)."""
+    says scores: the model with BatchNorm folded, compiled, or its ONNX graph, read from `scoring_file`: model.pt,
+    model.onnx or model.int8.onnx)."""
 
     model_settings: ModelSettings
     arch: Architecture
@@ -123,6 +134,7 @@ class LoadedModel:
     scorer: Scorer
     device: torch.device
     plan: ScoringPlan
+    scoring_file: str = WEIGHTS_FILE
 
 
 def _weights(model: torch.nn.Module, folder: ModelFolder) -> None:
@@ -156,7 +168,8 @@ def load_model(folder: ModelFolder, scoring: ScoringPlan) -> LoadedModel:
     if ms.task.family == "segmentation":
 
         paste_masks_one_at_a_time(folded)
-    scorer, scoring = scorer_for(scoring, folded, ms, folder.onnx, device)
+    file = folder.scoring_file(scoring)
+    scorer, scoring = scorer_for(scoring, folded, ms, file, device)
     log.info("loaded %s (%s, %d labels) on %s, scoring on %s", ms.model_name, ms.task.name, len(ms.labels), device,
              scoring.engine)
-    return LoadedModel(ms, arch, model, scorer, device, scoring)
+    return LoadedModel(ms, arch, model, scorer, device, scoring, file.name)

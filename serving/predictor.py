@@ -24,6 +24,7 @@ from explain.params import xai_parameters_class
 from models.data.formats import PREDICTION_LIMITS, ImageLimits
 from models.data.images import Probed, decode_tensor, shrink, to_tensor
 from models.errors import ErrorCode, ImageError, SettingsError
+from models.int8_record import TOLERANCE
 from models.tasks.fields import as_dict
 from models.tasks.registry import inference_settings
 from serving.contract import row_error
@@ -74,7 +75,7 @@ class Predictor:
 
     @property
     def backend(self) -> str:
-        """What scores: "onnx" (ONNX Runtime) or "torch"."""
+        """What scores: "onnx" or "onnx-int8" (ONNX Runtime) or "torch"."""
         return self.plan.backend
 
     @property
@@ -94,12 +95,15 @@ class Predictor:
 
     def description(self) -> dict[str, Any]:
         """What `/metadata` says of the model (on `visionserve serve` and the hub): task, labels, the settings in
-        force, the per-request `parameters` and `xai_parameters`, what scores."""
+        force, the per-request `parameters` and `xai_parameters`, what scores (`backend`, `compiled`, and
+        `scoring_file`: model.pt, model.onnx or model.int8.onnx), and, where the folder has an INT8 file, what it
+        costs as recorded at export (`int8`: settings.json's record and the `tolerance` `auto` allows)."""
         ms = self.model_settings
+        int8 = {"int8": {**ms.int8.document(), "tolerance": TOLERANCE}} if ms.int8 is not None else {}
         return {"task": ms.task.name, "model_name": ms.model_name, "labels": ms.labels,
                 "settings": as_dict(ms.settings, inference_only=True),
                 **parameter_forms(ms.task.inference_cls, ms.settings, self.xai_parameters),
-                "compiled": self.compiled, "backend": self.backend}
+                "compiled": self.compiled, "backend": self.backend, "scoring_file": self.loaded.scoring_file, **int8}
 
     def settings_for(self, params: Mapping[str, Any] | None) -> Any:
         """The settings in force for one request: settings.json plus validated per-request overrides (a frozen,

@@ -43,10 +43,12 @@ class VisionModel(mlflow.pyfunc.PythonModel):
     """Loads `artifacts/settings.json` + `artifacts/model.pt`; answers one response per image row through the
     scoring core (serving.scoring), as every route does: a bad row gets its error object, the others their answers.
 
-    By default (`backend: auto`, serving.backends) a classifier on the CPU scores on its `artifacts/model.onnx`
-    on ONNX Runtime, and anything else on torch; `model_config={"backend": "onnx"}` asks for ONNX Runtime
-    (any task, serving.scorers), `{"backend": "torch"}` for torch, and `{"compile": True}` for a classifier
-    compiled for the CPU while loading (serving.compiled: worth it in a process that scores for a long time)."""
+    By default (`backend: auto`, serving.backends) a classifier on the CPU scores on ONNX Runtime, on its
+    `artifacts/model.int8.onnx` when the loss recorded for it is within tolerance, else on its `model.onnx`, and
+    anything else on torch; `model_config={"backend": "onnx"}` asks for ONNX Runtime (any task, serving.scorers),
+    `{"backend": "onnx-int8"}` for the INT8 file, `{"backend": "torch"}` for torch, and `{"compile": True}` for a
+    classifier compiled for the CPU while loading (serving.compiled: worth it in a process that scores for a long
+    time)."""
 
     def load_context(self, context) -> None:
         config = context.model_config or {}

@@ -3,7 +3,8 @@ in force as an argument (nothing shared is changed per request, so there is no l
 
 - `TorchScorer`: the torch network (BatchNorm folded, or compiled: serving.compiled); a detector scores through a
   view configured for the request's settings (models.tasks.detection.configured).
-- `OnnxClassifier`: a classifier's `artifacts/model.onnx` on ONNX Runtime.
+- `OnnxClassifier`: a classifier's `artifacts/model.onnx` on ONNX Runtime, or its `artifacts/model.int8.onnx`
+  (backend onnx-int8: the same inputs, outputs and metadata, so the same class on the other file).
 - `OnnxDetector`: a detector's graph, which has min_size, max_size, nms_iou_thresh, box_score_thresh and
   box_detections_per_img built in. A request's higher box_score_thresh or lower box_detections_per_img is applied
   to the graph's detections, which gives exactly what torch gives (greedy NMS never lets a box below a threshold
@@ -126,8 +127,9 @@ class OnnxDetector:
 def scorer_for(scoring: ScoringPlan, module: torch.nn.Module, model_settings: ModelSettings, onnx: Path,
                device: torch.device) -> tuple[Scorer, ScoringPlan]:
     """The scorer `scoring` names for a model: `module` (the torch network, eval mode, on `device`) compiled or
-    not, or the ONNX graph at `onnx` (with `module` for what a detector's graph cannot follow); and the plan as
-    carried out (not compiled after all, when the compiler failed)."""
+    not, or the ONNX graph at `onnx` (model.onnx, or model.int8.onnx for onnx-int8; with `module` for what a
+    detector's graph cannot follow); and the plan as carried out (not compiled after all, when the compiler
+    failed)."""
     ops = model_settings.task.ops
     if scoring.compiled:
 
@@ -136,7 +138,7 @@ def scorer_for(scoring: ScoringPlan, module: torch.nn.Module, model_settings: Mo
             scoring = replace(scoring, compiled=False, why=f"{scoring.why}; torch.compile failed")
         module = compiled
     torch_scorer = TorchScorer(module, ops)
-    if scoring.backend != "onnx":
+    if not scoring.on_onnx:
         return torch_scorer, scoring
     session = _session(onnx, device)
     if model_settings.task.family == "classification":

@@ -67,7 +67,9 @@ def _imports(path: Path) -> set[str]:
 GRAPH = {name: _imports(path) - {name} for name, path in MODULES.items()}
 
 
-SAME_LAYER = {"models.onnx_export": "models.export"}  # the model folder's ONNX file belongs with the folder
+# the model folder's ONNX files and settings.json's record of the INT8 one belong with the folder
+SAME_LAYER = {"models.onnx_export": "models.export", "models.onnx_int8": "models.export",
+              "models.int8_record": "models.export"}
 
 
 def layer(module: str) -> str:

@@ -27,8 +27,9 @@ PREFIX = {"image_classification": "/cls", "image_classification_multilabel": "/m
 @pytest.fixture(scope="module")
 def endpoint(ray_session, trained):
     """All four task models served by one Ray Serve instance, each under its own route prefix,
-    plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill, on eager torch), `/onnx` (the
-    classifier with the default backend: ONNX Runtime on CPUs) and `/tight` (capacity 1 + 1 queued). `/cls` runs
+    plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill, on eager torch), `/onnx` and
+    `/int8` (the classifier on ONNX Runtime: its model.onnx, its model.int8.onnx) and `/tight` (capacity 1 + 1
+    queued). `/cls` runs
     a compiled classifier (`backend: torch`; compiling takes a replica 10-25 s on 2 CPUs); the other classifier
     apps run the default backend."""
     from ray import serve
@@ -55,9 +56,10 @@ def endpoint(ray_session, trained):
                             backend="torch")
     apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
                                 route_prefix="/patient"))
-    on_onnx = service_config(model=str(cls_dir), max_batch_size=8)  # the default backend
-    apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(on_onnx)), name="onnx",
-                                route_prefix="/onnx"))
+    for name in ("onnx", "onnx-int8"):
+        on_onnx = service_config(model=str(cls_dir), max_batch_size=8, backend=name)
+        apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(on_onnx)), name=name,
+                                    route_prefix=f"/{name.removeprefix('onnx-')}"))
     tight = service_config(model=str(cls_dir), max_batch_size=1, compile=False)
     apps.append(serve.RunTarget(VisionService.options(
         max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
@@ -132,8 +134,7 @@ def test_answers_of_the_compiled_classifier_match_the_pyfunc(endpoint, trained):
     assert np.allclose([a["probs"] for a in served], [a["probs"] for a in local], atol=1e-5)
 
 
-def test_a_classifier_replica_scores_on_onnx_runtime_by_default_and_answers_the_json_of_one_on_torch(endpoint,
-                                                                                                     trained):
+def test_a_classifier_replica_on_onnx_runtime_answers_the_json_of_one_on_torch(endpoint, trained):
     from models.onnx_export import TOLERANCE
 
     assert httpx.get(f"{endpoint}/onnx/metadata").json()["backend"] == "onnx"
@@ -144,6 +145,24 @@ def test_a_classifier_replica_scores_on_onnx_runtime_by_default_and_answers_the_
     assert [sorted(a) for a in on_onnx.json()] == [sorted(a) for a in on_torch.json()]
     assert [a["labels"] for a in on_onnx.json()] == [a["labels"] for a in on_torch.json()]
     assert np.allclose([a["probs"] for a in on_onnx.json()], [a["probs"] for a in on_torch.json()], atol=TOLERANCE)
+
+
+def test_a_classifier_replica_on_the_int8_backend_answers_and_its_metadata_says_what_int8_costs(endpoint, trained):
+    from models.export import read_settings
+    from models.int8_record import TOLERANCE
+
+    record = read_settings(Path(trained("image_classification")[0].model_dir) / "artifacts" / "settings.json").int8
+    described = httpx.get(f"{endpoint}/int8/metadata").json()
+    assert (described["backend"], described["scoring_file"]) == ("onnx-int8", "model.int8.onnx")
+    assert described["int8"] == {**record.document(), "tolerance": TOLERANCE}
+    assert httpx.get(f"{endpoint}/onnx/metadata").json()["scoring_file"] == "model.onnx"
+    rows = _images(trained, "image_classification", 3)
+    on_int8, on_fp32 = _score(f"{endpoint}/int8/score", rows), _score(f"{endpoint}/onnx/score", rows)
+    assert on_int8.status_code == on_fp32.status_code == 200, on_int8.text
+    assert [sorted(a) for a in on_int8.json()] == [["labels", "probs"]] * 3
+    assert [a["labels"] for a in on_int8.json()] == [a["labels"] for a in on_fp32.json()]
+    difference = np.abs(np.array([a["probs"] for a in on_int8.json()]) - [a["probs"] for a in on_fp32.json()])
+    assert 0 < difference.max() <= record.largest_score_difference + 0.01  # another network, as close as recorded
 
 
 def test_32_concurrent_requests_each_get_their_own_answer(endpoint, trained):

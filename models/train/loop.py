@@ -32,7 +32,8 @@ from models.data.checks import MIN_TRAINING_IMAGES, check_training_set
 from models.data.jsonl import read_dataset
 from models.data.records import Dataset, Record
 from models.errors import DataError
-from models.export import export_model, model_settings_from_training
+from models.export import SETTINGS_FILE, export_model, model_settings_from_training, read_settings
+from models.onnx_int8 import QuantizationData, quantized_at_export
 from models.train.optim import EarlyStopping, make_optimizer, make_scheduler
 from models.tasks.fields import as_dict
 from models.tasks.registry import Task, training_settings
@@ -356,13 +357,25 @@ def train(job: TrainingJob, *, progress: bool = True, report: Callable[[str], No
         best = checkpoints.read_checkpoint(loop.best_path)  # this run's own: run() always settles one
         mlflow.log_artifact(str(loop.best_path), "checkpoints")
         spec = model_settings_from_training(job.task, prepared.arch.name, prepared.labels, prepared.settings)
-        model_dir = export_model(job.output_dir / "mlflow-model", spec, best["model"])
+        int8 = QuantizationData(prepared.train, prepared.validation) if quantized_at_export(job.task) else None
+        model_dir = export_model(job.output_dir / "mlflow-model", spec, best["model"], quantization=int8)
         mlflow.log_artifacts(str(model_dir), "mlflow-model")
+        _log_int8(model_dir, report)
         mlflow.log_metrics({f"best_{k}": v for k, v in loop.best_metrics.items()})
         report(f"best epoch {loop.best_epoch}: {json.dumps({k: round(v, 4) for k, v in loop.best_metrics.items()})}")
         report(f"MLflow model: {model_dir}  (run {run.info.run_id})")
     return TrainingResult(model_dir, run.info.run_id, prepared.labels, loop.best_epoch, loop.best_metrics,
                           epochs_run, loop.history, time.time() - started, workers)
+
+
+def _log_int8(model_dir: Path, report: Callable[[str], None]) -> None:
+    """What the folder's model.int8.onnx costs (settings.json's `int8`), on the run and in the log."""
+    record = read_settings(model_dir / "artifacts" / SETTINGS_FILE).int8
+    if record is not None:
+        mlflow.log_metrics({f"int8_{record.metric}": record.int8, f"int8_fp32_{record.metric}": record.fp32,
+                            "int8_agreement": record.agreement})
+        report(f"INT8 model: {record.metric} {record.int8:.4f} (FP32 {record.fp32:.4f}) on {record.images} "
+               f"validation images, same top answer for {record.agreement:.1%}")
 
 
 __all__ = ["TrainingJob", "TrainingResult", "train", "prepare", "split", "DataError"]

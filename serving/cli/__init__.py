@@ -1,7 +1,7 @@
 """`visionserve`: the one console script.
 
 Each command lives in a module of this package (`train`: train and validate; `predict`; `demo`;
-`serve`; `hub`; `score`; `data`; the load test in `loadtests.run`) that registers its flags with the standard library
+`serve`; `hub`; `score`; `data`; `quantize`; the load test in `loadtests.run`) that registers its flags with the standard library
 alone and imports its heavy dependencies (torch, Ray, MLflow, OpenCV) only when it runs, so `--help`
 and a mistyped flag answer at once.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from loadtests.run import add_loadtest_command
 from models.errors import USER_ERRORS
-from serving.cli import data, demo, hub, predict, score, serve, train
+from serving.cli import data, demo, hub, predict, quantize, score, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_commands(sub)
     add_loadtest_command(sub)
     data.add_commands(sub)
+    quantize.add_commands(sub)
     return parser
 
 

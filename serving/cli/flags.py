@@ -46,12 +46,15 @@ def env_flags(args: argparse.Namespace) -> dict[str, str]:
 
 
 def add_backend_flag(p: argparse.ArgumentParser) -> None:
+    from models.int8_record import TOLERANCE
     from serving.backends import BACKENDS, DEFAULT_BACKEND
 
     p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-                   help="what scores: the torch network, or the model's artifacts/model.onnx on ONNX Runtime "
-                        "(any task; explanations still use torch); auto: ONNX Runtime for a "
-                        f"classifier on CPUs, else torch. Default: {DEFAULT_BACKEND}")
+                   help="what scores: the torch network, the model's artifacts/model.onnx on ONNX Runtime (any "
+                        "task; explanations still use torch), or its artifacts/model.int8.onnx (onnx-int8; "
+                        "`visionserve quantize` adds one); auto: for a classifier on CPUs the INT8 file when it "
+                        f"lost at most {TOLERANCE * 100:g} point on the validation set, else model.onnx; else torch. "
+                        f"Default: {DEFAULT_BACKEND}")
 
 
 def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
