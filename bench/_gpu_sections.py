@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bench.gpu import BIN, clients, jpeg, nvidia_smi
+from bench.serve_throughput import stop_server
 
 if TYPE_CHECKING:
     from bench.gpu import Run
@@ -276,14 +277,8 @@ def serve(run: Run) -> dict:
 
 def _stop(run: Run) -> None:
     proc = run.cache.pop("server", None)
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    if proc is not None and proc.poll() is None:
+        stop_server(proc)
 
 
 def cleanup(run: Run) -> None:

@@ -41,7 +41,7 @@ os.environ.update({"OMP_WAIT_POLICY": "PASSIVE"})
 
 from bench._common import RESULTS, table, write  # noqa: E402
 from bench.inference_throughput import _folder, _jpeg  # noqa: E402
-from bench.serve_throughput import BIN, _stop, load  # noqa: E402
+from bench.serve_throughput import BIN, load, stop_server  # noqa: E402
 from models.runtime import free_port, wait_until_ready  # noqa: E402
 
 
@@ -211,7 +211,7 @@ def endpoint(folder: Path, jpeg: bytes, seconds: float, spy: bool, workdir: Path
                 shutil.copy(spy_out, RESULTS / "request_profile.spy.txt")  # the raw stacks, for a closer look
         return out
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def main() -> None:

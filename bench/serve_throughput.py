@@ -54,7 +54,7 @@ from models.runtime import free_port, wait_until_ready  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
@@ -131,7 +131,7 @@ def run_server(name: str, command: list[str], ready: str, route: str, bodies: li
             rows.append(row)
         return rows
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def in_process(folder: Path, jpegs: list[bytes], batches: tuple[int, ...] = (1, 16),

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import table, write  # noqa: E402
 from bench.inference_throughput import CASES, _folder, _jpeg  # noqa: E402
-from bench.serve_throughput import _rss_mb, _stop  # noqa: E402
+from bench.serve_throughput import _rss_mb, stop_server  # noqa: E402
 from loadtests.run import parse_duration, run_loadtest  # noqa: E402
 from models.runtime import free_port, wait_until_ready  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> None:
         soak, samples = _load_while_sampling(url, images, args, args.duration, workdir / "soak")
         final = _rss_mb(_replica)
     finally:
-        _stop(proc)
+        stop_server(proc)
     samples.append(final)
     peak = max(samples)
     row = {"case": args.case, "users": args.users, "warmup": args.warmup, "duration": args.duration,

@@ -54,7 +54,12 @@ def render(crop: torch.Tensor, attributions: torch.Tensor, title: str) -> str:
             ax.imshow(data)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    figure.suptitle(title, fontsize=11)
+    return _png(figure, title, 11)
+
+
+def _png(figure, title: str, size: int) -> str:
+    """The figure under its title → base64 PNG."""
+    figure.suptitle(title, fontsize=size)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -90,8 +95,4 @@ def render_detection(image: torch.Tensor, saliency: torch.Tensor, box: tuple[flo
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.5))
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _png(figure, title, 10)
