@@ -9,8 +9,7 @@ import asyncio
 import logging
 import shutil
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import ray
@@ -29,6 +28,7 @@ from serving.hub.api import (
 )
 from serving.hub.catalog import describe
 from serving.hub.replicas import model_id
+from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import Store, file_name, now
 from serving.hub.training import (
@@ -36,7 +36,6 @@ from serving.hub.training import (
     DATASET_KIND,
     EXPERIMENT,
     KIND_TASK,
-    Failed,
     evaluate_task,
     train_model,
 )
@@ -48,52 +47,8 @@ _TASK_KIND = {"image_classification": "Generic-Classifier", "image_classificatio
               "image_object_detection": "Generic-Detector", "image_instance_segmentation": "Generic-Detector"}
 
 
-class _Runner:
-    """The process of one training or evaluation: one handle to wait on and to kill. Killing it ends its Tune
-    trials, but Ray keeps the placement groups they held (and their CPUs) until the hub's driver exits, so a
-    training is first asked to stop through its cancel file (`Jobs.cancel`, `Jobs.stop_all`)."""
-
-    def run(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-        return fn(*args)
-
-
-@dataclass(eq=False)
-class Run:
-    actor: Any
-    ref: Any
-
-
-def _launch(fn: Callable[..., dict[str, Any]], *args: Any) -> Run:
-    actor = ray.remote(_Runner).options(num_cpus=0, max_restarts=0, max_task_retries=0).remote()
-    return Run(actor, actor.run.remote(fn, *args))
-
-
-def _end(run: Run) -> None:
-    try:
-        ray.kill(run.actor, no_restart=True)
-    except Exception:  # noqa: BLE001  (already gone, or Ray itself is stopping)
-        log.debug("hub: the run's actor was already gone")
-
-
-def _stopped_errors() -> tuple[type[BaseException], ...]:
-    return (ray.exceptions.RayActorError, ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError,
-            ray.exceptions.RayTaskError)
-
-
 def _registry():
     return mlflow.MlflowClient()
-
-
-def _failure(exc: BaseException, what: str) -> dict[str, Any]:
-    """A run that raised: its status and error as the API shows them. The API user sees the hub's own words (a
-    `Failed`'s code and message), never a remote traceback, a process id or a path of the server: those go to
-    the log."""
-    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the task's own exception
-    if isinstance(cause, Failed):
-        return {"status": "failed", "error": {"code": cause.code, "message": cause.message}}
-    log.error("hub: the %s failed: %s", what, exc)
-    return {"status": "failed", "error": {"code": "unknown", "message": f"the {what} stopped unexpectedly "
-                                          f"({type(cause).__name__}); the hub's log has the details"}}
 
 
 class Jobs:
@@ -125,7 +80,7 @@ class Jobs:
         if trainings:
             ray.wait([run.ref for run in trainings.values()], num_returns=len(trainings), timeout=grace_s)
         for run in runs.values():
-            _end(run)
+            end(run)
 
     def recover(self) -> None:
         """Trainings a restart interrupted end failed (cancelling ones cancelled), as do evaluations; trainings
@@ -214,19 +169,19 @@ class Jobs:
         record = self.store.update("models", name, _started=now())  # a restart now fails it, never reruns it
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
-        run = self.running[name] = _launch(train_model, self._order(record))
+        run = self.running[name] = launch(train_model, self._order(record))
         asyncio.get_running_loop().create_task(self._watch(name, run))
 
     async def _watch(self, name: str, run: Run) -> None:
         try:
             fields = await run.ref
-        except _stopped_errors() as exc:
+        except stopped_errors() as exc:
             cancelled = (self.store.get("models", name) or {}).get("status") == "cancelling"
-            fields = {"status": "cancelled"} if cancelled else _failure(exc, "training")
+            fields = {"status": "cancelled"} if cancelled else failure(exc, "training")
         finally:
             self.running.pop(name, None)
             self.queue.finished(name)
-            _end(run)
+            end(run)
             self.dispatch()
         record = self.store.get("models", name)
         if record is None or self.stopping:
@@ -274,7 +229,7 @@ class Jobs:
         """A training that has not stopped by itself within `grace_s` (still reading its data, say) is killed."""
         await asyncio.sleep(grace_s)
         if self.running.get(name) is run:
-            _end(run)
+            end(run)
 
     async def delete_model(self, name: str):
         record = self.store.get("models", name)
@@ -287,7 +242,7 @@ class Jobs:
         if record.get("_version") or record.get("_started"):  # a late cancel or a crash may have registered it
             await asyncio.to_thread(self._unregister, name)
         for key in [k for k in self.running if k.startswith(f"{name}/")]:  # its evaluations stop with it
-            _end(self.running.pop(key))
+            end(self.running.pop(key))
         self.store.delete("models", name)
         for folder in (self.store.job_dir(name), self.store.root / "evaluations" / file_name(name)):
             await asyncio.to_thread(shutil.rmtree, folder, True)
@@ -374,7 +329,7 @@ class Jobs:
             record = self.store.put("evaluations", {"name": name, "modelName": model, "createdDateTime": now(),
                                                     "status": "notStarted",
                                                     "evaluationParameters": {"testDatasetName": test}}, model)
-        run = self.running[f"{model}/{name}"] = _launch(evaluate_task, f"models:/{mid}", dataset, test,
+        run = self.running[f"{model}/{name}"] = launch(evaluate_task, f"models:/{mid}", dataset, test,
                                                         self.config.image_root, self.config.tracking_uri)
         asyncio.get_running_loop().create_task(self._watch_evaluation(model, name, run))
         return JSONResponse(public(record), 201)
@@ -384,12 +339,12 @@ class Jobs:
         try:
             fields = await run.ref
         except Exception as exc:  # noqa: BLE001
-            fields = _failure(exc, "evaluation")
+            fields = failure(exc, "evaluation")
         finally:
             owner = self.running.get(key) is run  # not when it was deleted (and perhaps created again) meanwhile
             if owner:
                 self.running.pop(key)
-            _end(run)
+            end(run)
         if owner and not self.stopping:
             self.store.update("evaluations", name, model, **fields)
 
@@ -403,7 +358,7 @@ class Jobs:
         """Removes the record; a running evaluation is stopped, and nothing it would have written is kept."""
         run = self.running.pop(f"{model}/{name}", None)
         if run is not None:
-            _end(run)
+            end(run)
         if not self.store.delete("evaluations", name, model):
             raise not_found("evaluation", name)
         return no_content()
