@@ -27,24 +27,20 @@ from serving.hub.api import (
     section,
 )
 from serving.hub.catalog import describe
+from serving.hub.model_request import model_request
 from serving.hub.replicas import model_id
 from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import Store, file_name, now
 from serving.hub.training import (
     CANCEL_FILE,
-    DATASET_KIND,
     EXPERIMENT,
-    KIND_TASK,
     evaluate_task,
     train_model,
 )
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
-MAX_BUDGET = {"image_classification": 336, "image_object_detection": 1344}
-_TASK_KIND = {"image_classification": "Generic-Classifier", "image_classification_multilabel": "Generic-Classifier",
-              "image_object_detection": "Generic-Detector", "image_instance_segmentation": "Generic-Detector"}
 
 
 def _registry():
@@ -102,32 +98,7 @@ class Jobs:
 
     async def create_model(self, name: str, request: Request) -> JSONResponse:
         doc = await json_body(request)
-        params = section(doc, "trainingParameters")
-        dataset_name = field(params, "trainingDatasetName")
-        if dataset_name is None or dataset_name == "":
-            raise ApiError(400, "InvalidArgument", "trainingParameters.trainingDatasetName is required",
-                           "trainingDatasetName")
-        dataset_name = resource_name(dataset_name, "trainingDatasetName", "dataset")
-        budget = field(params, "timeBudgetInHours")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1344:
-            raise ApiError(400, "InvalidArgument", f"trainingParameters.timeBudgetInHours={budget!r}: must be a number "
-                           "in (0, 1344] (fractions such as 0.05 are accepted)", "timeBudgetInHours")
-        dataset = self.store.get("datasets", dataset_name)
-        kind = field(params, "modelKind") or (DATASET_KIND[dataset["annotationKind"]] if dataset else None)
-        if kind is not None and (not isinstance(kind, str) or kind not in KIND_TASK):
-            raise ApiError(400, "InvalidArgument", f"modelKind={kind!r}: must be one of {', '.join(KIND_TASK)}",
-                           "modelKind")
-        kind = kind or "Generic-Classifier"
-        if budget > MAX_BUDGET[KIND_TASK[kind]]:
-            raise ApiError(400, "InvalidArgument", f"timeBudgetInHours={budget}: at most "
-                           f"{MAX_BUDGET[KIND_TASK[kind]]} for {kind}", "timeBudgetInHours")
-        test = field(section(doc, "evaluationParameters"), "testDatasetName")
-        test = resource_name(test, "testDatasetName", "dataset") if test not in (None, "") else None
-        record = {"name": name, "createdDateTime": now(), "status": "notStarted",
-                  "trainingParameters": {"trainingDatasetName": dataset_name, "timeBudgetInHours": budget,
-                                         "modelKind": kind}}
-        if test:
-            record["evaluationParameters"] = {"testDatasetName": test}
+        record = model_request(name, doc, lambda dataset: self.store.get("datasets", dataset))
         with self.store.lock:
             if self.store.get("models", name) is not None or self._registered(name)[0] is not None:
                 raise ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)

@@ -12,7 +12,8 @@ from typing import Any
 from mlflow import MlflowClient
 
 from models.tasks.metrics import primary_metric_name
-from serving.hub.training import EXPERIMENT, KIND_TASK
+from serving.hub.model_request import KIND_TASK
+from serving.hub.training import EXPERIMENT
 
 MAX_TRIALS = 100
 

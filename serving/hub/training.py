@@ -34,15 +34,13 @@ from models.tasks.architectures import get_architecture
 from models.tasks.performance import model_performance
 from models.tasks.registry import get_task
 from models.train import weights
+from serving.hub.model_request import DATASET_KIND, KIND_TASK
 from serving.hub.state import write_progress
 from serving.loading import ModelFolder
 from serving.predictor import Predictor
 from serving.scoring import Scoring
 
 EXPERIMENT = "visionserve-hub"  # the MLflow experiment of every hub training (its artifacts in --state-dir)
-KIND_TASK = {"Generic-Classifier": "image_classification", "Generic-Detector": "image_object_detection",
-             "Product-Recognizer": "image_object_detection"}
-DATASET_KIND = {"imageClassification": "Generic-Classifier", "imageObjectDetection": "Generic-Detector"}
 HOURS_PER_IMAGE = {"image_classification": 0.0003334, "image_object_detection": 0.0066667}  # the spec's minimum
 CANDIDATES = {"image_classification": ("mobilenetv2", "resnet18", "resnet34", "resnet50"),
               "image_object_detection": ("fasterrcnn_resnet18_fpn", "fasterrcnn_resnet34_fpn",
