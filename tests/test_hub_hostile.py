@@ -41,7 +41,7 @@ def hub(ray_session, tmp_path_factory):
     (root / "pic.png").write_bytes(_png((220, 30, 30)))
     yield {"client": client, "root": root}
     client.close()
-    serve.delete("hostile-hub")
+    serve.shutdown()  # the next module starts Serve on a port of its own
 
 
 N = "a" * 256  # one character over the name rule
