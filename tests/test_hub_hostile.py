@@ -16,7 +16,7 @@ from conftest import free_port
 from test_hub import KEY, V, _png, write_coco
 
 pytestmark = pytest.mark.slow
-QUOTAS = {"datasets": 4, "models": 11, "waiting": 9}
+QUOTAS = {"datasets": 4, "models": 11, "waiting_trainings": 9}
 
 
 @pytest.fixture(scope="module")

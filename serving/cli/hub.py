@@ -11,6 +11,7 @@ from serving.hub.scheduler import Quotas
 
 QUOTA_FLAGS = {"datasets": "datasets the hub keeps", "models": "models the hub keeps",
                "evaluations": "evaluations per model", "waiting_trainings": "trainings waiting for a slot (more: 429)"}
+# each a field of serving.hub.scheduler.Quotas, whose defaults the flags show
 
 
 def start(args: argparse.Namespace, *, block: bool = True) -> str:
@@ -23,11 +24,11 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     refuse_open_without_key(args, keyed=bool(args.api_key_file))
     counts = {"--cache-size": args.cache_size, "--model-replicas": args.model_replicas,
               "--max-concurrent-trainings": 1 if args.max_concurrent_trainings is None else args.max_concurrent_trainings,
-              **{f"--max-{what}": getattr(args, f"max_{what}") for what in QUOTA_FLAGS}}
+              **{f"--max-{what.replace('_', '-')}": getattr(args, f"max_{what}") for what in QUOTA_FLAGS}}
     low = [f"{flag} {value}: must be at least 1" for flag, value in counts.items() if value < 1]
     if low:
         raise SettingsError(low, "command line")
-    quotas = {("waiting" if what == "waiting_trainings" else what): getattr(args, f"max_{what}") for what in QUOTA_FLAGS}
+    quotas = {what: getattr(args, f"max_{what}") for what in QUOTA_FLAGS}
     hub = build_hub({"state_dir": args.state_dir, "image_root": args.image_root, "api_key_file": args.api_key_file,
                      "cache_size": args.cache_size, "model_replicas": args.model_replicas,
                      "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
@@ -63,6 +64,6 @@ def add_commands(sub: Any) -> None:
     defaults = Quotas()
     for what, help_ in QUOTA_FLAGS.items():
         p.add_argument(f"--max-{what.replace('_', '-')}", type=int, dest=f"max_{what}", help=help_,
-                       default=getattr(defaults, "waiting" if what == "waiting_trainings" else what))
+                       default=getattr(defaults, what))
     add_scoring_flags(p)
     p.set_defaults(func=_hub)

@@ -103,7 +103,7 @@ class Jobs:
             if self.store.get("models", name) is not None or self._registered(name)[0] is not None:
                 raise ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
             self.quotas.check("models", self.store.count("models"))
-            self.quotas.check("waiting", len(self.queue.waiting))
+            self.quotas.check("waiting_trainings", len(self.queue.waiting))
             record = self.store.put("models", record)
             self.queue.add(name)
         self.dispatch()

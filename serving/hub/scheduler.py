@@ -4,7 +4,6 @@ refused in the API's format before anything is written."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -15,20 +14,20 @@ class Quotas:
     datasets: int = 1000
     models: int = 500
     evaluations: int = 100  # per model
-    waiting: int = 20  # trainings queued behind the running ones
+    waiting_trainings: int = 20  # queued behind the running ones
 
     def check(self, what: str, count: int) -> None:
-        """Refuses adding one more `what` ("datasets", "models", "evaluations") when `count` already exist (400),
-        or one more waiting training (429: it may be asked again once others have started)."""
+        """Refuses adding one more `what` (a field's name) when `count` already exist: 400, or 429 for a waiting
+        training (it may be asked again once others have started). The flag is `--max-<what>`."""
         from serving.hub.api import ApiError  # here: the command line reads Quotas' defaults without FastAPI
 
         limit = getattr(self, what)
         if count < limit:
             return
-        flag = f"--max-{what}"
-        if what == "waiting":
+        flag = f"--max-{what.replace('_', '-')}"
+        if what == "waiting_trainings":
             error = ApiError(429, "TooManyRequests", f"{count} trainings are already waiting for a free slot (at "
-                             f"most {limit}, {flag}-trainings); try again when one has started")
+                             f"most {limit}, {flag}); try again when one has started")
             error.headers["Retry-After"] = "60"
             raise error
         raise ApiError(400, "QuotaExceeded", f"the hub already holds {count} {what} (at most {limit}, {flag}); "
@@ -43,7 +42,7 @@ class TrainingQueue:
         if slots < 1:
             raise ValueError("a training queue needs at least one slot")
         self.slots = slots
-        self.waiting: OrderedDict[str, None] = OrderedDict()
+        self.waiting: dict[str, None] = {}  # in insertion order: first come, first served
         self.running: set[str] = set()
 
     def add(self, name: str) -> None:
@@ -63,7 +62,8 @@ class TrainingQueue:
         """The waiting trainings that may start now, oldest first; they count as running from here on."""
         started = []
         while self.waiting and len(self.running) < self.slots:
-            name, _ = self.waiting.popitem(last=False)
+            name = next(iter(self.waiting))
+            del self.waiting[name]
             self.running.add(name)
             started.append(name)
         return started
