@@ -249,7 +249,7 @@ def test_docs_show_every_route_body_and_per_request_parameter(endpoint):
     assert {"tile_grid_size", "nms_iou_thresh", "min_size"} <= set(detection)
     assert {"mask_pixel_score_threshold", "image_type"} <= set(schemas["SegmentationParams"]["properties"])
     assert schemas["ClassificationParams"]["properties"]["valid_crop_size"]["minimum"] == 1
-    assert schemas["XaiParameters"]["properties"]["n_steps"]["maximum"] == 1000
+    assert schemas["ClassificationXaiParameters"]["properties"]["n_steps"]["maximum"] == 1000
     assert schemas["ExplanationEntry"]["required"] == ["image_base64"]
 
 
