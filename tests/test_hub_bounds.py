@@ -1,4 +1,6 @@
-"""The hub's bounds, on its own parts with real files (no Ray): a big dataset is indexed once and paged."""
+"""The hub's bounds and recovery, on its own parts with a real MLflow registry and real files (no Ray): a training
+registered before a crash is adopted (or removed, had it been cancelled) when the hub starts again; lookups of
+unknown model names stay at the cache's bound; a big dataset is indexed once and paged."""
 
 from __future__ import annotations
 
@@ -7,7 +9,106 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
+
+from conftest import tracking_at
+
+
+@pytest.fixture
+def hub_parts(tmp_path):
+    """(store, config, registry URI) of a hub whose state is `tmp_path/state`, its registry a SQLite file there."""
+    from serving.hub.app import HubConfig
+    from serving.hub.state import Store
+
+    store = Store(tmp_path / "state")
+    uri = f"sqlite:///{store.root / 'mlflow.db'}"
+    with tracking_at(uri):
+        yield store, HubConfig(state_dir=str(store.root), tracking_uri=uri, image_root=str(tmp_path)), uri
+
+
+def _jobs(store, config, **kwargs):
+    from serving.hub.jobs import Jobs
+    from serving.hub.scheduler import Quotas
+
+    return Jobs(store, config, 1, Quotas(), **kwargs)
+
+
+def _register_as_a_training_would(tmp_path: Path, name: str, run: str) -> str:
+    """A run with a model folder, registered by the hub training's own `register` (its tags in the same call)."""
+    import mlflow
+
+    from serving.hub.training import EXPERIMENT, register
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: serving.mlflow_model\n")
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run() as started:
+        mlflow.log_artifacts(str(folder), "mlflow-model")
+    tags = {"modelKind": "Generic-Classifier", "trainingCostInMinutes": "1.5000",
+            "modelPerformance": json.dumps({"accuracyTop1": 1.0})}
+    return register(started.info.run_id, name, run, tags).version
+
+
+def _crashed_record(store, name: str, status: str, run: str) -> None:
+    """A model record as a hub that crashed after its training registered the model leaves it."""
+    store.put("models", {"name": name, "status": status, "createdDateTime": "2026-01-01T00:00:00Z",
+                         "_started": "2026-01-01T00:00:01Z", "_run": run,
+                         "trainingParameters": {"modelKind": "Generic-Classifier", "trainingDatasetName": "d",
+                                                "timeBudgetInHours": 1}})
+
+
+def test_a_version_registered_before_a_crash_is_adopted_when_the_hub_starts_again(hub_parts, tmp_path):
+    store, config, _ = hub_parts
+    _jobs(store, config)  # the hub that crashes: its experiment made
+    _crashed_record(store, "crashed", "training", "run-1")
+    version = _register_as_a_training_would(tmp_path, "crashed", "run-1")
+
+    jobs = _jobs(store, config)
+    jobs.recover()
+    record = store.get("models", "crashed")
+    assert record["status"] == "succeeded" and "error" not in record
+    assert record["_version"] == version and record["modelPerformance"] == {"accuracyTop1": 1.0}
+    assert record["trainingCostInMinutes"] == 1.5
+    assert jobs.model_id("crashed").endswith(f"/{version}")  # served by name
+
+
+def test_a_version_a_cancelled_training_registered_before_a_crash_is_removed_freeing_the_name(hub_parts, tmp_path):
+    import mlflow
+
+    store, config, _ = hub_parts
+    _jobs(store, config)
+    _crashed_record(store, "late", "cancelling", "run-2")
+    _register_as_a_training_would(tmp_path, "late", "run-2")
+
+    jobs = _jobs(store, config)
+    jobs.recover()
+    assert store.get("models", "late")["status"] == "cancelled"
+    assert mlflow.MlflowClient().search_model_versions("name='late'") == []
+    assert jobs._registered("late") == (None, {})  # a PUT of the name is not refused as registered
+
+
+def test_an_interrupted_training_that_registered_nothing_still_fails_saying_the_hub_restarted(hub_parts, tmp_path):
+    store, config, _ = hub_parts
+    _jobs(store, config)
+    _crashed_record(store, "cut", "training", "run-3")
+    _register_as_a_training_would(tmp_path, "other", "run-3")  # another name's version is not this record's
+
+    _jobs(store, config).recover()
+    record = store.get("models", "cut")
+    assert record["status"] == "failed" and "restarted" in record["error"]["message"]
+
+
+def test_lookups_of_many_unknown_model_names_leave_the_name_cache_at_its_bound(hub_parts):
+    from serving.hub.api import ApiError
+
+    store, config, _ = hub_parts
+    jobs = _jobs(store, config, names_kept=16)
+    for n in range(40):
+        with pytest.raises(ApiError):
+            jobs.model_id(f"unknown-{n}")
+    assert len(jobs._names) == 16
 
 
 def _big_dataset(folder: Path, images: int) -> Path:
