@@ -1,6 +1,7 @@
 """The hub's bounds and recovery, on its own parts with a real MLflow registry and real files (no Ray): a training
-registered before a crash is adopted (or removed, had it been cancelled) when the hub starts again; lookups of
-unknown model names stay at the cache's bound; a big dataset is indexed once and paged."""
+registered before a crash is adopted (or removed, had it been cancelled) when the hub starts again, and one
+registered after a cancel is removed when the training ends; lookups of unknown model names stay at the cache's
+bound; a big dataset is indexed once and paged."""
 
 from __future__ import annotations
 
@@ -87,6 +88,21 @@ def test_a_version_a_cancelled_training_registered_before_a_crash_is_removed_fre
     assert store.get("models", "late")["status"] == "cancelled"
     assert mlflow.MlflowClient().search_model_versions("name='late'") == []
     assert jobs._registered("late") == (None, {})  # a PUT of the name is not refused as registered
+
+
+def test_a_version_registered_after_a_cancel_is_removed_with_the_training(hub_parts, tmp_path):
+    import asyncio
+
+    import mlflow
+
+    store, config, _ = hub_parts
+    jobs = _jobs(store, config)
+    _crashed_record(store, "late", "cancelling", "run-4")
+    version = _register_as_a_training_would(tmp_path, "late", "run-4")
+
+    asyncio.run(jobs._finish("late", {"status": "succeeded", "modelVersion": version, "trainingCostInMinutes": 2}))
+    assert store.get("models", "late")["status"] == "cancelled"
+    assert mlflow.MlflowClient().search_model_versions("name='late'") == []
 
 
 def test_an_interrupted_training_that_registered_nothing_still_fails_saying_the_hub_restarted(hub_parts, tmp_path):

@@ -200,10 +200,16 @@ class Jobs:
             self.queue.finished(name)
             end(run)
             self.dispatch()
+        await self._finish(name, fields)
+
+    async def _finish(self, name: str, fields: dict[str, Any]) -> None:
+        """A training's result written on its record; a version registered after a `:cancel` is removed with it."""
         record = self.store.get("models", name)
         if record is None or self.stopping:
-            return
+            return  # stopping: the next start adopts (or removes) what it registered
         if record["status"] == "cancelling":
+            if fields.get("modelVersion"):
+                await asyncio.to_thread(self._unregister, name)
             fields = {"status": "cancelled", "trainingCostInMinutes": fields.get("trainingCostInMinutes", 0)}
         private = {"_version": fields.pop("modelVersion", None), "_uri": fields.pop("modelUri", None),
                    "_architecture": fields.pop("architecture", None), "_task": fields.pop("task", None),
