@@ -12,7 +12,7 @@ import pytest
 
 from serving.cli import main as cli
 from serving.hub.state import AlreadyExists, StateDbError, Store
-from tests.postgres import Postgres
+from postgres import Postgres
 
 
 @pytest.fixture(scope="module")
