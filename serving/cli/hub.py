@@ -30,11 +30,12 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     if low:
         raise SettingsError(low, "command line")
     quotas = {what: getattr(args, f"max_{what}") for what in QUOTA_FLAGS}
-    state = _open_state(args)
+    limits = scoring_limits(args)
+    state = _open_state(args)  # after every flag is checked: a refused command line writes nothing
     hub = build_hub({"state_dir": args.state_dir, "state_db": args.state_db, "image_root": args.image_root, "api_key_file": args.api_key_file,
                      "cache_size": args.cache_size, "model_replicas": args.model_replicas,
                      "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
-                     "max_concurrent_trainings": args.max_concurrent_trainings, **scoring_limits(args)})
+                     "max_concurrent_trainings": args.max_concurrent_trainings, **limits})
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: hub, "visionserve-hub", f"visionserve hub at {url}  (state in "
                              f"{state}; /computervision/..., POST /score, GET /models)",
