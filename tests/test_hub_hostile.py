@@ -1,7 +1,9 @@
 """The hub as a hostile or careless client with a valid key meets it, over HTTP on a real Ray Serve app: a corpus
 of bad requests over every route, each a 4xx in the API's format (never a 500, a traceback or a path of the
 server) with the hub answering a good request afterwards; quotas refused before anything is written; a burst of
-trainings queued behind the configured number and cancelled cleanly, their CPUs given back."""
+trainings queued behind the configured number and cancelled cleanly, their CPUs given back; racing creates of one
+name. Its records are in a real PostgreSQL (--state-db), so that every rule here holds on the clusters' store too
+(tests/test_hub.py keeps the embedded SQLite)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import httpx
 import pytest
 
 from conftest import free_port
+from postgres import Postgres
+from serving.hub.state import Store
 from test_hub import KEY, V, _png, write_coco
 
 pytestmark = pytest.mark.slow
@@ -21,25 +25,30 @@ QUOTAS = {"datasets": 4, "models": 11, "waiting_trainings": 9}
 
 @pytest.fixture(scope="module")
 def hub(ray_session, tmp_path_factory):
-    """A hub allowed one training at a time, with small quotas."""
+    """A hub allowed one training at a time, with small quotas, its records in PostgreSQL."""
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "key").write_text(KEY)
+    port = free_port()
+    with Postgres() as state_db:
+        yield from _hub_on(root, port, state_db)
+
+
+def _hub_on(root, port: int, state_db: str):
     from ray import serve
 
     from serving.hub.app import build_hub
 
-    root = tmp_path_factory.mktemp("hostile")
-    (root / "key").write_text(KEY)
-    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_hub({"state_dir": str(root / "state"), "image_root": str(root), "api_key_file": str(root / "key"),
-                         "model_cpus": 0.3, "max_concurrent_trainings": 1, "quotas": QUOTAS}),
-              name="hostile-hub", route_prefix="/")
+    serve.run(build_hub({"state_dir": str(root / "state"), "state_db": state_db, "image_root": str(root),
+                         "api_key_file": str(root / "key"), "model_cpus": 0.3, "max_concurrent_trainings": 1,
+                         "quotas": QUOTAS}), name="hostile-hub", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Ocp-Apim-Subscription-Key": KEY},
                           params=V, timeout=120)
     coco = write_coco(root / "cls", "imageClassification")
     assert client.put("/computervision/datasets/cls", json={
         "annotationKind": "imageClassification", "annotationFileUris": [str(coco)]}).status_code == 201
     (root / "pic.png").write_bytes(_png((220, 30, 30)))
-    yield {"client": client, "root": root}
+    yield {"client": client, "root": root, "state_db": state_db}
     client.close()
     serve.shutdown()  # the next module starts Serve on a port of its own
 
@@ -222,5 +231,17 @@ def test_an_evaluation_of_an_unknown_model_writes_nothing(hub):
     answer = client.put("/computervision/models/ghost/evaluations/e1",
                         json={"evaluationParameters": {"testDatasetName": "cls"}})
     assert answer.status_code == 404
-    assert not (hub["root"] / "state" / "evaluations" / "ghost").exists()
+    records = Store(hub["root"] / "reader", hub["state_db"])
+    assert records.count("evaluations", "ghost") == 0 and records.get("models", "ghost") is None
     assert json.loads(client.get("/health/ready").text)["status"] == "ready"
+
+
+def test_of_eight_puts_of_one_name_at_once_exactly_one_creates_it(hub):
+    client, coco = hub["client"], str(write_coco(hub["root"] / "raced", "imageClassification"))
+    body = {"annotationKind": "imageClassification", "annotationFileUris": [coco]}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.put("/computervision/datasets/raced", json=body), range(8)))
+    assert sorted(a.status_code for a in answers) == [201] + [409] * 7
+    assert {a.headers["x-ms-error-code"] for a in answers if a.status_code == 409} == {"DatasetAlreadyExists"}
+    assert [d["name"] for d in client.get("/computervision/datasets").json()["value"]].count("raced") == 1
+    assert client.delete("/computervision/datasets/raced").status_code == 204

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from models.errors import SettingsError
@@ -29,14 +30,29 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     if low:
         raise SettingsError(low, "command line")
     quotas = {what: getattr(args, f"max_{what}") for what in QUOTA_FLAGS}
-    hub = build_hub({"state_dir": args.state_dir, "image_root": args.image_root, "api_key_file": args.api_key_file,
+    limits = scoring_limits(args)
+    state = _open_state(args)  # after every flag is checked: a refused command line writes nothing
+    hub = build_hub({"state_dir": args.state_dir, "state_db": args.state_db, "image_root": args.image_root, "api_key_file": args.api_key_file,
                      "cache_size": args.cache_size, "model_replicas": args.model_replicas,
                      "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
-                     "max_concurrent_trainings": args.max_concurrent_trainings, **scoring_limits(args)})
+                     "max_concurrent_trainings": args.max_concurrent_trainings, **limits})
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: hub, "visionserve-hub", f"visionserve hub at {url}  (state in "
-                             f"{args.state_dir}; /computervision/..., POST /score, GET /models)",
+                             f"{state}; /computervision/..., POST /score, GET /models)",
                              "shutting down the hub", block=block)
+
+
+def _open_state(args: argparse.Namespace) -> str:
+    """The records' database, reached (and a JSON state folder imported) before Ray starts: a wrong --state-db is
+    the command line's error, not a replica's. Where the state is, as it is shown (no password)."""
+    from serving.hub.state import StateDbError, Store
+
+    try:
+        store = Store(args.state_dir, args.state_db)
+    except StateDbError as exc:
+        raise SettingsError([str(exc)], "command line") from None
+    store.engine.dispose()
+    return f"{args.state_dir}, records in {store.shown_url}" if args.state_db else args.state_dir
 
 
 def _hub(args: argparse.Namespace) -> int:
@@ -51,6 +67,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--state-dir", default="visionserve-hub", help="datasets, models, evaluations and the "
                    "Model Registry (sqlite) live here; everything survives a restart")
+    p.add_argument("--state-db", default=os.environ.get("VISIONSERVE_STATE_DB"), help="the records' database: "
+                   "postgresql://USER:PASSWORD@HOST:PORT/DB for several hub ingress replicas (default: SQLite in "
+                   "--state-dir; also read from VISIONSERVE_STATE_DB, which keeps a password off the command line)")
     p.add_argument("--image-root", help="where cloud blob URLs of COCO files and images are mapped to local files")
     p.add_argument("--api-key-file", help="require Ocp-Apim-Subscription-Key (or Authorization: Bearer) with this key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key-file")

@@ -35,7 +35,7 @@ from serving.hub.predict import analyze, automl, image
 from serving.hub.progress import training_progress
 from serving.hub.replicas import hub_models
 from serving.hub.scheduler import Quotas, default_slots
-from serving.hub.state import Store
+from serving.hub.state import Store, database_url
 from serving.scoring import ScoringLimits
 from serving.studio import add_studio
 
@@ -49,6 +49,7 @@ class HubConfig:
     tracking_uri: str
     image_root: str | None = None
     api_key_sha256: str | None = None
+    state_db: str | None = None  # the records' database URL (None: SQLite in state_dir; serving.hub.state)
     cache_size: int = 3  # models kept per HubModels replica
     max_concurrent_trainings: int | None = None  # None: serving.hub.scheduler.default_slots of the cluster's CPUs
     quotas: dict[str, int] = field(default_factory=dict)  # Quotas' fields
@@ -95,7 +96,7 @@ class HubService:
         self.config = HubConfig(**config)
         self.access = Access(self.config.api_key_sha256, unauthorized, ("ocp-apim-subscription-key",))
         self.limits = ScoringLimits(**self.config.limits)
-        self.store = Store(self.config.state_dir)
+        self.store = Store(self.config.state_dir, self.config.state_db)
         self.views = DatasetViews(self.config.image_root)  # what the studio reads of datasets
         self.models = models  # the HubModels deployment handle
         self.quotas = Quotas(**self.config.quotas)
@@ -235,12 +236,13 @@ class HubService:
 
 
 def build_hub(args: dict[str, Any]) -> serve.Application:
-    """Application builder: `state_dir`, optional `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
+    """Application builder: `state_dir`, optional `state_db` (the records' database URL), `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
     `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment variables),
     `max_concurrent_trainings`, `quotas` (serving.hub.scheduler.Quotas' fields), and ScoringLimits' fields (the same limits, batching and explanation admission as `visionserve serve`)."""
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
+    database_url(args.get("state_db"), state)  # a malformed or unsupported URL is refused here, not in a replica
     key_file = args.pop("api_key_file", None)
     replicas = int(args.pop("model_replicas", 1))
     cpus = float(args.pop("model_cpus", 0.5))

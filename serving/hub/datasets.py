@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from models.data.coco_files import CocoProblems, read_coco_files
 from serving.hub.api import ApiError, field, json_body, no_content, not_found, page, public, resource_name
 from serving.hub.scheduler import Quotas
-from serving.hub.state import Store, now
+from serving.hub.state import AlreadyExists, Store, now
 
 KINDS = {"imageclassification": "imageClassification", "multiclassclassification": "imageClassification",
          "imageobjectdetection": "imageObjectDetection", "objectdetection": "imageObjectDetection"}
@@ -77,11 +77,12 @@ async def register_dataset(store: Store, name: str, request: Request, config: An
         record["authentication"] = {"kind": field(auth, "kind", "none")}  # a SAS token is never stored
     if properties:
         record["customProperties"] = properties
-    with store.lock:
-        if store.get("datasets", name) is not None:
-            raise ApiError(409, "DatasetAlreadyExists", f"dataset {name!r} already exists", name)
-        quotas.check("datasets", store.count("datasets"))
-        return JSONResponse(public(store.put("datasets", record)), 201)
+    try:
+        created = await asyncio.to_thread(store.create, "datasets", record,
+                                          check=lambda count: quotas.check("datasets", count))
+    except AlreadyExists:
+        raise ApiError(409, "DatasetAlreadyExists", f"dataset {name!r} already exists", name) from None
+    return JSONResponse(public(created), 201)
 
 
 async def update_dataset(store: Store, name: str, request: Request, config: Any) -> JSONResponse:
@@ -98,22 +99,17 @@ async def update_dataset(store: Store, name: str, request: Request, config: Any)
         changes["annotationFileUris"] = _uris(field(doc, "annotationFileUris"))
         await asyncio.to_thread(_check_files, changes["annotationFileUris"], record["annotationKind"],
                                 config.image_root)
-    with store.lock:
-        record = store.get("datasets", name)
-        if record is None:
-            raise not_found("dataset", name)
-        _if_match(request, record)
-        return JSONResponse(public(store.put("datasets", {**record, **changes})))
+    updated = await asyncio.to_thread(store.update, "datasets", name, check=lambda r: _if_match(request, r),
+                                      **changes)
+    if updated is None:
+        raise not_found("dataset", name)
+    return JSONResponse(public(updated))
 
 
 async def delete_dataset(store: Store, name: str, request: Request):
     name = resource_name(name, "name", "dataset")
-    with store.lock:
-        record = store.get("datasets", name)
-        if record is None:
-            raise not_found("dataset", name)
-        _if_match(request, record)
-        store.delete("datasets", name)
+    if not await asyncio.to_thread(store.delete, "datasets", name, check=lambda r: _if_match(request, r)):
+        raise not_found("dataset", name)
     return no_content()
 
 

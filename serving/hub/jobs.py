@@ -34,14 +34,8 @@ from serving.hub.model_request import model_request
 from serving.hub.replicas import model_id
 from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
-from serving.hub.state import Store, file_name, now
-from serving.hub.training import (
-    CANCEL_FILE,
-    EXPERIMENT,
-    RUN_TAG,
-    evaluate_task,
-    train_model,
-)
+from serving.hub.state import AlreadyExists, Store, now
+from serving.hub.training import CANCEL_FILE, EXPERIMENT, RUN_TAG, evaluate_task, train_model
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
@@ -142,14 +136,16 @@ class Jobs:
     async def create_model(self, name: str, request: Request) -> JSONResponse:
         doc = await json_body(request)
         record = model_request(name, doc, lambda dataset: self.store.get("datasets", dataset))
-        registered = (await asyncio.to_thread(self._registered, name))[0]
-        with self.store.lock:
-            if self.store.get("models", name) is not None or registered is not None:
-                raise ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
-            self.quotas.check("models", self.store.count("models"))
-            self.quotas.check("waiting_trainings", len(self.queue.waiting))
-            record = self.store.put("models", record)
-            self.queue.add(name)
+        exists = ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
+        if (await asyncio.to_thread(self._registered, name))[0] is not None:  # registered the usual MLflow way
+            raise exists
+        self.quotas.check("waiting_trainings", len(self.queue.waiting))
+        try:
+            record = await asyncio.to_thread(self.store.create, "models", record,
+                                             check=lambda count: self.quotas.check("models", count))
+        except AlreadyExists:
+            raise exists from None
+        self.queue.add(name)
         self.dispatch()
         return JSONResponse(public(record), 201)
 
@@ -266,9 +262,9 @@ class Jobs:
             await asyncio.to_thread(self._unregister, name)
         for key in [k for k in self.running if k.startswith(f"{name}/")]:  # its evaluations stop with it
             end(self.running.pop(key))
-        self.store.delete("models", name)
-        for folder in (self.store.job_dir(name), self.store.root / "evaluations" / file_name(name)):
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+        await asyncio.to_thread(self.store.delete_all, "evaluations", name)
+        await asyncio.to_thread(self.store.delete, "models", name)
+        await asyncio.to_thread(shutil.rmtree, self.store.job_dir(name), True)
         return no_content()
 
     @staticmethod
@@ -352,13 +348,14 @@ class Jobs:
         dataset = self.store.get("datasets", test)
         if dataset is None:
             raise ApiError(404, "datasetNotFound", f"testDatasetName: dataset {test!r} does not exist", "testDatasetName")
-        with self.store.lock:
-            if self.store.get("evaluations", name, model) is not None:
-                raise ApiError(409, "EvaluationAlreadyExists", f"evaluation {name!r} of model {model!r} already exists")
-            self.quotas.check("evaluations", self.store.count("evaluations", model))
-            record = self.store.put("evaluations", {"name": name, "modelName": model, "createdDateTime": now(),
-                                                    "status": "notStarted",
-                                                    "evaluationParameters": {"testDatasetName": test}}, model)
+        record = {"name": name, "modelName": model, "createdDateTime": now(), "status": "notStarted",
+                  "evaluationParameters": {"testDatasetName": test}}
+        try:
+            record = await asyncio.to_thread(self.store.create, "evaluations", record, model,
+                                             check=lambda count: self.quotas.check("evaluations", count))
+        except AlreadyExists:
+            raise ApiError(409, "EvaluationAlreadyExists",
+                           f"evaluation {name!r} of model {model!r} already exists") from None
         run = self.running[f"{model}/{name}"] = launch(evaluate_task, f"models:/{mid}", dataset, test,
                                                         self.config.image_root, self.config.tracking_uri)
         asyncio.get_running_loop().create_task(self._watch_evaluation(model, name, run))
