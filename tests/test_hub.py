@@ -371,6 +371,10 @@ def test_every_call_needs_the_key_in_either_header(hub):
     assert httpx.get(f"{hub['url']}/health/live").status_code == 200
 
 
+def test_the_unkeyed_readiness_probe_reads_and_tells_nothing_of_the_models(hub):
+    assert httpx.get(f"{hub['url']}/health/ready").json() == {"status": "ready"}
+
+
 def test_cancel_stops_the_training_and_frees_its_cpus(hub, registered):
     free_before = _free_cpus()
     progress = hub["root"] / "state" / "jobs" / "tocancel" / "progress.json"

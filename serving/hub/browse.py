@@ -1,6 +1,7 @@
 """The studio's look at a registered dataset (`GET /datasets/{name}/contents`, `/datasets/{name}/images/{index}`):
-its images with their annotations, counts per category, the problems its files have now (each naming its file
-and the annotation or image id), and one image at a time as a JPEG thumbnail.
+its images with their annotations, counts per category, the problems its files have (each naming its file and
+the annotation or image id), and one image at a time as a JPEG thumbnail. A dataset is indexed once per version of
+its record and COCO files (`ContentsIndex`, a few kept); a page then opens only its own rows' image headers.
 
 An image is named by its place in the dataset, never by a path: only an image the dataset's COCO files name is
 read, under the rules that registration applies (`read_coco_files(..., confined=True)`: the files and their
@@ -15,6 +16,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +67,29 @@ def _size(path: str, root: str | None) -> tuple[int, int] | None:
         return None
 
 
+@dataclass(frozen=True)
+class ContentsIndex:
+    """A dataset's contents read once (every COCO file parsed, every image header checked): its records, labels,
+    counts and problems as of `signature`; a page then reads only its own rows' image headers."""
+
+    signature: tuple
+    readable: bool  # the annotations could be read (the grid shows them even when images have problems)
+    records: list
+    labels: list[str]
+    counts: dict[str, int]
+    annotations: int
+    problems: list[str]
+
+
 class DatasetViews:
-    """What the studio reads of datasets; the records of the last few kept while their COCO files are unchanged."""
+    """What the studio reads of datasets: the index of the last `keep` viewed, each used while the dataset's
+    record and COCO files are unchanged (a change to an image file alone shows on its row, and in the problems
+    once the dataset is changed again)."""
 
     def __init__(self, image_root: str | None, keep: int = 4):
         self.image_root = image_root
         self.keep = keep
-        self._records: OrderedDict[str, tuple[tuple, list]] = OrderedDict()
+        self._indexes: OrderedDict[str, ContentsIndex] = OrderedDict()
         self._lock = threading.Lock()
 
     def _read(self, record: dict[str, Any], check_images: bool):
@@ -79,7 +97,7 @@ class DatasetViews:
                                check_images=check_images, confined=True)
 
     def _signature(self, record: dict[str, Any]) -> tuple:
-        """The dataset's version and each COCO file's identity and mtime: a change to any reads them again."""
+        """The dataset's version and each COCO file's identity and mtime: a change to any indexes it again."""
         root = Path(self.image_root) if self.image_root else None
         out: list[Any] = [record.get("eTag")]
         for uri in record["annotationFileUris"]:
@@ -90,30 +108,8 @@ class DatasetViews:
             out.append((uri, found.st_ino, found.st_mtime_ns, found.st_size) if found else (uri,))
         return tuple(out)
 
-    def _keep(self, name: str, signature: tuple, records: list) -> None:
-        with self._lock:
-            self._records[name] = (signature, records)
-            self._records.move_to_end(name)
-            while len(self._records) > self.keep:
-                self._records.popitem(last=False)
-
-    def records(self, record: dict[str, Any]) -> list:
-        """The dataset's records; ApiError 409 `datasetCorrupt` when its files cannot be read now."""
-        name, signature = record["name"], self._signature(record)
-        with self._lock:
-            hit = self._records.get(name)
-        if hit is not None and hit[0] == signature:
-            return hit[1]
-        try:
-            coco = self._read(record, check_images=False)
-        except CocoProblems as exc:
-            raise ApiError(409, "datasetCorrupt", f"dataset {name!r} cannot be read now: {exc}", name) from None
-        self._keep(name, signature, coco.records)
-        return coco.records
-
-    def contents(self, record: dict[str, Any], skip: int, top: int) -> dict[str, Any]:
-        """A page of images with their annotations, the counts per category and every problem (images checked)."""
-        signature, problems, coco = self._signature(record), [], None
+    def _build(self, record: dict[str, Any], signature: tuple) -> ContentsIndex:
+        problems, coco = [], None
         try:
             coco = self._read(record, check_images=True)
         except CocoProblems as exc:
@@ -123,19 +119,48 @@ class DatasetViews:
             except CocoProblems:
                 coco = None
         records = coco.records if coco is not None else []
-        if coco is not None:
-            self._keep(record["name"], signature, records)
+        return ContentsIndex(signature, coco is not None, records, coco.labels if coco else [],
+                             coco.counts if coco else {}, sum(len(_annotations(r.label)) for r in records), problems)
+
+    def index(self, record: dict[str, Any]) -> ContentsIndex:
+        """The dataset's index: kept, or built now (and kept, the least recently viewed forgotten)."""
+        name, signature = record["name"], self._signature(record)
+        with self._lock:
+            kept = self._indexes.get(name)
+            if kept is not None and kept.signature == signature:
+                self._indexes.move_to_end(name)
+                return kept
+        built = self._build(record, signature)
+        with self._lock:
+            self._indexes[name] = built
+            self._indexes.move_to_end(name)
+            while len(self._indexes) > self.keep:
+                self._indexes.popitem(last=False)
+        return built
+
+    def records(self, record: dict[str, Any]) -> list:
+        """The dataset's records; ApiError 409 `datasetCorrupt` when its files cannot be read now."""
+        index = self.index(record)
+        if not index.readable:
+            name = record["name"]
+            raise ApiError(409, "datasetCorrupt", f"dataset {name!r} cannot be read now: "
+                           f"{CocoProblems(index.problems)}", name)
+        return index.records
+
+    def contents(self, record: dict[str, Any], skip: int, top: int) -> dict[str, Any]:
+        """A page of images with their annotations (only its rows' image headers read), the counts per category
+        and every problem."""
+        index = self.index(record)
         shown = []
-        for index, r in enumerate(records[skip:skip + top], start=skip):
+        for number, r in enumerate(index.records[skip:skip + top], start=skip):
             size = _size(r.image, self.image_root)
-            shown.append({"index": index, "id": r.line, "file": r.source, "name": Path(r.image).name,
+            shown.append({"index": number, "id": r.line, "file": r.source, "name": Path(r.image).name,
                           "width": size[0] if size else None, "height": size[1] if size else None,
                           "annotations": _annotations(r.label)})
-        return {"name": record["name"], "annotationKind": record["annotationKind"], "valid": not problems,
-                "problems": problem_entries(problems), "labels": coco.labels if coco else [],
-                "counts": coco.counts if coco else {},
-                "annotations": sum(len(_annotations(r.label)) for r in records),
-                "images": {"total": len(records), "skip": skip, "top": top, "value": shown}}
+        return {"name": record["name"], "annotationKind": record["annotationKind"], "valid": not index.problems,
+                "problems": problem_entries(index.problems), "labels": index.labels, "counts": index.counts,
+                "annotations": index.annotations,
+                "images": {"total": len(index.records), "skip": skip, "top": top, "value": shown}}
 
     def _confined(self, path: str, where: str) -> None:
         if not self.image_root:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from typing import Any
@@ -39,7 +40,7 @@ def describe(record: dict[str, Any], store: Store) -> dict[str, Any]:
 async def metadata(service: Any, name: str) -> JSONResponse:
     """`GET /models/{name}/metadata`: what `/metadata` answers on `visionserve serve`, from a replica that holds the
     model (404 unknown, 409 not trained yet)."""
-    mid = service.jobs.model_id(name)
+    mid = await asyncio.to_thread(service.jobs.model_id, name)
     answer = await service.models.options(multiplexed_model_id=mid).metadata.remote()
     return JSONResponse({**answer, "model": name, "version": mid.rsplit("/", 1)[1],
                          "explanations": bool(answer["xai_parameters"])})

@@ -6,13 +6,16 @@ run that owns it (a deleted evaluation's run is stopped, and its result dropped)
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 import shutil
-import time
+import threading
 from typing import Any
 
 import mlflow
 import ray
+from cachetools import TTLCache
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -32,15 +35,13 @@ from serving.hub.replicas import model_id
 from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import AlreadyExists, Store, now
-from serving.hub.training import (
-    CANCEL_FILE,
-    EXPERIMENT,
-    evaluate_task,
-    train_model,
-)
+from serving.hub.training import CANCEL_FILE, EXPERIMENT, RUN_TAG, evaluate_task, train_model
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
+INTERRUPTED = "the hub stopped while this ran"  # how a failed record that a restart ended begins its message
+NAMES_KEPT = 1024  # registry look-ups kept (a client may name any number of unknown models)
+NAMES_TTL_S = 5  # how long one is trusted: a model registered elsewhere is served within this
 
 
 def _registry():
@@ -48,7 +49,7 @@ def _registry():
 
 
 class Jobs:
-    def __init__(self, store: Store, config: Any, slots: int, quotas: Quotas):
+    def __init__(self, store: Store, config: Any, slots: int, quotas: Quotas, names_kept: int = NAMES_KEPT):
         self.store, self.config, self.quotas = store, config, quotas
         self.queue = TrainingQueue(slots)
         mlflow.set_tracking_uri(config.tracking_uri)
@@ -56,7 +57,8 @@ class Jobs:
             mlflow.create_experiment(EXPERIMENT, artifact_location=(store.root / "mlartifacts").as_uri())
         self.running: dict[str, Run] = {}  # model or "model/evaluation" → its actor and result
         self.stopping = False  # once the hub stops, results are no longer written (the next start fails them)
-        self._names: dict[str, tuple[float, str | None, dict]] = {}  # registry lookups, kept a few seconds
+        self._names: TTLCache = TTLCache(names_kept, NAMES_TTL_S)  # name → (latest version, its tags)
+        self._names_lock = threading.Lock()  # looked up from the routes' worker threads
 
     # ------------------------------------------------------------------ restart, shutdown
 
@@ -79,20 +81,55 @@ class Jobs:
             end(run)
 
     def recover(self) -> None:
-        """Trainings a restart interrupted end failed (cancelling ones cancelled), as do evaluations; trainings
-        that were still waiting for a slot wait again, in their order."""
-        message = f"the hub stopped while this ran (restarted at {now()}); start it again"
+        """Trainings a restart interrupted end failed (cancelling ones cancelled), as do evaluations, unless the
+        training had registered its model before the hub stopped (`_settle`); trainings that were still waiting
+        for a slot wait again, in their order."""
+        message = f"{INTERRUPTED} (restarted at {now()}); start it again"
         for record in self.store.all("models"):
             if record["status"] == "notStarted" and not record.get("_started"):
                 self.queue.add(record["name"])
-            elif record["status"] in ACTIVE:
-                status = "cancelled" if record["status"] == "cancelling" else "failed"
-                error = {} if status == "cancelled" else {"error": {"code": "unknown", "message": message}}
-                self.store.update("models", record["name"], status=status, **error)
+            elif record["status"] in ACTIVE or (record["status"] == "failed" and not record.get("_version") and
+                                                 record.get("error", {}).get("message", "").startswith(INTERRUPTED)):
+                self._settle(record, message)
             for evaluation in self.store.all("evaluations", record["name"]):
                 if evaluation["status"] in ("notStarted", "running"):
                     self.store.update("evaluations", evaluation["name"], record["name"], status="failed",
                                       error={"code": "unknown", "message": message})
+
+    def _settle(self, record: dict[str, Any], message: str) -> None:
+        """An interrupted training's record and registry made to agree: a version this run registered (tagged with
+        its `_run`) is adopted, the record succeeding with it; a cancelled run's versions are removed; else the
+        record fails. A crash between registering and writing the record never leaves a name that is registered
+        but not the record's, which no DELETE would free."""
+        name = record["name"]
+        versions = self._run_versions(record)
+        if record["status"] == "cancelling":
+            if versions:
+                self._unregister(name)
+            self.store.update("models", name, status="cancelled")
+        elif versions:
+            latest = max(versions, key=lambda v: int(v.version))
+            tags = dict(latest.tags or {})
+            adopted = {k: v for k, v in record.items() if k != "error"}
+            self.store.put("models", {**adopted, "status": "succeeded", "_version": latest.version,
+                                      "_uri": f"models:/{name}/{latest.version}",
+                                      "modelPerformance": json.loads(tags.get("modelPerformance", "{}")),
+                                      "trainingCostInMinutes": float(tags.get("trainingCostInMinutes", 0))})
+            log.info("hub: model %s adopted version %s, registered before the hub stopped", name, latest.version)
+        elif record["status"] != "failed":
+            self.store.update("models", name, status="failed", error={"code": "unknown", "message": message})
+        self._forget(name)
+
+    @staticmethod
+    def _run_versions(record: dict[str, Any]) -> list[Any]:
+        """The registered versions of the record's name that its own (last) run registered."""
+        if not record.get("_run"):
+            return []
+        try:
+            versions = _registry().search_model_versions(f"name='{record['name']}'")
+        except Exception:  # noqa: BLE001  (never registered)
+            return []
+        return [v for v in versions if (v.tags or {}).get(RUN_TAG) == record["_run"]]
 
     # ------------------------------------------------------------------ models
 
@@ -133,14 +170,16 @@ class Jobs:
                 "dataset_name": params["trainingDatasetName"], "kind": params["modelKind"],
                 "budget_hours": params["timeBudgetInHours"], "image_root": self.config.image_root,
                 "tracking_uri": self.config.tracking_uri, "job_dir": str(self.store.job_dir(name)),
-                "test_dataset_name": test, "test_dataset": self.store.get("datasets", test) if test else None}
+                "run": record["_run"], "test_dataset_name": test,
+                "test_dataset": self.store.get("datasets", test) if test else None}
 
     def _start(self, name: str) -> None:
         record = self.store.get("models", name)
         if record is None or record["status"] != "notStarted":  # gone or cancelled while it waited
             self.queue.finished(name)
             return
-        record = self.store.update("models", name, _started=now())  # a restart now fails it, never reruns it
+        # a restart now fails it (or adopts what it registered, tagged with its run), never reruns it
+        record = self.store.update("models", name, _started=now(), _run=secrets.token_hex(8))
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
         run = self.running[name] = launch(train_model, self._order(record))
@@ -157,10 +196,16 @@ class Jobs:
             self.queue.finished(name)
             end(run)
             self.dispatch()
+        await self._finish(name, fields)
+
+    async def _finish(self, name: str, fields: dict[str, Any]) -> None:
+        """A training's result written on its record; a version registered after a `:cancel` is removed with it."""
         record = self.store.get("models", name)
         if record is None or self.stopping:
-            return
+            return  # stopping: the next start adopts (or removes) what it registered
         if record["status"] == "cancelling":
+            if fields.get("modelVersion"):
+                await asyncio.to_thread(self._unregister, name)
             fields = {"status": "cancelled", "trainingCostInMinutes": fields.get("trainingCostInMinutes", 0)}
         private = {"_version": fields.pop("modelVersion", None), "_uri": fields.pop("modelUri", None),
                    "_architecture": fields.pop("architecture", None), "_task": fields.pop("task", None),
@@ -183,7 +228,7 @@ class Jobs:
         return self._merged(record)
 
     async def model_answer(self, name: str) -> JSONResponse:
-        return JSONResponse(public(self.model_record(name)))
+        return JSONResponse(public(await asyncio.to_thread(self.model_record, name)))
 
     async def cancel(self, name: str) -> JSONResponse:
         record = self.store.get("models", name)
@@ -212,7 +257,7 @@ class Jobs:
         if record["status"] in ACTIVE or name in self.running:
             raise ApiError(409, "ModelBusy", f"model {name!r} is {self._merged(record)['status']}: cancel it first, "
                            "then delete it once it is cancelled", name)
-        self._names.pop(name, None)
+        self._forget(name)
         if record.get("_version") or record.get("_started"):  # a late cancel or a crash may have registered it
             await asyncio.to_thread(self._unregister, name)
         for key in [k for k in self.running if k.startswith(f"{name}/")]:  # its evaluations stop with it
@@ -241,18 +286,25 @@ class Jobs:
     # ------------------------------------------------------------------ names the hub serves
 
     def _registered(self, name: str) -> tuple[str | None, dict[str, Any]]:
-        """(latest version, its tags) of a model in the MLflow Model Registry, or (None, {})."""
-        cached = self._names.get(name)
-        if cached is not None and time.monotonic() - cached[0] < 5:
-            return cached[1], cached[2]
+        """(latest version, its tags) of a model in the MLflow Model Registry, or (None, {}); a blocking query,
+        kept NAMES_TTL_S seconds (at most `names_kept` names: unknown ones a client sends included)."""
+        with self._names_lock:
+            cached = self._names.get(name)
+        if cached is not None:
+            return cached
         try:
             versions = _registry().search_model_versions(f"name='{name}'")
         except Exception:  # noqa: BLE001  (not registered, or a name the registry refuses)
             versions = []
         latest = max(versions, key=lambda v: int(v.version), default=None)
         found = (latest.version, dict(latest.tags or {})) if latest is not None else (None, {})
-        self._names[name] = (time.monotonic(), *found)
+        with self._names_lock:
+            self._names[name] = found
         return found
+
+    def _forget(self, name: str) -> None:
+        with self._names_lock:
+            self._names.pop(name, None)
 
     def _registry_record(self, name: str) -> dict[str, Any] | None:
         """A model registered the usual MLflow way (`visionserve train`, `mlflow.register_model`)."""
@@ -290,7 +342,7 @@ class Jobs:
                            "testDatasetName")
         test = resource_name(test, "testDatasetName", "dataset")
         try:
-            mid = self.model_id(model)
+            mid = await asyncio.to_thread(self.model_id, model)
         except ApiError as exc:
             raise ApiError(exc.status, "modelNotFound" if exc.status == 404 else exc.code, exc.message, model) from None
         dataset = self.store.get("datasets", test)

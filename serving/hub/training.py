@@ -46,6 +46,7 @@ CANDIDATES = {"image_classification": ("mobilenetv2", "resnet18", "resnet34", "r
               "image_object_detection": ("fasterrcnn_resnet18_fpn", "fasterrcnn_resnet34_fpn",
                                          "fasterrcnn_resnet50_fpn")}
 MAX_TRIALS = 3
+RUN_TAG = "visionserve.hub.run"  # on a version the hub registered: the run (the record's `_run`) that did
 CANCEL_FILE = "cancel"  # `:cancel` puts it in the job folder; the sweep stops its trials and gives back their CPUs
 
 
@@ -161,6 +162,12 @@ def evaluate_task(model_uri: str, dataset: dict[str, Any] | None, name: str, ima
     return {"status": "succeeded", "modelPerformance": performance}
 
 
+def register(run_id: str, model: str, run: str, tags: dict[str, str]) -> Any:
+    """The run's model registered as a new version of `model`, tagged in the same call (with RUN_TAG: `run`), so
+    that a hub restarted after a crash finds what its run registered (serving.hub.jobs.Jobs.recover)."""
+    return mlflow.register_model(f"runs:/{run_id}/mlflow-model", model, tags={**tags, RUN_TAG: run})
+
+
 def train_model(order: dict[str, Any]) -> dict[str, Any]:
     """The whole training (run in an actor of its own, serving.hub.jobs._Runner): → the model's final fields."""
     job_dir = Path(order["job_dir"])
@@ -244,13 +251,11 @@ def _train(order: dict[str, Any], job_dir: Path, started: float) -> dict[str, An
     else:
         performance = _performance(folder, held)
     client = mlflow.MlflowClient()
-    version = mlflow.register_model(f"runs:/{result.run_id}/mlflow-model", order["model"])
     tags = {"modelKind": order["kind"], "trainingDatasetName": dataset["name"],
             "timeBudgetInHours": str(order["budget_hours"]), "visionserve.hub": "1",
             "trainingCostInMinutes": f"{(time.time() - started) / 60:.4f}",
             "modelPerformance": json.dumps(performance)}
-    for key, value in tags.items():
-        client.set_model_version_tag(order["model"], version.version, key, value)
+    version = register(result.run_id, order["model"], order["run"], tags)
     for key, value in performance.items():
         if isinstance(value, (int, float)):
             client.log_metric(result.run_id, f"hub_{key}", float(value))
