@@ -243,8 +243,10 @@ class HubService:
 
 def build_hub(args: dict[str, Any]) -> serve.Application:
     """Application builder: `state_dir`, optional `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
-    `model_memory_mb` (what each model replica's models may hold), `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment variables),
-    `max_concurrent_trainings`, `quotas` (serving.hub.scheduler.Quotas' fields), and ScoringLimits' fields (the same limits, batching and explanation admission as `visionserve serve`)."""
+    `model_memory_mb` (what each model replica's models may hold, in MB), `model_replicas` (HubModels replicas),
+    `model_cpus` (CPUs each), `env` (the replicas' environment variables), `max_concurrent_trainings`, `quotas`
+    (serving.hub.scheduler.Quotas' fields), and ScoringLimits' fields (the same limits, batching and explanation
+    admission as `visionserve serve`)."""
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ up (their ids stay with Ray Serve, whose routing still sends them here; their ne
 Which go first: GreedyDual-Size (Cao and Irani, 1997). Each resident has a credit, set on every call to the
 clock plus its load seconds per MB: a model slow to load for its size is costly to evict, and one called
 recently has a credit from a later clock. The lowest credit goes first (of equal ones, the least recently
-called) and the clock moves up to it, so the credits of models that are not called fall behind. A large detector that loads quickly for its size goes
-before ten small classifiers that together hold as much.
+called) and the clock moves up to it, so the credits of models that are not called fall behind. A large
+detector that loads quickly for its size goes before ten small classifiers that together hold as much.
 """
 
 from __future__ import annotations

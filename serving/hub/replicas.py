@@ -92,8 +92,10 @@ def hub_models(cache_size: int = 3) -> Any:
             resident = await self.get_model(serve.get_multiplexed_model_id())
             scoring = self.memory.use(resident)
             if scoring is None:  # the memory budget evicted it since: loaded again
-                async with self._reloads:
-                    scoring = self.memory.use(resident) or await self._load(resident)
+                async with self._reloads:  # another request may have loaded it meanwhile
+                    scoring = self.memory.use(resident)
+                    if scoring is None:
+                        scoring = await self._load(resident)
             return scoring
 
         async def score(self, body: bytes, route: str, partial: str | None) -> tuple[int, Any, dict[str, str]]:
