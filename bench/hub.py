@@ -72,13 +72,17 @@ def _call(client: httpx.Client, url: str, name: str, body: dict) -> float:
 
 
 def _first_calls(client: httpx.Client, url: str, names: tuple[str, ...], body: dict, what: str) -> list[dict]:
-    """Each model's first call, then the median of 20 warm ones."""
+    """Each model's first call (and, of it, the model's load as its replica measured it: GET /models), then the
+    median of 20 warm ones."""
     rows = []
     for i, name in enumerate(names):
         cold = _call(client, url, name, body)
+        loaded = {m["model"]: m for m in _residency(client, url)["models"]}[f"{name}/1"]
         warm = statistics.median(_call(client, url, name, body) for _ in range(20))
-        case = "very first call (fresh replica)" if i == 0 and what == "cache 3" else "first call"
-        rows.append({"case": f"{what}: {case} {name}", "cold_ms": cold * 1000, "warm_ms": warm * 1000})
+        case = "very first call (fresh replica)" if i == 0 else "first call"
+        rows.append({"case": f"{what}: {case} {name}", "model": name, "cold_ms": cold * 1000,
+                     "load_ms": loaded["load_s"] * 1000, "footprint_mb": loaded["footprint_mb"],
+                     "warm_ms": warm * 1000})
     return rows
 
 
@@ -108,7 +112,7 @@ def main() -> None:
         ensure_ray()
         url = _hub(work, folders, cpus, cache_size=3)
         rows += _first_calls(client, url, NAMES, body, "cache 3")
-        footprints = {m["model"]: m["footprint_mb"] for m in _residency(client, url)["models"]}
+        footprints = {r["model"]: r["footprint_mb"] for r in rows}
         rows.append({"case": "hub, 3 models in rotation, cache 3", **_rotation(
             [(f"{url}/score?model={name}", body) for name in NAMES], args.concurrency, args.seconds)})
         serve.shutdown()
@@ -123,16 +127,7 @@ def main() -> None:
         serve.shutdown()
 
         budget = sum(footprints.values()) + 1  # the 3 classifiers fit; the detector needs room
-        url = _hub(work, {**folders, **detector}, cpus, cache_size=4, model_memory_mb=budget)
-        rows += _first_calls(client, url, (*NAMES, DETECTOR), body, f"budget {budget:.0f} MB")
-        before = len(_residency(client, url)["loads"])
-        rows.append({"case": f"hub, 3 classifiers + detector in rotation, budget {budget:.0f} MB", **_rotation(
-            [(f"{url}/score?model={name}", body) for name in (*NAMES, DETECTOR)], args.concurrency, args.seconds)})
-        replica = _residency(client, url)
-        rows[-1]["loads"] = len(replica["loads"]) - before
-        memory = {"budget_mb": budget, "footprints_mb": {**footprints, **{
-            m["model"]: m["footprint_mb"] for m in replica["models"]}}, "resident_at_end": replica["models"]}
-        serve.shutdown()
+        memory = _memory_budget(client, work, {**folders, **detector}, cpus, budget, body, args, rows)
 
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -145,12 +140,34 @@ def main() -> None:
     _report(rows, memory)
 
 
+def _memory_budget(client: httpx.Client, work: Path, folders: dict[str, Path], cpus: float, budget: float,
+                   body: dict, args: argparse.Namespace, rows: list[dict]) -> dict:
+    """The classifiers and the detector on a hub whose count cap (4) never evicts but `budget` does: their first
+    calls, then all in rotation; rows added to `rows`, → what the budget did."""
+    from ray import serve
+
+    url = _hub(work, folders, cpus, cache_size=4, model_memory_mb=budget)
+    names = tuple(folders)
+    rows += _first_calls(client, url, names, body, f"budget {budget:.0f} MB")
+    replica = _residency(client, url)
+    before, resident = len(replica["loads"]), [m["model"] for m in replica["models"]]
+    rows.append({"case": f"hub, 3 classifiers + detector in rotation, budget {budget:.0f} MB", **_rotation(
+        [(f"{url}/score?model={name}", body) for name in names], args.concurrency, args.seconds)})
+    replica = _residency(client, url)
+    rows[-1]["loads"] = len(replica["loads"]) - before
+    serve.shutdown()
+    return {"budget_mb": budget, "footprints_mb": {r["model"]: r["footprint_mb"] for r in rows if "model" in r},
+            "resident_after_first_calls": resident, "resident_at_end": [m["model"] for m in replica["models"]]}
+
+
 def _report(rows: list[dict], memory: dict) -> None:
     hub_rate = next(r["images_per_s"] for r in rows if r["case"].endswith("cache 3"))
     apps_rate = rows[-1]["images_per_s"]
-    print(table(rows, ["case", "cold_ms", "warm_ms", "images_per_s", "p50_ms", "p99_ms", "errors", "loads"]))
-    print(f"\nmemory budget {memory['budget_mb']:.0f} MB; footprints (MB): {memory['footprints_mb']}; resident at the "
-          f"end: {[(m['model'], m['footprint_mb']) for m in memory['resident_at_end']]}")
+    print(table(rows, ["case", "cold_ms", "load_ms", "footprint_mb", "warm_ms", "images_per_s", "p50_ms", "p99_ms",
+                       "errors", "loads"]))
+    print(f"\nmemory budget {memory['budget_mb']:.0f} MB; footprints (MB): {memory['footprints_mb']}; resident "
+          f"after the first calls: {memory['resident_after_first_calls']}; at the end: "
+          f"{memory['resident_at_end']}")
     print(f"hub / one app per model, images/s: {hub_rate / apps_rate:.2f}")
     print(f"written {write('hub', {'rows': rows, 'memory': memory, 'ratio_hub_vs_apps': hub_rate / apps_rate})}")
 
