@@ -1,15 +1,19 @@
-"""The hub's many-models serving: a cold model's first call vs warm calls, and images/s with 3 models in
-rotation on one multiplexed deployment vs one `visionserve serve` app per model on the same CPUs.
+"""The hub's many-models serving: a model's first call (the very first on a fresh replica, a later one, one after
+an eviction) vs warm calls; images/s with 3 models in rotation on one multiplexed deployment vs one `visionserve
+serve` app per model on the same CPUs; and the memory budget at work, a detector among the classifiers.
 
     uv run python bench/hub.py [--seconds 15] [--concurrency 8]
 
-Three resnet18 classifiers (224 crop, random weights: speed does not depend on them) are exported and
-registered in a private MLflow registry; one 640x480 JPEG per `POST /score` request.
-- cold vs warm: the first call of each model on a fresh hub (it loads the model) against the median of
-  20 calls after it;
-- rotation: `--concurrency` closed-loop clients cycling over the 3 models for `--seconds`: the hub
-  (HubModels, one replica with all CPUs, a cache of 3; then a cache of 2, which evicts and reloads) vs three
-  VisionService apps (one replica each, a third of the CPUs each: the same CPUs in all).
+Three resnet18 classifiers (224 crop) and a fasterrcnn_resnet18_fpn detector (random weights: speed does not
+depend on them) are exported and registered in a private MLflow registry; one 640x480 JPEG per `POST /score`.
+- first calls: on a fresh hub (one HubModels replica, a cache of 3), the very first call (the replica's first
+  model), the first calls of the next two models, and the median of 20 warm calls after each;
+- rotation: `--concurrency` closed-loop clients cycling over the 3 classifiers for `--seconds`: the hub (all
+  CPUs, a cache of 3; then a cache of 2, which evicts and reloads, and whose first model's call after its
+  eviction is timed) vs three VisionService apps (a third of the CPUs each: the same CPUs in all);
+- memory budget: the 3 classifiers and the detector, a cache of 4 but `--model-memory-mb` of the classifiers'
+  footprints (measured by the first hub, shown by GET /models): the detector's load evicts by the policy; the
+  4 models in rotation, with the loads the budget caused and what stays resident.
 Writes bench/results/hub.json.
 """
 
@@ -35,6 +39,7 @@ from bench.serve_throughput import load  # noqa: E402
 from models.runtime import free_port  # noqa: E402
 
 NAMES = ("alpha", "beta", "gamma")
+DETECTOR = "delta"
 
 
 def _register(folders: dict[str, Path], uri: str) -> None:
@@ -45,15 +50,45 @@ def _register(folders: dict[str, Path], uri: str) -> None:
         mlflow.register_model(str(folder), name)
 
 
-def _hub(state: Path, cache: int, cpus: float, port: int) -> str:
+def _hub(work: Path, folders: dict[str, Path], cpus: float, **config) -> str:
+    """A fresh hub (its own state and registry) on a port of its own, serving `folders` by name."""
     from ray import serve
 
     from serving.hub.app import build_hub
 
+    state = Path(tempfile.mkdtemp(dir=work, prefix="state-"))
+    _register(folders, f"sqlite:///{state / 'mlflow.db'}")
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_hub({"state_dir": str(state), "cache_size": cache, "model_cpus": cpus}), name="hub",
-              route_prefix="/")
+    serve.run(build_hub({"state_dir": str(state), "model_cpus": cpus, **config}), name="hub", route_prefix="/")
     return f"http://127.0.0.1:{port}"
+
+
+def _call(client: httpx.Client, url: str, name: str, body: dict) -> float:
+    started = time.perf_counter()
+    answer = client.post(f"{url}/score", params={"model": name}, json=body)
+    assert answer.status_code == 200, answer.text
+    return time.perf_counter() - started
+
+
+def _first_calls(client: httpx.Client, url: str, names: tuple[str, ...], body: dict, what: str) -> list[dict]:
+    """Each model's first call (and, of it, the model's load as its replica measured it: GET /models), then the
+    median of 20 warm ones."""
+    rows = []
+    for i, name in enumerate(names):
+        cold = _call(client, url, name, body)
+        loaded = {m["model"]: m for m in _residency(client, url)["models"]}[f"{name}/1"]
+        warm = statistics.median(_call(client, url, name, body) for _ in range(20))
+        case = "very first call (fresh replica)" if i == 0 else "first call"
+        rows.append({"case": f"{what}: {case} {name}", "model": name, "cold_ms": cold * 1000,
+                     "load_ms": loaded["load_s"] * 1000, "footprint_mb": loaded["footprint_mb"],
+                     "warm_ms": warm * 1000})
+    return rows
+
+
+def _residency(client: httpx.Client, url: str) -> dict:
+    [replica] = client.get(f"{url}/models").json()["cache"]["replicas"]
+    return replica
 
 
 def main() -> None:
@@ -66,50 +101,75 @@ def main() -> None:
     from models.runtime import ensure_ray
     from serving.app import VisionService, service_config
 
-    cpus = float(os.cpu_count() or 1)
+    cpus = float(os.cpu_count() or 1) - 0.1
     image = base64.b64encode(_jpeg(0)).decode()
     body = {"input_data": {"columns": ["image"], "data": [image]}}
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, httpx.Client(timeout=300) as client:
         work = Path(tmp)
         folders = {name: _folder("resnet18", work / name)[0] for name in NAMES}
+        detector = {DETECTOR: _folder("fasterrcnn_resnet18_fpn", work / DETECTOR)[0]}
         ensure_ray()
-        for cache in (3, 2):
-            state = work / f"state-{cache}"
-            state.mkdir()
-            _register(folders, f"sqlite:///{state / 'mlflow.db'}")
-            url = _hub(state, cache, cpus - 0.1, free_port())
-            with httpx.Client(timeout=300) as client:
-                for name in NAMES:
-                    started = time.perf_counter()
-                    assert client.post(f"{url}/score", params={"model": name}, json=body).status_code == 200
-                    cold = time.perf_counter() - started
-                    warm = []
-                    for _ in range(20):
-                        started = time.perf_counter()
-                        client.post(f"{url}/score", params={"model": name}, json=body)
-                        warm.append(time.perf_counter() - started)
-                    if cache == 3:
-                        rows.append({"case": f"first call {name}", "cold_ms": cold * 1000,
-                                     "warm_ms": statistics.median(warm) * 1000})
-            bodies = [(f"{url}/score?model={name}", body) for name in NAMES]
-            rows.append({"case": f"hub, 3 models in rotation, cache {cache}",
-                         **_rotation(bodies, args.concurrency, args.seconds)})
-            serve.shutdown()
+        url = _hub(work, folders, cpus, cache_size=3)
+        rows += _first_calls(client, url, NAMES, body, "cache 3")
+        footprints = {r["model"]: r["footprint_mb"] for r in rows}
+        rows.append({"case": "hub, 3 models in rotation, cache 3", **_rotation(
+            [(f"{url}/score?model={name}", body) for name in NAMES], args.concurrency, args.seconds)})
+        serve.shutdown()
+
+        url = _hub(work, folders, cpus, cache_size=2)
+        for name in NAMES:
+            _call(client, url, name, body)
+        rows.append({"case": f"cache 2: first call {NAMES[0]} after its eviction",
+                     "cold_ms": _call(client, url, NAMES[0], body) * 1000})
+        rows.append({"case": "hub, 3 models in rotation, cache 2", **_rotation(
+            [(f"{url}/score?model={name}", body) for name in NAMES], args.concurrency, args.seconds)})
+        serve.shutdown()
+
+        budget = sum(footprints.values()) + 1  # the 3 classifiers fit; the detector needs room
+        memory = _memory_budget(client, work, {**folders, **detector}, cpus, budget, body, args, rows)
+
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run_many([serve.RunTarget(VisionService.options(ray_actor_options={"num_cpus": (cpus - 0.1) / 3}).bind(
+        serve.run_many([serve.RunTarget(VisionService.options(ray_actor_options={"num_cpus": cpus / 3}).bind(
             asdict(service_config(model=str(folders[name]), compile=False))), name=name, route_prefix=f"/{name}")
             for name in NAMES])
-        bodies = [(f"http://127.0.0.1:{port}/{name}/score", body) for name in NAMES]
-        rows.append({"case": "3 visionserve serve apps, 1/3 of the CPUs each",
-                     **_rotation(bodies, args.concurrency, args.seconds)})
+        rows.append({"case": "3 visionserve serve apps, 1/3 of the CPUs each", **_rotation(
+            [(f"http://127.0.0.1:{port}/{name}/score", body) for name in NAMES], args.concurrency, args.seconds)})
         serve.shutdown()
+    _report(rows, memory)
+
+
+def _memory_budget(client: httpx.Client, work: Path, folders: dict[str, Path], cpus: float, budget: float,
+                   body: dict, args: argparse.Namespace, rows: list[dict]) -> dict:
+    """The classifiers and the detector on a hub whose count cap (4) never evicts but `budget` does: their first
+    calls, then all in rotation; rows added to `rows`, → what the budget did."""
+    from ray import serve
+
+    url = _hub(work, folders, cpus, cache_size=4, model_memory_mb=budget)
+    names = tuple(folders)
+    rows += _first_calls(client, url, names, body, f"budget {budget:.0f} MB")
+    replica = _residency(client, url)
+    before, resident = len(replica["loads"]), [m["model"] for m in replica["models"]]
+    rows.append({"case": f"hub, 3 classifiers + detector in rotation, budget {budget:.0f} MB", **_rotation(
+        [(f"{url}/score?model={name}", body) for name in names], args.concurrency, args.seconds)})
+    replica = _residency(client, url)
+    rows[-1]["loads"] = len(replica["loads"]) - before
+    serve.shutdown()
+    return {"budget_mb": budget, "footprints_mb": {r["model"]: r["footprint_mb"] for r in rows if "model" in r},
+            "resident_after_first_calls": resident, "resident_at_end": [m["model"] for m in replica["models"]]}
+
+
+def _report(rows: list[dict], memory: dict) -> None:
     hub_rate = next(r["images_per_s"] for r in rows if r["case"].endswith("cache 3"))
     apps_rate = rows[-1]["images_per_s"]
-    print(table(rows, ["case", "cold_ms", "warm_ms", "images_per_s", "p50_ms", "p99_ms", "errors"]))
-    print(f"\nhub / one app per model, images/s: {hub_rate / apps_rate:.2f}")
-    print(f"written {write('hub', {'rows': rows, 'ratio_hub_vs_apps': hub_rate / apps_rate})}")
+    print(table(rows, ["case", "cold_ms", "load_ms", "footprint_mb", "warm_ms", "images_per_s", "p50_ms", "p99_ms",
+                       "errors", "loads"]))
+    print(f"\nmemory budget {memory['budget_mb']:.0f} MB; footprints (MB): {memory['footprints_mb']}; resident "
+          f"after the first calls: {memory['resident_after_first_calls']}; at the end: "
+          f"{memory['resident_at_end']}")
+    print(f"hub / one app per model, images/s: {hub_rate / apps_rate:.2f}")
+    print(f"written {write('hub', {'rows': rows, 'memory': memory, 'ratio_hub_vs_apps': hub_rate / apps_rate})}")
 
 
 def _rotation(targets: list[tuple[str, dict]], concurrency: int, seconds: float) -> dict:

@@ -19,7 +19,7 @@ from models.onnx_export import ONNX_FILE, not_exported_why
 from models.tasks.architectures import Architecture, build_model, get_architecture
 from models.tasks.detection import paste_masks_one_at_a_time
 from serving.backends import ScoringPlan, plan
-from serving.scorers import Scorer, scorer_for
+from serving.scorers import Scorer, networks, scorer_for
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,20 @@ class LoadedModel:
     device: torch.device
     plan: ScoringPlan
     scoring_file: str = WEIGHTS_FILE
+    footprint: int = 0  # bytes it holds, measured as it loads (see `footprint`)
+
+
+def footprint(modules: list[torch.nn.Module], session_file: Path | None) -> int:
+    """The bytes a loaded model holds: its networks' parameters and buffers (each storage once: a folded copy
+    shares what folding left alone), plus the ONNX file a session scores (its weights are the session's
+    initializers). Counted rather than read off the process's resident memory: the allocator keeps and reuses
+    what an evicted model freed, so a reload would measure next to nothing, and other threads allocate meanwhile."""
+    storages = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) + (session_file.stat().st_size if session_file else 0)
 
 
 def _weights(model: torch.nn.Module, folder: ModelFolder) -> None:
@@ -159,7 +173,9 @@ def load_model(folder: ModelFolder, scoring: ScoringPlan) -> LoadedModel:
     model = build_model(arch, len(ms.labels), ms.settings)
     _weights(model, folder)
     model.eval().to(device)
-    folded = fold_batchnorm(model)
+    # a classifier on ONNX Runtime scores its graph: its network serves explanations only, unfolded (a copy saved)
+    on_graph = scoring.on_onnx and ms.task.family == "classification"
+    folded = model if on_graph else fold_batchnorm(model)
     for module in {model, folded}:
         if arch.channels_last:
             module.to(memory_format=torch.channels_last)
@@ -172,4 +188,5 @@ def load_model(folder: ModelFolder, scoring: ScoringPlan) -> LoadedModel:
     scorer, scoring = scorer_for(scoring, folded, ms, file, device)
     log.info("loaded %s (%s, %d labels) on %s, scoring on %s", ms.model_name, ms.task.name, len(ms.labels), device,
              scoring.engine)
-    return LoadedModel(ms, arch, model, scorer, device, scoring, file.name)
+    held = footprint([model, *networks(scorer)], file if scoring.on_onnx else None)
+    return LoadedModel(ms, arch, model, scorer, device, scoring, file.name, held)

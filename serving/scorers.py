@@ -124,6 +124,15 @@ class OnnxDetector:
         return replace(self, fallback=self.fallback.on(module))
 
 
+def networks(scorer: Scorer) -> list[torch.nn.Module]:
+    """The torch networks a scorer holds: the one it scores with, or a detector graph's fallback."""
+    if isinstance(scorer, TorchScorer):
+        return [scorer.module]
+    if isinstance(scorer, OnnxDetector):
+        return [scorer.fallback.module]
+    return []
+
+
 def scorer_for(scoring: ScoringPlan, module: torch.nn.Module, model_settings: ModelSettings, onnx: Path,
                device: torch.device) -> tuple[Scorer, ScoringPlan]:
     """The scorer `scoring` names for a model: `module` (the torch network, eval mode, on `device`) compiled or

@@ -406,9 +406,42 @@ def test_three_models_through_a_cache_of_two_all_answer(hub, trained_pair, train
                                      content=image, headers={"content-type": "image/png"})
                 assert answer.status_code == 200, (name, answer.text)
         cache = client.get("/models").json()["cache"]
-    assert cache["size"] == 2
-    assert len(cache["loads"]) > 3  # 3 models, 2 places: evicted and loaded again
-    assert {load.split("/")[0] for load in cache["loads"]} == set(images)
+    assert cache["size"] == 2 and cache["memory_mb"] is None
+    [replica] = cache["replicas"]
+    assert len(replica["loads"]) > 3  # 3 models, 2 places: evicted and loaded again
+    assert {load.split("/")[0] for load in replica["loads"]} == set(images)
+    assert len(replica["models"]) == 2 and replica["budget_mb"] is None
+
+
+def test_a_memory_budget_evicts_by_what_models_hold_and_models_shows_it(hub, trained_pair, datasets):
+    """A second hub on the first one's registry, 3 models per replica but a budget of 1 MB: each load evicts the
+    other model (the count cap never does here), and GET /models shows each resident's footprint and load time."""
+    from ray import serve
+
+    from serving.hub.app import build_hub
+
+    root = hub["root"] / "memory"
+    serve.run(build_hub({"state_dir": str(root), "tracking_uri": f"sqlite:///{hub['root'] / 'state' / 'mlflow.db'}",
+                         "api_key_file": str(hub["root"] / "key"), "cache_size": 3, "model_memory_mb": 1,
+                         "model_cpus": 0.3}), name="memory-hub", route_prefix="/memory")
+    images = {"classifier": (datasets["cls"].parent / "red-0.png").read_bytes(),
+              "detector": (datasets["det"].parent / "red-0.png").read_bytes()}
+    try:
+        with _client(f"{hub['url']}/memory") as client:
+            for name in ("classifier", "detector", "classifier"):
+                answer = client.post("/computervision/imageanalysis:analyze", params={**V, "model-name": name},
+                                     content=images[name], headers={"content-type": "image/png"})
+                assert answer.status_code == 200, (name, answer.text)
+                cache = client.get("/models").json()["cache"]
+                [replica] = cache["replicas"]
+                [resident] = replica["models"]  # the one just called: the other was evicted for memory
+                assert resident["model"].split("/")[0] == name
+                assert resident["footprint_mb"] > 1 and resident["load_s"] > 0
+                assert replica["used_mb"] == resident["footprint_mb"] and replica["budget_mb"] == 1
+        assert [load.split("/")[0] for load in replica["loads"]] == ["classifier", "detector", "classifier"]
+        assert cache["memory_mb"] == 1 and cache["size"] == 3
+    finally:
+        serve.delete("memory-hub")
 
 
 def test_a_restart_keeps_everything_and_fails_what_was_training(hub, trained_pair, datasets):

@@ -94,6 +94,20 @@ def test_scoring_flags_out_of_range_are_refused_naming_the_flag_before_anything_
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-64", "nan", "inf", "-inf", "lots"])
+def test_a_bad_model_memory_budget_is_refused_naming_the_flag_before_anything_starts(value, tmp_path, capsys):
+    from serving.cli import main
+
+    try:
+        code = main(["hub", "--state-dir", str(tmp_path / "state"), "--model-memory-mb", value])
+    except SystemExit as exc:  # argparse refuses what is not a number
+        code = exc.code
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "--model-memory-mb" in error and "Traceback" not in error
+    assert not (tmp_path / "state").exists()
+
+
 @pytest.mark.slow
 def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_path, ray_session):
     """Beside it, a second `visionserve serve` on the same machine (its own Ray instance and HAProxy), on the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
@@ -27,13 +28,17 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
               "--max-concurrent-trainings": 1 if args.max_concurrent_trainings is None else args.max_concurrent_trainings,
               **{f"--max-{what.replace('_', '-')}": getattr(args, f"max_{what}") for what in QUOTA_FLAGS}}
     low = [f"{flag} {value}: must be at least 1" for flag, value in counts.items() if value < 1]
+    memory = args.model_memory_mb
+    if memory is not None and not (math.isfinite(memory) and memory > 0):
+        low.append(f"--model-memory-mb {memory:g}: must be a positive number of MB")
     if low:
         raise SettingsError(low, "command line")
     quotas = {what: getattr(args, f"max_{what}") for what in QUOTA_FLAGS}
     limits = scoring_limits(args)
     state = _open_state(args)  # after every flag is checked: a refused command line writes nothing
-    hub = build_hub({"state_dir": args.state_dir, "state_db": args.state_db, "image_root": args.image_root, "api_key_file": args.api_key_file,
-                     "cache_size": args.cache_size, "model_replicas": args.model_replicas,
+    hub = build_hub({"state_dir": args.state_dir, "state_db": args.state_db, "image_root": args.image_root,
+                     "api_key_file": args.api_key_file, "cache_size": args.cache_size, "model_memory_mb": memory,
+                     "model_replicas": args.model_replicas,
                      "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
                      "max_concurrent_trainings": args.max_concurrent_trainings, **limits})
     url = f"http://{args.host}:{args.port}"
@@ -74,7 +79,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--api-key-file", help="require Ocp-Apim-Subscription-Key (or Authorization: Bearer) with this key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key-file")
     add_cluster_flags(p)
-    p.add_argument("--cache-size", type=int, default=3, help="models each model replica keeps loaded")
+    p.add_argument("--cache-size", type=int, default=3, help="models each model replica keeps loaded (at most)")
+    p.add_argument("--model-memory-mb", type=float, help="what the models of each model replica may hold, in MB, "
+                   "measured as each loads: past it the least valuable go (by recency and load time per MB), to be "
+                   "loaded again on their next call (default: no budget, --cache-size alone)")
     p.add_argument("--model-replicas", type=int, default=1, help="replicas serving the models")
     p.add_argument("--model-cpus", type=float, default=0.5, help="CPUs per model replica")
     p.add_argument("--request-timeout-s", type=float, default=90.0)

@@ -51,6 +51,8 @@ class HubConfig:
     api_key_sha256: str | None = None
     state_db: str | None = None  # the records' database URL (None: SQLite in state_dir; serving.hub.state)
     cache_size: int = 3  # models kept per HubModels replica
+    model_memory_mb: float | None = None  # what their models may hold per replica (serving.hub.memory); None: count
+    model_replicas: int = 1  # HubModels replicas
     max_concurrent_trainings: int | None = None  # None: serving.hub.scheduler.default_slots of the cluster's CPUs
     quotas: dict[str, int] = field(default_factory=dict)  # Quotas' fields
     limits: dict[str, Any] = field(default_factory=dict)  # ScoringLimits' fields: the same as `visionserve serve`'s
@@ -202,8 +204,15 @@ class HubService:
     @app.get("/models", dependencies=API)
     async def models_list(self):
         models = await asyncio.to_thread(self.jobs.hub_wide_list)
-        loads = await self.models.load_history.remote()  # of the model replica that answers
-        return {"models": models, "cache": {"size": self.config.cache_size, "loads": loads}}
+        return {"models": models, "cache": {"size": self.config.cache_size,
+                                            "memory_mb": self.config.model_memory_mb,
+                                            "replicas": await self._residency()}}
+
+    async def _residency(self) -> list[dict[str, Any]]:
+        """Each model replica's models, footprints and loads, as many as answer: a handle reaches one replica a
+        call, so twice as many calls as replicas, side by side (the router spreads them), deduplicated."""
+        answers = await asyncio.gather(*(self.models.residency.remote() for _ in range(2 * self.config.model_replicas)))
+        return sorted({a["replica"]: a for a in answers}.values(), key=lambda a: a["replica"])
 
     # ------------------------------------------------------------------ what the studio reads
 
@@ -236,9 +245,11 @@ class HubService:
 
 
 def build_hub(args: dict[str, Any]) -> serve.Application:
-    """Application builder: `state_dir`, optional `state_db` (the records' database URL), `tracking_uri`, `image_root`, `api_key_file`, `cache_size`,
-    `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment variables),
-    `max_concurrent_trainings`, `quotas` (serving.hub.scheduler.Quotas' fields), and ScoringLimits' fields (the same limits, batching and explanation admission as `visionserve serve`)."""
+    """Application builder: `state_dir`, optional `state_db` (the records' database URL), `tracking_uri`,
+    `image_root`, `api_key_file`, `cache_size`, `model_memory_mb` (what each model replica's models may hold, in
+    MB), `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment
+    variables), `max_concurrent_trainings`, `quotas` (serving.hub.scheduler.Quotas' fields), and ScoringLimits'
+    fields (the same limits, batching and explanation admission as `visionserve serve`)."""
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -249,10 +260,11 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
     env = dict(args.pop("env", None) or {})  # --env: a runtime_env of their own leaves the replicas no other way
     tracking = args.pop("tracking_uri", None) or f"sqlite:///{state / 'mlflow.db'}"
     limits = asdict(ScoringLimits(**{k: args.pop(k) for k in list(args) if k in ScoringLimits.__dataclass_fields__}))
-    config = HubConfig(state_dir=str(state), tracking_uri=tracking, limits=limits,
+    config = HubConfig(state_dir=str(state), tracking_uri=tracking, limits=limits, model_replicas=replicas,
                        api_key_sha256=read_key_file(key_file, "api_key_file") if key_file else None, **args)
     models = hub_models(config.cache_size).options(  # classifiers score on ONNX Runtime there (backend auto)
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "runtime_env": {
-            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV, **env}}}).bind(limits, max(1, round(cpus)))
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV, **env}}}).bind(
+            limits, max(1, round(cpus)), config.model_memory_mb)
     return HubService.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {
         "env_vars": {"MLFLOW_TRACKING_URI": tracking, **env}}}).bind(asdict(config), models)

@@ -1,6 +1,8 @@
 """Many models on the same replicas: Ray Serve model multiplexing. A replica keeps the most recently used
-models (`cache_size`) and loads any other on its first request (answered, not refused). A model id is
-`<registered name>/<version>`, so a retrained model is a new id and never answers from a stale cache.
+models (`cache_size`), within a memory budget when one is set (serving.hub.memory), and loads any other on its
+first request (answered, not refused). A model id is `<registered name>/<version>`, so a retrained model is a new
+id and never answers from a stale cache. What every model's load would pay once (imports, MLflow's registry
+client, torch's threads) a replica pays as it starts, so its very first call pays only for its model.
 
 Each replica scores as a `visionserve serve` replica does (serving.replica): one batcher across requests (Ray
 Serve splits its batches by model, and images under equal settings share forward passes), explanations through
@@ -10,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Any
 
+import torch
 from ray import serve
 
 from models.data.images import Probed
 from serving.contract import Entry, RequestError, ScoringRequest
+from serving.hub.memory import MB, ModelMemory, Resident
 from serving.loading import ModelFolder
 from serving.predictor import Predictor
 from serving.replica import ScoringReplica
@@ -40,23 +45,58 @@ def _load(mid: str, limits: ScoringLimits) -> Scoring:
     return Scoring(predictor, limits)
 
 
+def warm_up() -> None:
+    """What the first model load in a process pays besides the model, paid before it (on the model thread):
+    MLflow and ONNX Runtime imported, the registry's client and store opened, torch's thread pool started. A
+    registry out of reach is not this replica's failure: the first load says so."""
+    import mlflow
+    import onnxruntime  # noqa: F401  (classifiers score on it)
+
+    torch.nn.functional.conv2d(torch.zeros(1, 3, 32, 32), torch.zeros(4, 3, 3, 3))
+    try:
+        mlflow.MlflowClient().search_registered_models(max_results=1)
+    except Exception as exc:  # noqa: BLE001  (any failure of a remote store)
+        log.warning("hub: the model registry did not answer as this replica started: %s", exc)
+
+
 def hub_models(cache_size: int = 3) -> Any:
-    """The multiplexed model deployment, keeping `cache_size` models per replica."""
+    """The multiplexed model deployment, keeping `cache_size` models per replica (and within its memory budget)."""
     @serve.deployment(name="HubModels", max_ongoing_requests=16, max_queued_requests=64)
     class HubModels(ScoringReplica):
-        def __init__(self, limits: dict[str, Any], threads: int):
+        def __init__(self, limits: dict[str, Any], threads: int, memory_mb: float | None = None):
             self.start_scoring(ScoringLimits(**limits), threads)
             self.loads: deque[str] = deque(maxlen=LOADS_KEPT)  # model loads, in order (evictions show as reloads)
+            self.memory = ModelMemory(None if memory_mb is None else int(memory_mb * MB))
+            self._reloads = asyncio.Lock()  # one model evicted for memory is loaded again at a time
+            self._model_thread.submit(warm_up).result()
 
         @serve.multiplexed(max_num_models_per_replica=cache_size)
-        async def get_model(self, mid: str) -> Scoring:
-            scoring = await asyncio.get_running_loop().run_in_executor(self._model_thread, _load, mid, self.limits)
-            self.loads.append(mid)
-            log.info("hub: loaded %s (%d loads on this replica)", mid, len(self.loads))
+        async def get_model(self, mid: str) -> Resident:
+            resident = self.memory.resident(mid)
+            await self._load(resident)
+            return resident
+
+        async def _load(self, resident: Resident) -> Scoring:
+            """`resident`'s model loaded on the model thread, measured, admitted within the memory budget."""
+            started = time.perf_counter()
+            scoring = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, _load, resident.model_id, self.limits)
+            seconds = time.perf_counter() - started
+            evicted = self.memory.admit(resident, scoring, scoring.predictor.loaded.footprint, seconds)
+            self.loads.append(resident.model_id)
+            log.info("hub: loaded %s in %.2f s, %.1f MB (%d loads on this replica)%s", resident.model_id, seconds,
+                     resident.footprint / MB, len(self.loads), f"; evicted for memory: {evicted}" if evicted else "")
             return scoring
 
         async def _model(self) -> Scoring:
-            return await self.get_model(serve.get_multiplexed_model_id())
+            resident = await self.get_model(serve.get_multiplexed_model_id())
+            scoring = self.memory.use(resident)
+            if scoring is None:  # the memory budget evicted it since: loaded again
+                async with self._reloads:  # another request may have loaded it meanwhile
+                    scoring = self.memory.use(resident)
+                    if scoring is None:
+                        scoring = await self._load(resident)
+            return scoring
 
         async def score(self, body: bytes, route: str, partial: str | None) -> tuple[int, Any, dict[str, str]]:
             """An AutoML `/score` or `/invocations` body → (status, answers or the refusal's body, headers), read
@@ -86,7 +126,9 @@ def hub_models(cache_size: int = 3) -> Any:
             """What `/metadata` answers on `visionserve serve`, for this model."""
             return (await self._model()).predictor.description()
 
-        def load_history(self) -> list[str]:
-            return list(self.loads)
+        def residency(self) -> dict[str, Any]:
+            """What GET /models shows of this replica: its id, its memory (serving.hub.memory) and its loads."""
+            return {"replica": serve.get_replica_context().replica_tag, **self.memory.view(),
+                    "loads": list(self.loads)}
 
     return HubModels
