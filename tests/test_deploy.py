@@ -127,6 +127,18 @@ def test_the_grafana_dashboard_plots_visionserves_series_per_application():
     assert len(ids) == len(set(ids))
 
 
+def test_the_hub_dashboard_plots_the_hubs_series_and_rays_request_series_per_application():
+    dashboard = json.loads((DEPLOY / "grafana" / "visionserve-hub.json").read_text())
+    assert dashboard["uid"] == "visionserve-hub"
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for series in ("hub_model_loads_total", "hub_model_evictions_total", "hub_model_load_seconds",
+                   "hub_analyze_seconds", "hub_trainings", "images_total"):
+        assert any(f"ray_visionserve_{series}" in e for e in exprs), series
+    assert any("ray_serve_num_http_requests_total" in e for e in exprs)
+    assert all("$application" in e for e in exprs)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
 def test_the_prometheus_config_scrapes_every_node_through_rays_service_discovery_file():
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     [job] = config["scrape_configs"]

@@ -173,3 +173,16 @@ def test_the_dataset_views_keep_the_indexes_of_a_few_datasets_only(tmp_path):
         views.contents({"name": f"d{n}", "annotationKind": "imageClassification",
                         "annotationFileUris": [str(coco)], "eTag": '"1"'}, 0, 4)
     assert list(views._indexes) == ["d3", "d4"]
+
+
+def test_the_training_queue_tells_its_observer_waiting_and_running_at_start_and_on_every_change():
+    from serving.hub.scheduler import TrainingQueue
+
+    seen: list[tuple[int, int]] = []
+    queue = TrainingQueue(1, lambda waiting, running: seen.append((waiting, running)))
+    queue.add("a")
+    queue.add("b")
+    assert queue.startable() == ["a"]
+    queue.withdraw("b")
+    queue.finished("a")
+    assert seen == [(0, 0), (1, 0), (2, 0), (1, 1), (0, 1), (0, 0)]

@@ -37,6 +37,7 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     limits = scoring_limits(args)
     state = _open_state(args)  # after every flag is checked: a refused command line writes nothing
     hub = build_hub({"state_dir": args.state_dir, "state_db": args.state_db, "image_root": args.image_root,
+                     "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),  # else the registry in --state-dir
                      "api_key_file": args.api_key_file, "cache_size": args.cache_size, "model_memory_mb": memory,
                      "model_replicas": args.model_replicas,
                      "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
@@ -70,8 +71,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("hub", help="the Image Analysis 4.0 model-customization API and many models by name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--state-dir", default="visionserve-hub", help="datasets, models, evaluations and the "
-                   "Model Registry (sqlite) live here; everything survives a restart")
+    p.add_argument("--state-dir", default="visionserve-hub", help="datasets, models, evaluations and the Model "
+                   "Registry (sqlite; MLFLOW_TRACKING_URI names another) live here; everything survives a restart")
     p.add_argument("--state-db", default=os.environ.get("VISIONSERVE_STATE_DB"), help="the records' database: "
                    "postgresql://USER:PASSWORD@HOST:PORT/DB for several hub ingress replicas (default: SQLite in "
                    "--state-dir; also read from VISIONSERVE_STATE_DB, which keeps a password off the command line)")

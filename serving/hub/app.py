@@ -31,6 +31,7 @@ from serving.hub.api import ApiError, check_api_version, resource_name
 from serving.hub.browse import DatasetViews, dataset_contents, dataset_image
 from serving.hub.catalog import metadata
 from serving.hub.jobs import Jobs
+from serving.hub.metrics import TrainingSeries
 from serving.hub.predict import analyze, automl, image
 from serving.hub.progress import training_progress
 from serving.hub.replicas import hub_models
@@ -103,7 +104,7 @@ class HubService:
         self.models = models  # the HubModels deployment handle
         self.quotas = Quotas(**self.config.quotas)
         slots = self.config.max_concurrent_trainings or default_slots(ray.cluster_resources().get("CPU", 1))
-        self.jobs = Jobs(self.store, self.config, slots, self.quotas)
+        self.jobs = Jobs(self.store, self.config, slots, self.quotas, observe=TrainingSeries().now)
         self.jobs.recover()  # what a restart interrupted ends failed (or cancelled), never stays training
         self.jobs.dispatch()  # trainings that were waiting for a slot wait again, and the first ones start
         log.info("visionserve hub ready: state in %s, registry %s", self.store.root, self.config.tracking_uri)

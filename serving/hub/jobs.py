@@ -11,6 +11,7 @@ import logging
 import secrets
 import shutil
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
@@ -49,9 +50,10 @@ def _registry():
 
 
 class Jobs:
-    def __init__(self, store: Store, config: Any, slots: int, quotas: Quotas, names_kept: int = NAMES_KEPT):
+    def __init__(self, store: Store, config: Any, slots: int, quotas: Quotas, names_kept: int = NAMES_KEPT,
+                 observe: Callable[[int, int], None] | None = None):  # told (waiting, running) trainings
         self.store, self.config, self.quotas = store, config, quotas
-        self.queue = TrainingQueue(slots)
+        self.queue = TrainingQueue(slots, observe)
         mlflow.set_tracking_uri(config.tracking_uri)
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
             mlflow.create_experiment(EXPERIMENT, artifact_location=(store.root / "mlartifacts").as_uri())

@@ -22,6 +22,7 @@ from ray import serve
 from models.data.images import Probed
 from serving.contract import Entry, RequestError, ScoringRequest
 from serving.hub.memory import MB, ModelMemory, Resident
+from serving.hub.metrics import ModelSeries
 from serving.loading import ModelFolder
 from serving.predictor import Predictor
 from serving.replica import ScoringReplica
@@ -67,6 +68,7 @@ def hub_models(cache_size: int = 3) -> Any:
             self.start_scoring(ScoringLimits(**limits), threads)
             self.loads: deque[str] = deque(maxlen=LOADS_KEPT)  # model loads, in order (evictions show as reloads)
             self.memory = ModelMemory(None if memory_mb is None else int(memory_mb * MB))
+            self.series = ModelSeries()
             self._reloads = asyncio.Lock()  # one model evicted for memory is loaded again at a time
             self._model_thread.submit(warm_up).result()
 
@@ -84,6 +86,7 @@ def hub_models(cache_size: int = 3) -> Any:
             seconds = time.perf_counter() - started
             evicted = self.memory.admit(resident, scoring, scoring.predictor.loaded.footprint, seconds)
             self.loads.append(resident.model_id)
+            self.series.loaded(resident.model_id, seconds, evicted)
             log.info("hub: loaded %s in %.2f s, %.1f MB (%d loads on this replica)%s", resident.model_id, seconds,
                      resident.footprint / MB, len(self.loads), f"; evicted for memory: {evicted}" if evicted else "")
             return scoring
@@ -112,6 +115,7 @@ def hub_models(cache_size: int = 3) -> Any:
         async def analyze(self, image: Probed) -> dict[str, Any]:
             """One image, its header read at the ingress → {"task", "answer" (scoring.md's response), "labels"}
             or {"status", "error"}. Detectors keep their low-confidence boxes too, as the cloud's did."""
+            started = time.perf_counter()
             scoring = await self._model()
             predictor = scoring.predictor
             low = {"box_score_thresh": LOW_CONFIDENCE} if not predictor.task.is_classification else {}
@@ -120,6 +124,8 @@ def hub_models(cache_size: int = 3) -> Any:
                 [answer], _ = await self.respond(scoring, request, "/computervision/imageanalysis:analyze")
             except RequestError as exc:
                 return {"status": exc.status, "error": str(exc)}
+            finally:
+                self.series.analyzed(serve.get_multiplexed_model_id(), time.perf_counter() - started)
             return {"task": predictor.task.name, "answer": answer, "labels": predictor.labels}
 
         async def metadata(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ refused in the API's format before anything is written."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -38,25 +39,34 @@ class TrainingQueue:
     """Trainings by model name: at most `slots` run at once, the others wait (their records stay `notStarted`)
     and start first come, first served; a waiting one can be withdrawn (`:cancel`)."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, observe: Callable[[int, int], None] | None = None):
         if slots < 1:
             raise ValueError("a training queue needs at least one slot")
         self.slots = slots
         self.waiting: dict[str, None] = {}  # in insertion order: first come, first served
         self.running: set[str] = set()
+        self._observe = observe  # told (waiting, running) on every change (serving.hub.metrics), and now
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._observe is not None:
+            self._observe(len(self.waiting), len(self.running))
 
     def add(self, name: str) -> None:
         self.waiting[name] = None
+        self._changed()
 
     def withdraw(self, name: str) -> bool:
         """Removes a waiting training; False when it is not waiting (running, or unknown)."""
         if name not in self.waiting:
             return False
         del self.waiting[name]
+        self._changed()
         return True
 
     def finished(self, name: str) -> None:
         self.running.discard(name)
+        self._changed()
 
     def startable(self) -> list[str]:
         """The waiting trainings that may start now, oldest first; they count as running from here on."""
@@ -66,10 +76,13 @@ class TrainingQueue:
             del self.waiting[name]
             self.running.add(name)
             started.append(name)
+        if started:
+            self._changed()
         return started
 
     def clear(self) -> None:
         self.waiting.clear()
+        self._changed()
 
 
 def default_slots(cluster_cpus: float, cpus_per_training: float = 2.0) -> int:

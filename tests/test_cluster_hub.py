@@ -1,0 +1,110 @@
+"""`visionserve hub` on the two-node cluster (tests/cluster.py), run as a user runs it there: MLFLOW_TRACKING_URI
+names the cluster's tracking server, whose registered models its model replica loads. Prometheus
+with deploy/prometheus.yml reads the hub's own series (serving/hub/metrics.py: loads, evictions by a memory budget,
+load and analyze seconds by model, trainings) and Ray Serve's request series from the nodes, and every query of
+deploy/grafana/visionserve-hub.json answers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster import BIN
+from test_cluster_serve import _body, _by_node, _prometheus, _wait_for_line
+
+pytestmark = pytest.mark.slow
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+V = {"api-version": "2023-04-01-preview"}
+NAMES = ("vs-cluster", "vs-cluster-b")
+
+
+@pytest.fixture(scope="module")
+def hub_on_cluster(cluster, cluster_model, tmp_path_factory):
+    """The hub with one model replica and a 1 MB memory budget: each model's load evicts the other (a second
+    name registered for the same model)."""
+    import mlflow
+
+    from conftest import tracking_at
+
+    with tracking_at(cluster.tracking_uri):
+        source = mlflow.MlflowClient().get_model_version("vs-cluster", cluster_model.rsplit("/", 1)[1]).source
+        mlflow.register_model(source, NAMES[1])
+    log = tmp_path_factory.mktemp("cluster-hub") / "hub.log"
+    proc = subprocess.Popen([str(BIN / "visionserve"), "hub", "--address", cluster.address, "--proxy-location",
+                             "HeadOnly", "--port", str(cluster.serve_port), "--state-dir",
+                             str(cluster.head_only / "hub-state"), "--model-replicas", "1", "--model-cpus", "1",
+                             "--model-memory-mb", "1", "--cache-size", "2"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=cluster.env(),
+                            cwd=cluster.head_only, start_new_session=True)
+    try:
+        _wait_for_line(proc, log, "visionserve hub at", timeout=400)
+        yield f"http://127.0.0.1:{cluster.serve_port}", log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "visionserve-hub.json").read_text())
+    return [target["expr"].replace("$__rate_interval", "1m").replace("$application", "visionserve-hub")
+            for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def _requests(url: str, body: dict, image: bytes) -> None:
+    """Scores and analyzes with both names in turn: each call of the other name loads it again."""
+    for name in NAMES * 3:
+        scored = httpx.post(f"{url}/score", params={"model": name}, json=body, timeout=300)
+        assert scored.status_code == 200, scored.text
+        analyzed = httpx.post(f"{url}/computervision/imageanalysis:analyze", params={**V, "model-name": name},
+                              content=image, headers={"content-type": "application/octet-stream"}, timeout=300)
+        assert analyzed.status_code == 200, analyzed.text
+
+
+def test_prometheus_reads_the_hubs_series_from_the_cluster_and_every_dashboard_query_answers(
+        hub_on_cluster, cluster, synth, tmp_path):
+    import base64
+
+    url, log = hub_on_cluster
+    body = _body(synth)
+    image = base64.b64decode(body["input_data"]["data"][0])
+    proc, prometheus = _prometheus(cluster, tmp_path)
+    try:
+        _requests(url, body, image)
+        models = httpx.get(f"{url}/models", timeout=60).json()
+        replicas = models["cache"]["replicas"]
+        assert replicas and all(r["budget_mb"] == 1 for r in replicas), models["cache"]
+        deadline, seen = time.monotonic() + 120, {}
+        wanted = ("ray_visionserve_hub_model_loads_total", "ray_visionserve_hub_model_evictions_total",
+                  "ray_visionserve_hub_analyze_seconds_count", "ray_visionserve_hub_trainings")
+        while time.monotonic() < deadline:
+            seen = {series: _by_node(cluster, prometheus, f'sum by (instance) ({series}{{application='
+                                                            '"visionserve-hub"}})') for series in wanted}
+            if all(seen.values()):
+                break
+            _requests(url, body, image)
+            time.sleep(3)
+        assert all(seen.values()), seen
+        loads = _by_node(cluster, prometheus, 'sum by (instance) (ray_visionserve_hub_model_loads_total'
+                                              '{application="visionserve-hub"})')
+        assert sum(loads.values()) >= 2, loads
+        empty = _dashboard_queries()
+        while empty and time.monotonic() < deadline + 60:  # a rate needs two scrapes of a series
+            empty = [q for q in empty if not httpx.get(f"{prometheus}/api/v1/query", params={"query": q},
+                                                       timeout=30).json()["data"]["result"]]
+            if empty:
+                _requests(url, body, image)
+                time.sleep(2)
+        assert empty == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
