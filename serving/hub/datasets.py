@@ -67,9 +67,9 @@ async def register_dataset(store: Store, name: str, request: Request, config: An
     kind = _kind(field(doc, "annotationKind"))
     uris = _uris(field(doc, "annotationFileUris"))
     properties = _properties(field(doc, "customProperties"))
-    if store.get("datasets", name) is not None:
+    if await asyncio.to_thread(store.get, "datasets", name) is not None:  # before the files are read
         raise ApiError(409, "DatasetAlreadyExists", f"dataset {name!r} already exists", name)
-    quotas.check("datasets", store.count("datasets"))
+    quotas.check("datasets", await asyncio.to_thread(store.count, "datasets"))
     await asyncio.to_thread(_check_files, uris, kind, config.image_root)
     record = {"name": name, "annotationKind": kind, "annotationFileUris": uris, "createdDateTime": now()}
     auth = field(doc, "authentication")
@@ -89,7 +89,7 @@ async def update_dataset(store: Store, name: str, request: Request, config: Any)
     """PATCH: customProperties and annotationFileUris, each checked as PUT checks it, before anything is written."""
     name = resource_name(name, "name", "dataset")
     doc = await json_body(request)
-    record = store.get("datasets", name)
+    record = await asyncio.to_thread(store.get, "datasets", name)
     if record is None:
         raise not_found("dataset", name)
     changes: dict[str, Any] = {}
@@ -114,7 +114,7 @@ async def delete_dataset(store: Store, name: str, request: Request):
 
 
 async def get(kind: str, store: Store, name: str) -> JSONResponse:
-    record = store.get(kind, resource_name(name, "name", kind.rstrip("s")))
+    record = await asyncio.to_thread(store.get, kind, resource_name(name, "name", kind.rstrip("s")))
     if record is None:
         raise not_found(kind.rstrip("s"), name)
     return JSONResponse(public(record))

@@ -137,7 +137,7 @@ class Jobs:
 
     async def create_model(self, name: str, request: Request) -> JSONResponse:
         doc = await json_body(request)
-        record = model_request(name, doc, lambda dataset: self.store.get("datasets", dataset))
+        record = await asyncio.to_thread(model_request, name, doc, lambda dataset: self.store.get("datasets", dataset))
         exists = ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
         if (await asyncio.to_thread(self._registered, name))[0] is not None:  # registered the usual MLflow way
             raise exists
@@ -191,7 +191,7 @@ class Jobs:
         try:
             fields = await run.ref
         except stopped_errors() as exc:
-            cancelled = (self.store.get("models", name) or {}).get("status") == "cancelling"
+            cancelled = ((await asyncio.to_thread(self.store.get, "models", name)) or {}).get("status") == "cancelling"
             fields = {"status": "cancelled"} if cancelled else failure(exc, "training")
         finally:
             self.running.pop(name, None)
@@ -202,7 +202,7 @@ class Jobs:
 
     async def _finish(self, name: str, fields: dict[str, Any]) -> None:
         """A training's result written on its record; a version registered after a `:cancel` is removed with it."""
-        record = self.store.get("models", name)
+        record = await asyncio.to_thread(self.store.get, "models", name)
         if record is None or self.stopping:
             return  # stopping: the next start adopts (or removes) what it registered
         if record["status"] == "cancelling":
@@ -212,7 +212,7 @@ class Jobs:
         private = {"_version": fields.pop("modelVersion", None), "_uri": fields.pop("modelUri", None),
                    "_architecture": fields.pop("architecture", None), "_task": fields.pop("task", None),
                    "_labels": fields.pop("labels", None)}
-        self.store.put("models", {**record, **fields, **private})
+        await asyncio.to_thread(self.store.put, "models", {**record, **fields, **private})
 
     def _merged(self, record: dict[str, Any]) -> dict[str, Any]:
         """A record as it is now: a running training's own progress folded in."""
@@ -233,15 +233,16 @@ class Jobs:
         return JSONResponse(public(await asyncio.to_thread(self.model_record, name)))
 
     async def cancel(self, name: str) -> JSONResponse:
-        record = self.store.get("models", name)
+        record = await asyncio.to_thread(self.store.get, "models", name)
         if record is None:
             raise not_found("model", name)
         if self.queue.withdraw(name):  # still waiting for a slot: nothing ran, nothing to stop
-            record = self.store.update("models", name, status="cancelled", trainingCostInMinutes=0)
+            record = await asyncio.to_thread(self.store.update, "models", name, status="cancelled",
+                                             trainingCostInMinutes=0)
             return JSONResponse(public(record), 202)
         run = self.running.get(name)
         if run is not None and record["status"] in ("notStarted", "training"):
-            record = self.store.update("models", name, status="cancelling")
+            record = await asyncio.to_thread(self.store.update, "models", name, status="cancelling")
             (self.store.job_dir(name) / CANCEL_FILE).touch()  # Tune ends the trials and frees their CPUs/GPUs
             asyncio.get_running_loop().create_task(self._kill_later(name, run))
         return JSONResponse(public(self._merged(record)), 202)
@@ -253,7 +254,7 @@ class Jobs:
             end(run)
 
     async def delete_model(self, name: str):
-        record = self.store.get("models", name)
+        record = await asyncio.to_thread(self.store.get, "models", name)
         if record is None:
             raise not_found("model", name)
         if record["status"] in ACTIVE or name in self.running:
@@ -347,7 +348,7 @@ class Jobs:
             mid = await asyncio.to_thread(self.model_id, model)
         except ApiError as exc:
             raise ApiError(exc.status, "modelNotFound" if exc.status == 404 else exc.code, exc.message, model) from None
-        dataset = self.store.get("datasets", test)
+        dataset = await asyncio.to_thread(self.store.get, "datasets", test)
         if dataset is None:
             raise ApiError(404, "datasetNotFound", f"testDatasetName: dataset {test!r} does not exist", "testDatasetName")
         record = {"name": name, "modelName": model, "createdDateTime": now(), "status": "notStarted",
@@ -375,10 +376,10 @@ class Jobs:
                 self.running.pop(key)
             end(run)
         if owner and not self.stopping:
-            self.store.update("evaluations", name, model, **fields)
+            await asyncio.to_thread(self.store.update, "evaluations", name, model, **fields)
 
     async def evaluation_answer(self, model: str, name: str) -> JSONResponse:
-        record = self.store.get("evaluations", name, model)
+        record = await asyncio.to_thread(self.store.get, "evaluations", name, model)
         if record is None:
             raise not_found("evaluation", name)
         return JSONResponse(public(record))
@@ -388,7 +389,7 @@ class Jobs:
         run = self.running.pop(f"{model}/{name}", None)
         if run is not None:
             end(run)
-        if not self.store.delete("evaluations", name, model):
+        if not await asyncio.to_thread(self.store.delete, "evaluations", name, model):
             raise not_found("evaluation", name)
         return no_content()
 
