@@ -30,17 +30,28 @@ _URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "w
 def resolve_model(model: str | Path) -> Path:
     """A local MLflow model folder for `model`: a folder as is, or an MLflow URI (`models:/name/1`,
     `runs:/<id>/mlflow-model`, …) downloaded through MLflow's artifact API into this process's downloads folder
-    (removed when the process ends)."""
+    (removed when the process ends), once per URI: a model loaded again (the hub's replicas reload what their
+    memory budget evicted) reuses its files instead of downloading another copy."""
     text = str(model)
     if text.startswith(_URI_SCHEMES):
+        import hashlib
+        import shutil
         import tempfile
 
         import mlflow
 
         from models.runtime import downloads_folder
 
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=text,
-                                                        dst_path=tempfile.mkdtemp(dir=downloads_folder())))
+        folder = downloads_folder() / hashlib.sha256(text.encode()).hexdigest()[:24]
+        if not folder.is_dir():  # a download goes to a folder of its own first: a half-done one is never reused
+            partial = Path(tempfile.mkdtemp(dir=downloads_folder()))
+            mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=str(partial))
+            try:
+                partial.rename(folder)
+            except OSError:  # another thread's download of the same URI got there first
+                shutil.rmtree(partial, ignore_errors=True)
+        found = sorted(folder.rglob("MLmodel"), key=lambda p: len(p.parts))  # `runs:/<id>/name` lands in name/
+        return found[0].parent if found else folder
     path = Path(text.removeprefix("file://")).expanduser()
     if not (path / "MLmodel").is_file():
         raise FileNotFoundError(f"{model}: not an MLflow model folder (no MLmodel file) nor an MLflow URI")

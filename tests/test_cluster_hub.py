@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 V = {"api-version": "2023-04-01-preview"}
 NAMES = ("vs-cluster", "vs-cluster-b")
+HUB = '{application="visionserve-hub"}'  # the hub's application, as `visionserve hub` names it
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def hub_on_cluster(cluster, cluster_model, tmp_path_factory):
     from conftest import tracking_at
 
     with tracking_at(cluster.tracking_uri):
-        source = mlflow.MlflowClient().get_model_version("vs-cluster", cluster_model.rsplit("/", 1)[1]).source
-        mlflow.register_model(source, NAMES[1])
+        version = mlflow.MlflowClient().get_model_version("vs-cluster", cluster_model.rsplit("/", 1)[1])
+        mlflow.register_model(f"runs:/{version.run_id}/mlflow-model", NAMES[1])
     log = tmp_path_factory.mktemp("cluster-hub") / "hub.log"
     proc = subprocess.Popen([str(BIN / "visionserve"), "hub", "--address", cluster.address, "--proxy-location",
                              "HeadOnly", "--port", str(cluster.serve_port), "--state-dir",
@@ -87,15 +88,13 @@ def test_prometheus_reads_the_hubs_series_from_the_cluster_and_every_dashboard_q
         wanted = ("ray_visionserve_hub_model_loads_total", "ray_visionserve_hub_model_evictions_total",
                   "ray_visionserve_hub_analyze_seconds_count", "ray_visionserve_hub_trainings")
         while time.monotonic() < deadline:
-            seen = {series: _by_node(cluster, prometheus, f'sum by (instance) ({series}{{application='
-                                                            '"visionserve-hub"}})') for series in wanted}
+            seen = {series: _by_node(cluster, prometheus, f'sum by (instance) ({series}{HUB})') for series in wanted}
             if all(seen.values()):
                 break
             _requests(url, body, image)
             time.sleep(3)
         assert all(seen.values()), seen
-        loads = _by_node(cluster, prometheus, 'sum by (instance) (ray_visionserve_hub_model_loads_total'
-                                              '{application="visionserve-hub"})')
+        loads = _by_node(cluster, prometheus, f"sum by (instance) (ray_visionserve_hub_model_loads_total{HUB})")
         assert sum(loads.values()) >= 2, loads
         empty = _dashboard_queries()
         while empty and time.monotonic() < deadline + 60:  # a rate needs two scrapes of a series

@@ -186,3 +186,27 @@ def test_the_training_queue_tells_its_observer_waiting_and_running_at_start_and_
     queue.withdraw("b")
     queue.finished("a")
     assert seen == [(0, 0), (1, 0), (2, 0), (1, 1), (0, 1), (0, 0)]
+
+
+def test_a_registered_model_loaded_again_reuses_its_download_instead_of_another_copy(tmp_path):
+    """A hub replica loads a model again after its memory budget evicted it: one copy on disk, however many loads
+    (before, each load downloaded another, until the disk was full)."""
+    import mlflow
+
+    from models.runtime import downloads_folder
+    from serving.loading import resolve_model
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        mlflow.set_experiment("reuse")
+        with mlflow.start_run() as run:
+            mlflow.pyfunc.log_model(name="mlflow-model", python_model=Echo())
+        version = mlflow.register_model(f"runs:/{run.info.run_id}/mlflow-model", "reused").version
+        before = set(downloads_folder().iterdir())
+        folders = {resolve_model(f"models:/reused/{version}") for _ in range(3)}
+        added = set(downloads_folder().iterdir()) - before
+    [folder] = folders
+    assert (folder / "MLmodel").is_file() and len(added) == 1
