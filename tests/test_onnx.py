@@ -292,8 +292,11 @@ def test_the_readmes_onnx_runtime_example_prints_the_pyfuncs_answer(trained, tas
     answers = mlflow.pyfunc.load_model(result.model_dir, model_config={"backend": "onnx"}).predict(_rows(paths))
     assert [a["labels"] for a in printed] == [a["labels"] for a in answers]
     assert np.allclose([a["probs"] for a in printed], [a["probs"] for a in answers], atol=0.05)
-    best = [int(np.argmax(a["probs"])) for a in answers]
-    assert [int(np.argmax(a["probs"])) for a in printed] == best
+    # the best class agrees wherever the pyfunc's is clear (a near tie may fall either way within the
+    # tolerance above: preprocessing by Pillow and numpy vs torchvision differs slightly)
+    clear = [i for i, a in enumerate(answers) if np.diff(np.sort(a["probs"])[-2:])[0] > 0.1]  # twice the tolerance
+    assert [int(np.argmax(printed[i]["probs"])) for i in clear] == \
+        [int(np.argmax(answers[i]["probs"])) for i in clear]
 
 
 def test_the_readmes_onnx_runtime_detector_example_prints_the_pyfuncs_answer(trained, tmp_path):
