@@ -237,3 +237,22 @@ def _start(processes: _Processes, head_only: Path, shared: Path, ray_temp: Path)
     _wait("the MLflow tracking server", lambda: httpx.get(f"{tracking}/health", timeout=5).status_code == 200,
           processes)
     return cluster
+
+
+def stop_command(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """A `visionserve` command stopped as docker or Kubernetes stops it (SIGTERM), killed if it will not stop."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def dashboard_queries(path: Path, application: str) -> list[str]:
+    """Every query of a Grafana dashboard (deploy/grafana/*.json), for one Serve application."""
+    dashboard = json.loads(path.read_text())
+    return [target["expr"].replace("$__rate_interval", "1m").replace("$application", application)
+            for panel in dashboard["panels"] for target in panel["targets"]]

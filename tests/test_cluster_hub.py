@@ -6,8 +6,6 @@ deploy/grafana/visionserve-hub.json answers."""
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster import BIN
+from cluster import BIN, dashboard_queries, stop_command
 from test_cluster_serve import _body, _by_node, _prometheus, _wait_for_line
 
 pytestmark = pytest.mark.slow
@@ -47,18 +45,7 @@ def hub_on_cluster(cluster, cluster_model, tmp_path_factory):
         _wait_for_line(proc, log, "visionserve hub at", timeout=400)
         yield f"http://127.0.0.1:{cluster.serve_port}", log
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _dashboard_queries() -> list[str]:
-    dashboard = json.loads((DEPLOY / "grafana" / "visionserve-hub.json").read_text())
-    return [target["expr"].replace("$__rate_interval", "1m").replace("$application", "visionserve-hub")
-            for panel in dashboard["panels"] for target in panel["targets"]]
+        stop_command(proc)
 
 
 def _requests(url: str, body: dict, image: bytes) -> None:
@@ -96,7 +83,7 @@ def test_prometheus_reads_the_hubs_series_from_the_cluster_and_every_dashboard_q
         assert all(seen.values()), seen
         loads = _by_node(cluster, prometheus, f"sum by (instance) (ray_visionserve_hub_model_loads_total{HUB})")
         assert sum(loads.values()) >= 2, loads
-        empty = _dashboard_queries()
+        empty = dashboard_queries(DEPLOY / "grafana" / "visionserve-hub.json", "visionserve-hub")
         while empty and time.monotonic() < deadline + 60:  # a rate needs two scrapes of a series
             empty = [q for q in empty if not httpx.get(f"{prometheus}/api/v1/query", params={"query": q},
                                                        timeout=30).json()["data"]["result"]]

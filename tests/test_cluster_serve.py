@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster import dashboard_queries, stop_command
 from models.runtime import DOWNLOADS, reserved_port, wait_until_ready
 
 pytestmark = pytest.mark.slow
@@ -136,13 +137,7 @@ def served(cluster, cluster_model, tmp_path_factory):
         print(f"served on the cluster in {time.monotonic() - started:.1f} s", file=sys.stderr)
         yield url, proc, log
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_command(proc)
 
 
 def _wait_for_line(proc: subprocess.Popen, log: Path, line: str, timeout: float) -> None:
@@ -203,13 +198,6 @@ def _by_node(cluster, url: str, query: str) -> dict[str, float]:
             for row in answer["data"]["result"]}
 
 
-def _dashboard_queries() -> list[str]:
-    """Every query of deploy/grafana/visionserve-serve.json, for the application "visionserve"."""
-    dashboard = json.loads((DEPLOY / "grafana" / "visionserve-serve.json").read_text())
-    return [target["expr"].replace("$__rate_interval", "1m").replace("$application", "visionserve")
-            for panel in dashboard["panels"] for target in panel["targets"]]
-
-
 def _an_error_and_an_explanation(url: str, body: dict) -> None:
     image = body["input_data"]["data"][0]
     explain = json.dumps({"image_base64": image, "model_explainability": True,
@@ -240,7 +228,7 @@ def test_prometheus_reads_the_serve_series_of_the_replicas_on_both_nodes(served,
             assert set(_by_node(cluster, prometheus, f"sum by (instance) ({series})")) >= {"head", "node2"}
         targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=30).json()["data"]["activeTargets"]
         assert all(t["health"] == "up" for t in targets), targets
-        empty = _dashboard_queries()
+        empty = dashboard_queries(DEPLOY / "grafana" / "visionserve-serve.json", "visionserve")
         while empty and time.monotonic() < deadline + 60:  # a rate needs two scrapes of a series
             empty = [q for q in empty if not httpx.get(f"{prometheus}/api/v1/query", params={"query": q},
                                                        timeout=30).json()["data"]["result"]]

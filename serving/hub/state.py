@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import (Column, Connection, Engine, MetaData, String, Table, Text, create_engine, event, func,
                         select)
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from serving.batch.files import atomic_file
 
@@ -123,13 +123,12 @@ class Store:
         self.root = Path(root).expanduser().resolve()
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         self.url = database_url(state_db, self.root)
-        self.engine = _engine(self.url)
         try:
-            _metadata.create_all(self.engine)
+            self.engine = _engine(self.url)  # a missing driver is refused here
+            _metadata.create_all(self.engine)  # an unreachable or refusing database here
         except SQLAlchemyError as exc:
-            raise StateDbError(f"--state-db: cannot use {self.shown_url}: {type(exc.orig or exc).__name__}") from None
-        except NoSuchModuleError:
-            raise StateDbError(f"--state-db: no driver for {self.shown_url}") from None
+            cause = getattr(exc, "orig", None) or exc  # the driver's error, where there is one
+            raise StateDbError(f"--state-db: cannot use {self.shown_url}: {type(cause).__name__}") from None
         self._import_json_files()
 
     @property
@@ -156,6 +155,14 @@ class Store:
         body = connection.execute(select(_records.c.body).where(*self._where(kind, name, model))
                                   .with_for_update()).scalar()
         return None if body is None else json.loads(body)
+
+    def _checked(self, connection: Connection, kind: str, name: str, model: str | None,
+                 check: Callable[[dict[str, Any]], None] | None) -> dict[str, Any] | None:
+        """The record, locked, after `check(record)` (which may raise); None when there is none."""
+        record = self._locked(connection, kind, name, model)
+        if record is not None and check is not None:
+            check(record)
+        return record
 
     def get(self, kind: str, name: str, model: str | None = None) -> dict[str, Any] | None:
         with self._reading() as connection:
@@ -199,11 +206,9 @@ class Store:
         """The record with `changes` merged in (None: there is none); `check(record as it is)` runs first, in
         the same transaction, and may raise (an If-Match that no longer matches)."""
         with self._transaction() as connection:
-            record = self._locked(connection, kind, name, model)
+            record = self._checked(connection, kind, name, model, check)
             if record is None:
                 return None
-            if check is not None:
-                check(record)
             record = _stamped({**record, **changes})
             connection.execute(_records.update().where(*self._where(kind, name, model))
                                .values(body=json.dumps(record)))
@@ -213,11 +218,8 @@ class Store:
                check: Callable[[dict[str, Any]], None] | None = None) -> bool:
         """Remove a record (False: there was none); `check(record)` first, in the same transaction."""
         with self._transaction() as connection:
-            record = self._locked(connection, kind, name, model)
-            if record is None:
+            if self._checked(connection, kind, name, model, check) is None:
                 return False
-            if check is not None:
-                check(record)
             connection.execute(_records.delete().where(*self._where(kind, name, model)))
         return True
 
