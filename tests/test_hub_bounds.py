@@ -87,7 +87,7 @@ def test_a_version_a_cancelled_training_registered_before_a_crash_is_removed_fre
     jobs.recover()
     assert store.get("models", "late")["status"] == "cancelled"
     assert mlflow.MlflowClient().search_model_versions("name='late'") == []
-    assert jobs._registered("late") == (None, {})  # a PUT of the name is not refused as registered
+    assert jobs.registry.latest("late") == (None, {})  # a PUT of the name is not refused as registered
 
 
 def test_a_version_registered_after_a_cancel_is_removed_with_the_training(hub_parts, tmp_path):
@@ -116,6 +116,41 @@ def test_an_interrupted_training_that_registered_nothing_still_fails_saying_the_
     assert record["status"] == "failed" and "restarted" in record["error"]["message"]
 
 
+def test_a_cancel_while_a_training_is_being_prepared_launches_nothing_and_frees_the_slot(hub_parts):
+    """`_start` prepares a training's record off the event loop; a `:cancel` that arrives meanwhile (held here by
+    another writer's lock on the database, readers still answered) is not lost: nothing launches (this test has
+    no Ray to launch on), the record ends cancelled and the slot is free."""
+    import asyncio
+    import sqlite3
+
+    store, config, _ = hub_parts
+    store.put("models", {"name": "m", "status": "notStarted", "createdDateTime": "2026-01-01T00:00:00Z",
+                         "trainingParameters": {"modelKind": "Generic-Classifier", "trainingDatasetName": "d",
+                                                "timeBudgetInHours": 1}})
+    jobs = _jobs(store, config)
+    writer = sqlite3.connect(store.root / "hub.db", timeout=30)
+
+    async def cancel_while_preparing() -> int:
+        writer.execute("BEGIN IMMEDIATE")  # the preparation's write waits for this lock
+        jobs.queue.add("m")
+        jobs.dispatch()
+        await asyncio.sleep(0.2)
+        answer = await jobs.cancel("m")
+        writer.rollback()
+        for _ in range(100):
+            if "m" not in jobs.starting:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the cancelled record written
+        return answer.status_code
+
+    assert asyncio.run(cancel_while_preparing()) == 202
+    assert store.get("models", "m")["status"] == "cancelled"
+    assert not jobs.running and not jobs.starting
+    jobs.queue.add("next")
+    assert jobs.queue.startable() == ["next"]  # the one slot was given back
+
+
 def test_lookups_of_many_unknown_model_names_leave_the_name_cache_at_its_bound(hub_parts):
     from serving.hub.api import ApiError
 
@@ -124,7 +159,7 @@ def test_lookups_of_many_unknown_model_names_leave_the_name_cache_at_its_bound(h
     for n in range(40):
         with pytest.raises(ApiError):
             jobs.model_id(f"unknown-{n}")
-    assert len(jobs._names) == 16
+    assert len(jobs.registry) == 16
 
 
 def _big_dataset(folder: Path, images: int) -> Path:

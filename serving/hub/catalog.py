@@ -1,15 +1,94 @@
-"""`GET /models`: every model the hub serves, with its task, labels and status; `GET /models/{name}/metadata`."""
+"""The models the hub serves besides its own records: the MLflow Model Registry as the hub sees it (`Registry`);
+`GET /models`: every model with its task, labels and status; `GET /models/{name}/metadata`."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import json
+import logging
+import threading
 from typing import Any
 
+import mlflow
+from cachetools import TTLCache
 from fastapi.responses import JSONResponse
 
 from serving.hub.state import Store
+from serving.hub.training import RUN_TAG
+
+log = logging.getLogger("ray.serve")
+NAMES_KEPT = 1024  # registry look-ups kept (a client may name any number of unknown models)
+NAMES_TTL_S = 5  # how long one is trusted: a model registered elsewhere is served within this
+
+
+class Registry:
+    """The registry's blocking queries, for the routes' worker threads: a name's latest version (kept NAMES_TTL_S
+    seconds, at most `names_kept` names, unknown ones a client sends included), the versions one training run
+    registered, and a name's removal."""
+
+    def __init__(self, names_kept: int = NAMES_KEPT):
+        self._names: TTLCache = TTLCache(names_kept, NAMES_TTL_S)  # name → (latest version, its tags)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _client() -> mlflow.MlflowClient:
+        return mlflow.MlflowClient()
+
+    def latest(self, name: str) -> tuple[str | None, dict[str, Any]]:
+        """(latest version, its tags) of a registered model, or (None, {})."""
+        with self._lock:
+            cached = self._names.get(name)
+        if cached is not None:
+            return cached
+        try:
+            versions = self._client().search_model_versions(f"name='{name}'")
+        except Exception:  # noqa: BLE001  (not registered, or a name the registry refuses)
+            versions = []
+        latest = max(versions, key=lambda v: int(v.version), default=None)
+        found = (latest.version, dict(latest.tags or {})) if latest is not None else (None, {})
+        with self._lock:
+            self._names[name] = found
+        return found
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._names.pop(name, None)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        """A model registered the usual MLflow way (`visionserve train`, `mlflow.register_model`), as a record."""
+        version, tags = self.latest(name)
+        if version is None:
+            return None
+        return {"name": name, "status": "succeeded", "createdDateTime": "", "_version": version,
+                "trainingParameters": {"modelKind": tags.get("modelKind", "Generic-Classifier")},
+                "modelVersion": version}
+
+    def names(self) -> list[str]:
+        try:
+            return [m.name for m in self._client().search_registered_models()]
+        except Exception:  # noqa: BLE001
+            return []
+
+    def run_versions(self, name: str, run: str | None) -> list[Any]:
+        """The registered versions of `name` that the training run `run` registered (tagged with it)."""
+        if not run:
+            return []
+        try:
+            versions = self._client().search_model_versions(f"name='{name}'")
+        except Exception:  # noqa: BLE001  (never registered)
+            return []
+        return [v for v in versions if (v.tags or {}).get(RUN_TAG) == run]
+
+    def unregister(self, name: str) -> None:
+        self.forget(name)
+        try:
+            self._client().delete_registered_model(name)
+        except Exception:  # noqa: BLE001  (never registered, or already gone)
+            log.info("hub: model %s was not in the registry", name)
 
 
 @functools.lru_cache(maxsize=256)

@@ -10,13 +10,11 @@ import json
 import logging
 import secrets
 import shutil
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import mlflow
 import ray
-from cachetools import TTLCache
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -30,24 +28,17 @@ from serving.hub.api import (
     resource_name,
     section,
 )
-from serving.hub.catalog import describe
+from serving.hub.catalog import NAMES_KEPT, Registry, describe
 from serving.hub.model_request import model_request
 from serving.hub.replicas import model_id
 from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import AlreadyExists, Store, now
-from serving.hub.training import CANCEL_FILE, EXPERIMENT, RUN_TAG, evaluate_task, train_model
+from serving.hub.training import CANCEL_FILE, EXPERIMENT, evaluate_task, train_model
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
 INTERRUPTED = "the hub stopped while this ran"  # how a failed record that a restart ended begins its message
-NAMES_KEPT = 1024  # registry look-ups kept (a client may name any number of unknown models)
-NAMES_TTL_S = 5  # how long one is trusted: a model registered elsewhere is served within this
-
-
-def _registry():
-    return mlflow.MlflowClient()
-
 
 class Jobs:
     def __init__(self, store: Store, config: Any, slots: int, quotas: Quotas, names_kept: int = NAMES_KEPT,
@@ -59,8 +50,8 @@ class Jobs:
             mlflow.create_experiment(EXPERIMENT, artifact_location=(store.root / "mlartifacts").as_uri())
         self.running: dict[str, Run] = {}  # model or "model/evaluation" → its actor and result
         self.stopping = False  # once the hub stops, results are no longer written (the next start fails them)
-        self._names: TTLCache = TTLCache(names_kept, NAMES_TTL_S)  # name → (latest version, its tags)
-        self._names_lock = threading.Lock()  # looked up from the routes' worker threads
+        self.registry = Registry(names_kept)
+        self.starting: dict[str, bool] = {}  # trainings whose records are being prepared → cancelled meanwhile
 
     # ------------------------------------------------------------------ restart, shutdown
 
@@ -104,10 +95,10 @@ class Jobs:
         record fails. A crash between registering and writing the record never leaves a name that is registered
         but not the record's, which no DELETE would free."""
         name = record["name"]
-        versions = self._run_versions(record)
+        versions = self.registry.run_versions(name, record.get("_run"))
         if record["status"] == "cancelling":
             if versions:
-                self._unregister(name)
+                self.registry.unregister(name)
             self.store.update("models", name, status="cancelled")
         elif versions:
             latest = max(versions, key=lambda v: int(v.version))
@@ -120,18 +111,7 @@ class Jobs:
             log.info("hub: model %s adopted version %s, registered before the hub stopped", name, latest.version)
         elif record["status"] != "failed":
             self.store.update("models", name, status="failed", error={"code": "unknown", "message": message})
-        self._forget(name)
-
-    @staticmethod
-    def _run_versions(record: dict[str, Any]) -> list[Any]:
-        """The registered versions of the record's name that its own (last) run registered."""
-        if not record.get("_run"):
-            return []
-        try:
-            versions = _registry().search_model_versions(f"name='{record['name']}'")
-        except Exception:  # noqa: BLE001  (never registered)
-            return []
-        return [v for v in versions if (v.tags or {}).get(RUN_TAG) == record["_run"]]
+        self.registry.forget(name)
 
     # ------------------------------------------------------------------ models
 
@@ -139,7 +119,7 @@ class Jobs:
         doc = await json_body(request)
         record = await asyncio.to_thread(model_request, name, doc, lambda dataset: self.store.get("datasets", dataset))
         exists = ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
-        if (await asyncio.to_thread(self._registered, name))[0] is not None:  # registered the usual MLflow way
+        if (await asyncio.to_thread(self.registry.latest, name))[0] is not None:  # registered the usual MLflow way
             raise exists
         self.quotas.check("waiting_trainings", len(self.queue.waiting))
         try:
@@ -156,13 +136,29 @@ class Jobs:
         if self.stopping:
             return
         for name in self.queue.startable():
-            try:
-                self._start(name)
-            except Exception:  # noqa: BLE001  (the record says so; the slot is given back)
-                log.exception("hub: training %s could not start", name)
-                self.queue.finished(name)
-                self.store.update("models", name, status="failed", error={
-                    "code": "unknown", "message": "the training could not start; the hub's log has the details"})
+            self.starting[name] = False
+            asyncio.get_running_loop().create_task(self._start(name))
+
+    async def _start(self, name: str) -> None:
+        """A training's record marked started and its folder made, off the event loop, then its actor launched; a
+        `:cancel` that came meanwhile (`starting`) launches nothing. Only this writes the record until it runs."""
+        order, fields = None, None
+        try:
+            order = await asyncio.to_thread(self._prepare, name)
+        except Exception:  # noqa: BLE001  (the record says so; the slot is given back)
+            log.exception("hub: training %s could not start", name)
+            fields = {"status": "failed", "error": {
+                "code": "unknown", "message": "the training could not start; the hub's log has the details"}}
+        if self.starting.pop(name, False):
+            order, fields = None, {"status": "cancelled", "trainingCostInMinutes": 0}
+        if order is not None and not self.stopping:
+            run = self.running[name] = launch(train_model, order)
+            await self._watch(name, run)
+            return
+        if fields is not None and not self.stopping:
+            await asyncio.to_thread(self.store.update, "models", name, **fields)
+        self.queue.finished(name)
+        self.dispatch()
 
     def _order(self, record: dict[str, Any]) -> dict[str, Any]:
         """What a training needs, read when it starts (a dataset deleted while it waited fails it: datasetNotFound)."""
@@ -175,17 +171,16 @@ class Jobs:
                 "run": record["_run"], "test_dataset_name": test,
                 "test_dataset": self.store.get("datasets", test) if test else None}
 
-    def _start(self, name: str) -> None:
+    def _prepare(self, name: str) -> dict[str, Any] | None:
+        """What the training needs (`_order`), its record marked started; None when it went or was cancelled."""
         record = self.store.get("models", name)
         if record is None or record["status"] != "notStarted":  # gone or cancelled while it waited
-            self.queue.finished(name)
-            return
+            return None
         # a restart now fails it (or adopts what it registered, tagged with its run), never reruns it
         record = self.store.update("models", name, _started=now(), _run=secrets.token_hex(8))
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
-        run = self.running[name] = launch(train_model, self._order(record))
-        asyncio.get_running_loop().create_task(self._watch(name, run))
+        return self._order(record)
 
     async def _watch(self, name: str, run: Run) -> None:
         try:
@@ -207,7 +202,7 @@ class Jobs:
             return  # stopping: the next start adopts (or removes) what it registered
         if record["status"] == "cancelling":
             if fields.get("modelVersion"):
-                await asyncio.to_thread(self._unregister, name)
+                await asyncio.to_thread(self.registry.unregister, name)
             fields = {"status": "cancelled", "trainingCostInMinutes": fields.get("trainingCostInMinutes", 0)}
         private = {"_version": fields.pop("modelVersion", None), "_uri": fields.pop("modelUri", None),
                    "_architecture": fields.pop("architecture", None), "_task": fields.pop("task", None),
@@ -224,7 +219,7 @@ class Jobs:
         """The hub's record of a model as it is now (or a registry model's), private keys kept; 404 unknown."""
         record = self.store.get("models", name)
         if record is None:
-            record = self._registry_record(name)
+            record = self.registry.record(name)
         if record is None:
             raise not_found("model", name)
         return self._merged(record)
@@ -240,6 +235,9 @@ class Jobs:
             record = await asyncio.to_thread(self.store.update, "models", name, status="cancelled",
                                              trainingCostInMinutes=0)
             return JSONResponse(public(record), 202)
+        if name in self.starting:  # `_start` writes it cancelled instead of launching
+            self.starting[name] = True
+            return JSONResponse(public({**record, "status": "cancelling"}), 202)
         run = self.running.get(name)
         if run is not None and record["status"] in ("notStarted", "training"):
             record = await asyncio.to_thread(self.store.update, "models", name, status="cancelling")
@@ -257,12 +255,12 @@ class Jobs:
         record = await asyncio.to_thread(self.store.get, "models", name)
         if record is None:
             raise not_found("model", name)
-        if record["status"] in ACTIVE or name in self.running:
+        if record["status"] in ACTIVE or name in self.running or name in self.starting:
             raise ApiError(409, "ModelBusy", f"model {name!r} is {self._merged(record)['status']}: cancel it first, "
                            "then delete it once it is cancelled", name)
-        self._forget(name)
+        self.registry.forget(name)
         if record.get("_version") or record.get("_started"):  # a late cancel or a crash may have registered it
-            await asyncio.to_thread(self._unregister, name)
+            await asyncio.to_thread(self.registry.unregister, name)
         for key in [k for k in self.running if k.startswith(f"{name}/")]:  # its evaluations stop with it
             end(self.running.pop(key))
         await asyncio.to_thread(self.store.delete_all, "evaluations", name)
@@ -270,53 +268,11 @@ class Jobs:
         await asyncio.to_thread(shutil.rmtree, self.store.job_dir(name), True)
         return no_content()
 
-    @staticmethod
-    def _unregister(name: str) -> None:
-        try:
-            _registry().delete_registered_model(name)
-        except Exception:  # noqa: BLE001  (never registered, or already gone)
-            log.info("hub: model %s was not in the registry", name)
-
     def model_list(self) -> list[dict[str, Any]]:
         own = [self._merged(r) for r in self.store.all("models")]
         known = {r["name"] for r in own}
-        try:
-            others = [m.name for m in _registry().search_registered_models() if m.name not in known]
-        except Exception:  # noqa: BLE001
-            others = []
-        return own + [r for r in (self._registry_record(n) for n in others) if r is not None]
-
-    # ------------------------------------------------------------------ names the hub serves
-
-    def _registered(self, name: str) -> tuple[str | None, dict[str, Any]]:
-        """(latest version, its tags) of a model in the MLflow Model Registry, or (None, {}); a blocking query,
-        kept NAMES_TTL_S seconds (at most `names_kept` names: unknown ones a client sends included)."""
-        with self._names_lock:
-            cached = self._names.get(name)
-        if cached is not None:
-            return cached
-        try:
-            versions = _registry().search_model_versions(f"name='{name}'")
-        except Exception:  # noqa: BLE001  (not registered, or a name the registry refuses)
-            versions = []
-        latest = max(versions, key=lambda v: int(v.version), default=None)
-        found = (latest.version, dict(latest.tags or {})) if latest is not None else (None, {})
-        with self._names_lock:
-            self._names[name] = found
-        return found
-
-    def _forget(self, name: str) -> None:
-        with self._names_lock:
-            self._names.pop(name, None)
-
-    def _registry_record(self, name: str) -> dict[str, Any] | None:
-        """A model registered the usual MLflow way (`visionserve train`, `mlflow.register_model`)."""
-        version, tags = self._registered(name)
-        if version is None:
-            return None
-        return {"name": name, "status": "succeeded", "createdDateTime": "", "_version": version,
-                "trainingParameters": {"modelKind": tags.get("modelKind", "Generic-Classifier")},
-                "modelVersion": version}
+        others = [n for n in self.registry.names() if n not in known]
+        return own + [r for r in (self.registry.record(n) for n in others) if r is not None]
 
     def model_id(self, name: str) -> str:
         """The multiplexed model id to serve `name` (404 unknown, 409 not trained yet)."""
@@ -326,7 +282,7 @@ class Jobs:
                 raise ApiError(409, "ModelNotReady", f"model {name!r} is {self._merged(record)['status']}, "
                                "not succeeded", name)
             return model_id(name, record["_version"])
-        version, _ = self._registered(name)
+        version, _ = self.registry.latest(name)
         if version is None:
             raise not_found("model", name)
         return model_id(name, version)
@@ -394,6 +350,6 @@ class Jobs:
         return no_content()
 
     def evaluation_list(self, model: str) -> list[dict[str, Any]]:
-        if self.store.get("models", model) is None and self._registered(model)[0] is None:
+        if self.store.get("models", model) is None and self.registry.latest(model)[0] is None:
             raise not_found("model", model, "modelNotFound")
         return self.store.all("evaluations", model)
