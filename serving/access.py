@@ -58,8 +58,9 @@ class Access:
             raise self.refusal()
 
 
-def _authorized(request: Request) -> None:
-    """The ingress replica's `access` decides (Ray Serve runs one instance of the ingress class per replica)."""
+async def _authorized(request: Request) -> None:
+    """The ingress replica's `access` decides (Ray Serve runs one instance of the ingress class per replica).
+    A coroutine: FastAPI would run a plain function in its thread pool, two thread hops per request for a hash."""
     from ray import serve
 
     serve.get_replica_context().servable_object.access.check(request)

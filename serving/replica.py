@@ -39,13 +39,20 @@ class Job:
 class ScoringReplica:
     """Mixed into a Ray Serve deployment class; `start_scoring` in its `__init__`."""
 
-    def start_scoring(self, limits: ScoringLimits, threads: int | None = None) -> None:
+    def start_scoring(self, limits: ScoringLimits, threads: int | None = None, lanes: int = 1) -> None:
         """`threads`: the replica's torch and ONNX Runtime threads (default: what Ray gave it, its CPUs rounded down;
-        a replica of 1.9 CPUs would otherwise score on one)."""
+        a replica of 1.9 CPUs would otherwise score on one). `lanes`: model calls that may run side by side, each
+        on a thread of its own with `threads // lanes` threads (a replica of many models scores the batches of two
+        models at once rather than one after the other)."""
         self.limits = limits
-        self._model_thread = torch_thread()  # models load and score here (see models.runtime), explanations not
+        self._lanes = [torch_thread()] + [  # models score here: the process's torch thread first (models.runtime)
+            ThreadPoolExecutor(1, thread_name_prefix="visionserve-lane") for _ in range(lanes - 1)]
+        self._lane_calls = [0] * len(self._lanes)  # calls in each lane, running or queued
+        self._model_thread = self._lanes[0]  # models load here; explanations run on threads of their own
         if threads:
-            self._model_thread.submit(torch.set_num_threads, threads).result()
+            per_lane = max(1, threads // len(self._lanes))
+            for lane in self._lanes:
+                lane.submit(torch.set_num_threads, per_lane).result()
         self._explain_threads = ThreadPoolExecutor(limits.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
         self._explanations = Admission(limits.max_concurrent_explanations, limits.max_waiting_explanations,
@@ -109,23 +116,36 @@ class ScoringReplica:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_images(self, jobs: list[Job]) -> list[tuple[dict, int]]:
+        """The batcher: one batch at a time (a subclass with several lanes batches with as many at a time)."""
+        return await self.score_jobs(jobs)
+
+    async def score_jobs(self, jobs: list[Job]) -> list[tuple[dict, int]]:
         """Images from any number of requests; those of one model under equal settings share forward passes.
         Each answer comes back with the size of its model call."""
         groups: dict[tuple[int, Any], list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((id(job.predictor), job.settings), []).append(i)
         answers: list[tuple[dict, int] | None] = [None] * len(jobs)
-        loop = asyncio.get_running_loop()
         for indices in groups.values():
             first = jobs[indices[0]]
             started = time.perf_counter()
-            results = await loop.run_in_executor(self._model_thread, functools.partial(
+            results = await self._in_lane(functools.partial(
                 first.predictor.score, [jobs[i].image for i in indices], first.settings, [jobs[i].row for i in indices]))
             self.model_seconds.observe(time.perf_counter() - started)
             self.batch_images.observe(len(indices))
             for i, result in zip(indices, results):
                 answers[i] = (result, len(indices))
         return answers
+
+    async def _in_lane(self, call: Any) -> Any:
+        """`call()` in the lane with the fewest calls (a batcher that runs several batches at a time, or the parts
+        of one batch that belong to different multiplexed models, which Ray Serve runs side by side)."""
+        lane = min(range(len(self._lanes)), key=self._lane_calls.__getitem__)
+        self._lane_calls[lane] += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._lanes[lane], call)
+        finally:
+            self._lane_calls[lane] -= 1
 
     async def _explain(self, predictor: Predictor, images: list, wishes: list, settings: Any,
                        rows: list[int]) -> list[dict]:

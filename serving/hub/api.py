@@ -96,7 +96,7 @@ def section(doc: Mapping[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def check_api_version(request: Request) -> None:
+async def check_api_version(request: Request) -> None:  # a coroutine: no thread pool hop (serving.access)
     version = request.query_params.get("api-version")
     if version is not None and version not in API_VERSIONS:
         raise ApiError(400, "UnsupportedApiVersion", f"api-version {version!r} is not supported; use one of "

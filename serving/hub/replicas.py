@@ -60,17 +60,22 @@ def warm_up() -> None:
         log.warning("hub: the model registry did not answer as this replica started: %s", exc)
 
 
-def hub_models(cache_size: int = 3) -> Any:
-    """The multiplexed model deployment, keeping `cache_size` models per replica (and within its memory budget)."""
+def hub_models(cache_size: int = 3, lanes: int = 1) -> Any:
+    """The multiplexed model deployment, keeping `cache_size` models per replica (and within its memory budget),
+    scoring `lanes` batches at a time, each on a thread of its own (serving.replica)."""
     @serve.deployment(name="HubModels", max_ongoing_requests=16, max_queued_requests=64)
     class HubModels(ScoringReplica):
         def __init__(self, limits: dict[str, Any], threads: int, memory_mb: float | None = None):
-            self.start_scoring(ScoringLimits(**limits), threads)
+            self.start_scoring(ScoringLimits(**limits), threads, lanes)
             self.loads: deque[str] = deque(maxlen=LOADS_KEPT)  # model loads, in order (evictions show as reloads)
             self.memory = ModelMemory(None if memory_mb is None else int(memory_mb * MB))
             self.series = ModelSeries()
             self._reloads = asyncio.Lock()  # one model evicted for memory is loaded again at a time
             self._model_thread.submit(warm_up).result()
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=lanes)
+        async def _score_images(self, jobs: list[Any]) -> list[tuple[dict, int]]:
+            return await self.score_jobs(jobs)
 
         @serve.multiplexed(max_num_models_per_replica=cache_size)
         async def get_model(self, mid: str) -> Resident:
