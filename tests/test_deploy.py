@@ -80,13 +80,16 @@ def test_each_serve_config_builds_its_applications_as_serve_build_would(name, tm
         assert {d.name for d in app.deployments} <= set(built), (app.name, sorted(built))
 
 
-def test_the_hubs_pinned_ingress_keeps_its_tracking_server():
-    """A config's ray_actor_options replace the code's, runtime_env included: the override that pins HubService to
-    the node with its state must give MLFLOW_TRACKING_URI again, the same as the application's tracking_uri."""
+def test_the_hubs_pinned_deployments_keep_their_tracking_server():
+    """A config's ray_actor_options replace the code's, runtime_env included: the overrides that pin HubJobs (and,
+    its records being SQLite there, HubService) to the node with its state must give MLFLOW_TRACKING_URI again,
+    the same as the application's tracking_uri."""
     [app] = _serve_configs()["hub.yaml"]["applications"]
-    [hub] = [d for d in app["deployments"] if d["name"] == "HubService"]
-    assert hub["ray_actor_options"]["resources"] == {"visionserve-hub-state": 0.01}
-    assert hub["ray_actor_options"]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == app["args"]["tracking_uri"]
+    pinned = {d["name"]: d for d in app["deployments"]}
+    assert set(pinned) == {"HubJobs", "HubService"}
+    for hub in pinned.values():
+        assert hub["ray_actor_options"]["resources"] == {"visionserve-hub-state": 0.01}
+        assert hub["ray_actor_options"]["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == app["args"]["tracking_uri"]
 
 
 def test_the_rayservice_runs_the_image_on_gpu_workers_with_the_tracking_server_from_a_secret():

@@ -17,9 +17,12 @@ import pytest
 from PIL import Image
 
 from conftest import free_port, tracking_at
+from postgres import Postgres
 
 pytestmark = pytest.mark.slow
 KEY = "hub-test-key"
+# Ray Serve's throughput-optimized mode buffers replica log lines (1000): written at once, the tests read them
+LOG_EACH_REQUEST = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 V = {"api-version": "2023-04-01-preview"}
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 
@@ -67,7 +70,8 @@ def write_coco(folder: Path, kind: str, per_class: int = 3, *, bad_box: bool = F
 
 @pytest.fixture(scope="module")
 def hub(ray_session, tmp_path_factory):
-    """A hub on the session's Ray instance: API key, image root, a model cache of 2 per replica."""
+    """A hub on the session's Ray instance: API key, image root, a model cache of 2 per replica; its records in
+    PostgreSQL and two ingress replicas, so the sample client's flow alternates between them."""
     from ray import serve
 
     from serving.hub.app import build_hub
@@ -77,15 +81,17 @@ def hub(ray_session, tmp_path_factory):
     key_file.write_text(KEY)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = {"state_dir": str(root / "state"), "image_root": str(root), "api_key_file": str(key_file),
-              "cache_size": 2, "model_cpus": 0.3, "max_concurrent_trainings": 2}
+    with Postgres() as state_db:
+        config = {"state_dir": str(root / "state"), "state_db": state_db, "image_root": str(root),
+                  "api_key_file": str(key_file), "cache_size": 2, "model_cpus": 0.3, "max_concurrent_trainings": 2,
+                  "ingress_replicas": 2, "env": LOG_EACH_REQUEST}
 
-    def deploy():
-        serve.run(build_hub(config), name="hub", route_prefix="/")
+        def deploy():
+            serve.run(build_hub(config), name="hub", route_prefix="/")
 
-    deploy()
-    yield {"url": f"http://127.0.0.1:{port}", "root": root, "deploy": deploy}
-    serve.shutdown()
+        deploy()
+        yield {"url": f"http://127.0.0.1:{port}", "root": root, "deploy": deploy}
+        serve.shutdown()
 
 
 def _client(url: str):
@@ -168,6 +174,24 @@ def test_the_sample_client_trains_a_classifier_and_a_detector_side_by_side(train
     assert set(classifier["tagPerformance"]) == {"red", "blue"}
     detector = models["detector"].model_performance
     assert {"meanAveragePrecision30", "meanAveragePrecision50", "meanAveragePrecision75"} <= set(detector)
+
+
+def answered_by(ray, app: str, needle: str) -> dict[str, int]:
+    """How many requests whose log line holds `needle` (a path, a request id) each HubService replica of the
+    Serve application `app` answered, by the replicas' own logs (serving.edge logs one line per request)."""
+    folder = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs" / "serve"
+    counts = {}
+    for log in folder.glob(f"replica_{app}_HubService_*.log"):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if "request_id=" in line]
+        counts[log.stem.rsplit("_", 1)[1]] = sum(needle in line for line in lines)
+    return {replica: n for replica, n in counts.items() if n}
+
+
+def test_the_sample_clients_flow_alternated_between_the_two_ingress_replicas(ray_session, trained_pair):
+    """Registration, training and the polls the sample client made reached both replicas, which answered them
+    from the same PostgreSQL records (a poll that reached the other replica saw the same model)."""
+    by_replica = answered_by(ray_session, "hub", "/computervision/models/classifier")
+    assert len(by_replica) == 2, by_replica
 
 
 def test_the_hub_trains_from_the_cached_pretrained_weights_with_the_backbone_frozen(hub, trained_pair):

@@ -19,7 +19,7 @@ from conftest import tracking_at
 @pytest.fixture
 def hub_parts(tmp_path):
     """(store, config, registry URI) of a hub whose state is `tmp_path/state`, its registry a SQLite file there."""
-    from serving.hub.app import HubConfig
+    from serving.hub.config import HubConfig
     from serving.hub.state import Store
 
     store = Store(tmp_path / "state")
@@ -72,7 +72,7 @@ def test_a_version_registered_before_a_crash_is_adopted_when_the_hub_starts_agai
     assert record["status"] == "succeeded" and "error" not in record
     assert record["_version"] == version and record["modelPerformance"] == {"accuracyTop1": 1.0}
     assert record["trainingCostInMinutes"] == 1.5
-    assert jobs.model_id("crashed").endswith(f"/{version}")  # served by name
+    assert jobs.catalog.model_id("crashed").endswith(f"/{version}")  # served by name
 
 
 def test_a_version_a_cancelled_training_registered_before_a_crash_is_removed_freeing_the_name(hub_parts, tmp_path):
@@ -135,14 +135,14 @@ def test_a_cancel_while_a_training_is_being_prepared_launches_nothing_and_frees_
         jobs.queue.add("m")
         jobs.dispatch()
         await asyncio.sleep(0.2)
-        answer = await jobs.cancel("m")
+        answer = await jobs.cancel("m")  # (status, record)
         writer.rollback()
         for _ in range(100):
             if "m" not in jobs.starting:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # the cancelled record written
-        return answer.status_code
+        return answer[0]
 
     assert asyncio.run(cancel_while_preparing()) == 202
     assert store.get("models", "m")["status"] == "cancelled"
@@ -158,7 +158,7 @@ def test_lookups_of_many_unknown_model_names_leave_the_name_cache_at_its_bound(h
     jobs = _jobs(store, config, names_kept=16)
     for n in range(40):
         with pytest.raises(ApiError):
-            jobs.model_id(f"unknown-{n}")
+            jobs.catalog.model_id(f"unknown-{n}")
     assert len(jobs.registry) == 16
 
 

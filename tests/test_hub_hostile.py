@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port
 from postgres import Postgres
 from serving.hub.state import Store
-from test_hub import KEY, V, _png, write_coco
+from test_hub import KEY, LOG_EACH_REQUEST, V, _png, answered_by, write_coco
 
 pytestmark = pytest.mark.slow
 QUOTAS = {"datasets": 4, "models": 11, "waiting_trainings": 9}
@@ -25,7 +25,8 @@ QUOTAS = {"datasets": 4, "models": 11, "waiting_trainings": 9}
 
 @pytest.fixture(scope="module")
 def hub(ray_session, tmp_path_factory):
-    """A hub allowed one training at a time, with small quotas, its records in PostgreSQL."""
+    """A hub allowed one training at a time, with small quotas, its records in PostgreSQL, two ingress replicas
+    answering (any request may reach either)."""
     root = tmp_path_factory.mktemp("hostile")
     (root / "key").write_text(KEY)
     port = free_port()
@@ -41,7 +42,7 @@ def _hub_on(root, port: int, state_db: str):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_hub({"state_dir": str(root / "state"), "state_db": state_db, "image_root": str(root),
                          "api_key_file": str(root / "key"), "model_cpus": 0.3, "max_concurrent_trainings": 1,
-                         "quotas": QUOTAS}), name="hostile-hub", route_prefix="/")
+                         "quotas": QUOTAS, "ingress_replicas": 2, "env": LOG_EACH_REQUEST}), name="hostile-hub", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Ocp-Apim-Subscription-Key": KEY},
                           params=V, timeout=120)
     coco = write_coco(root / "cls", "imageClassification")
@@ -236,12 +237,16 @@ def test_an_evaluation_of_an_unknown_model_writes_nothing(hub):
     assert json.loads(client.get("/health/ready").text)["status"] == "ready"
 
 
-def test_of_eight_puts_of_one_name_at_once_exactly_one_creates_it(hub):
+def test_of_eight_puts_of_one_name_at_once_over_two_ingress_replicas_exactly_one_creates_it(hub, ray_session):
     client, coco = hub["client"], str(write_coco(hub["root"] / "raced", "imageClassification"))
     body = {"annotationKind": "imageClassification", "annotationFileUris": [coco]}
+    ids = [f"race{n}" for n in range(8)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: client.put("/computervision/datasets/raced", json=body), range(8)))
+        answers = list(pool.map(lambda i: client.put("/computervision/datasets/raced", json=body,
+                                                     headers={"x-request-id": i}), ids))
     assert sorted(a.status_code for a in answers) == [201] + [409] * 7
+    by_replica = answered_by(ray_session, "hostile-hub", "request_id=race")  # these 8 requests' log lines
+    assert len(by_replica) == 2 and sum(by_replica.values()) == 8, by_replica
     assert {a.headers["x-ms-error-code"] for a in answers if a.status_code == 409} == {"DatasetAlreadyExists"}
     assert [d["name"] for d in client.get("/computervision/datasets").json()["value"]].count("raced") == 1
     assert client.delete("/computervision/datasets/raced").status_code == 204

@@ -25,6 +25,7 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     env = env_flags(args)  # a malformed --env is refused first
     refuse_open_without_key(args, keyed=bool(args.api_key_file))
     counts = {"--cache-size": args.cache_size, "--model-replicas": args.model_replicas,
+              "--ingress-replicas": args.ingress_replicas,
               "--max-concurrent-trainings": 1 if args.max_concurrent_trainings is None else args.max_concurrent_trainings,
               **{f"--max-{what.replace('_', '-')}": getattr(args, f"max_{what}") for what in QUOTA_FLAGS}}
     low = [f"{flag} {value}: must be at least 1" for flag, value in counts.items() if value < 1]
@@ -39,7 +40,7 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     hub = build_hub({"state_dir": args.state_dir, "state_db": args.state_db, "image_root": args.image_root,
                      "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),  # else the registry in --state-dir
                      "api_key_file": args.api_key_file, "cache_size": args.cache_size, "model_memory_mb": memory,
-                     "model_replicas": args.model_replicas,
+                     "model_replicas": args.model_replicas, "ingress_replicas": args.ingress_replicas,
                      "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
                      "max_concurrent_trainings": args.max_concurrent_trainings, **limits})
     url = f"http://{args.host}:{args.port}"
@@ -86,6 +87,8 @@ def add_commands(sub: Any) -> None:
                    "loaded again on their next call (default: no budget, --cache-size alone)")
     p.add_argument("--model-replicas", type=int, default=1, help="replicas serving the models")
     p.add_argument("--model-cpus", type=float, default=0.5, help="CPUs per model replica")
+    p.add_argument("--ingress-replicas", type=int, default=1, help="replicas answering the API (stateless: records "
+                   "in the database, runs owned by one HubJobs replica); on several nodes give --state-db")
     p.add_argument("--request-timeout-s", type=float, default=90.0)
     p.add_argument("--max-concurrent-trainings", type=int, help="trainings side by side; the others wait, in "
                    "order, notStarted (default: one per two CPUs of the Ray cluster)")

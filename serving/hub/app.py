@@ -1,6 +1,7 @@
 """`visionserve hub`: the retired Image Analysis 4.0 model-customization API, and the AutoML scoring formats,
-over many models served by name (Ray Serve; one ingress replica owns the state, `HubModels` replicas
-multiplex the models).
+over many models served by name (Ray Serve: `HubService` ingress replicas, stateless, read the records from the
+database; `HubJobs`, one replica, owns the runs and makes every change of a model or evaluation; `HubModels`
+replicas multiplex the models).
 
 Routes: `/computervision/datasets/{name}` (PUT, GET, PATCH, DELETE, list), `/computervision/models/{name}`
 (PUT trains, GET, `:cancel`, DELETE, list), `/computervision/models/{model}/evaluations/{name}`,
@@ -15,48 +16,33 @@ bytes of the image analyze's `{"url": ...}` would read).
 import asyncio
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import ray
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from serving.access import KEYED, Access, read_key_file
 from serving.backends import ONNX_REPLICA_ENV
 from serving.edge import install
 from serving.hub import datasets
-from serving.hub.api import ApiError, check_api_version, resource_name
+from serving.hub.api import ApiError, check_api_version, json_body, no_content, public, resource_name
 from serving.hub.browse import DatasetViews, dataset_contents, dataset_image
-from serving.hub.catalog import metadata
-from serving.hub.jobs import Jobs
-from serving.hub.metrics import TrainingSeries
+from serving.hub.catalog import Catalog, Registry, metadata
+from serving.hub.config import HubConfig
+from serving.hub.owner import HubJobs, changed
 from serving.hub.predict import analyze, automl, image
 from serving.hub.progress import training_progress
 from serving.hub.replicas import hub_models
-from serving.hub.scheduler import Quotas, default_slots
-from serving.hub.state import Store, database_url
+from serving.hub.scheduler import Quotas
+from serving.hub.state import Store
 from serving.scoring import ScoringLimits
 from serving.studio import add_studio
 
 log = logging.getLogger("ray.serve")
 _SLASHES = re.compile(r"/{2,}")
-
-
-@dataclass(frozen=True)
-class HubConfig:
-    state_dir: str
-    tracking_uri: str
-    image_root: str | None = None
-    api_key_sha256: str | None = None
-    state_db: str | None = None  # the records' database URL (None: SQLite in state_dir; serving.hub.state)
-    cache_size: int = 3  # models kept per HubModels replica
-    model_memory_mb: float | None = None  # what their models may hold per replica (serving.hub.memory); None: count
-    model_replicas: int = 1  # HubModels replicas
-    max_concurrent_trainings: int | None = None  # None: serving.hub.scheduler.default_slots of the cluster's CPUs
-    quotas: dict[str, int] = field(default_factory=dict)  # Quotas' fields
-    limits: dict[str, Any] = field(default_factory=dict)  # ScoringLimits' fields: the same as `visionserve serve`'s
 
 
 app = FastAPI(title="visionserve hub", description="Image Analysis 4.0 model customization, self-hosted; "
@@ -94,31 +80,29 @@ def model_name(name: str) -> str:
     return resource_name(name, "name", "model")
 
 
-@serve.deployment(name="HubService", num_replicas=1, max_ongoing_requests=64, health_check_period_s=10,
-                  graceful_shutdown_timeout_s=60)  # its trainings stop first (Jobs.stop_all)
+@serve.deployment(name="HubService", max_ongoing_requests=64, health_check_period_s=10)
 @serve.ingress(app)
 class HubService:
-    """The one owner of the hub's state: records, trainings and evaluations in flight."""
+    """An ingress replica: reads bodies, names and records; datasets are changed here (transactions in the
+    database), models and evaluations by HubJobs; predictions go to the HubModels replica holding the model."""
 
-    def __init__(self, config: dict[str, Any], models: Any):
+    def __init__(self, config: dict[str, Any], models: Any, owner: Any):
         self.config = HubConfig(**config)
         self.access = Access(self.config.api_key_sha256, unauthorized, ("ocp-apim-subscription-key",))
         self.limits = ScoringLimits(**self.config.limits)
         self.store = Store(self.config.state_dir, self.config.state_db)
+        self.catalog = Catalog(self.store, Registry())
         self.views = DatasetViews(self.config.image_root)  # what the studio reads of datasets
         self.models = models  # the HubModels deployment handle
+        self.owner = owner  # the HubJobs deployment handle
         self.quotas = Quotas(**self.config.quotas)
-        slots = self.config.max_concurrent_trainings or default_slots(ray.cluster_resources().get("CPU", 1))
-        self.jobs = Jobs(self.store, self.config, slots, self.quotas, observe=TrainingSeries().now)
-        self.jobs.recover()  # what a restart interrupted ends failed (or cancelled), never stays training
-        self.jobs.dispatch()  # trainings that were waiting for a slot wait again, and the first ones start
         log.info("visionserve hub ready: state in %s, registry %s", self.store.root, self.config.tracking_uri)
 
-    def __del__(self) -> None:
-        """Serve stops this replica (shutdown, redeploy): its trainings stop too, their CPUs given back."""
-        jobs = getattr(self, "jobs", None)
-        if jobs is not None:
-            jobs.stop_all()
+    @staticmethod
+    async def _changed(call: Any):
+        """A change HubJobs made (`self.owner.<change>.remote(...)`) as the API answers it."""
+        status, body = await changed(call)
+        return no_content() if body is None else JSONResponse(body, status)
 
     # ------------------------------------------------------------------ datasets
 
@@ -146,42 +130,45 @@ class HubService:
 
     @app.put("/computervision/models/{name}", dependencies=API)
     async def put_model(self, name: str, request: Request):
-        return await self.jobs.create_model(model_name(name), request)
+        name = model_name(name)
+        return await self._changed(self.owner.create_model.remote(name, await json_body(request)))
 
     @app.get("/computervision/models/{name}", dependencies=API)
     async def get_model(self, name: str):
-        return await self.jobs.model_answer(model_name(name))
+        return public(await asyncio.to_thread(self.catalog.record, model_name(name)))
 
     @app.post("/computervision/models/{name}:cancel", dependencies=API)
     async def cancel_model(self, name: str):
-        return await self.jobs.cancel(model_name(name))
+        return await self._changed(self.owner.cancel.remote(model_name(name)))
 
     @app.delete("/computervision/models/{name}", dependencies=API)
     async def delete_model(self, name: str):
-        return await self.jobs.delete_model(model_name(name))
+        return await self._changed(self.owner.delete_model.remote(model_name(name)))
 
     @app.get("/computervision/models", dependencies=API)
     async def list_models(self, request: Request):
-        return await datasets.listing(await asyncio.to_thread(self.jobs.model_list), request)
+        return await datasets.listing(await asyncio.to_thread(self.catalog.listing), request)
 
     # ------------------------------------------------------------------ evaluations
 
     @app.put("/computervision/models/{model}/evaluations/{name}", dependencies=API)
     async def put_evaluation(self, model: str, name: str, request: Request):
-        return await self.jobs.create_evaluation(model_name(model), resource_name(name, "name", "evaluation"),
-                                                 request)
+        model, name = model_name(model), resource_name(name, "name", "evaluation")
+        return await self._changed(self.owner.create_evaluation.remote(model, name, await json_body(request)))
 
     @app.get("/computervision/models/{model}/evaluations/{name}", dependencies=API)
     async def get_evaluation(self, model: str, name: str):
-        return await self.jobs.evaluation_answer(model_name(model), resource_name(name, "name", "evaluation"))
+        name = resource_name(name, "name", "evaluation")
+        return public(await asyncio.to_thread(self.catalog.evaluation, model_name(model), name))
 
     @app.delete("/computervision/models/{model}/evaluations/{name}", dependencies=API)
     async def delete_evaluation(self, model: str, name: str):
-        return await self.jobs.delete_evaluation(model_name(model), resource_name(name, "name", "evaluation"))
+        return await self._changed(self.owner.delete_evaluation.remote(
+            model_name(model), resource_name(name, "name", "evaluation")))
 
     @app.get("/computervision/models/{model}/evaluations", dependencies=API)
     async def list_evaluations(self, model: str, request: Request):
-        return await datasets.listing(await asyncio.to_thread(self.jobs.evaluation_list, model_name(model)),
+        return await datasets.listing(await asyncio.to_thread(self.catalog.evaluations, model_name(model)),
                                       request)
 
     # ------------------------------------------------------------------ predictions
@@ -209,7 +196,7 @@ class HubService:
 
     @app.get("/models", dependencies=API)
     async def models_list(self):
-        models = await asyncio.to_thread(self.jobs.hub_wide_list)
+        models = await asyncio.to_thread(self.catalog.hub_wide)
         return {"models": models, "cache": {"size": self.config.cache_size,
                                             "memory_mb": self.config.model_memory_mb,
                                             "replicas": await self._residency()}}
@@ -231,7 +218,7 @@ class HubService:
         name = model_name(name)
 
         def work() -> dict[str, Any]:
-            record = self.jobs.model_record(name)
+            record = self.catalog.record(name)
             message = self.store.progress(name).get("message") if record.get("createdDateTime") else None
             return training_progress(record, message, self.config.tracking_uri)
 
@@ -253,13 +240,16 @@ class HubService:
 def build_hub(args: dict[str, Any]) -> serve.Application:
     """Application builder: `state_dir`, optional `state_db` (the records' database URL), `tracking_uri`,
     `image_root`, `api_key_file`, `cache_size`, `model_memory_mb` (what each model replica's models may hold, in
-    MB), `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `env` (the replicas' environment
+    MB), `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `ingress_replicas` (HubService
+    replicas), `env` (the replicas' environment
     variables), `max_concurrent_trainings`, `quotas` (serving.hub.scheduler.Quotas' fields), and ScoringLimits'
     fields (the same limits, batching and explanation admission as `visionserve serve`)."""
     args = dict(args)
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
-    database_url(args.get("state_db"), state)  # a malformed or unsupported URL is refused here, not in a replica
+    # the records' database made ready once (its table, a JSON state folder imported) before the replicas that
+    # share it start; a malformed, unsupported or unreachable one is refused here, not in a replica
+    Store(state, args.get("state_db")).engine.dispose()
     key_file = args.pop("api_key_file", None)
     replicas = int(args.pop("model_replicas", 1))
     cpus = float(args.pop("model_cpus", 0.5))
@@ -275,5 +265,7 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
         num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "runtime_env": {
             "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV, **env}}}).bind(
             limits, threads, config.model_memory_mb)
-    return HubService.options(ray_actor_options={"num_cpus": 0.1, "runtime_env": {
-        "env_vars": {"MLFLOW_TRACKING_URI": tracking, **env}}}).bind(asdict(config), models)
+    options = {"num_cpus": 0.1, "runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": tracking, **env}}}
+    owner = HubJobs.options(ray_actor_options=options).bind(asdict(config))
+    return HubService.options(num_replicas=config.ingress_replicas, ray_actor_options=options).bind(
+        asdict(config), models, owner)

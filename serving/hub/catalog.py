@@ -1,5 +1,6 @@
-"""The models the hub serves besides its own records: the MLflow Model Registry as the hub sees it (`Registry`);
-`GET /models`: every model with its task, labels and status; `GET /models/{name}/metadata`."""
+"""The models the hub serves, as any ingress replica reads them: the hub's own records (a running training's
+progress folded in) and the MLflow Model Registry's (`Registry`), through `Catalog`; `GET /models`: every
+model with its task, labels and status; `GET /models/{name}/metadata`. What changes them is serving.hub.jobs'."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import mlflow
 from cachetools import TTLCache
 from fastapi.responses import JSONResponse
 
+from serving.hub.api import ApiError, not_found
+from serving.hub.replicas import model_id
 from serving.hub.state import Store
 from serving.hub.training import RUN_TAG
 
@@ -105,6 +108,61 @@ def _registered_settings(name: str, version: str) -> tuple[str | None, tuple[str
         return None, ()
 
 
+class Catalog:
+    """The models the hub serves and their evaluations as they are now, read from the store and the registry (blocking: the routes call
+    these off the event loop). 404 for what does not exist, 409 for a model not trained yet."""
+
+    def __init__(self, store: Store, registry: Registry):
+        self.store, self.registry = store, registry
+
+    def merged(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A record as it is now: a running training's own progress folded in."""
+        if record["status"] == "notStarted" and self.store.progress(record["name"]).get("status") == "training":
+            return {**record, "status": "training"}
+        return record
+
+    def record(self, name: str) -> dict[str, Any]:
+        """The hub's record of a model as it is now (or a registry model's), private keys kept; 404 unknown."""
+        record = self.store.get("models", name) or self.registry.record(name)
+        if record is None:
+            raise not_found("model", name)
+        return self.merged(record)
+
+    def model_id(self, name: str) -> str:
+        """The multiplexed model id (serving.hub.replicas) to serve `name` (404 unknown, 409 not trained yet)."""
+        record = self.store.get("models", name)
+        if record is not None:
+            if record["status"] != "succeeded":
+                raise ApiError(409, "ModelNotReady", f"model {name!r} is {self.merged(record)['status']}, "
+                               "not succeeded", name)
+            return model_id(name, record["_version"])
+        version, _ = self.registry.latest(name)
+        if version is None:
+            raise not_found("model", name)
+        return model_id(name, version)
+
+    def listing(self) -> list[dict[str, Any]]:
+        own = [self.merged(r) for r in self.store.all("models")]
+        known = {r["name"] for r in own}
+        others = [n for n in self.registry.names() if n not in known]
+        return own + [r for r in (self.registry.record(n) for n in others) if r is not None]
+
+    def hub_wide(self) -> list[dict[str, Any]]:
+        """GET /models: every model with its task, labels and status."""
+        return [describe(r, self.store) for r in self.listing()]
+
+    def evaluation(self, model: str, name: str) -> dict[str, Any]:
+        record = self.store.get("evaluations", name, model)
+        if record is None:
+            raise not_found("evaluation", name)
+        return record
+
+    def evaluations(self, model: str) -> list[dict[str, Any]]:
+        if self.store.get("models", model) is None and self.registry.latest(model)[0] is None:
+            raise not_found("model", model, "modelNotFound")
+        return self.store.all("evaluations", model)
+
+
 def describe(record: dict[str, Any], store: Store) -> dict[str, Any]:
     version = record.get("_version")
     task, labels = record.get("_task"), record.get("_labels")
@@ -119,7 +177,7 @@ def describe(record: dict[str, Any], store: Store) -> dict[str, Any]:
 async def metadata(service: Any, name: str) -> JSONResponse:
     """`GET /models/{name}/metadata`: what `/metadata` answers on `visionserve serve`, from a replica that holds the
     model (404 unknown, 409 not trained yet)."""
-    mid = await asyncio.to_thread(service.jobs.model_id, name)
+    mid = await asyncio.to_thread(service.catalog.model_id, name)
     answer = await service.models.options(multiplexed_model_id=mid).metadata.remote()
     return JSONResponse({**answer, "model": name, "version": mid.rsplit("/", 1)[1],
                          "explanations": bool(answer["xai_parameters"])})

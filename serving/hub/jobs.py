@@ -1,7 +1,8 @@
-"""Models and evaluations: their records, the trainings (queued, serving.hub.scheduler) and evaluations running in
-Ray actors of their own, `:cancel`, recovery after a restart, and the names the hub can serve (its own models and
-any registered in MLflow). Every create checks everything before it writes; a record is only ever written by the
-run that owns it (a deleted evaluation's run is stopped, and its result dropped)."""
+"""What changes models and evaluations, in the one process that owns the runs (serving.hub.owner): creates, the
+trainings (queued, serving.hub.scheduler) and evaluations running in Ray actors of their own, `:cancel`, deletes,
+recovery after a restart. Every create checks everything before it writes; a record is only ever written by the
+run that owns it (a deleted evaluation's run is stopped, and its result dropped). Each change answers
+(status, the record as the API shows it, or None); reads are serving.hub.catalog's."""
 
 from __future__ import annotations
 
@@ -15,22 +16,17 @@ from typing import Any
 
 import mlflow
 import ray
-from fastapi import Request
-from fastapi.responses import JSONResponse
 
 from serving.hub.api import (
     ApiError,
     field,
-    json_body,
-    no_content,
     not_found,
     public,
     resource_name,
     section,
 )
-from serving.hub.catalog import NAMES_KEPT, Registry, describe
+from serving.hub.catalog import NAMES_KEPT, Catalog, Registry
 from serving.hub.model_request import model_request
-from serving.hub.replicas import model_id
 from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import AlreadyExists, Store, now
@@ -38,6 +34,7 @@ from serving.hub.training import CANCEL_FILE, EXPERIMENT, evaluate_task, train_m
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
+Answer = tuple[int, dict[str, Any] | None]  # what a change answers: (status, body)
 INTERRUPTED = "the hub stopped while this ran"  # how a failed record that a restart ended begins its message
 
 class Jobs:
@@ -51,6 +48,7 @@ class Jobs:
         self.running: dict[str, Run] = {}  # model or "model/evaluation" → its actor and result
         self.stopping = False  # once the hub stops, results are no longer written (the next start fails them)
         self.registry = Registry(names_kept)
+        self.catalog = Catalog(store, self.registry)  # what every ingress replica reads
         self.starting: dict[str, bool] = {}  # trainings whose records are being prepared → cancelled meanwhile
 
     # ------------------------------------------------------------------ restart, shutdown
@@ -115,8 +113,7 @@ class Jobs:
 
     # ------------------------------------------------------------------ models
 
-    async def create_model(self, name: str, request: Request) -> JSONResponse:
-        doc = await json_body(request)
+    async def create_model(self, name: str, doc: dict[str, Any]) -> Answer:
         record = await asyncio.to_thread(model_request, name, doc, lambda dataset: self.store.get("datasets", dataset))
         exists = ApiError(409, "ModelAlreadyExists", f"model {name!r} already exists", name)
         if (await asyncio.to_thread(self.registry.latest, name))[0] is not None:  # registered the usual MLflow way
@@ -129,7 +126,7 @@ class Jobs:
             raise exists from None
         self.queue.add(name)
         self.dispatch()
-        return JSONResponse(public(record), 201)
+        return 201, public(record)
 
     def dispatch(self) -> None:
         """Starts the waiting trainings that a free slot lets start (after a PUT, a training's end, a restart)."""
@@ -209,41 +206,23 @@ class Jobs:
                    "_labels": fields.pop("labels", None)}
         await asyncio.to_thread(self.store.put, "models", {**record, **fields, **private})
 
-    def _merged(self, record: dict[str, Any]) -> dict[str, Any]:
-        """A record as it is now: a running training's own progress folded in."""
-        if record["status"] == "notStarted" and self.store.progress(record["name"]).get("status") == "training":
-            return {**record, "status": "training"}
-        return record
-
-    def model_record(self, name: str) -> dict[str, Any]:
-        """The hub's record of a model as it is now (or a registry model's), private keys kept; 404 unknown."""
-        record = self.store.get("models", name)
-        if record is None:
-            record = self.registry.record(name)
-        if record is None:
-            raise not_found("model", name)
-        return self._merged(record)
-
-    async def model_answer(self, name: str) -> JSONResponse:
-        return JSONResponse(public(await asyncio.to_thread(self.model_record, name)))
-
-    async def cancel(self, name: str) -> JSONResponse:
+    async def cancel(self, name: str) -> Answer:
         record = await asyncio.to_thread(self.store.get, "models", name)
         if record is None:
             raise not_found("model", name)
         if self.queue.withdraw(name):  # still waiting for a slot: nothing ran, nothing to stop
             record = await asyncio.to_thread(self.store.update, "models", name, status="cancelled",
                                              trainingCostInMinutes=0)
-            return JSONResponse(public(record), 202)
+            return 202, public(record)
         if name in self.starting:  # `_start` writes it cancelled instead of launching
             self.starting[name] = True
-            return JSONResponse(public({**record, "status": "cancelling"}), 202)
+            return 202, public({**record, "status": "cancelling"})
         run = self.running.get(name)
         if run is not None and record["status"] in ("notStarted", "training"):
             record = await asyncio.to_thread(self.store.update, "models", name, status="cancelling")
             (self.store.job_dir(name) / CANCEL_FILE).touch()  # Tune ends the trials and frees their CPUs/GPUs
             asyncio.get_running_loop().create_task(self._kill_later(name, run))
-        return JSONResponse(public(self._merged(record)), 202)
+        return 202, public(self.catalog.merged(record))
 
     async def _kill_later(self, name: str, run: Run, grace_s: float = 60) -> None:
         """A training that has not stopped by itself within `grace_s` (still reading its data, say) is killed."""
@@ -251,12 +230,12 @@ class Jobs:
         if self.running.get(name) is run:
             end(run)
 
-    async def delete_model(self, name: str):
+    async def delete_model(self, name: str) -> Answer:
         record = await asyncio.to_thread(self.store.get, "models", name)
         if record is None:
             raise not_found("model", name)
         if record["status"] in ACTIVE or name in self.running or name in self.starting:
-            raise ApiError(409, "ModelBusy", f"model {name!r} is {self._merged(record)['status']}: cancel it first, "
+            raise ApiError(409, "ModelBusy", f"model {name!r} is {self.catalog.merged(record)['status']}: cancel it first, "
                            "then delete it once it is cancelled", name)
         self.registry.forget(name)
         if record.get("_version") or record.get("_started"):  # a late cancel or a crash may have registered it
@@ -266,42 +245,18 @@ class Jobs:
         await asyncio.to_thread(self.store.delete_all, "evaluations", name)
         await asyncio.to_thread(self.store.delete, "models", name)
         await asyncio.to_thread(shutil.rmtree, self.store.job_dir(name), True)
-        return no_content()
-
-    def model_list(self) -> list[dict[str, Any]]:
-        own = [self._merged(r) for r in self.store.all("models")]
-        known = {r["name"] for r in own}
-        others = [n for n in self.registry.names() if n not in known]
-        return own + [r for r in (self.registry.record(n) for n in others) if r is not None]
-
-    def model_id(self, name: str) -> str:
-        """The multiplexed model id to serve `name` (404 unknown, 409 not trained yet)."""
-        record = self.store.get("models", name)
-        if record is not None:
-            if record["status"] != "succeeded":
-                raise ApiError(409, "ModelNotReady", f"model {name!r} is {self._merged(record)['status']}, "
-                               "not succeeded", name)
-            return model_id(name, record["_version"])
-        version, _ = self.registry.latest(name)
-        if version is None:
-            raise not_found("model", name)
-        return model_id(name, version)
-
-    def hub_wide_list(self) -> list[dict[str, Any]]:
-        """GET /models: every model with its task, labels and status."""
-        return [describe(r, self.store) for r in self.model_list()]
+        return 204, None
 
     # ------------------------------------------------------------------ evaluations
 
-    async def create_evaluation(self, model: str, name: str, request: Request) -> JSONResponse:
-        doc = await json_body(request)
+    async def create_evaluation(self, model: str, name: str, doc: dict[str, Any]) -> Answer:
         test = field(section(doc, "evaluationParameters"), "testDatasetName")
         if test is None or test == "":
             raise ApiError(400, "InvalidArgument", "evaluationParameters.testDatasetName is required",
                            "testDatasetName")
         test = resource_name(test, "testDatasetName", "dataset")
         try:
-            mid = await asyncio.to_thread(self.model_id, model)
+            mid = await asyncio.to_thread(self.catalog.model_id, model)
         except ApiError as exc:
             raise ApiError(exc.status, "modelNotFound" if exc.status == 404 else exc.code, exc.message, model) from None
         dataset = await asyncio.to_thread(self.store.get, "datasets", test)
@@ -318,7 +273,7 @@ class Jobs:
         run = self.running[f"{model}/{name}"] = launch(evaluate_task, f"models:/{mid}", dataset, test,
                                                         self.config.image_root, self.config.tracking_uri)
         asyncio.get_running_loop().create_task(self._watch_evaluation(model, name, run))
-        return JSONResponse(public(record), 201)
+        return 201, public(record)
 
     async def _watch_evaluation(self, model: str, name: str, run: Run) -> None:
         key = f"{model}/{name}"
@@ -334,22 +289,11 @@ class Jobs:
         if owner and not self.stopping:
             await asyncio.to_thread(self.store.update, "evaluations", name, model, **fields)
 
-    async def evaluation_answer(self, model: str, name: str) -> JSONResponse:
-        record = await asyncio.to_thread(self.store.get, "evaluations", name, model)
-        if record is None:
-            raise not_found("evaluation", name)
-        return JSONResponse(public(record))
-
-    async def delete_evaluation(self, model: str, name: str):
+    async def delete_evaluation(self, model: str, name: str) -> Answer:
         """Removes the record; a running evaluation is stopped, and nothing it would have written is kept."""
         run = self.running.pop(f"{model}/{name}", None)
         if run is not None:
             end(run)
         if not await asyncio.to_thread(self.store.delete, "evaluations", name, model):
             raise not_found("evaluation", name)
-        return no_content()
-
-    def evaluation_list(self, model: str) -> list[dict[str, Any]]:
-        if self.store.get("models", model) is None and self.registry.latest(model)[0] is None:
-            raise not_found("model", model, "modelNotFound")
-        return self.store.all("evaluations", model)
+        return 204, None
