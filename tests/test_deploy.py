@@ -80,6 +80,18 @@ def test_each_serve_config_builds_its_applications_as_serve_build_would(name, tm
         assert {d.name for d in app.deployments} <= set(built), (app.name, sorted(built))
 
 
+def test_a_hubs_model_replicas_may_take_every_cpu_but_the_ingress_share(tmp_path):
+    """HubJobs computes nothing (its runs are actors of their own), so it asks no CPU: a hub whose model replica
+    takes all but 0.1 of a 2-CPU machine, as bench/hub.py's does, still fits beside one ingress replica."""
+    from ray.serve._private.build_app import build_app
+
+    from serving.hub.app import build_hub
+
+    built = build_app(build_hub({"state_dir": str(tmp_path / "state"), "model_cpus": 1.9}), name="hub")
+    cpus = {d.name: d.ray_actor_options.get("num_cpus") for d in built.deployments}
+    assert cpus == {"HubModels": 1.9, "HubJobs": 0, "HubService": 0.1}
+
+
 def test_the_hubs_pinned_deployments_keep_their_tracking_server():
     """A config's ray_actor_options replace the code's, runtime_env included: the overrides that pin HubJobs (and,
     its records being SQLite there, HubService) to the node with its state must give MLFLOW_TRACKING_URI again,

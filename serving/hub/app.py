@@ -92,6 +92,7 @@ class HubService:
         self.limits = ScoringLimits(**self.config.limits)
         self.store = Store(self.config.state_dir, self.config.state_db)
         self.catalog = Catalog(self.store, Registry())
+        self.catalog.registry.warm_up()
         self.views = DatasetViews(self.config.image_root)  # what the studio reads of datasets
         self.models = models  # the HubModels deployment handle
         self.owner = owner  # the HubJobs deployment handle
@@ -266,6 +267,7 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
             "env_vars": {"MLFLOW_TRACKING_URI": tracking, **ONNX_REPLICA_ENV, **env}}}).bind(
             limits, threads, config.model_memory_mb)
     options = {"num_cpus": 0.1, "runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": tracking, **env}}}
-    owner = HubJobs.options(ray_actor_options=options).bind(asdict(config))
+    # the owner computes nothing (its runs are actors with CPUs of their own): it takes no CPU from the replicas
+    owner = HubJobs.options(ray_actor_options={**options, "num_cpus": 0}).bind(asdict(config))
     return HubService.options(num_replicas=config.ingress_replicas, ray_actor_options=options).bind(
         asdict(config), models, owner)

@@ -21,6 +21,7 @@ from ray import serve
 
 from models.data.images import Probed
 from serving.contract import Entry, RequestError, ScoringRequest
+from serving.hub.catalog import Registry
 from serving.hub.memory import MB, ModelMemory, Resident
 from serving.hub.metrics import ModelSeries
 from serving.loading import ModelFolder
@@ -31,10 +32,6 @@ from serving.scoring import Scoring, ScoringLimits
 log = logging.getLogger("ray.serve")
 LOW_CONFIDENCE = 0.05  # the lowest box score `analyze` answers
 LOADS_KEPT = 100  # the load history GET /models shows
-
-
-def model_id(name: str, version: str | int) -> str:
-    return f"{name}/{version}"
 
 
 def _load(mid: str, limits: ScoringLimits) -> Scoring:
@@ -50,14 +47,10 @@ def warm_up() -> None:
     """What the first model load in a process pays besides the model, paid before it (on the model thread):
     MLflow and ONNX Runtime imported, the registry's client and store opened, torch's thread pool started. A
     registry out of reach is not this replica's failure: the first load says so."""
-    import mlflow
     import onnxruntime  # noqa: F401  (classifiers score on it)
 
     torch.nn.functional.conv2d(torch.zeros(1, 3, 32, 32), torch.zeros(4, 3, 3, 3))
-    try:
-        mlflow.MlflowClient().search_registered_models(max_results=1)
-    except Exception as exc:  # noqa: BLE001  (any failure of a remote store)
-        log.warning("hub: the model registry did not answer as this replica started: %s", exc)
+    Registry().warm_up()
 
 
 class ModelReplica(ScoringReplica):
