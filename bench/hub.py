@@ -175,8 +175,9 @@ def _report(rows: list[dict], memory: dict) -> None:
 def _rotation(targets: list[tuple[str, dict]], concurrency: int, seconds: float) -> dict:
     """Closed-loop clients, each request to the next model in turn (bench.serve_throughput.load), after 3 s of
     the same load unmeasured (every lane and session has run once: all cases start warm)."""
-    load([url for url, _ in targets], [body for _, body in targets], concurrency, 3)
-    result = load([url for url, _ in targets], [body for _, body in targets], concurrency, seconds)
+    urls, bodies = [url for url, _ in targets], [body for _, body in targets]
+    load(urls, bodies, concurrency, 3)
+    result = load(urls, bodies, concurrency, seconds)
     return {k: result[k] for k in ("images_per_s", "p50_ms", "p99_ms", "errors")}
 
 

@@ -106,6 +106,21 @@ def tracking_at(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(before)
 
 
+@contextlib.contextmanager
+def serve_on_free_port() -> Iterator[str]:
+    """Ray Serve listening on a free port of 127.0.0.1 (→ its base URL) until the block ends, also when a deploy in
+    it failed: the replicas that did start would otherwise hold their CPUs for the rest of the session (and each
+    later module would fail ray_cpus_given_back for it)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()  # the next module starts Serve on a port of its own
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tracking(mlflow_uri, tmp_path_factory) -> str:
     """The store with its experiments made, their artifacts in the session's temp folder (for every test:

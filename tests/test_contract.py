@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port, tracking_at
+from conftest import serve_on_free_port, tracking_at
 
 pytestmark = pytest.mark.slow
 LIMITS = {"max_images_per_request": 4, "max_request_mb": 1.0, "max_image_mb": 0.25, "max_batch_size": 8}
@@ -130,20 +130,18 @@ def apps(ray_session, trained, tmp_path_factory):
     detector_result, detector_data = trained("image_object_detection")
     assert "circle" in detector_data.labels  # the label the d_rise cases name
     root = tmp_path_factory.mktemp("contract-hub")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    small = {"ray_actor_options": {"num_cpus": 0.1}}
-    serve.run(deployment(service_config(model_dir, **LIMITS), **small), name="contract-serve", route_prefix="/serve")
-    serve.run(deployment(service_config(detector_result.model_dir, **LIMITS), **small), name="contract-serve-det",
-              route_prefix="/serve-det")
-    serve.run(build_hub({"state_dir": str(root / "state"), "model_cpus": 0.1, **LIMITS}), name="contract-hub",
-              route_prefix="/")
-    with tracking_at(f"sqlite:///{root / 'state' / 'mlflow.db'}"):
-        mlflow.register_model(str(model_dir), NAME)
-        mlflow.register_model(str(detector_result.model_dir), DETECTOR)
-    yield {"serve": f"http://127.0.0.1:{port}/serve", "serve-det": f"http://127.0.0.1:{port}/serve-det",
-           "hub": f"http://127.0.0.1:{port}", "model_dir": model_dir, "detector_dir": detector_result.model_dir}
-    serve.shutdown()
+    with serve_on_free_port() as url:
+        small = {"ray_actor_options": {"num_cpus": 0.1}}
+        serve.run(deployment(service_config(model_dir, **LIMITS), **small), name="contract-serve", route_prefix="/serve")
+        serve.run(deployment(service_config(detector_result.model_dir, **LIMITS), **small), name="contract-serve-det",
+                  route_prefix="/serve-det")
+        serve.run(build_hub({"state_dir": str(root / "state"), "model_cpus": 0.1, **LIMITS}), name="contract-hub",
+                  route_prefix="/")
+        with tracking_at(f"sqlite:///{root / 'state' / 'mlflow.db'}"):
+            mlflow.register_model(str(model_dir), NAME)
+            mlflow.register_model(str(detector_result.model_dir), DETECTOR)
+        yield {"serve": f"{url}/serve", "serve-det": f"{url}/serve-det",
+               "hub": url, "model_dir": model_dir, "detector_dir": detector_result.model_dir}
 
 
 def _on_serve(apps, case: Case) -> httpx.Response:

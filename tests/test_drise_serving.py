@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import serve_on_free_port
 
 pytestmark = pytest.mark.slow
 QUICK = {"number_of_masks": 24, "mask_resolution": 6, "internal_batch_size": 8, "attributions": True}
@@ -32,17 +32,15 @@ def endpoint(ray_session, trained):
 
     from serving.app import VisionService, service_config
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    small = {"ray_actor_options": {"num_cpus": 0.1}}
-    detector = str(trained("image_object_detection")[0].model_dir)
-    configs = {"/det": service_config(model=detector),
-               "/det-short": service_config(model=detector, explanation_timeout_s=TIMEOUT_S),
-               "/seg": service_config(model=str(trained("image_instance_segmentation")[0].model_dir))}
-    serve.run_many([serve.RunTarget(VisionService.options(**small).bind(asdict(config)), name=prefix.strip("/"),
-                                    route_prefix=prefix) for prefix, config in configs.items()])
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with serve_on_free_port() as url:
+        small = {"ray_actor_options": {"num_cpus": 0.1}}
+        detector = str(trained("image_object_detection")[0].model_dir)
+        configs = {"/det": service_config(model=detector),
+                   "/det-short": service_config(model=detector, explanation_timeout_s=TIMEOUT_S),
+                   "/seg": service_config(model=str(trained("image_instance_segmentation")[0].model_dir))}
+        serve.run_many([serve.RunTarget(VisionService.options(**small).bind(asdict(config)), name=prefix.strip("/"),
+                                        route_prefix=prefix) for prefix, config in configs.items()])
+        yield url
 
 
 def _image(trained, task: str, index: int = 0) -> tuple[str, list[dict]]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, serve_on_free_port
 from models.runtime import wait_until_ready
 
 pytestmark = pytest.mark.slow
@@ -125,14 +125,12 @@ def endpoint(ray_session, trained):
 
     from serving.app import VisionService, service_config
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = service_config(model=str(trained("image_classification")[0].model_dir), max_request_mb=MAX_MB,
-                           max_images_per_request=MAX_IMAGES, compile=False)
-    serve.run(VisionService.options(ray_actor_options={"num_cpus": 0.1}).bind(asdict(config)), name="hostile",
-              route_prefix="/hostile")
-    yield f"http://127.0.0.1:{port}/hostile"
-    serve.shutdown()  # the next module starts Serve on a port of its own
+    with serve_on_free_port() as url:
+        config = service_config(model=str(trained("image_classification")[0].model_dir), max_request_mb=MAX_MB,
+                               max_images_per_request=MAX_IMAGES, compile=False)
+        serve.run(VisionService.options(ray_actor_options={"num_cpus": 0.1}).bind(asdict(config)), name="hostile",
+                  route_prefix="/hostile")
+        yield f"{url}/hostile"
 
 
 def _post(url: str, body, **kw) -> httpx.Response:

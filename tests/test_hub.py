@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port, tracking_at
+from conftest import serve_on_free_port, tracking_at
 from postgres import Postgres
 
 pytestmark = pytest.mark.slow
@@ -79,9 +79,7 @@ def hub(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     key_file = root / "key"
     key_file.write_text(KEY)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    with Postgres() as state_db:
+    with Postgres() as state_db, serve_on_free_port() as url:
         config = {"state_dir": str(root / "state"), "state_db": state_db, "image_root": str(root),
                   "api_key_file": str(key_file), "cache_size": 2, "model_cpus": 0.3, "max_concurrent_trainings": 2,
                   "ingress_replicas": 2, "env": LOG_EACH_REQUEST}
@@ -90,8 +88,7 @@ def hub(ray_session, tmp_path_factory):
             serve.run(build_hub(config), name="hub", route_prefix="/")
 
         deploy()
-        yield {"url": f"http://127.0.0.1:{port}", "root": root, "deploy": deploy}
-        serve.shutdown()
+        yield {"url": url, "root": root, "deploy": deploy}
 
 
 def _client(url: str):
@@ -353,15 +350,25 @@ def test_a_training_with_no_pretrained_weights_at_hand_fails_unknown_saying_so(h
     its pretrained weights, offline (the session's VISIONSERVE_OFFLINE=1) with an empty torch cache."""
     from serving.hub.training import train_model
 
+    class Reports:  # a training.Progress that keeps what the training says and never asks it to stop
+        reports: list[dict] = []
+
+        def report(self, **values) -> None:
+            self.reports.append(values)
+
+        def stopped(self) -> bool:  # (the Protocol's attribute, a callable)
+            return False
+
+    progress = Reports()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
-    (tmp_path / "job").mkdir()
     with tracking_at(os.environ["MLFLOW_TRACKING_URI"]):  # train_model sets its own, as a hub's actor does
         fields = train_model({
             "model": "nothing", "dataset_name": "cls", "kind": "Generic-Classifier", "budget_hours": 0.1,
             "dataset": {"name": "cls", "annotationKind": "imageClassification",
                         "annotationFileUris": [str(datasets["cls"])]},
             "image_root": str(hub["root"]), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "job_dir": str(tmp_path / "job"), "test_dataset_name": None})
+            "job_dir": str(tmp_path / "job"), "test_dataset_name": None}, progress)
+    assert progress.reports[0] == {"status": "training"}  # it said it had started before it failed
     assert fields["status"] == "failed" and fields["error"]["code"] == "unknown", fields
     message = fields["error"]["message"]
     assert "no pretrained weights are at hand" in message and str(tmp_path / "empty-cache") in message
@@ -401,14 +408,14 @@ def test_the_unkeyed_readiness_probe_reads_and_tells_nothing_of_the_models(hub):
 
 def test_cancel_stops_the_training_and_frees_its_cpus(hub, registered):
     free_before = _free_cpus()
-    progress = hub["root"] / "state" / "jobs" / "tocancel" / "progress.json"
     with _client(hub["url"]) as client:
         client.put("/computervision/models/tocancel", json={"trainingParameters": {
             "trainingDatasetName": "cls", "timeBudgetInHours": 1, "modelKind": "Generic-Classifier"}})
 
-        def holding() -> bool:  # its sweep runs a trial that holds a CPU
-            started = progress.is_file() and "sweep:" in json.loads(progress.read_text()).get("message", "")
-            return started and _free_cpus() <= free_before - 0.99
+        def holding() -> bool:  # its sweep runs a trial that holds a CPU, as its own report says
+            said = client.get("/models/tocancel/progress").json()
+            return said["status"] == "training" and "sweep:" in (said["message"] or "") and \
+                _free_cpus() <= free_before - 0.99
 
         assert _until(holding, 300), "the training never ran a trial"
         cancelled = client.post("/computervision/models/tocancel:cancel")
@@ -477,9 +484,8 @@ def test_a_restart_keeps_everything_and_fails_what_was_training(hub, trained_pai
         idle = _free_cpus()
         client.put("/computervision/models/interrupted", json={"trainingParameters": {
             "trainingDatasetName": "cls", "timeBudgetInHours": 1}})
-        progress = hub["root"] / "state" / "jobs" / "interrupted" / "progress.json"
         assert _until(lambda: _free_cpus() <= idle - 0.5, 300), (  # its trial holds a CPU
-            progress.read_text() if progress.exists() else "")
+            client.get("/models/interrupted/progress").json())
         serve.delete("hub")
         hub["deploy"]()
         assert _until(lambda: _free_cpus() >= idle - 1e-3, 60)  # the stopped hub's training gave its CPU back

@@ -21,9 +21,11 @@ def hub_parts(tmp_path):
     """(store, config, registry URI) of a hub whose state is `tmp_path/state`, its registry a SQLite file there."""
     from serving.hub.config import HubConfig
     from serving.hub.state import Store
+    from serving.hub.training import ready_experiment
 
     store = Store(tmp_path / "state")
     uri = f"sqlite:///{store.root / 'mlflow.db'}"
+    ready_experiment(uri, store.root / "mlartifacts")  # as build_hub does
     with tracking_at(uri):
         yield store, HubConfig(state_dir=str(store.root), tracking_uri=uri, image_root=str(tmp_path)), uri
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import serve_on_free_port
 from postgres import Postgres
 from serving.hub.state import Store
 from test_hub import KEY, LOG_EACH_REQUEST, V, _png, answered_by, write_coco
@@ -29,29 +29,24 @@ def hub(ray_session, tmp_path_factory):
     answering (any request may reach either)."""
     root = tmp_path_factory.mktemp("hostile")
     (root / "key").write_text(KEY)
-    port = free_port()
-    with Postgres() as state_db:
-        yield from _hub_on(root, port, state_db)
+    with Postgres() as state_db, serve_on_free_port() as url:
+        yield from _hub_on(root, url, state_db)
 
 
-def _hub_on(root, port: int, state_db: str):
+def _hub_on(root, url: str, state_db: str):
     from ray import serve
 
     from serving.hub.app import build_hub
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_hub({"state_dir": str(root / "state"), "state_db": state_db, "image_root": str(root),
                          "api_key_file": str(root / "key"), "model_cpus": 0.3, "max_concurrent_trainings": 1,
                          "quotas": QUOTAS, "ingress_replicas": 2, "env": LOG_EACH_REQUEST}), name="hostile-hub", route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Ocp-Apim-Subscription-Key": KEY},
-                          params=V, timeout=120)
-    coco = write_coco(root / "cls", "imageClassification")
-    assert client.put("/computervision/datasets/cls", json={
-        "annotationKind": "imageClassification", "annotationFileUris": [str(coco)]}).status_code == 201
-    (root / "pic.png").write_bytes(_png((220, 30, 30)))
-    yield {"client": client, "root": root, "state_db": state_db}
-    client.close()
-    serve.shutdown()  # the next module starts Serve on a port of its own
+    with httpx.Client(base_url=url, headers={"Ocp-Apim-Subscription-Key": KEY}, params=V, timeout=120) as client:
+        coco = write_coco(root / "cls", "imageClassification")
+        assert client.put("/computervision/datasets/cls", json={
+            "annotationKind": "imageClassification", "annotationFileUris": [str(coco)]}).status_code == 201
+        (root / "pic.png").write_bytes(_png((220, 30, 30)))
+        yield {"client": client, "root": root, "state_db": state_db}
 
 
 N = "a" * 256  # one character over the name rule

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -80,6 +79,18 @@ def test_an_evaluation_belongs_to_its_model_and_goes_with_it(open_store):
     assert store.delete_all("evaluations", "m1") == 1
     assert store.get("evaluations", "e", "m1") is None and store.get("evaluations", "e", "m2") is not None
     store.delete_all("evaluations", "m2")
+
+
+def test_a_trainings_report_is_read_by_another_replica_and_leaves_the_models_etag_as_it_was(open_store):
+    owner, ingress = open_store(), open_store()
+    record = owner.create("models", {"name": "m", "status": "notStarted"})
+    assert ingress.progress("m") == {}
+    owner.set_progress("m", {"status": "training", "message": "sweep: trial 1 of 3"})
+    owner.set_progress("m", {"status": "training", "message": "sweep: trial 2 of 3"})  # the latest replaces it
+    assert ingress.progress("m") == {"status": "training", "message": "sweep: trial 2 of 3"}
+    assert ingress.get("models", "m")["eTag"] == record["eTag"]
+    owner.set_progress("m", None)
+    assert ingress.progress("m") == {}
 
 
 def test_of_eight_replicas_creating_one_name_at_once_exactly_one_wins(open_store):

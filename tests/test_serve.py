@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TASKS, free_port
+from conftest import TASKS, serve_on_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,35 +39,33 @@ def endpoint(ray_session, trained):
     from serving.access import key_digest
     from serving.app import VisionService, service_config
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    small = {"ray_actor_options": {"num_cpus": 0.1}}
-    cls_dir = trained("image_classification")[0].model_dir
-    apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(service_config(
-        model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02,
-        compile=task == "image_classification", backend="torch" if task == "image_classification" else "auto"))),
-        name=task, route_prefix=PREFIX[task]) for task in TASKS]
-    secure = service_config(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4,
-                           max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2,
-                           compile=False)
-    apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
-                                route_prefix="/secure"))
-    patient = service_config(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False,
-                            backend="torch")
-    apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
-                                route_prefix="/patient"))
-    for name in ("onnx", "onnx-int8"):
-        on_onnx = service_config(model=str(cls_dir), max_batch_size=8, backend=name)
-        apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(on_onnx)), name=name,
-                                    route_prefix=f"/{name.removeprefix('onnx-')}"))
-    tight = service_config(model=str(cls_dir), max_batch_size=1, compile=False)
-    apps.append(serve.RunTarget(VisionService.options(
-        max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
-                                                                                             retry_after_s=2),
-        **small).bind(asdict(tight)), name="tight", route_prefix="/tight"))
-    serve.run_many(apps)  # the replicas start side by side
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with serve_on_free_port() as url:
+        small = {"ray_actor_options": {"num_cpus": 0.1}}
+        cls_dir = trained("image_classification")[0].model_dir
+        apps = [serve.RunTarget(VisionService.options(**small).bind(asdict(service_config(
+            model=str(trained(task)[0].model_dir), max_batch_size=8, batch_wait_timeout_s=0.02,
+            compile=task == "image_classification", backend="torch" if task == "image_classification" else "auto"))),
+            name=task, route_prefix=PREFIX[task]) for task in TASKS]
+        secure = service_config(model=str(cls_dir), api_key_sha256=key_digest(API_KEY), max_images_per_request=4,
+                               max_concurrent_explanations=1, max_waiting_explanations=0, explanation_timeout_s=0.2,
+                               compile=False)
+        apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(secure)), name="secure",
+                                    route_prefix="/secure"))
+        patient = service_config(model=str(cls_dir), max_batch_size=4, batch_wait_timeout_s=3.0, compile=False,
+                                backend="torch")
+        apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(patient)), name="patient",
+                                    route_prefix="/patient"))
+        for name in ("onnx", "onnx-int8"):
+            on_onnx = service_config(model=str(cls_dir), max_batch_size=8, backend=name)
+            apps.append(serve.RunTarget(VisionService.options(**small).bind(asdict(on_onnx)), name=name,
+                                        route_prefix=f"/{name.removeprefix('onnx-')}"))
+        tight = service_config(model=str(cls_dir), max_batch_size=1, compile=False)
+        apps.append(serve.RunTarget(VisionService.options(
+            max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
+                                                                                                 retry_after_s=2),
+            **small).bind(asdict(tight)), name="tight", route_prefix="/tight"))
+        serve.run_many(apps)  # the replicas start side by side
+        yield url
 
 
 def _b64(path: Path) -> str:

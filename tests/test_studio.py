@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import os
 import tempfile
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import serve_on_free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +40,14 @@ def endpoint(ray_session, trained):
     from serving.access import key_digest
     from serving.app import VisionService, service_config
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    small = {"ray_actor_options": {"num_cpus": 0.1}}
-    configs = {name: service_config(model=str(trained(task)[0].model_dir), compile=False) for task, name in PREFIX.items()}
-    configs["/secure"] = service_config(model=str(trained("image_classification")[0].model_dir), compile=False,
-                                       api_key_sha256=key_digest(API_KEY))
-    serve.run_many([serve.RunTarget(VisionService.options(**small).bind(asdict(config)), name=prefix.strip("/"),
-                                    route_prefix=prefix) for prefix, config in configs.items()])
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with serve_on_free_port() as url:
+        small = {"ray_actor_options": {"num_cpus": 0.1}}
+        configs = {name: service_config(model=str(trained(task)[0].model_dir), compile=False) for task, name in PREFIX.items()}
+        configs["/secure"] = service_config(model=str(trained("image_classification")[0].model_dir), compile=False,
+                                           api_key_sha256=key_digest(API_KEY))
+        serve.run_many([serve.RunTarget(VisionService.options(**small).bind(asdict(config)), name=prefix.strip("/"),
+                                        route_prefix=prefix) for prefix, config in configs.items()])
+        yield url
     print(f"\nstudio screenshots: {SHOTS}")
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from conftest import free_port, tracking_at
+from conftest import serve_on_free_port, tracking_at
 from test_hub import write_coco
 from test_studio import browser, page, _shoot, _visible  # noqa: F401  (the module's browser and its tabs)
 
@@ -36,13 +36,11 @@ def hub(ray_session, tmp_path_factory):
     (root / "key").write_text(KEY)
     images = root / "images"
     images.mkdir()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    state = root / "state"
-    serve.run(build_hub({"state_dir": str(state), "image_root": str(images), "api_key_file": str(root / "key"),
-                         "cache_size": 2, "model_cpus": 0.3}), name="hub", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "root": root, "images": images, "tracking": f"sqlite:///{state / 'mlflow.db'}"}
-    serve.shutdown()
+    with serve_on_free_port() as url:
+        state = root / "state"
+        serve.run(build_hub({"state_dir": str(state), "image_root": str(images), "api_key_file": str(root / "key"),
+                             "cache_size": 2, "model_cpus": 0.3}), name="hub", route_prefix="/")
+        yield {"url": url, "root": root, "images": images, "tracking": f"sqlite:///{state / 'mlflow.db'}"}
 
 
 def _client(url: str) -> httpx.Client:

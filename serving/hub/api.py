@@ -29,6 +29,10 @@ class ApiError(EdgeError):
         super().__init__(status, code, message, {"x-ms-error-code": code})
         self.target = target
 
+    def __reduce__(self):
+        """Pickled whole (its headers too): HubJobs hands a refusal to the ingress as a value (serving.hub.owner)."""
+        return ApiError, (self.status, self.code, self.message, self.target), {"headers": self.headers}
+
     def body(self, request_id: str | None = None) -> dict[str, Any]:
         error = {"code": self.code, "message": self.message}
         if self.target:

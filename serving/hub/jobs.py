@@ -30,11 +30,12 @@ from serving.hub.model_request import model_request
 from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import AlreadyExists, Store, now
-from serving.hub.training import CANCEL_FILE, EXPERIMENT, evaluate_task, train_model
+from serving.hub.training import evaluate_task, train_model
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
 Answer = tuple[int, dict[str, Any] | None]  # what a change answers: (status, body)
+RELAY_S = 2.0  # how often a running training's report is read and kept
 INTERRUPTED = "the hub stopped while this ran"  # how a failed record that a restart ended begins its message
 
 class Jobs:
@@ -42,9 +43,7 @@ class Jobs:
                  observe: Callable[[int, int], None] | None = None):  # told (waiting, running) trainings
         self.store, self.config, self.quotas = store, config, quotas
         self.queue = TrainingQueue(slots, observe)
-        mlflow.set_tracking_uri(config.tracking_uri)
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(store.root / "mlartifacts").as_uri())
+        mlflow.set_tracking_uri(config.tracking_uri)  # its experiment made by build_hub (ready_experiment)
         self.running: dict[str, Run] = {}  # model or "model/evaluation" → its actor and result
         self.stopping = False  # once the hub stops, results are no longer written (the next start fails them)
         self.registry = Registry(names_kept)
@@ -64,8 +63,8 @@ class Jobs:
         self.queue.clear()  # what waits stays notStarted: the next start queues it again
         runs = dict(self.running)
         trainings = {name: run for name, run in runs.items() if "/" not in name}  # evaluations are "model/name"
-        for name in trainings:
-            (self.store.job_dir(name) / CANCEL_FILE).touch()
+        for run in trainings.values():
+            run.stop()
         if trainings:
             ray.wait([run.ref for run in trainings.values()], num_returns=len(trainings), timeout=grace_s)
         for run in runs.values():
@@ -149,7 +148,7 @@ class Jobs:
         if self.starting.pop(name, False):
             order, fields = None, {"status": "cancelled", "trainingCostInMinutes": 0}
         if order is not None and not self.stopping:
-            run = self.running[name] = launch(train_model, order)
+            run = self.running[name] = launch(train_model, order, reporting=True)
             await self._watch(name, run)
             return
         if fields is not None and not self.stopping:
@@ -175,13 +174,14 @@ class Jobs:
             return None
         # a restart now fails it (or adopts what it registered, tagged with its run), never reruns it
         record = self.store.update("models", name, _started=now(), _run=secrets.token_hex(8))
+        self.store.set_progress(name, None)  # what an earlier training of this name said
         shutil.rmtree(self.store.job_dir(name), ignore_errors=True)
         self.store.job_dir(name).mkdir(parents=True)
         return self._order(record)
 
     async def _watch(self, name: str, run: Run) -> None:
         try:
-            fields = await run.ref
+            fields = await self._relay(name, run)
         except stopped_errors() as exc:
             cancelled = ((await asyncio.to_thread(self.store.get, "models", name)) or {}).get("status") == "cancelling"
             fields = {"status": "cancelled"} if cancelled else failure(exc, "training")
@@ -191,6 +191,21 @@ class Jobs:
             end(run)
             self.dispatch()
         await self._finish(name, fields)
+
+    async def _relay(self, name: str, run: Run) -> dict[str, Any]:
+        """The training's result; meanwhile what it says of itself is kept in the database every `RELAY_S`, where
+        every ingress replica reads it (a training may run on any node: it writes no file the hub reads)."""
+        result = asyncio.ensure_future(run.ref)
+        while True:
+            done, _ = await asyncio.wait({result}, timeout=RELAY_S)
+            try:
+                said = await run.said()
+            except stopped_errors():
+                said = None  # the actor is gone: the result says why
+            if said is not None:
+                await asyncio.to_thread(self.store.set_progress, name, said)
+            if done:
+                return result.result()
 
     async def _finish(self, name: str, fields: dict[str, Any]) -> None:
         """A training's result written on its record; a version registered after a `:cancel` is removed with it."""
@@ -220,7 +235,7 @@ class Jobs:
         run = self.running.get(name)
         if run is not None and record["status"] in ("notStarted", "training"):
             record = await asyncio.to_thread(self.store.update, "models", name, status="cancelling")
-            (self.store.job_dir(name) / CANCEL_FILE).touch()  # Tune ends the trials and frees their CPUs/GPUs
+            run.stop()  # Tune ends the trials and frees their CPUs/GPUs
             asyncio.get_running_loop().create_task(self._kill_later(name, run))
         return 202, public(self.catalog.merged(record))
 
@@ -243,6 +258,7 @@ class Jobs:
         for key in [k for k in self.running if k.startswith(f"{name}/")]:  # its evaluations stop with it
             end(self.running.pop(key))
         await asyncio.to_thread(self.store.delete_all, "evaluations", name)
+        await asyncio.to_thread(self.store.set_progress, name, None)
         await asyncio.to_thread(self.store.delete, "models", name)
         await asyncio.to_thread(shutil.rmtree, self.store.job_dir(name), True)
         return 204, None

@@ -22,9 +22,9 @@ from serving.hub.state import Store
 log = logging.getLogger("ray.serve")
 
 
-# A refusal crosses from this replica to the ingress as a value, (status, ("error", code, message, target,
-# headers)): an exception would arrive wrapped in Ray's task error.
-Reply = tuple[int, dict[str, Any] | tuple[str, str, str, str | None, dict[str, str]] | None]
+# A refusal crosses from this replica to the ingress as a value, the ApiError itself: raised, it would arrive
+# wrapped in Ray's task error (and be logged here as one).
+Reply = tuple[int, dict[str, Any] | ApiError | None]
 
 
 @serve.deployment(name="HubJobs", num_replicas=1, max_ongoing_requests=64, health_check_period_s=10,
@@ -65,15 +65,12 @@ async def _reply(change: Awaitable[Answer]) -> Reply:
     try:
         return await change
     except ApiError as exc:
-        return exc.status, ("error", exc.code, exc.message, exc.target, exc.headers)
+        return exc.status, exc
 
 
 async def changed(call: Any) -> Answer:
-    """The ingress's awaited `HubJobs.<change>.remote(...)`: its answer, or its refusal raised as the ApiError it was."""
+    """The ingress's awaited `HubJobs.<change>.remote(...)`: its answer, or its refusal raised."""
     status, body = await call
-    if isinstance(body, tuple):
-        _, code, message, target, headers = body
-        refusal = ApiError(status, code, message, target)
-        refusal.headers.update(headers)  # Retry-After of a full queue, say
-        raise refusal
+    if isinstance(body, ApiError):
+        raise body
     return status, body

@@ -3,7 +3,7 @@ SQLAlchemy, each with an eTag that changes on every write; and each training's f
 
     sqlite:///<state-dir>/hub.db      the records (the embedded default)
     --state-db postgresql://...       the records in PostgreSQL, for several hub ingress replicas
-    <state-dir>/jobs/<model>/         a training's data, outputs and progress.json
+    <state-dir>/jobs/<model>/         a training's data and outputs (on the node it ran on)
     <state-dir>/mlflow.db             the Model Registry, unless a tracking URI is in force
 
 The rules that several writers must not break are transactions here, not locks in one process: a name is
@@ -31,8 +31,6 @@ from sqlalchemy import (Column, Connection, Engine, MetaData, String, Table, Tex
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
-from serving.batch.files import atomic_file
-
 KINDS = ("datasets", "models", "evaluations")
 DIALECTS = ("sqlite", "postgresql")
 _LONG = 200  # a longer name's folder is named by its first characters and a hash (the 255-byte file name rule)
@@ -46,6 +44,13 @@ _records = Table(
     Column("model", String(1024), primary_key=True),
     Column("name", String(1024), primary_key=True),
     Column("created", String(32), nullable=False),  # the API's createdDateTime: listings are oldest first
+    Column("body", Text, nullable=False),
+)
+# what each running training last said of itself (serving.hub.runs), apart from its record: not a change of the
+# model that its eTag would show
+_progress = Table(
+    "hub_progress", _metadata,
+    Column("model", String(1024), primary_key=True),
     Column("body", Text, nullable=False),
 )
 
@@ -247,11 +252,17 @@ class Store:
         return self.root / "jobs" / file_name(model)
 
     def progress(self, model: str) -> dict[str, Any]:
-        """What a running training last wrote about itself (jobs/<model>/progress.json)."""
-        try:
-            return json.loads((self.job_dir(model) / "progress.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        """What the model's training last said of itself ({} when nothing)."""
+        with self._reading() as connection:
+            body = connection.execute(select(_progress.c.body).where(_progress.c.model == model)).scalar()
+        return {} if body is None else json.loads(body)
+
+    def set_progress(self, model: str, said: dict[str, Any] | None) -> None:
+        """The training's latest report kept (None: forgotten, as when it starts again or its model goes)."""
+        with self._transaction() as connection:
+            connection.execute(_progress.delete().where(_progress.c.model == model))
+            if said is not None:
+                connection.execute(_progress.insert().values(model=model, body=json.dumps(said)))
 
     def _import_json_files(self) -> None:
         """A state folder written before the database (one JSON file per record) is imported once, in one
@@ -271,10 +282,3 @@ class Store:
             if (self.root / kind).is_dir():
                 aside.mkdir(exist_ok=True)
                 shutil.move(self.root / kind, aside / kind)
-
-
-def write_progress(job_dir: Path, **values: Any) -> None:
-    """A training's own report of where it is (read by the ingress on GET)."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_file(job_dir / "progress.json") as f:
-        json.dump({**values, "at": now()}, f)

@@ -1,7 +1,8 @@
 """One hub training, from a registered dataset to a registered MLflow model, within a compute budget.
 
-It runs as a Ray task (`serving.hub.jobs`), writes its progress to `jobs/<model>/progress.json` and
-returns the model's final fields: `status`, `error` ({code, message}: the API's `notEnoughBudget`,
+It runs in a Ray actor of its own (`serving.hub.runs`), on any node: it tells the hub where it is and hears a
+`:cancel` through a Progress (that actor), reads its dataset from the image root and logs and registers through
+the tracking store, and returns the model's final fields: `status`, `error` ({code, message}: the API's `notEnoughBudget`,
 `datasetCorrupt`, `datasetNotFound`, `diverged`, `unknown`), `trainingCostInMinutes`, `modelPerformance`.
 The hub picks the architecture and hyperparameters itself: a sweep on Ray Tune over the AutoMode
 architectures whose pretrained weights are at hand, cheapest first, one trial at a time, stopping once a
@@ -16,13 +17,19 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import mlflow
 
-from models.data.coco_files import CocoProblems, few_images_problems, read_coco_files, to_jsonl_lines
+from models.data.coco_files import (
+    CocoProblems,
+    few_images_problems,
+    read_coco_files,
+    to_jsonl_lines,
+)
 from models.data.formats import TRAINING_LIMITS
 from models.data.images import image_size
 from models.errors import DataError
@@ -35,7 +42,6 @@ from models.tasks.performance import model_performance
 from models.tasks.registry import get_task
 from models.train import weights
 from serving.hub.model_request import DATASET_KIND, KIND_TASK
-from serving.hub.state import write_progress
 from serving.loading import ModelFolder
 from serving.predictor import Predictor
 from serving.scoring import Scoring
@@ -47,7 +53,17 @@ CANDIDATES = {"image_classification": ("mobilenetv2", "resnet18", "resnet34", "r
                                          "fasterrcnn_resnet50_fpn")}
 MAX_TRIALS = 3
 RUN_TAG = "visionserve.hub.run"  # on a version the hub registered: the run (the record's `_run`) that did
-CANCEL_FILE = "cancel"  # `:cancel` puts it in the job folder; the sweep stops its trials and gives back their CPUs
+
+
+class Progress(Protocol):
+    """What a training is handed to talk with the hub (serving.hub.runs: its actor)."""
+
+    def report(self, **values: Any) -> None:
+        """Where the training is now (`status`, `message`): each report replaces the one before."""
+
+    # True once the hub asked it to stop (`:cancel`, or the hub stopping): its sweep then ends its trials and gives
+    # back their CPUs. A callable that pickles (Tune keeps its stoppers with the experiment's state).
+    stopped: Callable[[], bool]
 
 
 class Failed(Exception):
@@ -56,6 +72,15 @@ class Failed(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def ready_experiment(tracking_uri: str, artifacts: Path) -> None:
+    """The hub's experiment in its tracking store, made once before the replicas start: an SQLite store is
+    created (its tables migrated) by the first process that opens it, and several replicas opening a new one at
+    once collide in that migration ("table _alembic_tmp_latest_metrics already exists")."""
+    client = mlflow.MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(EXPERIMENT) is None:
+        client.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
 
 
 def minimum_budget(task: str, images: int) -> float:
@@ -168,14 +193,13 @@ def register(run_id: str, model: str, run: str, tags: dict[str, str]) -> Any:
     return mlflow.register_model(f"runs:/{run_id}/mlflow-model", model, tags={**tags, RUN_TAG: run})
 
 
-def train_model(order: dict[str, Any]) -> dict[str, Any]:
-    """The whole training (run in an actor of its own, serving.hub.jobs._Runner): → the model's final fields."""
+def train_model(order: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """The whole training (run in an actor of its own, serving.hub.runs): → the model's final fields."""
     job_dir = Path(order["job_dir"])
     started = time.time()
-    write_progress(job_dir, status="training", trials=0)
-
+    progress.report(status="training")
     try:
-        fields = _train(order, job_dir, started)
+        fields = _train(order, job_dir, started, progress)
     except Failed as exc:
         fields = {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
     except DataError as exc:  # an image the COCO files name cannot be trained on
@@ -189,7 +213,7 @@ def train_model(order: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _train(order: dict[str, Any], job_dir: Path, started: float) -> dict[str, Any]:
+def _train(order: dict[str, Any], job_dir: Path, started: float, progress: Progress) -> dict[str, Any]:
     dataset = order.get("dataset")
     if dataset is None:
         raise Failed("datasetNotFound", f"dataset {order['dataset_name']!r} is not registered")
@@ -209,6 +233,7 @@ def _train(order: dict[str, Any], job_dir: Path, started: float) -> dict[str, An
     train, held = split(coco.records)
     check_budget(task, len(train), order["budget_hours"])
     lines = {id(r): line for r, line in zip(coco.records, to_jsonl_lines(coco))}  # two image ids may name one file
+    job_dir.mkdir(parents=True, exist_ok=True)  # on the node this runs on (the hub made it on its own)
     for name, records in (("train", train), ("validation", held)):
         (job_dir / f"{name}.jsonl").write_text("".join(json.dumps(lines[id(r)]) + "\n" for r in records))
     per_class = min(Counter(n for r in train for n in set(r.label_names())).values(), default=0)
@@ -229,16 +254,15 @@ def _train(order: dict[str, Any], job_dir: Path, started: float) -> dict[str, An
     mlflow.set_tracking_uri(order["tracking_uri"])
 
     def report(message: str) -> None:
-        write_progress(job_dir, status="training", message=message[:500])
+        progress.report(status="training", message=message[:500])
 
-    cancel = job_dir / CANCEL_FILE
     try:
-        result = run_job(job, report=report, should_stop=cancel.exists)
+        result = run_job(job, report=report, should_stop=progress.stopped)
     except RuntimeError as exc:  # no trial finished an evaluation: each lost its loss or ran out of budget
-        if cancel.exists():
+        if progress.stopped():
             raise Failed("cancelled", "cancelled") from None
         raise Failed("diverged", str(exc)) from None
-    if cancel.exists():
+    if progress.stopped():
         raise Failed("cancelled", "cancelled")
     metric = result.best.get("metric")
     chance = 1 / len(coco.labels) if task == "image_classification" else 0.0
