@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +82,23 @@ def _why_not_joined(exc: BaseException) -> str:
     return "nothing answered there as a Ray cluster; check the address and that the head node runs"
 
 
-def node_cpus() -> list[float]:
-    """The CPUs of each alive node of the Ray instance this process is connected to."""
+def node_cpus(having: Mapping[str, float] | None = None) -> list[float]:
+    """The CPUs of each alive node of the Ray instance this process is connected to (only of those that have
+    every resource `having` names: where work that asks for them may run)."""
     import ray
 
-    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+            if node.get("Alive") and all(name in node["Resources"] for name in having or {})]
+
+
+def free_cpus(having: Mapping[str, float]) -> float:
+    """The most CPUs free now on one alive node that has every resource `having` names (0: none has them)."""
+    import ray
+    from ray._private.state import available_resources_per_node  # Ray's per-node view (ray.util.tpu reads it too)
+
+    free = available_resources_per_node()
+    return max((free.get(node["NodeID"], {}).get("CPU", 0.0) for node in ray.nodes()
+                if node.get("Alive") and all(name in node["Resources"] for name in having)), default=0.0)
 
 
 def cpus_each(count: int, nodes: list[float], available: float | None = None) -> int:
@@ -155,6 +169,38 @@ def parse_env_flags(pairs: list[str], flag: str = "--env") -> dict[str, str]:
             raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE with NAME made of letters, digits and _")
         out[name] = value
     return out
+
+
+BUILT_IN = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own resources, asked for by their own options
+
+
+def resource_asks(asks: dict[str, Any], what: str) -> dict[str, float]:
+    """{NAME: AMOUNT} of custom Ray resources (those a node was started with, `ray start --resources`) checked:
+    each a name of its own and a positive finite amount; a ValueError naming `what` and the one that is not."""
+    out = {}
+    for name, amount in asks.items():
+        if not isinstance(name, str) or not name or name in BUILT_IN or name.startswith("node:"):
+            raise ValueError(f"{what} {name!r}: a custom resource's name (not {', '.join(sorted(BUILT_IN))} or "
+                             "node:..., which Ray places by itself)")
+        try:
+            amount = float(amount)
+        except (TypeError, ValueError):
+            amount = math.nan
+        if not (math.isfinite(amount) and amount > 0):
+            raise ValueError(f"{what} {name}={asks[name]!r}: the amount must be a positive number")
+        out[name] = amount
+    return out
+
+
+def parse_resource_flags(pairs: list[str], flag: str) -> dict[str, float]:
+    """`FLAG NAME=AMOUNT` flags → {NAME: AMOUNT} (resource_asks); a ValueError naming the pair that is not one."""
+    asks = {}
+    for pair in pairs:
+        name, sep, amount = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} {pair!r}: expected NAME=AMOUNT (a custom Ray resource and how much of it)")
+        asks[name] = amount
+    return resource_asks(asks, flag)
 
 
 def _same_environment_for_workers() -> None:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from cluster import BIN, dashboard_queries, stop_command
+from postgres import Postgres
 from test_cluster_serve import _body, _by_node, _prometheus, _wait_for_line
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,9 @@ HUB = '{application="visionserve-hub"}'  # the hub's application, as `visionserv
 @pytest.fixture(scope="module")
 def hub_on_cluster(cluster, cluster_model, tmp_path_factory):
     """The hub with one model replica and a 1 MB memory budget: each model's load evicts the other (a second
-    name registered for the same model)."""
+    name registered for the same model); its datasets in the storage every node sees, its trainings on the second
+    node (--training-resources node2=0.01: a resource only that node has), its records in PostgreSQL (what every
+    replica reads, on either node) and the rest of its state in a head-only folder."""
     import mlflow
 
     from conftest import tracking_at
@@ -35,10 +38,16 @@ def hub_on_cluster(cluster, cluster_model, tmp_path_factory):
         version = mlflow.MlflowClient().get_model_version("vs-cluster", cluster_model.rsplit("/", 1)[1])
         mlflow.register_model(f"runs:/{version.run_id}/mlflow-model", NAMES[1])
     log = tmp_path_factory.mktemp("cluster-hub") / "hub.log"
+    with Postgres() as state_db:
+        yield from _hub(cluster, log, state_db)
+
+
+def _hub(cluster, log: Path, state_db: str):
     proc = subprocess.Popen([str(BIN / "visionserve"), "hub", "--address", cluster.address, "--proxy-location",
                              "HeadOnly", "--port", str(cluster.serve_port), "--state-dir",
                              str(cluster.head_only / "hub-state"), "--model-replicas", "1", "--model-cpus", "1",
-                             "--model-memory-mb", "1", "--cache-size", "2"],
+                             "--model-memory-mb", "1", "--cache-size", "2", "--image-root", str(cluster.shared),
+                             "--training-resources", "node2=0.01", "--state-db", state_db],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=cluster.env(),
                             cwd=cluster.head_only, start_new_session=True)
     try:
@@ -94,3 +103,50 @@ def test_prometheus_reads_the_hubs_series_from_the_cluster_and_every_dashboard_q
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_hub_training_runs_on_the_second_node_from_shared_data_and_its_model_comes_back_through_the_tracking_server(
+        hub_on_cluster, cluster):
+    """The training's actor and its trials run on the second node, whose copy of the head-only state folder is an
+    empty tmpfs: it reads its dataset from the shared storage, tells the hub where it is through its actor (the
+    status and progress the API shows), and registers its model with the tracking server, from which the model
+    replica loads it."""
+    import mlflow
+
+    from conftest import tracking_at
+    from test_hub import write_coco
+
+    url, _ = hub_on_cluster
+    coco = write_coco(cluster.shared / "hub-data" / "cls", "imageClassification")
+    before = cluster.ids("actors")
+    seen = set()
+    with httpx.Client(base_url=url, params=V, timeout=120) as client:
+        assert client.put("/computervision/datasets/cls", json={
+            "annotationKind": "imageClassification", "annotationFileUris": [str(coco)]}).status_code == 201
+        assert client.put("/computervision/models/on-node2", json={"trainingParameters": {
+            "trainingDatasetName": "cls", "timeBudgetInHours": 0.1, "modelKind": "Generic-Classifier"}}).status_code == 201
+        deadline, record, said = time.monotonic() + 900, {}, {}
+        while time.monotonic() < deadline:
+            got, progress = client.get("/computervision/models/on-node2"), client.get("/models/on-node2/progress")
+            assert got.status_code == progress.status_code == 200, (got.text, progress.text)
+            record, said = got.json(), progress.json()
+            seen |= {record["status"]} | ({"reported"} if said.get("message") else set())
+            if record["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(2)
+        assert record["status"] == "succeeded", (record, said)
+        assert {"training", "reported"} <= seen  # what the training said on the second node reached the API
+        analyzed = client.post("/computervision/imageanalysis:analyze", params={**V, "model-name": "on-node2"},
+                               content=(coco.parent / "red-0.png").read_bytes(),
+                               headers={"content-type": "application/octet-stream"})
+        assert analyzed.status_code == 200, analyzed.text
+    runners = cluster.new("actors", before, class_name="_Runner")
+    trials = cluster.new("actors", before, class_name="ImplicitFunc")
+    assert runners and cluster.nodes_of(runners) == {"node2"}
+    assert trials and cluster.nodes_of(trials) == {"node2"}
+    job = cluster.head_only / "hub-state" / "jobs" / "on-node2"
+    assert not (job / "train.jsonl").exists()  # its working files are on the node that trained...
+    assert cluster.on_node2("test", "-f", str(job / "train.jsonl")).returncode == 0  # ...not on the head
+    with tracking_at(cluster.tracking_uri):
+        [version] = mlflow.MlflowClient().search_model_versions("name='on-node2'")
+    assert record["modelPerformance"] and version.run_id

@@ -108,6 +108,28 @@ def test_a_bad_model_memory_budget_is_refused_naming_the_flag_before_anything_st
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.parametrize("value, named", [
+    ("gpu_pool", "expected NAME=AMOUNT"), ("gpu_pool=0", "positive number"), ("gpu_pool=-1", "positive number"),
+    ("gpu_pool=nan", "positive number"), ("gpu_pool=inf", "positive number"), ("gpu_pool=lots", "positive number"),
+    ("CPU=1", "custom resource's name"), ("GPU=1", "custom resource's name"), ("=1", "custom resource's name"),
+    ("node:10.0.0.1=1", "custom resource's name")])
+def test_a_bad_training_resource_is_refused_naming_the_flag_before_anything_starts(value, named, tmp_path, capsys):
+    from serving.cli import main
+
+    assert main(["hub", "--state-dir", str(tmp_path / "state"), "--training-resources", value]) == 2
+    error = capsys.readouterr().err
+    assert "--training-resources" in error and named in error and "Traceback" not in error
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_serve_config_with_a_bad_training_resource_is_refused_naming_the_field(tmp_path):
+    from serving.hub.app import build_hub
+
+    with pytest.raises(ValueError, match="training_resources gpu_pool='many'"):
+        build_hub({"state_dir": str(tmp_path / "state"), "training_resources": {"gpu_pool": "many"}})
+    assert not (tmp_path / "state").exists()  # refused before anything is written
+
+
 @pytest.mark.slow
 def test_serve_command_answers_through_haproxy_and_stops_on_ctrl_c(trained, tmp_path, ray_session):
     """Beside it, a second `visionserve serve` on the same machine (its own Ray instance and HAProxy), on the

@@ -32,7 +32,7 @@ from ray.tune.stopper import CombinedStopper
 
 from models.data.jsonl import read_dataset
 from models.errors import SettingsError
-from models.runtime import cpus_each, ensure_ray, node_cpus
+from models.runtime import cpus_each, ensure_ray, free_cpus, node_cpus
 from models.sweep.report import collect, export_best, summary_table
 from models.sweep.search_space import auto_search_space, grid_configs, random_configs, tune_space
 from models.sweep.settings import JobLimits, SweepSettings
@@ -121,18 +121,21 @@ def _check_configs(job: TrainingJob, configs: list[dict[str, Any]]) -> None:
 TRIAL_DRIVER_CPU = 0.01  # a data-parallel trial's own actor only drives its Ray Train run
 
 
-def _resources(concurrent: int, workers: int = 1) -> dict[str, float]:
+def _resources(concurrent: int, workers: int = 1, asks: dict[str, float] | None = None) -> dict[str, float]:
     """One trial's (or, data-parallel, one Ray Train worker's) share of the Ray cluster: its CPUs (and GPUs)
-    split across the concurrent trials and their workers, each share on one node (`cpus_each`)."""
+    split across the concurrent trials and their workers, each share on one node (`cpus_each`) of those that
+    have the custom resources the trials ask for (`asks`)."""
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0) / (concurrent * workers)
     gpus = math.floor(gpus) if gpus >= 1 else round(gpus, 3)
     # what is free now: a Serve deployment on the same instance (the hub's) keeps its share
     free = min(total.get("CPU", 1), ray.available_resources().get("CPU", 0) + 1e-6)
+    if asks:  # only some nodes may run the trials: what one of them has free
+        free = min(free, free_cpus(asks) + 1e-6)
     if workers == 1:
-        return {"cpu": cpus_each(concurrent, node_cpus(), free), "gpu": gpus}
+        return {"cpu": cpus_each(concurrent, node_cpus(asks), free), "gpu": gpus}
     share = (free - concurrent * TRIAL_DRIVER_CPU) / (concurrent * workers)
-    share = min(share, cpus_each(concurrent * workers, node_cpus()))
+    share = min(share, cpus_each(concurrent * workers, node_cpus(asks)))
     return {"cpu": max(0.001, math.floor(share * 1000) / 1000), "gpu": gpus}  # the trial actors hold the rest
 
 
@@ -154,9 +157,11 @@ def _searcher(sweep: SweepSettings, seed: int):
 
 
 def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> SweepResult:
+              should_stop: Callable[[], bool] | None = None,
+              trial_resources: dict[str, float] | None = None) -> SweepResult:
     """Run the job's sweep on Ray Tune; export the best trial as the job's MLflow model. `should_stop`:
-    polled by Tune; once it answers True every trial ends (their resources given back) and the sweep returns."""
+    polled by Tune; once it answers True every trial ends (their resources given back) and the sweep returns.
+    `trial_resources`: custom Ray resources each trial asks for besides its CPUs and GPUs (where it may run)."""
     report = report or (lambda message: print(message, file=sys.stderr))
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial skipped at the timeout reports nothing
     sweep: SweepSettings = job.sweep
@@ -173,7 +178,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
 
     workers, use_gpu = worker_count(job)
     concurrent = _concurrency(sweep.limits, job.node_count, report)
-    resources = _resources(concurrent, workers)
+    resources = _resources(concurrent, workers, trial_resources)
     primary = job.task.primary_metric
     deadline = started + sweep.limits.timeout_minutes * 60
     mlflow.set_experiment(job.experiment_name)
@@ -208,9 +213,9 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
         timeout_s = sweep.limits.timeout_minutes * 60
         exit_score = ExitScoreStopper(primary, sweep.limits.exit_score) if sweep.limits.exit_score is not None else None
         # a data-parallel trial holds almost nothing itself: its Ray Train workers hold the CPUs/GPUs
-        trial_resources = resources if workers == 1 else {"cpu": TRIAL_DRIVER_CPU}
+        asks = {**(resources if workers == 1 else {"cpu": TRIAL_DRIVER_CPU}), **(trial_resources or {})}
         tuner = tune.Tuner(
-            tune.with_resources(run_trial, trial_resources), param_space=space,
+            tune.with_resources(run_trial, asks), param_space=space,
             tune_config=tune.TuneConfig(metric=primary, mode="max", num_samples=samples,
                                         max_concurrent_trials=concurrent,
                                         search_alg=_searcher(sweep, int(base.get("seed", 0))),
@@ -259,10 +264,10 @@ def _stoppers(exit_score, should_stop, combined, caller):
 
 
 def run_job(job: TrainingJob, *, progress: bool = True, report: Callable[[str], None] | None = None,
-            should_stop: Callable[[], bool] | None = None):
+            should_stop: Callable[[], bool] | None = None, trial_resources: dict[str, float] | None = None):
     """`visionserve train`: a sweep, a data-parallel run on Ray Train, or one plain training."""
     if job.sweep is not None:
-        return run_sweep(job, report=report, should_stop=should_stop)
+        return run_sweep(job, report=report, should_stop=should_stop, trial_resources=trial_resources)
     if job.node_count > 1 or (job.workers_per_node or 1) > 1:
 
         return train_distributed(job, report=report)

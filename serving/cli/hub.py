@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from models.errors import SettingsError
+from models.runtime import parse_resource_flags
 from serving.cli.flags import add_cluster_flags, add_scoring_flags, env_flags
 from serving.hub.scheduler import Quotas
 
@@ -23,6 +24,10 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
     from serving.hub.app import build_hub
 
     env = env_flags(args)  # a malformed --env is refused first
+    try:
+        resources = parse_resource_flags(args.training_resources, "--training-resources")
+    except ValueError as exc:
+        raise SettingsError([str(exc)], "command line") from None
     refuse_open_without_key(args, keyed=bool(args.api_key_file))
     counts = {"--cache-size": args.cache_size, "--model-replicas": args.model_replicas,
               "--ingress-replicas": args.ingress_replicas,
@@ -42,7 +47,8 @@ def start(args: argparse.Namespace, *, block: bool = True) -> str:
                      "api_key_file": args.api_key_file, "cache_size": args.cache_size, "model_memory_mb": memory,
                      "model_replicas": args.model_replicas, "ingress_replicas": args.ingress_replicas,
                      "model_cpus": args.model_cpus, "env": env, "quotas": quotas,
-                     "max_concurrent_trainings": args.max_concurrent_trainings, **limits})
+                     "max_concurrent_trainings": args.max_concurrent_trainings, "training_resources": resources,
+                     **limits})
     url = f"http://{args.host}:{args.port}"
     return run_until_stopped(args, lambda: hub, "visionserve-hub", f"visionserve hub at {url}  (state in "
                              f"{state}; /computervision/..., POST /score, GET /models)",
@@ -92,6 +98,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--request-timeout-s", type=float, default=90.0)
     p.add_argument("--max-concurrent-trainings", type=int, help="trainings side by side; the others wait, in "
                    "order, notStarted (default: one per two CPUs of the Ray cluster)")
+    p.add_argument("--training-resources", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each training (its actor and every trial) and evaluation asks for "
+                        "(repeatable): they run on the nodes started with it (ray start --resources), a GPU node "
+                        "group, say. A training's trials run on the node its actor runs on")
     defaults = Quotas()
     for what, help_ in QUOTA_FLAGS.items():
         p.add_argument(f"--max-{what.replace('_', '-')}", type=int, dest=f"max_{what}", help=help_,

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from models.runtime import resource_asks
 from serving.access import KEYED, Access, read_key_file
 from serving.backends import ONNX_REPLICA_ENV
 from serving.edge import install
@@ -243,10 +244,11 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
     """Application builder: `state_dir`, optional `state_db` (the records' database URL), `tracking_uri`,
     `image_root`, `api_key_file`, `cache_size`, `model_memory_mb` (what each model replica's models may hold, in
     MB), `model_replicas` (HubModels replicas), `model_cpus` (CPUs each), `ingress_replicas` (HubService
-    replicas), `env` (the replicas' environment
-    variables), `max_concurrent_trainings`, `quotas` (serving.hub.scheduler.Quotas' fields), and ScoringLimits'
-    fields (the same limits, batching and explanation admission as `visionserve serve`)."""
+    replicas), `env` (the replicas' environment variables), `max_concurrent_trainings`, `training_resources`
+    (custom Ray resources each training and evaluation asks for), `quotas` (serving.hub.scheduler.Quotas' fields),
+    and ScoringLimits' fields (the same limits, batching and explanation admission as `visionserve serve`)."""
     args = dict(args)
+    args["training_resources"] = resource_asks(dict(args.get("training_resources") or {}), "training_resources")
     state = Path(args.pop("state_dir")).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     # the records' database made ready once (its table, a JSON state folder imported) before the replicas that

@@ -19,4 +19,6 @@ class HubConfig:
     ingress_replicas: int = 1  # HubService replicas (stateless: the records are the database's, the runs HubJobs')
     max_concurrent_trainings: int | None = None  # None: serving.hub.scheduler.default_slots of the cluster's CPUs
     quotas: dict[str, int] = field(default_factory=dict)  # Quotas' fields
+    # custom Ray resources each training (its actor and its trials) and evaluation asks for: --training-resources
+    training_resources: dict[str, float] = field(default_factory=dict)
     limits: dict[str, Any] = field(default_factory=dict)  # ScoringLimits' fields: the same as `visionserve serve`'s

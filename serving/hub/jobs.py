@@ -148,7 +148,8 @@ class Jobs:
         if self.starting.pop(name, False):
             order, fields = None, {"status": "cancelled", "trainingCostInMinutes": 0}
         if order is not None and not self.stopping:
-            run = self.running[name] = launch(train_model, order, reporting=True)
+            run = self.running[name] = launch(train_model, order, resources=self.config.training_resources,
+                                              reporting=True)
             await self._watch(name, run)
             return
         if fields is not None and not self.stopping:
@@ -164,6 +165,7 @@ class Jobs:
                 "dataset_name": params["trainingDatasetName"], "kind": params["modelKind"],
                 "budget_hours": params["timeBudgetInHours"], "image_root": self.config.image_root,
                 "tracking_uri": self.config.tracking_uri, "job_dir": str(self.store.job_dir(name)),
+                "resources": self.config.training_resources,
                 "run": record["_run"], "test_dataset_name": test,
                 "test_dataset": self.store.get("datasets", test) if test else None}
 
@@ -287,7 +289,8 @@ class Jobs:
             raise ApiError(409, "EvaluationAlreadyExists",
                            f"evaluation {name!r} of model {model!r} already exists") from None
         run = self.running[f"{model}/{name}"] = launch(evaluate_task, f"models:/{mid}", dataset, test,
-                                                        self.config.image_root, self.config.tracking_uri)
+                                                        self.config.image_root, self.config.tracking_uri,
+                                                        resources=self.config.training_resources)
         asyncio.get_running_loop().create_task(self._watch_evaluation(model, name, run))
         return 201, public(record)
 

@@ -82,9 +82,11 @@ class Run:
         return await self.actor.said.remote()
 
 
-def launch(fn: Callable[..., dict[str, Any]], *args: Any, reporting: bool = False) -> Run:
-    """`fn(*args)` in an actor of its own; with `reporting`, `fn(*args, progress)` (a training.Progress)."""
-    actor = ray.remote(_Runner).options(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=3).remote()
+def launch(fn: Callable[..., dict[str, Any]], *args: Any, resources: dict[str, float], reporting: bool = False) -> Run:
+    """`fn(*args)` in an actor of its own, on a node that has the custom `resources` (--training-resources); with
+    `reporting`, `fn(*args, progress)` (a training.Progress)."""
+    actor = ray.remote(_Runner).options(num_cpus=0, resources=resources, max_restarts=0, max_task_retries=0,
+                                        max_concurrency=3).remote()
     return Run(actor, (actor.run_reporting if reporting else actor.run).remote(fn, *args))
 
 

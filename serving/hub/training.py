@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import mlflow
+import ray
 
 from models.data.coco_files import (
     CocoProblems,
@@ -80,7 +81,10 @@ def ready_experiment(tracking_uri: str, artifacts: Path) -> None:
     once collide in that migration ("table _alembic_tmp_latest_metrics already exists")."""
     client = mlflow.MlflowClient(tracking_uri)
     if client.get_experiment_by_name(EXPERIMENT) is None:
-        client.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
+        # a tracking server keeps the artifacts where it says (proxied: every node reaches them through it); a
+        # store of files or a database here keeps them beside the hub's state
+        served = tracking_uri.startswith(("http://", "https://"))
+        client.create_experiment(EXPERIMENT, artifact_location=None if served else artifacts.as_uri())
 
 
 def minimum_budget(task: str, images: int) -> float:
@@ -256,8 +260,10 @@ def _train(order: dict[str, Any], job_dir: Path, started: float, progress: Progr
     def report(message: str) -> None:
         progress.report(status="training", message=message[:500])
 
+    # its trials run where this runs: they read the data just written to this node's disk
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001, **order.get("resources", {})}
     try:
-        result = run_job(job, report=report, should_stop=progress.stopped)
+        result = run_job(job, report=report, should_stop=progress.stopped, trial_resources=here)
     except RuntimeError as exc:  # no trial finished an evaluation: each lost its loss or ran out of budget
         if progress.stopped():
             raise Failed("cancelled", "cancelled") from None
