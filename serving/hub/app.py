@@ -39,7 +39,7 @@ from serving.hub.progress import training_progress
 from serving.hub.replicas import hub_models
 from serving.hub.scheduler import Quotas
 from serving.hub.state import Store
-from serving.hub.training import ready_experiment
+from serving.hub.training import ready_experiment, tracking_server
 from serving.scoring import ScoringLimits
 from serving.studio import add_studio
 
@@ -259,7 +259,10 @@ def build_hub(args: dict[str, Any]) -> serve.Application:
     cpus = float(args.pop("model_cpus", 0.5))
     env = dict(args.pop("env", None) or {})  # --env: a runtime_env of their own leaves the replicas no other way
     tracking = args.pop("tracking_uri", None) or f"sqlite:///{state / 'mlflow.db'}"
-    ready_experiment(tracking, state / "mlartifacts")  # likewise the tracking store, which every replica opens
+    if not tracking_server(tracking):
+        # likewise a store this process opens itself, which every replica opens too: the first to open a new SQLite
+        # store migrates it, and replicas starting together collided ("table _alembic_tmp_... already exists")
+        ready_experiment(tracking, state / "mlartifacts")
     limits = asdict(ScoringLimits(**{k: args.pop(k) for k in list(args) if k in ScoringLimits.__dataclass_fields__}))
     config = HubConfig(state_dir=str(state), tracking_uri=tracking, limits=limits, model_replicas=replicas,
                        api_key_sha256=read_key_file(key_file, "api_key_file") if key_file else None, **args)

@@ -30,7 +30,7 @@ from serving.hub.model_request import model_request
 from serving.hub.runs import Run, end, failure, launch, stopped_errors
 from serving.hub.scheduler import Quotas, TrainingQueue
 from serving.hub.state import AlreadyExists, Store, now
-from serving.hub.training import evaluate_task, train_model
+from serving.hub.training import evaluate_task, ready_experiment, train_model
 
 log = logging.getLogger("ray.serve")
 ACTIVE = ("notStarted", "training", "cancelling")
@@ -43,7 +43,8 @@ class Jobs:
                  observe: Callable[[int, int], None] | None = None):  # told (waiting, running) trainings
         self.store, self.config, self.quotas = store, config, quotas
         self.queue = TrainingQueue(slots, observe)
-        mlflow.set_tracking_uri(config.tracking_uri)  # its experiment made by build_hub (ready_experiment)
+        mlflow.set_tracking_uri(config.tracking_uri)
+        ready_experiment(config.tracking_uri, store.root / "mlartifacts")  # (build_hub made a store of its own)
         self.running: dict[str, Run] = {}  # model or "model/evaluation" → its actor and result
         self.stopping = False  # once the hub stops, results are no longer written (the next start fails them)
         self.registry = Registry(names_kept)

@@ -75,16 +75,19 @@ class Failed(Exception):
         self.code, self.message = code, message
 
 
+def tracking_server(tracking_uri: str) -> bool:
+    """An MLflow tracking server (it makes its own store and keeps the artifacts where it says), not a store of
+    files or a database that this process opens itself."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 def ready_experiment(tracking_uri: str, artifacts: Path) -> None:
-    """The hub's experiment in its tracking store, made once before the replicas start: an SQLite store is
-    created (its tables migrated) by the first process that opens it, and several replicas opening a new one at
-    once collide in that migration ("table _alembic_tmp_latest_metrics already exists")."""
+    """The hub's experiment in its tracking store, made if missing; a store of its own keeps its artifacts in
+    `artifacts` (beside the hub's state), a tracking server where it says (proxied: every node reaches them)."""
     client = mlflow.MlflowClient(tracking_uri)
     if client.get_experiment_by_name(EXPERIMENT) is None:
-        # a tracking server keeps the artifacts where it says (proxied: every node reaches them through it); a
-        # store of files or a database here keeps them beside the hub's state
-        served = tracking_uri.startswith(("http://", "https://"))
-        client.create_experiment(EXPERIMENT, artifact_location=None if served else artifacts.as_uri())
+        client.create_experiment(EXPERIMENT, artifact_location=None if tracking_server(tracking_uri)
+                                 else artifacts.as_uri())
 
 
 def minimum_budget(task: str, images: int) -> float:
