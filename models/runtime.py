@@ -82,23 +82,26 @@ def _why_not_joined(exc: BaseException) -> str:
     return "nothing answered there as a Ray cluster; check the address and that the head node runs"
 
 
-def node_cpus(having: Mapping[str, float] | None = None) -> list[float]:
-    """The CPUs of each alive node of the Ray instance this process is connected to (only of those that have
-    every resource `having` names: where work that asks for them may run)."""
+def _nodes(having: Mapping[str, float] | None) -> list[dict[str, Any]]:
+    """The alive nodes of the Ray instance this process is connected to that have every resource `having` names
+    (where work that asks for them may run)."""
     import ray
 
-    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+    return [node for node in ray.nodes()
             if node.get("Alive") and all(name in node["Resources"] for name in having or {})]
+
+
+def node_cpus(having: Mapping[str, float] | None = None) -> list[float]:
+    """The CPUs of each alive node (of those that have the resources `having` names)."""
+    return [node["Resources"].get("CPU", 0.0) for node in _nodes(having)]
 
 
 def free_cpus(having: Mapping[str, float]) -> float:
     """The most CPUs free now on one alive node that has every resource `having` names (0: none has them)."""
-    import ray
     from ray._private.state import available_resources_per_node  # Ray's per-node view (ray.util.tpu reads it too)
 
     free = available_resources_per_node()
-    return max((free.get(node["NodeID"], {}).get("CPU", 0.0) for node in ray.nodes()
-                if node.get("Alive") and all(name in node["Resources"] for name in having)), default=0.0)
+    return max((free.get(node["NodeID"], {}).get("CPU", 0.0) for node in _nodes(having)), default=0.0)
 
 
 def cpus_each(count: int, nodes: list[float], available: float | None = None) -> int:

@@ -351,7 +351,8 @@ def test_a_training_with_no_pretrained_weights_at_hand_fails_unknown_saying_so(h
     from serving.hub.training import train_model
 
     class Reports:  # a training.Progress that keeps what the training says and never asks it to stop
-        reports: list[dict] = []
+        def __init__(self) -> None:
+            self.reports: list[dict] = []
 
         def report(self, **values) -> None:
             self.reports.append(values)

@@ -129,9 +129,8 @@ def _resources(concurrent: int, workers: int = 1, asks: dict[str, float] | None 
     gpus = total.get("GPU", 0) / (concurrent * workers)
     gpus = math.floor(gpus) if gpus >= 1 else round(gpus, 3)
     # what is free now: a Serve deployment on the same instance (the hub's) keeps its share
-    free = min(total.get("CPU", 1), ray.available_resources().get("CPU", 0) + 1e-6)
-    if asks:  # only some nodes may run the trials: what one of them has free
-        free = min(free, free_cpus(asks) + 1e-6)
+    # only some nodes may run trials that ask for custom resources: then what one of them has free
+    free = min(total.get("CPU", 1), (free_cpus(asks) if asks else ray.available_resources().get("CPU", 0)) + 1e-6)
     if workers == 1:
         return {"cpu": cpus_each(concurrent, node_cpus(asks), free), "gpu": gpus}
     share = (free - concurrent * TRIAL_DRIVER_CPU) / (concurrent * workers)

@@ -1,9 +1,9 @@
 """A run: one training or evaluation of the hub in a Ray actor of its own (`launch`), waited on through its result
 and stopped by killing the actor (`end`); what a run that raised shows the API user (`failure`).
 
-A training talks with the hub through its actor, not through files: it reports where it is (training.Progress's `report`,
-which the hub reads with `Run.said` and keeps in its database for every ingress replica) and learns that it is
-to stop (`Run.stop`, which its `stopped` then says), so that it may run on any node of the cluster."""
+A training talks with the hub through its actor, not through files: it reports where it is (training.Progress's
+`report`, which the hub reads with `Run.said` and keeps in its database for every ingress replica) and learns that
+it is to stop (`Run.stop`, which its `stopped` then says), so that it may run on any node of the cluster."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """One hub training, from a registered dataset to a registered MLflow model, within a compute budget.
 
 It runs in a Ray actor of its own (`serving.hub.runs`), on any node: it tells the hub where it is and hears a
-`:cancel` through a Progress (that actor), reads its dataset from the image root and logs and registers through
-the tracking store, and returns the model's final fields: `status`, `error` ({code, message}: the API's `notEnoughBudget`,
-`datasetCorrupt`, `datasetNotFound`, `diverged`, `unknown`), `trainingCostInMinutes`, `modelPerformance`.
+`:cancel` through a Progress (that actor), reads its dataset from the image root, logs and registers through the
+tracking store, and returns the model's final fields: `status`, `error` ({code, message}: the API's
+`notEnoughBudget`, `datasetCorrupt`, `datasetNotFound`, `diverged`, `unknown`), `trainingCostInMinutes`, `modelPerformance`.
 The hub picks the architecture and hyperparameters itself: a sweep on Ray Tune over the AutoMode
 architectures whose pretrained weights are at hand, cheapest first, one trial at a time, stopping once a
 trial is perfect on the held-out split or the budget is spent (a tiny dataset ends in minutes).
@@ -25,12 +25,7 @@ from typing import Any, Protocol
 import mlflow
 import ray
 
-from models.data.coco_files import (
-    CocoProblems,
-    few_images_problems,
-    read_coco_files,
-    to_jsonl_lines,
-)
+from models.data.coco_files import CocoProblems, few_images_problems, read_coco_files, to_jsonl_lines
 from models.data.formats import TRAINING_LIMITS
 from models.data.images import image_size
 from models.errors import DataError
