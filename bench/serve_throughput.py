@@ -113,11 +113,14 @@ def load(url: str | list[str], bodies: list[dict], concurrency: int, seconds: fl
 
 
 def run_server(name: str, command: list[str], ready: str, route: str, bodies: list[dict], args, log: Path,
-               rss_match, env: dict[str, str] | None = None) -> list[dict]:
+               rss_match, env: dict[str, str] | None = None, cwd: str | None = None) -> list[dict]:
+    """`cwd`: where the server runs (a baseline's checkout: `python -c` imports from the working directory before
+    PYTHONPATH, and Ray's workers import from the driver's)."""
     env = dict(env or os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow runs `uvicorn`
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                            cwd=cwd)
     try:
         wait_until_ready(ready, proc, log, timeout=600)
         ready_s = time.perf_counter() - started
@@ -192,7 +195,7 @@ def _server(name: str, folder: Path, images: list[str], workdir: Path, baseline:
              "torch-2x1": ["--replicas", "2", "--cpus-per-replica", "1", "--backend", "torch"],
              "onnx-2x1": ["--replicas", "2", "--cpus-per-replica", "1", "--backend", "onnx"]}[name]
     env = {**os.environ, "PYTHONPATH": baseline} if name == "baseline" else None
-    return {"command": [str(BIN / "python"), "-c", "from serving.cli import main; raise SystemExit(main())", "serve",
+    return {"cwd": baseline if name == "baseline" else None, "command": [str(BIN / "python"), "-c", "from serving.cli import main; raise SystemExit(main())", "serve",
                         str(folder), "--port", str(port), "--max-ongoing-requests", "64", *flags],
             "ready": f"{url}/health/ready", "route": f"{url}/score", "bodies": body, "env": env,
             "rss": lambda cmd: "ServeReplica" in cmd}
@@ -242,7 +245,7 @@ def main() -> None:
             server = _server(name, folder, images, workdir, args.baseline)
             runs += [{**row, "round": round_} for row in run_server(
                 name, server["command"], server["ready"], server["route"], server["bodies"], args,
-                workdir / f"{name}.log", server["rss"], server.get("env"))]
+                workdir / f"{name}.log", server["rss"], server.get("env"), server.get("cwd"))]
     rows = _best_rounds(runs)
     last = in_process(folder, jpegs * 4)  # measured again after the servers: the best of both bounds each
     ceiling, single = max(first[16], last[16]), max(first[1], last[1])

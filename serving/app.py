@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -117,11 +118,13 @@ class VisionService(ScoringReplica):
         self.config = ServiceConfig(**config)
         self.access = Access(self.config.api_key_sha256, unauthorized)
         limits = ScoringLimits(**self.config.limits)
-        self.start_scoring(limits)
+        plan = ScoringPlan(**self.config.plan)
+        threads = int(torch.get_num_threads())  # Ray sets it to the replica's CPUs
+        self.start_scoring(limits, threads, lanes=threads if plan.side_by_side else 1)
         folder = ModelFolder.open(self.config.model, self.config.overrides)
         self.model_dir = folder.path
         predictor = self._model_thread.submit(  # the model loads and scores on the process's torch thread
-            Predictor.load, folder, plan=ScoringPlan(**self.config.plan), limits=limits.image,
+            Predictor.load, folder, plan=plan, limits=limits.image,
             explainers=limits.max_concurrent_explanations).result()
         self.scoring = Scoring(predictor, limits)
         log.info("visionserve replica ready: %s (%s), scoring on %s", predictor.model_settings.model_name,
@@ -165,6 +168,7 @@ class VisionService(ScoringReplica):
         return {**self.scoring.predictor.description(), "model": self.config.model,
                 "model_uuid": mlmodel.get("model_uuid"), "created": mlmodel.get("utc_time_created"),
                 "replica": serve.get_replica_context().replica_id.unique_id, "in_progress": self.in_progress(),
+                "lanes": self.lanes,
                 "limits": {k: getattr(self.limits, k) for k in ("max_batch_size", "max_request_mb",
                                                                  "max_images_per_request", "max_image_mb")}}
 

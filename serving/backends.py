@@ -40,13 +40,16 @@ ONNX_REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 @dataclass(frozen=True)
 class ScoringPlan:
     """What scores a model: `backend` ("torch", "onnx" or "onnx-int8"), `compiled` (torch.compile, CPU classifiers
-    only), on `device` ("cpu", "cuda", "cuda:1" ...), and `why` (the rule `auto` followed, for the command line to
-    print; empty when the backend was asked for by name)."""
+    only), on `device` ("cpu", "cuda", "cuda:1" ...), `why` (the rule `auto` followed, for the command line to
+    print; empty when the backend was asked for by name), and `side_by_side`: a replica scores as many batches at
+    once as it has CPUs, each call on the CPUs the others leave (a detector on torch on CPUs: much of a detector's
+    pass is small operations that one thread runs as fast as two; SIDE_BY_SIDE)."""
 
     backend: str
     compiled: bool
     device: str
     why: str = ""
+    side_by_side: bool = False  # batches score side by side on a replica's CPUs, one lane per CPU (serving.replica)
 
     @property
     def engine(self) -> str:
@@ -125,4 +128,6 @@ def plan(asked: str, family: str, device: str, has_onnx: bool, *, compile: bool 
         backend, why = "onnx", f"auto: ONNX Runtime for a classifier on CPUs{not_int8}"
     else:
         backend, why = "torch", "auto: torch for a detector, on a GPU, or without a model.onnx"
-    return ScoringPlan(backend, backend == "torch" and cpu_classifier and compile is not False, device, why)
+    on_cpu = device.split(":")[0] == "cpu"
+    return ScoringPlan(backend, backend == "torch" and cpu_classifier and compile is not False, device, why,
+                       side_by_side=on_cpu and backend == "torch" and family != "classification")

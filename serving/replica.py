@@ -25,6 +25,8 @@ from serving.contract import RequestError, ScoringRequest
 from serving.predictor import Predictor
 from serving.scoring import Scoring, ScoringLimits
 
+BATCHES_IN_FLIGHT = 64  # batches Ray Serve may hand over at once: the lanes decide how many score
+
 
 @dataclass(frozen=True)
 class Job:
@@ -42,17 +44,18 @@ class ScoringReplica:
     def start_scoring(self, limits: ScoringLimits, threads: int | None = None, lanes: int = 1) -> None:
         """`threads`: the replica's torch and ONNX Runtime threads (default: what Ray gave it, its CPUs rounded down;
         a replica of 1.9 CPUs would otherwise score on one). `lanes`: model calls that may run side by side, each
-        on a thread of its own with `threads // lanes` threads (a replica of many models scores the batches of two
-        models at once rather than one after the other)."""
+        on a thread of its own; a call starts on the replica's threads shared among the lanes then busy (alone, all
+        of them), so one request is as fast as on one lane and two batches score at once under load."""
         self.limits = limits
         self._lanes = [torch_thread()] + [  # models score here: the process's torch thread first (models.runtime)
             ThreadPoolExecutor(1, thread_name_prefix="visionserve-lane") for _ in range(lanes - 1)]
         self._lane_calls = [0] * len(self._lanes)  # calls in each lane, running or queued
         self._model_thread = self._lanes[0]  # models load here; explanations run on threads of their own
-        if threads:
-            per_lane = max(1, threads // len(self._lanes))
-            for lane in self._lanes:
-                lane.submit(torch.set_num_threads, per_lane).result()
+        self._threads = threads or self._model_thread.submit(torch.get_num_threads).result()
+        # each lane's own count between calls: what a model loaded on it gives its ONNX Runtime session
+        self._lane_threads = max(1, self._threads // len(self._lanes))
+        for lane in self._lanes:
+            lane.submit(torch.set_num_threads, self._lane_threads).result()
         self._explain_threads = ThreadPoolExecutor(limits.max_concurrent_explanations,
                                                    thread_name_prefix="visionserve-explain")
         self._explanations = Admission(limits.max_concurrent_explanations, limits.max_waiting_explanations,
@@ -68,6 +71,11 @@ class ScoringReplica:
                                                  boundaries=[0.5, 1, 2.5, 5, 10, 30, 60, 120, 300])
         self.batch_images = metrics.Histogram("visionserve_batch_images", "Images per model call",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+
+    @property
+    def lanes(self) -> int:
+        """Model calls that may run side by side (serving.backends.ScoringPlan.side_by_side)."""
+        return len(self._lanes)
 
     def in_progress(self) -> dict[str, int]:
         return {"scoring": self._busy, "explaining": self._explanations.admitted}
@@ -114,9 +122,11 @@ class ScoringReplica:
 
     # ------------------------------------------------------------------ the batcher and the admission
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    # Ray Serve hands each batch over as soon as it is formed; the lanes bound how many score at once (a batch
+    # waits in its lane's queue as it would at the batcher's semaphore).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _score_images(self, jobs: list[Job]) -> list[tuple[dict, int]]:
-        """The batcher: one batch at a time (a subclass with several lanes batches with as many at a time)."""
+        """The batcher: Ray Serve's, across requests (and split by multiplexed model)."""
         return await self.score_jobs(jobs)
 
     async def score_jobs(self, jobs: list[Job]) -> list[tuple[dict, int]]:
@@ -128,24 +138,37 @@ class ScoringReplica:
         answers: list[tuple[dict, int] | None] = [None] * len(jobs)
         for indices in groups.values():
             first = jobs[indices[0]]
-            started = time.perf_counter()
-            results = await self._in_lane(functools.partial(
+            results, seconds = await self._in_lane(functools.partial(
                 first.predictor.score, [jobs[i].image for i in indices], first.settings, [jobs[i].row for i in indices]))
-            self.model_seconds.observe(time.perf_counter() - started)
+            self.model_seconds.observe(seconds)
             self.batch_images.observe(len(indices))
             for i, result in zip(indices, results):
                 answers[i] = (result, len(indices))
         return answers
 
-    async def _in_lane(self, call: Any) -> Any:
+    async def _in_lane(self, call: Any) -> tuple[Any, float]:
         """`call()` in the lane with the fewest calls (a batcher that runs several batches at a time, or the parts
-        of one batch that belong to different multiplexed models, which Ray Serve runs side by side)."""
+        of one batch that belong to different multiplexed models, which Ray Serve runs side by side), on the
+        replica's threads shared among the lanes busy as it starts; its result and its seconds in the lane."""
         lane = min(range(len(self._lanes)), key=self._lane_calls.__getitem__)
         self._lane_calls[lane] += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._lanes[lane], call)
+            return await asyncio.get_running_loop().run_in_executor(self._lanes[lane], self._timed, call)
         finally:
             self._lane_calls[lane] -= 1
+
+    def _timed(self, call: Any) -> tuple[Any, float]:
+        """In a lane: `call()` on the threads the lanes now busy leave it (set back to the lane's own count after,
+        so that a model loaded on the lane always gets the same)."""
+        started = time.perf_counter()
+        threads = max(1, self._threads // max(1, sum(1 for calls in self._lane_calls if calls)))
+        if threads != self._lane_threads:
+            torch.set_num_threads(threads)
+        try:
+            return call(), time.perf_counter() - started
+        finally:
+            if threads != self._lane_threads:
+                torch.set_num_threads(self._lane_threads)
 
     async def _explain(self, predictor: Predictor, images: list, wishes: list, settings: Any,
                        rows: list[int]) -> list[dict]:

@@ -77,13 +77,15 @@ def test_a_section_that_fails_or_overruns_is_recorded_and_the_next_one_runs(tmp_
 
 
 def test_its_sections_run_on_the_cpu_where_the_script_is_checked(tmp_path):
-    """--device cpu: the sections that need no model run for real; D-RISE's slot says why it is not there."""
+    """--device cpu: the environment, pooled tiles and D-RISE (through the Predictor, a box the request names) run
+    for real, on small inputs."""
     output = tmp_path / "gpu.json"
-    done = _run("--device", "cpu", "--output", str(output), "--sections", "environment", "d_rise", cuda=False)
+    done = _run("--device", "cpu", "--output", str(output), "--sections", "environment", "tiles", "d_rise",
+                cuda=False)
     assert done.returncode == 0, done.stderr[-2000:]
     sections = json.loads(output.read_text())["sections"]
     assert "CPUExecutionProvider" in sections["environment"]["onnxruntime_providers"]
     assert sections["environment"]["nvjpeg"]["available"] is True  # decode_jpeg, here on the CPU
-    d_rise = sections["d_rise"]
-    assert d_rise.get("available") is False and "d_rise" in d_rise["reason"] or d_rise.get("available") is True
+    assert sections["tiles"]["pooled_images_per_s"] > 0 and sections["tiles"]["one_at_a_time_images_per_s"] > 0
+    assert sections["d_rise"]["masks_used"] == 8 and "error" not in sections["d_rise"], sections["d_rise"]
     assert not list(Path(tempfile.gettempdir()).glob("visionserve-gpu-*"))  # its models are removed

@@ -29,7 +29,7 @@ def endpoint(ray_session, trained):
     """All four task models served by one Ray Serve instance, each under its own route prefix,
     plus `/secure` (API key, small limits), `/patient` (batches wait 3 s to fill, on eager torch), `/onnx` and
     `/int8` (the classifier on ONNX Runtime: its model.onnx, its model.int8.onnx) and `/tight` (capacity 1 + 1
-    queued). `/cls` runs
+    queued), `/lanes` (the detector on a replica of two threads: two batches side by side). `/cls` runs
     a compiled classifier (`backend: torch`; compiling takes a replica 10-25 s on 2 CPUs); the other classifier
     apps run the default backend."""
     from ray import serve
@@ -64,6 +64,10 @@ def endpoint(ray_session, trained):
             max_ongoing_requests=1, max_queued_requests=1, backpressure_config=BackpressureConfig(status_code=429,
                                                                                                  retry_after_s=2),
             **small).bind(asdict(tight)), name="tight", route_prefix="/tight"))
+        two_threads = {"num_cpus": 0.1, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "2"}}}
+        det = service_config(model=str(trained("image_object_detection")[0].model_dir), max_batch_size=8)
+        apps.append(serve.RunTarget(VisionService.options(ray_actor_options=two_threads).bind(asdict(det)),
+                                    name="lanes", route_prefix="/lanes"))
         serve.run_many(apps)  # the replicas start side by side
         yield url
 
@@ -439,3 +443,29 @@ def test_a_short_headless_locust_run_against_the_endpoint_has_zero_failures(endp
                            images_per_request=2, api_key=API_KEY, out_dir=tmp_path / "report", echo=False)
     assert summary.total.requests > 0 and summary.total.failures == 0, summary.errors
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+def _kept(answer: dict, above: float = 0.31) -> list[dict]:
+    """The boxes clear of the 0.3 threshold (float rounding cannot move them across it)."""
+    return [b for b in answer["boxes"] if b["score"] >= above]
+
+
+def test_concurrent_tiled_requests_on_a_side_by_side_detector_answer_as_one_at_a_time(endpoint, trained):
+    """`/lanes` scores two batches at once (a detector on torch, a replica of two threads); tiled requests sent
+    together, pooled or side by side, get the answers each got alone, up to float rounding."""
+    url = f"{endpoint}/lanes/score"
+    assert httpx.get(f"{endpoint}/lanes/metadata").json()["lanes"] == 2
+    bodies = [{"input_data": {"columns": ["image"], "data": [image]}, "params": {"tile_grid_size": "3x2"}}
+              for image in _images(trained, "image_object_detection", 4)]
+    alone = [httpx.post(url, json=body, timeout=120).json()[0] for body in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda body: httpx.post(url, json=body, timeout=120), bodies * 2))
+    assert sum(len(_kept(answer)) for answer in alone) >= 2
+    for response, single in zip(together, alone * 2):
+        assert response.status_code == 200, response.text
+        pooled = response.json()[0]
+        assert [b["label"] for b in _kept(pooled)] == [b["label"] for b in _kept(single)]
+        for a, b in zip(_kept(pooled), _kept(single)):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+            assert [a["box"][k] for k in sorted(a["box"])] == pytest.approx([b["box"][k] for k in sorted(b["box"])],
+                                                                            abs=1e-4)

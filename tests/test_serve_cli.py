@@ -197,3 +197,13 @@ def test_hub_command_answers_the_image_analysis_routes_and_stops_on_ctrl_c(tmp_p
         assert "shutting down the hub" in log.read_text() and state.is_dir()
     finally:
         _stop(proc)
+
+
+def test_only_a_detector_on_torch_on_cpus_scores_batches_side_by_side():
+    from serving.backends import plan
+
+    assert plan("auto", "detection", "cpu", True).side_by_side
+    assert plan("torch", "segmentation", "cpu", False).side_by_side
+    assert not plan("onnx", "detection", "cpu", True).side_by_side  # ONNX Runtime's threads are fixed per session
+    assert not plan("auto", "detection", "cuda", True).side_by_side
+    assert not plan("torch", "classification", "cpu", True, compile=False).side_by_side

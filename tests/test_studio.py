@@ -382,6 +382,47 @@ def test_a_detections_d_rise_map_is_drawn_over_the_image_with_its_box(endpoint, 
     _shoot(page, "explain-detection")
 
 
+def test_a_box_dragged_over_the_image_is_explained_as_the_target_box(endpoint, trained, page):
+    """Explaining a miss: a box dragged over the detector's image, with a label, goes as
+    `xai_parameters.target_box` (fractions of the image); the answer's first map is that box's, listed as the
+    target box and drawn where it was dragged."""
+    from playwright.sync_api import expect
+
+    _open(page, endpoint, "/det")
+    _scored(page, "/det", lambda: page.set_input_files("#file", str(_image(trained, "image_object_detection"))))
+    page.click("#tab-explain")
+    expect(page.locator("#xai-target")).to_be_visible()
+    label = page.locator("#xai-target-label option").nth(1).get_attribute("value")
+    page.select_option("#xai-target-label", label)
+    area = page.locator("#xai-overlay").bounding_box()
+    page.mouse.move(area["x"] + 0.2 * area["width"], area["y"] + 0.25 * area["height"])
+    page.mouse.down()
+    page.mouse.move(area["x"] + 0.6 * area["width"], area["y"] + 0.75 * area["height"], steps=5)
+    page.mouse.up()
+    expect(page.locator("#xai-target-box")).to_contain_text("fractions of the image")
+    assert page.locator("#xai-overlay rect.target-box").count() == 1
+    page.fill("#xai-number_of_masks", "16")
+    page.fill("#xai-mask_resolution", "6")
+    page.fill("#xai-max_explained_detections", "0")
+    with page.expect_request(_is_score("/det")) as request, \
+            page.expect_response(_is_score("/det"), timeout=240_000) as response:
+        page.click("#explain-button")
+    target = json.loads(request.value.post_data_json["input_data"]["data"][0])["xai_parameters"]["target_box"]
+    assert target["label"] == label
+    assert [target[k] for k in ("topX", "topY", "bottomX", "bottomY")] == pytest.approx([0.2, 0.25, 0.6, 0.75],
+                                                                                     abs=0.02)
+    explained = response.value.json()[0]["explained_boxes"]
+    assert explained[0]["score"] is None and explained[0]["label"] == label
+    expect(page.locator("#xai-figure")).to_be_visible(timeout=30_000)
+    expect(page.locator("#xai-class option").first).to_contain_text("(target box)")
+    width = float(page.eval_on_selector("#xai-overlay", "svg => svg.viewBox.baseVal.width"))
+    drawn = float(page.get_attribute("#xai-overlay rect.explained-box", "x"))
+    assert drawn == pytest.approx(target["topX"] * width, abs=0.5)
+    page.click("#xai-target-clear")
+    expect(page.locator("#xai-target-box")).to_have_text("no box drawn")
+    _shoot(page, "explain-target-box")
+
+
 # ---------------------------------------------------------------- the API key
 
 

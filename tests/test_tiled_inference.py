@@ -186,3 +186,43 @@ def test_bad_request_parameters_are_named(trained):
         predictor.settings_for({"box_score_thresh": 0.5, "valid_crop_size": 0})
     text = "\n".join(info.value.problems)
     assert "box_score_thresh: unknown parameter" in text and "valid_crop_size=0 is out of range" in text
+
+
+def test_tiles_of_several_images_are_pooled_into_shared_passes():
+    """Two images of one size and one of another: the tiles of the two go through together, their whole images
+    together, and every box is still mapped back into its own image."""
+    calls: list[list[tuple[int, ...]]] = []
+
+    class Recording(BrightestBlobDetector):
+        def forward(self, images):
+            calls.append([tuple(image.shape) for image in images])
+            return super().forward(images)
+
+    first, second, other = torch.zeros(3, 120, 160), torch.zeros(3, 120, 160), torch.zeros(3, 90, 200)
+    first[:, 70:80, 100:115] = second[:, 10:20, 20:30] = other[:, 40:50, 150:170] = 1.0
+    settings = _settings(tile_grid_size="2x2", batch_size=16, min_size=100, max_size=400)  # 16 inputs per pass
+    outs = detection.predict(Recording(), [first, second, other], settings)
+    assert [o["boxes"].tolist() for o in outs] == [[[100.0, 70.0, 115.0, 80.0]], [[20.0, 10.0, 30.0, 20.0]],
+                                                   [[150.0, 40.0, 170.0, 50.0]]]
+    assert sorted(len(shapes) for shapes in calls) == [1, 2, 4, 8]  # other, first + second; other's tiles, theirs
+    assert next(shapes for shapes in calls if len(shapes) == 1) == [(3, 90, 200)]
+
+
+@pytest.mark.slow
+def test_pooled_tiles_answer_as_one_image_at_a_time(trained):
+    """The tiny trained detector, tiled 3x2: four images scored in one call (their tiles pooled) get the answers
+    each gets alone, up to the float rounding of batched convolutions."""
+    result, data = trained("image_object_detection")
+    predictor = Predictor.load(result.model_dir, backend="torch")
+    images = [Image.open(path).convert("RGB") for path in sorted(Path(data.images_dir).iterdir())[:3]]
+    images.append(images[0].resize((images[0].width * 2, images[0].height)))  # another size, another share
+    params = {"tile_grid_size": "3x2", "min_size": 96, "max_size": 400}
+    together = predictor.predict_images(images, params)
+    alone = [predictor.predict_images([image], params)[0] for image in images]
+    assert sum(len(answer["boxes"]) for answer in alone) >= 4
+    for pooled, single in zip(together, alone):
+        assert [b["label"] for b in pooled["boxes"]] == [b["label"] for b in single["boxes"]]
+        for a, b in zip(pooled["boxes"], single["boxes"]):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+            assert [a["box"][k] for k in sorted(a["box"])] == pytest.approx([b["box"][k] for k in sorted(b["box"])],
+                                                                            abs=1e-4)

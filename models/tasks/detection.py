@@ -213,31 +213,61 @@ def predict(model: nn.Module, images: Sequence[torch.Tensor], settings) -> list[
     """Raw detections per image in its own pixel coordinates (torchvision's output dicts), under `settings`
     (`configured`: `model` itself is not changed).
 
-    With `tile_grid_size` set, each image is scored as its tiles (one batched forward pass) plus
-    the whole image, and the detections are mapped back and merged (`models.tasks.tile_merge`).
+    With `tile_grid_size` set, each image is scored as its tiles plus the whole image, and the detections are
+    mapped back and merged (`models.tasks.tile_merge`). The tiles of all `images` (several requests' images, when
+    the endpoint's batcher gave them together) are pooled: the tiles of images of one size go through together, a
+    few per pass, and so do whole images of one size.
     """
     grid = getattr(settings, "tile_grid", None)
     if grid is None:
         return configured(model, settings)(list(images))
-    return [_predict_tiled(model, image, grid, settings) for image in images]
+    tiled = [_tiles(image, grid, settings.tile_overlap_ratio) for image in images]
+    inputs = [((share, image.shape), crop) for image, (crops, _, share) in zip(images, tiled) for crop in crops]
+    inputs += [((1.0, image.shape), image) for image in images]
+    outputs = _pooled(model, inputs, settings)
+    wholes = outputs[len(inputs) - len(images):]
+    answers, start = [], 0
+    for (crops, offsets, _), whole in zip(tiled, wholes):
+        answers.append(_merge_tiles(outputs[start:start + len(crops)] + [whole], offsets, settings))
+        start += len(crops)
+    return answers
 
 
-def _predict_tiled(model: nn.Module, image: torch.Tensor, grid: tuple[int, int], settings) -> dict:
+def _tiles(image: torch.Tensor, grid: tuple[int, int], overlap: float) -> tuple[list[torch.Tensor], list, float]:
+    """An image's tile crops (views), their offsets with the whole image's (0, 0) last, and the share of the
+    image a tile holds."""
     height, width = image.shape[-2:]
-    boxes = [t.pixel_box() for t in tile_grid(width, height, grid, settings.tile_overlap_ratio)]
+    boxes = [t.pixel_box() for t in tile_grid(width, height, grid, overlap)]
     crops = [image[:, top:bottom, left:right] for left, top, right, bottom in boxes]
     offsets = [(left, top) for left, top, _, _ in boxes] + [(0, 0)]
-    share = crops[0].shape[-1] * crops[0].shape[-2] / (width * height)
-    # the tiles share one size, so they batch without padding, a few per pass; the whole image goes on its own
+    return crops, offsets, crops[0].shape[-1] * crops[0].shape[-2] / (width * height)
+
+
+def _pooled(model: nn.Module, inputs: Sequence[tuple[tuple[float, torch.Size], torch.Tensor]], settings) -> list[dict]:
+    """Detections of each input ((proposal share, its image's size), pixels), in order. Inputs of one key (the
+    tiles of images of one size, or whole images of one size) go through together, `images_per_pass` at a time,
+    through the view configured for their share: each is padded in its pass as it would be among its own image's
+    tiles, so an image's answer does not depend on the images it came with."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (key, _) in enumerate(inputs):
+        groups.setdefault(key, []).append(i)
+    outputs: list[dict | None] = [None] * len(inputs)
     step = settings.images_per_pass()
-    tiles = configured(model, settings, proposal_share=share)
-    outputs = []
-    for start in range(0, len(crops), step):
-        outputs += tiles(crops[start:start + step])
-    outputs += configured(model, settings)([image])
-    shift = torch.tensor([[x, y, x, y] for x, y in offsets], dtype=torch.float32, device=image.device)
+    for (share, _), indices in groups.items():
+        view = configured(model, settings, proposal_share=share)
+        for start in range(0, len(indices), step):
+            chunk = indices[start:start + step]
+            for i, out in zip(chunk, view([inputs[i][1] for i in chunk])):
+                outputs[i] = out
+    return outputs
+
+
+def _merge_tiles(outputs: Sequence[dict], offsets: Sequence[tuple[int, int]], settings) -> dict:
+    """One image's detections from those of its tiles and of the whole image (the last), in image pixels."""
+    device = outputs[-1]["boxes"].device
+    shift = torch.tensor([[x, y, x, y] for x, y in offsets], dtype=torch.float32, device=device)
     all_boxes = torch.cat([out["boxes"] + shift[i] for i, out in enumerate(outputs)])
-    sources = torch.cat([torch.full((len(out["boxes"]),), i, dtype=torch.long, device=image.device)
+    sources = torch.cat([torch.full((len(out["boxes"]),), i, dtype=torch.long, device=device)
                          for i, out in enumerate(outputs)])
     merged = merge_detections(all_boxes, torch.cat([o["scores"] for o in outputs]),
                               torch.cat([o["labels"] for o in outputs]), sources,

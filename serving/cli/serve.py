@@ -109,6 +109,7 @@ def layout_line(args: argparse.Namespace, plan: ScoringPlan) -> str:
         f"{args.replicas} replica{'s' if args.replicas != 1 else ''}"
     gpus = f" + {args.gpus_per_replica:g} GPU" if args.gpus_per_replica else ""
     when = ", compiled as each replica starts" if plan.compiled else ""
+    when += ", a batch per CPU side by side" if plan.side_by_side else ""
     why = f" ({plan.why})" if plan.why else ""
     return (f"layout: {replicas} x {_cpus_per_replica(args):g} CPUs{gpus} each, scoring on "
             f"{plan.engine.removesuffix(', compiled')}{when}{why}; change with --replicas, --cpus-per-replica, "

@@ -139,10 +139,6 @@ def hub_models(cache_size: int = 3, lanes: int = 1) -> Any:
         def __init__(self, limits: dict[str, Any], threads: int, memory_mb: float | None = None):
             self.start_models(ScoringLimits(**limits), threads, lanes, memory_mb)
 
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=lanes)
-        async def _score_images(self, jobs: list[Any]) -> list[tuple[dict, int]]:
-            return await self.score_jobs(jobs)
-
         @serve.multiplexed(max_num_models_per_replica=cache_size)
         async def get_model(self, mid: str) -> Resident:
             return await self.resident(mid)

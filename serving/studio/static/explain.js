@@ -2,11 +2,13 @@
 // /metadata) sent to POST /score. Classifiers: the heat map of its attributions blended over the image where the
 // network looked (the center crop), and the 2x2 visualization the API returns. Detectors and instance
 // segmentation (D-RISE): one map per explained detection, chosen in a list, drawn over the whole image with its
-// box, and the API's picture of it. While it runs: the elapsed time and a cancel button (the request is aborted).
+// box, and the API's picture of it; a box drawn over the image (and a label) is sent as `target_box`, to explain a
+// miss. While it runs: the elapsed time and a cancel button (the request is aborted).
 
 import { scoreBody } from "./api.js";
 import { buildForm } from "./form.js";
 import { reset, save, svg, toPng } from "./overlay.js";
+import { TargetBox } from "./target.js";
 
 const ASKED = ["visualizations", "attributions"]; // always asked for: the page shows both
 const DETECTION_TASKS = ["image_object_detection", "image_instance_segmentation"];
@@ -84,6 +86,7 @@ export class ExplainView {
     this.answer = null;
     this.multilabel = meta.task === "image_classification_multilabel";
     this.detector = DETECTION_TASKS.includes(meta.task); // D-RISE: one map per explained detection
+    this.target = this.detector ? new TargetBox(studio, $("xai-overlay"), meta.labels) : null;
     const fields = meta.xai_parameters.filter((f) => !ASKED.includes(f.name)
       && (this.multilabel || f.name !== "confidence_score_threshold_multilabel"));
     this.form = buildForm($("xai-fields"), fields, "xai");
@@ -107,6 +110,7 @@ export class ExplainView {
     $("explain-button").disabled = false;
     $("xai-download").disabled = true;
     reset($("xai-overlay"), image.width || 1, image.height || 1);
+    this.target?.clear();
     $("xai-grid").removeAttribute("src");
     $("xai-figure").hidden = true;
     $("xai-status").textContent = this.detector ? "Press Explain: D-RISE maps the top detections."
@@ -127,6 +131,7 @@ export class ExplainView {
     let xai;
     try {
       xai = { ...this.form.read(), visualizations: true, attributions: true };
+      if (this.target?.box) xai.target_box = this.target.box;
     } catch (error) {
       this.studio.report(error);
       return;
@@ -192,7 +197,7 @@ export class ExplainView {
     if (!picture) {
       $("xai-figure").hidden = true;
       $("xai-status").textContent = this.detector ? "The model detected nothing to explain: lower "
-        + "detection_score_threshold, or explain a box of your own (xai_parameters.target_box, in the API)."
+        + "detection_score_threshold, or draw a target box over the image where you expected one."
         : `No class has a probability of at least ${answer.threshold}: nothing to explain.`;
       return;
     }
