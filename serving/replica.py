@@ -25,8 +25,6 @@ from serving.contract import RequestError, ScoringRequest
 from serving.predictor import Predictor
 from serving.scoring import Scoring, ScoringLimits
 
-BATCHES_IN_FLIGHT = 64  # batches Ray Serve may hand over at once: the lanes decide how many score
-
 
 @dataclass(frozen=True)
 class Job:
@@ -61,8 +59,10 @@ class ScoringReplica:
         self._explanations = Admission(limits.max_concurrent_explanations, limits.max_waiting_explanations,
                                        limits.explanation_timeout_s, self._explain_threads)
         self._busy = 0  # requests with images to score, between admission and answer
-        self._score_images.set_max_batch_size(limits.max_batch_size)
-        self._score_images.set_batch_wait_timeout_s(limits.batch_wait_timeout_s)
+        # Ray Serve's batcher, one per replica: a batch forms as soon as its wait ends and waits for a free lane
+        self._score_images = serve.batch(max_batch_size=limits.max_batch_size,
+                                         batch_wait_timeout_s=limits.batch_wait_timeout_s,
+                                         max_concurrent_batches=len(self._lanes))(self.score_jobs)
         self.images_total = metrics.Counter("visionserve_images_total", "Images scored", tag_keys=("route",))
         self.errors_total = metrics.Counter("visionserve_image_errors_total", "Images refused", tag_keys=("code",))
         self.model_seconds = metrics.Histogram("visionserve_model_seconds", "Seconds per model call",
@@ -122,16 +122,10 @@ class ScoringReplica:
 
     # ------------------------------------------------------------------ the batcher and the admission
 
-    # Ray Serve hands each batch over as soon as it is formed; the lanes bound how many score at once (a batch
-    # waits in its lane's queue as it would at the batcher's semaphore).
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=BATCHES_IN_FLIGHT)
-    async def _score_images(self, jobs: list[Job]) -> list[tuple[dict, int]]:
-        """The batcher: Ray Serve's, across requests (and split by multiplexed model)."""
-        return await self.score_jobs(jobs)
-
     async def score_jobs(self, jobs: list[Job]) -> list[tuple[dict, int]]:
-        """Images from any number of requests; those of one model under equal settings share forward passes.
-        Each answer comes back with the size of its model call."""
+        """A batch of the batcher (`_score_images`, as many at once as there are lanes): images from any number of
+        requests; those of one model under equal settings share forward passes. Each answer comes back with the
+        size of its model call."""
         groups: dict[tuple[int, Any], list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((id(job.predictor), job.settings), []).append(i)
