@@ -210,15 +210,9 @@ def _has_images(folder: Path) -> bool:
     return any(is_image_file(p) for p in folder.rglob("*"))
 
 
-def run_loadtest(host: str, images_dir: str | Path, *, users: int = 4, spawn_rate: float = 2, duration: str = "30s",
-                 images_per_request: int = 1, api_key: str | None = None, explain_share: float = 0.0,
-                 params: dict | None = None, out_dir: str | Path = "loadtest-report", route: str = "/score",
-                 xai_parameters: dict | None = None, request_timeout: float = 180.0,
-                 echo: bool = True) -> LoadtestSummary:
-    """Load `host` with `users` concurrent clients for `duration`, each sending requests back to back;
-    locust's CSV/HTML reports and summary.json go to `out_dir`. Failing requests are reported in the
-    summary, not raised; LoadtestError means locust itself could not run."""
-    images_dir = Path(images_dir)
+def _check_arguments(host: str, images_dir: Path, users: int, spawn_rate: float, images_per_request: int,
+                     explain_share: float) -> None:
+    """The load test's arguments, refused naming the one that is wrong before locust starts."""
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: not a folder of images")
     if not _has_images(images_dir):
@@ -229,14 +223,12 @@ def run_loadtest(host: str, images_dir: str | Path, *, users: int = 4, spawn_rat
         raise ValueError(f"explain_share must be within 0..1, got {explain_share}")
     if not host.startswith(("http://", "https://")):
         raise ValueError(f"host {host!r}: expected http://HOST:PORT or https://...")
-    seconds = parse_duration(duration)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = out / "locust"
-    for suffix in ("_stats.csv", "_stats_history.csv", "_failures.csv", "_exceptions.csv"):
-        Path(f"{prefix}{suffix}").unlink(missing_ok=True)
 
+def _locust_env(images_dir: Path, images_per_request: int, explain_share: float, route: str, request_timeout: float,
+                api_key: str | None, params: dict | None, xai_parameters: dict | None) -> dict[str, str]:
+    """The locust subprocess's environment: how the locustfile learns what to send (none of the caller's own
+    VISIONSERVE_* variables leak into it)."""
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
     env.update(VISIONSERVE_IMAGES=str(images_dir.resolve()), VISIONSERVE_IMAGES_PER_REQUEST=str(images_per_request),
                VISIONSERVE_EXPLAIN_SHARE=str(explain_share), VISIONSERVE_ROUTE=route,
@@ -247,6 +239,29 @@ def run_loadtest(host: str, images_dir: str | Path, *, users: int = 4, spawn_rat
         env["VISIONSERVE_PARAMS"] = json.dumps(params)
     if xai_parameters is not None:
         env["VISIONSERVE_XAI_PARAMETERS"] = json.dumps(xai_parameters)
+    return env
+
+
+def run_loadtest(host: str, images_dir: str | Path, *, users: int = 4, spawn_rate: float = 2, duration: str = "30s",
+                 images_per_request: int = 1, api_key: str | None = None, explain_share: float = 0.0,
+                 params: dict | None = None, out_dir: str | Path = "loadtest-report", route: str = "/score",
+                 xai_parameters: dict | None = None, request_timeout: float = 180.0,
+                 echo: bool = True) -> LoadtestSummary:
+    """Load `host` with `users` concurrent clients for `duration`, each sending requests back to back;
+    locust's CSV/HTML reports and summary.json go to `out_dir`. Failing requests are reported in the
+    summary, not raised; LoadtestError means locust itself could not run."""
+    images_dir = Path(images_dir)
+    _check_arguments(host, images_dir, users, spawn_rate, images_per_request, explain_share)
+    seconds = parse_duration(duration)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / "locust"
+    for suffix in ("_stats.csv", "_stats_history.csv", "_failures.csv", "_exceptions.csv"):
+        Path(f"{prefix}{suffix}").unlink(missing_ok=True)
+
+    env = _locust_env(images_dir, images_per_request, explain_share, route, request_timeout, api_key, params,
+                      xai_parameters)
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
            "-u", str(users), "-r", str(spawn_rate), "-t", str(duration), "--csv", str(prefix),
            "--html", str(out / "report.html"), "--only-summary"]

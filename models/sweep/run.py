@@ -183,15 +183,7 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
     mlflow.set_experiment(job.experiment_name)
     outcomes, outcomes_name = open_board()
     with mlflow.start_run(run_name=job.run_name or "sweep") as parent:
-        mlflow.set_tags({"task": job.task.name, "sweep": "1", "sampling_algorithm": sweep.sampling_algorithm})
-        mlflow.log_params({"max_trials": sweep.limits.max_trials, "max_concurrent_trials": concurrent,
-                           "timeout_minutes": sweep.limits.timeout_minutes,
-                           "sampling_algorithm": sweep.sampling_algorithm, "auto_mode": sweep.auto_mode,
-                           "early_termination": sweep.early_termination.type if sweep.early_termination else "none",
-                           "cpus_per_trial": resources["cpu"], "gpus_per_trial": resources["gpu"]})
-        mlflow.log_dict({"search_space": [{k: vars(d) for k, d in sub.items()} for sub in sweep.search_space],
-                         "early_termination": vars(sweep.early_termination) if sweep.early_termination else None,
-                         "training_parameters": base}, "sweep.json")
+        _log_plan(job.task.name, sweep, base, concurrent, resources)
         trial_job = replace(job, parameters=base, output_dir=output, run_name=job.run_name or "sweep",
                             parent_run_id=parent.info.run_id, sweep=None)
         ctx = {"job": portable_job(trial_job), "started": started, "deadline": deadline, "cpus": resources["cpu"],
@@ -203,30 +195,13 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
             samples = 1
         else:
             space, samples = {**tune_space(sweep.search_space), "__ctx": ctx}, sweep.limits.max_trials
-        share = (f"{resources['cpu']} CPU / {resources['gpu']} GPU each" if workers == 1 else
-                 f"{workers} Ray Train workers each, {resources['cpu']} CPU / {resources['gpu']} GPU per worker")
-        report(f"sweep: {len(configs) if configs is not None else samples} trials, {sweep.sampling_algorithm} "
-               f"sampling, {concurrent} at a time with {share}, "
-               f"early termination {sweep.early_termination.type if sweep.early_termination else 'none'}"
-               + (f", exit_score {sweep.limits.exit_score}" if sweep.limits.exit_score is not None else ""))
-        timeout_s = sweep.limits.timeout_minutes * 60
+        report(_plan_line(sweep, len(configs) if configs is not None else samples, concurrent, workers, resources))
         exit_score = ExitScoreStopper(primary, sweep.limits.exit_score) if sweep.limits.exit_score is not None else None
         # a data-parallel trial holds almost nothing itself: its Ray Train workers hold the CPUs/GPUs
         asks = {**(resources if workers == 1 else {"cpu": TRIAL_DRIVER_CPU}), **(trial_resources or {})}
-        tuner = tune.Tuner(
-            tune.with_resources(run_trial, asks), param_space=space,
-            tune_config=tune.TuneConfig(metric=primary, mode="max", num_samples=samples,
-                                        max_concurrent_trials=concurrent,
-                                        search_alg=_searcher(sweep, int(base.get("seed", 0))),
-                                        scheduler=make_scheduler(sweep.early_termination, primary),
-                                        time_budget_s=timeout_s + max(120.0, 0.25 * timeout_s),
-                                        trial_dirname_creator=lambda trial: trial.trial_id,
-                                        reuse_actors=workers == 1),  # a stopped data-parallel trial's actor goes
-            run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(output / "ray_results"), verbose=0,
-                                      stop=_stoppers(exit_score, should_stop, CombinedStopper, CallerStopper)),
-        )
-        grid = tuner.fit()
+        grid = _tuner(sweep, space, samples, concurrent, asks, primary, seed=int(base.get("seed", 0)),
+                      reuse_actors=workers == 1, storage=output / "ray_results",
+                      stoppers=_stoppers(exit_score, should_stop, CombinedStopper, CallerStopper)).fit()
 
         if exit_score is not None and exit_score.reached_by:
             report(f"limits.exit_score {exit_score.score} reached by trial {exit_score.reached_by}: sweep stopped")
@@ -235,14 +210,61 @@ def run_sweep(job: TrainingJob, *, report: Callable[[str], None] | None = None,
         trials = collect(grid, records, primary, deadline,
                          stopped="stopped (exit_score reached)" if exit_score and exit_score.reached_by else None,
                          planned=configs)
-        table = summary_table(trials, primary)
-        report(table)
-        mlflow.log_text(table + "\n", "sweep_summary.txt")
-        mlflow.log_dict({"primary_metric": primary, "trials": trials}, "sweep_summary.json")
-        best, model_dir = export_best(job, trials, output, primary, report)
+        best, model_dir = _summarise(job, trials, output, primary, report)
         report(f"best trial {best['trial']}: {primary} {best['metric']:.4f}  MLflow model: {model_dir}  "
                f"(sweep run {parent.info.run_id})")
     return SweepResult(model_dir, parent.info.run_id, best, trials, time.time() - started)
+
+
+def _log_plan(task: str, sweep: SweepSettings, base: dict[str, Any], concurrent: int,
+              resources: dict[str, float]) -> None:
+    """The sweep's settings on its (parent) MLflow run."""
+    mlflow.set_tags({"task": task, "sweep": "1", "sampling_algorithm": sweep.sampling_algorithm})
+    mlflow.log_params({"max_trials": sweep.limits.max_trials, "max_concurrent_trials": concurrent,
+                       "timeout_minutes": sweep.limits.timeout_minutes,
+                       "sampling_algorithm": sweep.sampling_algorithm, "auto_mode": sweep.auto_mode,
+                       "early_termination": sweep.early_termination.type if sweep.early_termination else "none",
+                       "cpus_per_trial": resources["cpu"], "gpus_per_trial": resources["gpu"]})
+    mlflow.log_dict({"search_space": [{k: vars(d) for k, d in sub.items()} for sub in sweep.search_space],
+                     "early_termination": vars(sweep.early_termination) if sweep.early_termination else None,
+                     "training_parameters": base}, "sweep.json")
+
+
+def _plan_line(sweep: SweepSettings, trials: int, concurrent: int, workers: int, resources: dict[str, float]) -> str:
+    """What the sweep will run, in one line for the log."""
+    share = (f"{resources['cpu']} CPU / {resources['gpu']} GPU each" if workers == 1 else
+             f"{workers} Ray Train workers each, {resources['cpu']} CPU / {resources['gpu']} GPU per worker")
+    return (f"sweep: {trials} trials, {sweep.sampling_algorithm} sampling, {concurrent} at a time with {share}, "
+            f"early termination {sweep.early_termination.type if sweep.early_termination else 'none'}"
+            + (f", exit_score {sweep.limits.exit_score}" if sweep.limits.exit_score is not None else ""))
+
+
+def _tuner(sweep: SweepSettings, space: dict[str, Any], samples: int, concurrent: int, asks: dict[str, float],
+           primary: str, *, seed: int, reuse_actors: bool, storage: Path, stoppers: Any) -> tune.Tuner:
+    """Ray Tune's run of the trials: the searcher, the early-termination scheduler and the time budget."""
+    timeout_s = sweep.limits.timeout_minutes * 60
+    return tune.Tuner(
+        tune.with_resources(run_trial, asks), param_space=space,
+        tune_config=tune.TuneConfig(metric=primary, mode="max", num_samples=samples,
+                                    max_concurrent_trials=concurrent,
+                                    search_alg=_searcher(sweep, seed),
+                                    scheduler=make_scheduler(sweep.early_termination, primary),
+                                    time_budget_s=timeout_s + max(120.0, 0.25 * timeout_s),
+                                    trial_dirname_creator=lambda trial: trial.trial_id,
+                                    reuse_actors=reuse_actors),  # a stopped data-parallel trial's actor goes
+        run_config=tune.RunConfig(name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str(storage), verbose=0, stop=stoppers),
+    )
+
+
+def _summarise(job: TrainingJob, trials: list[dict[str, Any]], output: Path, primary: str,
+               report: Callable[[str], None]) -> tuple[dict[str, Any], Path]:
+    """The summary table (printed and on the MLflow run) and the best trial exported as the job's model."""
+    table = summary_table(trials, primary)
+    report(table)
+    mlflow.log_text(table + "\n", "sweep_summary.txt")
+    mlflow.log_dict({"primary_metric": primary, "trials": trials}, "sweep_summary.json")
+    return export_best(job, trials, output, primary, report)
 
 
 def _auto(job: TrainingJob, sweep: SweepSettings, report: Callable[[str], None]) -> SweepSettings:

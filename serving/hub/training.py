@@ -25,18 +25,20 @@ from typing import Any, Protocol
 import mlflow
 import ray
 
-from models.data.coco_files import CocoProblems, few_images_problems, read_coco_files, to_jsonl_lines
+from models.data.coco_files import CocoDataset, CocoProblems, few_images_problems, read_coco_files, to_jsonl_lines
 from models.data.formats import TRAINING_LIMITS
 from models.data.images import image_size
 from models.errors import DataError
 from models.job import build_job
-from models.sweep.run import run_job
+from models.data.records import Record
+from models.sweep.run import SweepResult, run_job
 from models.sweep.search_space import FEW_SHOT
 from models.sweep.settings import parse_sweep
 from models.tasks.architectures import get_architecture
 from models.tasks.performance import model_performance
 from models.tasks.registry import get_task
 from models.train import weights
+from models.train.loop import TrainingJob
 from serving.hub.model_request import DATASET_KIND, KIND_TASK
 from serving.loading import ModelFolder
 from serving.predictor import Predictor
@@ -216,43 +218,11 @@ def train_model(order: dict[str, Any], progress: Progress) -> dict[str, Any]:
 
 
 def _train(order: dict[str, Any], job_dir: Path, started: float, progress: Progress) -> dict[str, Any]:
-    dataset = order.get("dataset")
-    if dataset is None:
-        raise Failed("datasetNotFound", f"dataset {order['dataset_name']!r} is not registered")
     task = KIND_TASK[order["kind"]]
-    try:
-        coco = read_coco_files(dataset["annotationFileUris"], dataset["annotationKind"], image_root=order["image_root"],
-                               confined=True)
-    except CocoProblems as exc:
-        raise Failed("datasetCorrupt", str(exc)) from None
-    if KIND_TASK[DATASET_KIND[coco.kind]] != task:
-        raise Failed("datasetCorrupt", f"modelKind {order['kind']} needs an imageObjectDetection dataset"
-                     if task == "image_object_detection" else
-                     f"modelKind {order['kind']} needs an imageClassification dataset")
-    few = few_images_problems(coco)
-    if few:
-        raise Failed("datasetCorrupt", "; ".join(few))
+    coco = _dataset(order, task)
     train, held = split(coco.records)
     check_budget(task, len(train), order["budget_hours"])
-    lines = {id(r): line for r, line in zip(coco.records, to_jsonl_lines(coco))}  # two image ids may name one file
-    job_dir.mkdir(parents=True, exist_ok=True)  # on the node this runs on (the hub made it on its own)
-    for name, records in (("train", train), ("validation", held)):
-        (job_dir / f"{name}.jsonl").write_text("".join(json.dumps(lines[id(r)]) + "\n" for r in records))
-    per_class = min(Counter(n for r in train for n in set(r.label_names())).values(), default=0)
-    configs = _at_hand(task, per_class)
-    params = {"number_of_epochs": 15, "early_stopping": 1, "early_stopping_patience": 3, "seed": 0,
-              **_sizes(task, train)}
-    if task == "image_classification":
-        params |= {"training_batch_size": 16, "validation_batch_size": 16}
-    budget_minutes = order["budget_hours"] * 60 - (time.time() - started) / 60
-    doc = {"limits": {"max_trials": len(configs), "max_concurrent_trials": 1, "timeout_minutes": budget_minutes,
-                      "exit_score": 1.0},
-           "sweep": {"sampling_algorithm": "grid"},
-           "search_space": [{k: {"type": "choice", "values": [v]} for k, v in c.items()} for c in configs]}
-    job = build_job(task=task, training_data=job_dir / "train.jsonl", validation_data=job_dir / "validation.jsonl",
-                    params=params, output_dir=job_dir / "outputs", experiment_name=EXPERIMENT,
-                    run_name=order["model"])
-    job = replace(job, sweep=parse_sweep(doc, get_task(task)), min_images=2)  # the spec's few-shot minimum
+    job = _sweep_job(order, task, coco, train, held, job_dir, started)
     mlflow.set_tracking_uri(order["tracking_uri"])
 
     def report(message: str) -> None:
@@ -273,13 +243,65 @@ def _train(order: dict[str, Any], job_dir: Path, started: float, progress: Progr
     if metric is None or not math.isfinite(metric) or (len(held) >= 10 and metric <= chance):
         raise Failed("diverged", f"the best trial's {get_task(task).primary_metric} is {metric} on {len(held)} held-out "
                      f"images, no better than chance ({chance:.3g})")
+    return _publish(order, task, coco.labels, result, held, started)
+
+
+def _dataset(order: dict[str, Any], task: str) -> CocoDataset:
+    """The order's registered dataset read (confined to the image root) and checked against its modelKind."""
+    dataset = order.get("dataset")
+    if dataset is None:
+        raise Failed("datasetNotFound", f"dataset {order['dataset_name']!r} is not registered")
+    try:
+        coco = read_coco_files(dataset["annotationFileUris"], dataset["annotationKind"], image_root=order["image_root"],
+                               confined=True)
+    except CocoProblems as exc:
+        raise Failed("datasetCorrupt", str(exc)) from None
+    if KIND_TASK[DATASET_KIND[coco.kind]] != task:
+        raise Failed("datasetCorrupt", f"modelKind {order['kind']} needs an imageObjectDetection dataset"
+                     if task == "image_object_detection" else
+                     f"modelKind {order['kind']} needs an imageClassification dataset")
+    few = few_images_problems(coco)
+    if few:
+        raise Failed("datasetCorrupt", "; ".join(few))
+    return coco
+
+
+def _sweep_job(order: dict[str, Any], task: str, coco: CocoDataset, train: list[Record], held: list[Record],
+               job_dir: Path, started: float) -> TrainingJob:
+    """The training job: the split written as JSONL on this node, a grid over the configurations at hand, the
+    time left of the budget as the sweep's timeout."""
+    lines = {id(r): line for r, line in zip(coco.records, to_jsonl_lines(coco))}  # two image ids may name one file
+    job_dir.mkdir(parents=True, exist_ok=True)  # on the node this runs on (the hub made it on its own)
+    for name, records in (("train", train), ("validation", held)):
+        (job_dir / f"{name}.jsonl").write_text("".join(json.dumps(lines[id(r)]) + "\n" for r in records))
+    per_class = min(Counter(n for r in train for n in set(r.label_names())).values(), default=0)
+    configs = _at_hand(task, per_class)
+    params = {"number_of_epochs": 15, "early_stopping": 1, "early_stopping_patience": 3, "seed": 0,
+              **_sizes(task, train)}
+    if task == "image_classification":
+        params |= {"training_batch_size": 16, "validation_batch_size": 16}
+    budget_minutes = order["budget_hours"] * 60 - (time.time() - started) / 60
+    doc = {"limits": {"max_trials": len(configs), "max_concurrent_trials": 1, "timeout_minutes": budget_minutes,
+                      "exit_score": 1.0},
+           "sweep": {"sampling_algorithm": "grid"},
+           "search_space": [{k: {"type": "choice", "values": [v]} for k, v in c.items()} for c in configs]}
+    job = build_job(task=task, training_data=job_dir / "train.jsonl", validation_data=job_dir / "validation.jsonl",
+                    params=params, output_dir=job_dir / "outputs", experiment_name=EXPERIMENT,
+                    run_name=order["model"])
+    return replace(job, sweep=parse_sweep(doc, get_task(task)), min_images=2)  # the spec's few-shot minimum
+
+
+def _publish(order: dict[str, Any], task: str, labels: list[str], result: SweepResult, held: list[Record],
+             started: float) -> dict[str, Any]:
+    """The best trial's model evaluated (on the test dataset where the order names one, else the held-out split)
+    and registered with the cloud's tags; the job's outcome."""
     folder = ModelFolder.open(result.model_dir)
     if order.get("test_dataset_name"):  # evaluationParameters.testDatasetName: its performance, not the split's
         performance = evaluate(folder, order.get("test_dataset"), order["test_dataset_name"], order["image_root"])
     else:
         performance = _performance(folder, held)
     client = mlflow.MlflowClient()
-    tags = {"modelKind": order["kind"], "trainingDatasetName": dataset["name"],
+    tags = {"modelKind": order["kind"], "trainingDatasetName": order["dataset"]["name"],
             "timeBudgetInHours": str(order["budget_hours"]), "visionserve.hub": "1",
             "trainingCostInMinutes": f"{(time.time() - started) / 60:.4f}",
             "modelPerformance": json.dumps(performance)}
@@ -289,4 +311,4 @@ def _train(order: dict[str, Any], job_dir: Path, started: float, progress: Progr
             client.log_metric(result.run_id, f"hub_{key}", float(value))
     return {"status": "succeeded", "modelPerformance": performance, "modelVersion": version.version,
             "modelUri": f"models:/{order['model']}/{version.version}", "architecture": result.best["params"],
-            "task": task, "labels": coco.labels}
+            "task": task, "labels": labels}
