@@ -347,6 +347,19 @@ def test_an_explanation_shows_the_heat_map_and_the_apis_picture(endpoint, traine
     _shoot(page, "explain")
 
 
+def _explain_detections(page, *, masks: int, resolution: int, most: int) -> tuple[dict, dict]:
+    """D-RISE's fields filled in the Explain view of `/det` and Explain clicked: the xai_parameters the page sent
+    and the API's answer for the image."""
+    page.fill("#xai-number_of_masks", str(masks))
+    page.fill("#xai-mask_resolution", str(resolution))
+    page.fill("#xai-max_explained_detections", str(most))
+    with page.expect_request(_is_score("/det")) as request, \
+            page.expect_response(_is_score("/det"), timeout=240_000) as response:
+        page.click("#explain-button")
+    wishes = json.loads(request.value.post_data_json["input_data"]["data"][0])["xai_parameters"]
+    return wishes, response.value.json()[0]
+
+
 def test_a_detections_d_rise_map_is_drawn_over_the_image_with_its_box(endpoint, trained, page):
     """The detector's Explain view: D-RISE's parameters from /metadata, one map per explained detection, each
     drawn over the whole image with the box the API explained, chosen in a list; the API's picture beside."""
@@ -355,15 +368,8 @@ def test_a_detections_d_rise_map_is_drawn_over_the_image_with_its_box(endpoint, 
     _open(page, endpoint, "/det")
     _scored(page, "/det", lambda: page.set_input_files("#file", str(_image(trained, "image_object_detection"))))
     page.click("#tab-explain")
-    page.fill("#xai-number_of_masks", "24")
-    page.fill("#xai-mask_resolution", "6")
-    page.fill("#xai-max_explained_detections", "2")
-    with page.expect_request(_is_score("/det")) as request, \
-            page.expect_response(_is_score("/det"), timeout=240_000) as response:
-        page.click("#explain-button")
-    wishes = json.loads(request.value.post_data_json["input_data"]["data"][0])["xai_parameters"]
+    wishes, answer = _explain_detections(page, masks=24, resolution=6, most=2)
     assert wishes["number_of_masks"] == 24 and wishes["attributions"] is True
-    answer = response.value.json()[0]
     explained = answer["explained_boxes"]
     assert explained, "the memorised image has detections to explain"
     expect(page.locator("#xai-figure")).to_be_visible(timeout=30_000)
@@ -401,17 +407,12 @@ def test_a_box_dragged_over_the_image_is_explained_as_the_target_box(endpoint, t
     page.mouse.up()
     expect(page.locator("#xai-target-box")).to_contain_text("fractions of the image")
     assert page.locator("#xai-overlay rect.target-box").count() == 1
-    page.fill("#xai-number_of_masks", "16")
-    page.fill("#xai-mask_resolution", "6")
-    page.fill("#xai-max_explained_detections", "0")
-    with page.expect_request(_is_score("/det")) as request, \
-            page.expect_response(_is_score("/det"), timeout=240_000) as response:
-        page.click("#explain-button")
-    target = json.loads(request.value.post_data_json["input_data"]["data"][0])["xai_parameters"]["target_box"]
+    wishes, answer = _explain_detections(page, masks=16, resolution=6, most=0)
+    target = wishes["target_box"]
     assert target["label"] == label
     assert [target[k] for k in ("topX", "topY", "bottomX", "bottomY")] == pytest.approx([0.2, 0.25, 0.6, 0.75],
                                                                                      abs=0.02)
-    explained = response.value.json()[0]["explained_boxes"]
+    explained = answer["explained_boxes"]
     assert explained[0]["score"] is None and explained[0]["label"] == label
     expect(page.locator("#xai-figure")).to_be_visible(timeout=30_000)
     expect(page.locator("#xai-class option").first).to_contain_text("(target box)")
