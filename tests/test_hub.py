@@ -324,13 +324,15 @@ def test_error_codes_of_the_api(hub, datasets):
 
 def test_a_model_no_better_than_chance_on_its_held_out_images_fails_diverged(hub):
     """The same picture, half of its copies tagged red and half blue: every prediction is the same, so exactly
-    half of the 10 held-out images are right, chance for two tags."""
+    half of the 10 held-out images are right, chance for two tags. 19 training images per tag (a frozen backbone
+    under the few-shot rule) and a budget just over the minimum: the budget ends the sweep, and the best trial so
+    far is judged (72 s here; 139 s with 52 images and 0.05 h)."""
     folder = hub["root"] / "chance"
     folder.mkdir()
     (folder / "same.png").write_bytes(_png(COLOURS["red"], seed=7))
     images = [{"id": i + 1, "width": 96, "height": 72, "file_name": "same.png", "absolute_url": str(folder / "same.png")}
-              for i in range(52)]
-    annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 2} for i in range(52)]
+              for i in range(48)]
+    annotations = [{"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 2} for i in range(48)]
     coco = folder / "annotations.json"
     coco.write_text(json.dumps({"images": images, "annotations": annotations,
                                 "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]}))
@@ -338,7 +340,7 @@ def test_a_model_no_better_than_chance_on_its_held_out_images_fails_diverged(hub
         assert client.put("/computervision/datasets/chance", json={
             "annotationKind": "imageClassification", "annotationFileUris": [str(coco)]}).status_code == 201
         assert client.put("/computervision/models/chance", json={"trainingParameters": {
-            "trainingDatasetName": "chance", "timeBudgetInHours": 0.05,
+            "trainingDatasetName": "chance", "timeBudgetInHours": 0.015,
             "modelKind": "Generic-Classifier"}}).status_code == 201
         record = _wait(client, "/computervision/models/chance")
     assert record["status"] == "failed" and record["error"]["code"] == "diverged", record["error"]
