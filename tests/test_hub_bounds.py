@@ -164,6 +164,32 @@ def test_lookups_of_many_unknown_model_names_leave_the_name_cache_at_its_bound(h
     assert len(jobs.registry) == 16
 
 
+def test_a_served_model_is_looked_up_again_only_once_it_changed_here_or_its_time_is_up(hub_parts):
+    """Scoring asks for a model's id on every request: one found servable is kept NAMES_TTL_S seconds (a delete
+    through another ingress replica shows within that), one not servable yet is looked up again each time, and a
+    change through this catalog (`forget`: a delete, an adoption) shows at once."""
+    from serving.hub.api import ApiError
+    from serving.hub.catalog import Catalog, Registry
+
+    store, _, _ = hub_parts
+    catalog = Catalog(store, Registry())
+    record = {"name": "m", "status": "training", "createdDateTime": "2026-01-01T00:00:00Z",
+              "trainingParameters": {"modelKind": "Generic-Classifier", "trainingDatasetName": "d",
+                                     "timeBudgetInHours": 1}}
+    store.put("models", record)
+    with pytest.raises(ApiError) as training:
+        catalog.model_id("m")
+    assert training.value.status == 409
+    store.put("models", {**record, "status": "succeeded", "_version": "3"})
+    assert catalog.model_id("m") == "m/3"  # a refusal is not kept
+    store.delete("models", "m")
+    assert catalog.model_id("m") == "m/3"  # deleted elsewhere: kept until its time is up
+    catalog.forget("m")
+    with pytest.raises(ApiError) as gone:
+        catalog.model_id("m")
+    assert gone.value.status == 404
+
+
 def _big_dataset(folder: Path, images: int) -> Path:
     """A classification COCO file of `images` PNGs of the smallest size training takes (two categories)."""
     folder.mkdir()

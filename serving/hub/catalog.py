@@ -1,5 +1,6 @@
 """The models the hub serves, as any ingress replica reads them: the hub's own records (a running training's
-progress folded in) and the MLflow Model Registry's (`Registry`), through `Catalog`; `GET /models`: every
+progress folded in) and the MLflow Model Registry's (`Registry`), through `Catalog` (which keeps what it found of a
+name for NAMES_TTL_S seconds, as scoring asks on every request); `GET /models`: every
 model with its task, labels and status; `GET /models/{name}/metadata`. What changes them is serving.hub.jobs'."""
 
 from __future__ import annotations
@@ -126,8 +127,13 @@ class Catalog:
     """The models the hub serves and their evaluations as they are now, read from the store and the registry (blocking: the routes call
     these off the event loop). 404 for what does not exist, 409 for a model not trained yet."""
 
-    def __init__(self, store: Store, registry: Registry):
+    def __init__(self, store: Store, registry: Registry, ids_kept: int = NAMES_KEPT):
         self.store, self.registry = store, registry
+        # name → model id of a model found servable, trusted NAMES_TTL_S seconds as the registry's look-ups are:
+        # scoring asks on every request (measured: the look-up and its thread hop were about 2 of the 8 ms of CPU
+        # an ingress spent per /score); a model deleted through another ingress replica may answer that long
+        self._ids: TTLCache = TTLCache(ids_kept, NAMES_TTL_S)
+        self._lock = threading.Lock()
 
     def merged(self, record: dict[str, Any]) -> dict[str, Any]:
         """A record as it is now: a running training's own progress folded in."""
@@ -144,6 +150,28 @@ class Catalog:
 
     def model_id(self, name: str) -> str:
         """The multiplexed model id (serving.hub.replicas) to serve `name` (404 unknown, 409 not trained yet)."""
+        with self._lock:
+            mid = self._ids.get(name)
+        if mid is None:
+            mid = self._look_up(name)
+            with self._lock:
+                self._ids[name] = mid
+        return mid
+
+    async def served(self, name: str) -> str:
+        """model_id for a route: one found within NAMES_TTL_S seconds is answered on the event loop, any other
+        looked up off it."""
+        with self._lock:
+            mid = self._ids.get(name)
+        return mid if mid is not None else await asyncio.to_thread(self.model_id, name)
+
+    def forget(self, name: str) -> None:
+        """`name` changed here (deleted, adopted): looked up again on its next request."""
+        with self._lock:
+            self._ids.pop(name, None)
+        self.registry.forget(name)
+
+    def _look_up(self, name: str) -> str:
         record = self.store.get("models", name)
         if record is not None:
             if record["status"] != "succeeded":
@@ -191,7 +219,7 @@ def describe(record: dict[str, Any], store: Store) -> dict[str, Any]:
 async def metadata(service: Any, name: str) -> JSONResponse:
     """`GET /models/{name}/metadata`: what `/metadata` answers on `visionserve serve`, from a replica that holds the
     model (404 unknown, 409 not trained yet)."""
-    mid = await asyncio.to_thread(service.catalog.model_id, name)
+    mid = await service.catalog.served(name)
     answer = await service.models.options(multiplexed_model_id=mid).metadata.remote()
     return JSONResponse({**answer, "model": name, "version": mid.rsplit("/", 1)[1],
                          "explanations": bool(answer["xai_parameters"])})

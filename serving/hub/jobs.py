@@ -109,7 +109,7 @@ class Jobs:
             log.info("hub: model %s adopted version %s, registered before the hub stopped", name, latest.version)
         elif record["status"] != "failed":
             self.store.update("models", name, status="failed", error={"code": "unknown", "message": message})
-        self.registry.forget(name)
+        self.catalog.forget(name)
 
     # ------------------------------------------------------------------ models
 
@@ -255,7 +255,7 @@ class Jobs:
         if record["status"] in ACTIVE or name in self.running or name in self.starting:
             raise ApiError(409, "ModelBusy", f"model {name!r} is {self.catalog.merged(record)['status']}: cancel it first, "
                            "then delete it once it is cancelled", name)
-        self.registry.forget(name)
+        self.catalog.forget(name)
         if record.get("_version") or record.get("_started"):  # a late cancel or a crash may have registered it
             await asyncio.to_thread(self.registry.unregister, name)
         for key in [k for k in self.running if k.startswith(f"{name}/")]:  # its evaluations stop with it

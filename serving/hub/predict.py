@@ -73,7 +73,7 @@ def _model_name(request: Request) -> str:
 
 
 async def analyze(service: Any, request: Request) -> JSONResponse:
-    mid = await asyncio.to_thread(service.catalog.model_id, _model_name(request))
+    mid = await service.catalog.served(_model_name(request))
     limits = service.limits.image
     body = await read_body(request, limits.max_bytes + 4096,
                            lambda: ApiError(413, "InvalidImageSize", f"the body is over {limits.max_bytes / 2**20:g} MB"))
@@ -113,7 +113,7 @@ async def automl(service: Any, request: Request, route: str) -> JSONResponse:
         raise RequestError(400, "invalid_request", f"name the model: the {MODEL_HEADER} header or ?model=NAME "
                            "(GET /models lists them)", [{"field": MODEL_HEADER}])
     name = resource_name(name, MODEL_HEADER, "model")
-    mid = await asyncio.to_thread(service.catalog.model_id, name)
+    mid = await service.catalog.served(name)
     body = await read_body(request, service.limits.max_request_bytes, request_too_large(service.limits))
     status, answer, headers = await service.models.options(multiplexed_model_id=mid).score.remote(
         body, route, request.query_params.get("partial"))
