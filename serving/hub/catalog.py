@@ -125,14 +125,15 @@ def _registered_settings(name: str, version: str) -> tuple[str | None, tuple[str
 
 class Catalog:
     """The models the hub serves and their evaluations as they are now, read from the store and the registry (blocking: the routes call
-    these off the event loop). 404 for what does not exist, 409 for a model not trained yet."""
+    these off the event loop, but `served`, which answers a known id on it). 404 for what does not exist, 409 for a
+    model not trained yet."""
 
-    def __init__(self, store: Store, registry: Registry, ids_kept: int = NAMES_KEPT):
+    def __init__(self, store: Store, registry: Registry):
         self.store, self.registry = store, registry
         # name → model id of a model found servable, trusted NAMES_TTL_S seconds as the registry's look-ups are:
         # scoring asks on every request (measured: the look-up and its thread hop were about 2 of the 8 ms of CPU
         # an ingress spent per /score); a model deleted through another ingress replica may answer that long
-        self._ids: TTLCache = TTLCache(ids_kept, NAMES_TTL_S)
+        self._ids: TTLCache = TTLCache(NAMES_KEPT, NAMES_TTL_S)
         self._lock = threading.Lock()
 
     def merged(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -150,8 +151,7 @@ class Catalog:
 
     def model_id(self, name: str) -> str:
         """The multiplexed model id (serving.hub.replicas) to serve `name` (404 unknown, 409 not trained yet)."""
-        with self._lock:
-            mid = self._ids.get(name)
+        mid = self._kept(name)
         if mid is None:
             mid = self._look_up(name)
             with self._lock:
@@ -161,9 +161,11 @@ class Catalog:
     async def served(self, name: str) -> str:
         """model_id for a route: one found within NAMES_TTL_S seconds is answered on the event loop, any other
         looked up off it."""
+        return self._kept(name) or await asyncio.to_thread(self.model_id, name)
+
+    def _kept(self, name: str) -> str | None:
         with self._lock:
-            mid = self._ids.get(name)
-        return mid if mid is not None else await asyncio.to_thread(self.model_id, name)
+            return self._ids.get(name)
 
     def forget(self, name: str) -> None:
         """`name` changed here (deleted, adopted): looked up again on its next request."""
