@@ -2,15 +2,16 @@
 an eviction) vs warm calls; images/s with 3 models in rotation on one multiplexed deployment vs one `visionserve
 serve` app per model on the same CPUs; and the memory budget at work, a detector among the classifiers.
 
-    uv run python bench/hub.py [--seconds 15] [--concurrency 8]
+    uv run python bench/hub.py [--seconds 15] [--concurrency 8] [--rounds 3]
 
 Three resnet18 classifiers (224 crop) and a fasterrcnn_resnet18_fpn detector (random weights: speed does not
 depend on them) are exported and registered in a private MLflow registry; one 640x480 JPEG per `POST /score`.
 - first calls: on a fresh hub (one HubModels replica, a cache of 3), the very first call (the replica's first
   model), the first calls of the next two models, and the median of 20 warm calls after each;
 - rotation: `--concurrency` closed-loop clients cycling over the 3 classifiers for `--seconds`: the hub (all
-  CPUs, a cache of 3; then a cache of 2, which evicts and reloads, and whose first model's call after its
-  eviction is timed) vs three VisionService apps (a third of the CPUs each: the same CPUs in all);
+  CPUs, a cache of 3) vs three VisionService apps (a third of the CPUs each: the same CPUs in all), both up on
+  one Serve instance and loaded in `--rounds` alternating rounds (the ratio: the medians'); then a hub with a
+  cache of 2, which evicts and reloads, and whose first model's call after its eviction is timed;
 - memory budget: the 3 classifiers and the detector, a cache of 4 but `--model-memory-mb` of the classifiers'
   footprints (measured by the first hub, shown by GET /models): the detector's load evicts by the policy; the
   4 models in rotation, with the loads the budget caused and what stays resident.
@@ -95,11 +96,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the hub and the apps")
     args = parser.parse_args()
     from ray import serve
 
     from models.runtime import ensure_ray
-    from serving.app import VisionService, service_config
 
     cpus = float(os.cpu_count() or 1) - 0.1
     image = base64.b64encode(_jpeg(0)).decode()
@@ -109,12 +110,13 @@ def main() -> None:
         work = Path(tmp)
         folders = {name: _folder("resnet18", work / name)[0] for name in NAMES}
         detector = {DETECTOR: _folder("fasterrcnn_resnet18_fpn", work / DETECTOR)[0]}
-        ensure_ray()
+        # twice the CPUs in Ray's books, so that the hub and the apps, each given all the CPUs, are up side by
+        # side and loaded in turn (a replica's threads follow what it asks for, not what the machine has)
+        ensure_ray(num_cpus=2 * (os.cpu_count() or 1))
         url = _hub(work, folders, cpus, cache_size=3)
         rows += _first_calls(client, url, NAMES, body, "cache 3")
         footprints = {r["model"]: r["footprint_mb"] for r in rows}
-        rows.append({"case": "hub, 3 models in rotation, cache 3", **_rotation(
-            [(f"{url}/score?model={name}", body) for name in NAMES], args.concurrency, args.seconds)})
+        rows += _head_to_head(url, folders, cpus, body, args)
         serve.shutdown()
 
         url = _hub(work, folders, cpus, cache_size=2)
@@ -128,16 +130,31 @@ def main() -> None:
 
         budget = sum(footprints.values()) + 1  # the 3 classifiers fit; the detector needs room
         memory = _memory_budget(client, work, {**folders, **detector}, cpus, budget, body, args, rows)
-
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run_many([serve.RunTarget(VisionService.options(ray_actor_options={"num_cpus": cpus / 3}).bind(
-            asdict(service_config(model=str(folders[name]), compile=False))), name=name, route_prefix=f"/{name}")
-            for name in NAMES])
-        rows.append({"case": "3 visionserve serve apps, 1/3 of the CPUs each", **_rotation(
-            [(f"http://127.0.0.1:{port}/{name}/score", body) for name in NAMES], args.concurrency, args.seconds)})
-        serve.shutdown()
     _report(rows, memory)
+
+
+HUB_ROUND, APPS_ROUND = "hub, 3 models in rotation, cache 3", "3 visionserve serve apps, 1/3 of the CPUs each"
+
+
+def _head_to_head(url: str, folders: dict[str, Path], cpus: float, body: dict, args: argparse.Namespace) -> list[dict]:
+    """The hub at `url` against three VisionService apps (a third of the CPUs each) deployed beside it on the
+    same Serve instance, loaded in alternating rounds: a drift of the machine's speed (this one's moves by
+    +-15 % over minutes) falls on both alike."""
+    from ray import serve
+
+    from serving.app import VisionService, service_config
+
+    serve.run_many([serve.RunTarget(VisionService.options(ray_actor_options={"num_cpus": cpus / 3}).bind(
+        asdict(service_config(model=str(folders[name]), compile=False))), name=name, route_prefix=f"/{name}")
+        for name in NAMES])
+    sides = {HUB_ROUND: [(f"{url}/score?model={name}", body) for name in NAMES],
+             APPS_ROUND: [(f"{url}/{name}/score", body) for name in NAMES]}
+    rows = []
+    for i in range(args.rounds):
+        for case, targets in sides.items():
+            rows.append({"case": f"{case} (round {i + 1})", **_rotation(targets, args.concurrency, args.seconds)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def _memory_budget(client: httpx.Client, work: Path, folders: dict[str, Path], cpus: float, budget: float,
@@ -161,24 +178,45 @@ def _memory_budget(client: httpx.Client, work: Path, folders: dict[str, Path], c
 
 
 def _report(rows: list[dict], memory: dict) -> None:
-    hub_rate = next(r["images_per_s"] for r in rows if r["case"].endswith("cache 3"))
-    apps_rate = rows[-1]["images_per_s"]
+    hub = [r["images_per_s"] for r in rows if r["case"].startswith(HUB_ROUND)]
+    apps = [r["images_per_s"] for r in rows if r["case"].startswith(APPS_ROUND)]
+    ratio = statistics.median(hub) / statistics.median(apps)
+    rounds = [round(h / a, 3) for h, a in zip(hub, apps)]
+    cpu = {side: statistics.median(r["cpu_ms_per_image"] for r in rows if r["case"].startswith(side))
+           for side in (HUB_ROUND, APPS_ROUND)}
     print(table(rows, ["case", "cold_ms", "load_ms", "footprint_mb", "warm_ms", "images_per_s", "p50_ms", "p99_ms",
-                       "errors", "loads"]))
+                       "errors", "cpu_ms_per_image", "loads"]))
     print(f"\nmemory budget {memory['budget_mb']:.0f} MB; footprints (MB): {memory['footprints_mb']}; resident "
           f"after the first calls: {memory['resident_after_first_calls']}; at the end: "
           f"{memory['resident_at_end']}")
-    print(f"hub / one app per model, images/s: {hub_rate / apps_rate:.2f}")
-    print(f"written {write('hub', {'rows': rows, 'memory': memory, 'ratio_hub_vs_apps': hub_rate / apps_rate})}")
+    print(f"hub / one app per model, images/s, median of {len(hub)} alternating rounds each: {ratio:.2f} "
+          f"(round by round: {rounds}); machine CPU ms per image, medians: hub {cpu[HUB_ROUND]:.1f}, apps "
+          f"{cpu[APPS_ROUND]:.1f} (apps / hub {cpu[APPS_ROUND] / cpu[HUB_ROUND]:.2f})")
+    results = {"rows": rows, "memory": memory, "ratio_hub_vs_apps": ratio, "round_ratios": rounds,
+               "cpu_ms_per_image": cpu}
+    print(f"written {write('hub', results)}")
+
+
+def _busy_seconds() -> float:
+    """The machine's CPU seconds spent so far, all processes (idle, I/O wait and time stolen by the host aside)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    spent = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)  # guest: in user already
+    return spent - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "steal", 0.0)
 
 
 def _rotation(targets: list[tuple[str, dict]], concurrency: int, seconds: float) -> dict:
     """Closed-loop clients, each request to the next model in turn (bench.serve_throughput.load), after 3 s of
-    the same load unmeasured (every lane and session has run once: all cases start warm)."""
+    the same load unmeasured (every lane and session has run once: all cases start warm). Besides images/s, the
+    machine's CPU milliseconds per image (the clients' share included, the same for both sides): what a server
+    spends, which moves less than its images/s when the machine's speed drifts."""
     urls, bodies = [url for url, _ in targets], [body for _, body in targets]
     load(urls, bodies, concurrency, 3)
+    busy = _busy_seconds()
     result = load(urls, bodies, concurrency, seconds)
-    return {k: result[k] for k in ("images_per_s", "p50_ms", "p99_ms", "errors")}
+    cpu_ms = (_busy_seconds() - busy) * 1000 / max(1, result["requests"])
+    return {**{k: result[k] for k in ("images_per_s", "p50_ms", "p99_ms", "errors")}, "cpu_ms_per_image": cpu_ms}
 
 
 if __name__ == "__main__":
