@@ -2,7 +2,7 @@
 an eviction) vs warm calls; images/s with 3 models in rotation on one multiplexed deployment vs one `visionserve
 serve` app per model on the same CPUs; and the memory budget at work, a detector among the classifiers.
 
-    uv run python bench/hub.py [--seconds 15] [--concurrency 8] [--rounds 3]
+    uv run python bench/hub.py [--seconds 15] [--concurrency 8] [--rounds 5]
 
 Three resnet18 classifiers (224 crop) and a fasterrcnn_resnet18_fpn detector (random weights: speed does not
 depend on them) are exported and registered in a private MLflow registry; one 640x480 JPEG per `POST /score`.
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the hub and the apps")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the hub and the apps")
     args = parser.parse_args()
     from ray import serve
 
