@@ -16,7 +16,7 @@ from ray import serve
 
 from models.data.synth import write_synthetic_dataset
 from models.job import build_job
-from models.runtime import ensure_ray, free_port
+from models.runtime import cluster_address, ensure_ray, free_port
 from models.train.loop import train
 from serving.app import deployment, service_config
 
@@ -24,6 +24,7 @@ from serving.app import deployment, service_config
 # scratch (weights=none: it runs offline and downloads nothing; every other training starts from
 # pretrained weights by default), so the classifier needs a couple of thousand images to learn shapes
 # rather than backgrounds: about 2 minutes on a 2-core CPU.
+APP = "visionserve-demo"  # the Serve application the demo deploys
 _SCRATCH = {"weights": "none"}
 _CLASSIFIER = {**_SCRATCH, "model_name": "resnet18", "number_of_epochs": 12, "training_batch_size": 32,
                "validation_batch_size": 64, "valid_resize_size": 64, "valid_crop_size": 64, "train_crop_size": 64,
@@ -109,7 +110,7 @@ def _serve_and_call(model_dir: Path, image: Path, out: Path, *, keep_serving: bo
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         config = service_config(model_dir)
-        serve.run(deployment(config, ray_actor_options={"num_cpus": 1}), name="visionserve-demo", route_prefix="/")
+        serve.run(deployment(config, ray_actor_options={"num_cpus": 1}), name=APP, route_prefix="/")
         request = out / "request.json"
         request.write_text(json.dumps(_request_body(image, explain=False)))
         print(f"4/4 scoring {image.name} over HTTP: POST {url}/score")
@@ -122,8 +123,19 @@ def _serve_and_call(model_dir: Path, image: Path, out: Path, *, keep_serving: bo
             print(f"serving at {url} until Ctrl-C", flush=True)
             _wait_for_interrupt()
     finally:
-        serve.shutdown()
+        _stop(APP)
     return {"response": response, "explanation": explained, "url": url}
+
+
+def _stop(app: str) -> None:
+    """The demo's app gone from a cluster it joined (whose other apps are not its own); a local Ray instance it
+    started, stopped whole (serve.shutdown first would make Ray print a failed-task warning at the end)."""
+    import ray
+
+    if cluster_address():
+        serve.delete(app)
+    else:
+        ray.shutdown()
 
 
 def _explain(url: str, image: Path, out: Path) -> dict[str, Any]:
