@@ -116,7 +116,8 @@ def main() -> None:
         url = _hub(work, folders, cpus, cache_size=3)
         rows += _first_calls(client, url, NAMES, body, "cache 3")
         footprints = {r["model"]: r["footprint_mb"] for r in rows}
-        rows += _head_to_head(url, folders, cpus, body, args)
+        compared, comparison = _head_to_head(url, folders, cpus, body, args)
+        rows += compared
         serve.shutdown()
 
         url = _hub(work, folders, cpus, cache_size=2)
@@ -130,16 +131,14 @@ def main() -> None:
 
         budget = sum(footprints.values()) + 1  # the 3 classifiers fit; the detector needs room
         memory = _memory_budget(client, work, {**folders, **detector}, cpus, budget, body, args, rows)
-    _report(rows, memory)
+    _report(rows, memory, comparison)
 
 
-HUB_ROUND, APPS_ROUND = "hub, 3 models in rotation, cache 3", "3 visionserve serve apps, 1/3 of the CPUs each"
-
-
-def _head_to_head(url: str, folders: dict[str, Path], cpus: float, body: dict, args: argparse.Namespace) -> list[dict]:
+def _head_to_head(url: str, folders: dict[str, Path], cpus: float, body: dict,
+                  args: argparse.Namespace) -> tuple[list[dict], dict]:
     """The hub at `url` against three VisionService apps (a third of the CPUs each) deployed beside it on the
     same Serve instance, loaded in alternating rounds: a drift of the machine's speed (this one's moves by
-    +-15 % over minutes) falls on both alike."""
+    +-15 % over minutes) falls on both alike. → the rounds' rows, and the comparison (medians of the rounds)."""
     from ray import serve
 
     from serving.app import VisionService, service_config
@@ -147,14 +146,24 @@ def _head_to_head(url: str, folders: dict[str, Path], cpus: float, body: dict, a
     serve.run_many([serve.RunTarget(VisionService.options(ray_actor_options={"num_cpus": cpus / 3}).bind(
         asdict(service_config(model=str(folders[name]), compile=False))), name=name, route_prefix=f"/{name}")
         for name in NAMES])
-    sides = {HUB_ROUND: [(f"{url}/score?model={name}", body) for name in NAMES],
-             APPS_ROUND: [(f"{url}/{name}/score", body) for name in NAMES]}
+    sides = {"hub": ("hub, 3 models in rotation, cache 3", [(f"{url}/score?model={n}", body) for n in NAMES]),
+             "apps": ("3 visionserve serve apps, 1/3 of the CPUs each", [(f"{url}/{n}/score", body) for n in NAMES])}
+    measured: dict[str, list[dict]] = {side: [] for side in sides}
     rows = []
     for i in range(args.rounds):
-        for case, targets in sides.items():
-            rows.append({"case": f"{case} (round {i + 1})", **_rotation(targets, args.concurrency, args.seconds)})
+        for side, (case, targets) in sides.items():
+            measured[side].append(_rotation(targets, args.concurrency, args.seconds))
+            rows.append({"case": f"{case} (round {i + 1})", **measured[side][-1]})
             print(rows[-1], flush=True)
-    return rows
+
+    def median(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in measured[side])
+
+    ratios = [h["images_per_s"] / a["images_per_s"] for h, a in zip(measured["hub"], measured["apps"])]
+    return rows, {"rounds": args.rounds,
+                  "ratio_hub_vs_apps": median("hub", "images_per_s") / median("apps", "images_per_s"),
+                  "round_ratios": [round(r, 3) for r in ratios],
+                  "cpu_ms_per_image": {side: median(side, "cpu_ms_per_image") for side in sides}}
 
 
 def _memory_budget(client: httpx.Client, work: Path, folders: dict[str, Path], cpus: float, budget: float,
@@ -177,24 +186,18 @@ def _memory_budget(client: httpx.Client, work: Path, folders: dict[str, Path], c
             "resident_after_first_calls": resident, "resident_at_end": [m["model"] for m in replica["models"]]}
 
 
-def _report(rows: list[dict], memory: dict) -> None:
-    hub = [r["images_per_s"] for r in rows if r["case"].startswith(HUB_ROUND)]
-    apps = [r["images_per_s"] for r in rows if r["case"].startswith(APPS_ROUND)]
-    ratio = statistics.median(hub) / statistics.median(apps)
-    rounds = [round(h / a, 3) for h, a in zip(hub, apps)]
-    cpu = {side: statistics.median(r["cpu_ms_per_image"] for r in rows if r["case"].startswith(side))
-           for side in (HUB_ROUND, APPS_ROUND)}
+def _report(rows: list[dict], memory: dict, comparison: dict) -> None:
+    cpu = comparison["cpu_ms_per_image"]
     print(table(rows, ["case", "cold_ms", "load_ms", "footprint_mb", "warm_ms", "images_per_s", "p50_ms", "p99_ms",
                        "errors", "cpu_ms_per_image", "loads"]))
     print(f"\nmemory budget {memory['budget_mb']:.0f} MB; footprints (MB): {memory['footprints_mb']}; resident "
           f"after the first calls: {memory['resident_after_first_calls']}; at the end: "
           f"{memory['resident_at_end']}")
-    print(f"hub / one app per model, images/s, median of {len(hub)} alternating rounds each: {ratio:.2f} "
-          f"(round by round: {rounds}); machine CPU ms per image, medians: hub {cpu[HUB_ROUND]:.1f}, apps "
-          f"{cpu[APPS_ROUND]:.1f} (apps / hub {cpu[APPS_ROUND] / cpu[HUB_ROUND]:.2f})")
-    results = {"rows": rows, "memory": memory, "ratio_hub_vs_apps": ratio, "round_ratios": rounds,
-               "cpu_ms_per_image": cpu}
-    print(f"written {write('hub', results)}")
+    print(f"hub / one app per model, images/s, median of {comparison['rounds']} alternating rounds each: "
+          f"{comparison['ratio_hub_vs_apps']:.2f} (round by round: {comparison['round_ratios']}); machine CPU ms "
+          f"per image, medians: hub {cpu['hub']:.1f}, apps {cpu['apps']:.1f} (apps / hub "
+          f"{cpu['apps'] / cpu['hub']:.2f})")
+    print(f"written {write('hub', {'rows': rows, 'memory': memory, **comparison})}")
 
 
 def _busy_seconds() -> float:
