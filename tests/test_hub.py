@@ -173,15 +173,20 @@ def test_the_sample_client_trains_a_classifier_and_a_detector_side_by_side(train
     assert {"meanAveragePrecision30", "meanAveragePrecision50", "meanAveragePrecision75"} <= set(detector)
 
 
-def answered_by(ray, app: str, needle: str) -> dict[str, int]:
+def answered_by(ray, app: str, needle: str, total: int = 0) -> dict[str, int]:
     """How many requests whose log line holds `needle` (a path, a request id) each HubService replica of the
-    Serve application `app` answered, by the replicas' own logs (serving.edge logs one line per request)."""
+    Serve application `app` answered, by the replicas' own logs (serving.edge logs one line per request, as the
+    request ends: after its answer went out, so up to 10 s are given for `total` lines to be written)."""
     folder = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs" / "serve"
-    counts = {}
-    for log in folder.glob(f"replica_{app}_HubService_*.log"):
-        lines = [line for line in log.read_text(errors="replace").splitlines() if "request_id=" in line]
-        counts[log.stem.rsplit("_", 1)[1]] = sum(needle in line for line in lines)
-    return {replica: n for replica, n in counts.items() if n}
+    deadline = time.monotonic() + 10
+    while True:
+        counts = {}
+        for log in folder.glob(f"replica_{app}_HubService_*.log"):
+            lines = [line for line in log.read_text(errors="replace").splitlines() if "request_id=" in line]
+            counts[log.stem.rsplit("_", 1)[1]] = sum(needle in line for line in lines)
+        if sum(counts.values()) >= total or time.monotonic() > deadline:
+            return {replica: n for replica, n in counts.items() if n}
+        time.sleep(0.2)
 
 
 def test_the_sample_clients_flow_alternated_between_the_two_ingress_replicas(ray_session, trained_pair):

@@ -240,7 +240,7 @@ def test_of_eight_puts_of_one_name_at_once_over_two_ingress_replicas_exactly_one
         answers = list(pool.map(lambda i: client.put("/computervision/datasets/raced", json=body,
                                                      headers={"x-request-id": i}), ids))
     assert sorted(a.status_code for a in answers) == [201] + [409] * 7
-    by_replica = answered_by(ray_session, "hostile-hub", "request_id=race")  # these 8 requests' log lines
+    by_replica = answered_by(ray_session, "hostile-hub", "request_id=race", total=8)  # these 8 requests' lines
     assert len(by_replica) == 2 and sum(by_replica.values()) == 8, by_replica
     assert {a.headers["x-ms-error-code"] for a in answers if a.status_code == 409} == {"DatasetAlreadyExists"}
     assert [d["name"] for d in client.get("/computervision/datasets").json()["value"]].count("raced") == 1
