@@ -130,24 +130,45 @@ def test_a_mask_rcnn_on_the_onnx_backend_answers_torchs_boxes_and_polygons(train
     want = mlflow.pyfunc.load_model(result.model_dir).predict(rows)
     got = on_onnx.predict(rows)
     assert any(a["boxes"] for a in want) and all("polygon" in b for a in want for b in a["boxes"])
-    _same_detections(got, want)
-    for g, w in zip(got, want):
-        for box_got, box_want in zip(g["boxes"], w["boxes"]):
-            assert len(box_got["polygon"]) == len(box_want["polygon"])
-            for p_got, p_want in zip(box_got["polygon"], box_want["polygon"]):
-                assert len(p_got) == len(p_want) and np.allclose(p_got, p_want, atol=1e-3)
+    for box_got, box_want in _same_detections(got, want):
+        assert len(box_got["polygon"]) == len(box_want["polygon"])
+        for p_got, p_want in zip(box_got["polygon"], box_want["polygon"]):
+            assert len(p_got) == len(p_want) and np.allclose(p_got, p_want, atol=1e-3)
 
 
 def _boxes(answer: dict) -> list[tuple]:
     return [(b["label"], b["score"], *b["box"].values()) for b in answer["boxes"]]
 
 
-def _same_detections(got: list[dict], want: list[dict]) -> None:
-    """Equal labels in the same order, scores within TOLERANCE, corners within 1e-3 of the image."""
-    assert [[b["label"] for b in a["boxes"]] for a in got] == [[b["label"] for b in a["boxes"]] for a in want]
+def _same_box(a: dict, b: dict) -> bool:
+    """The same label, and score and corners within 1e-3 (of the image)."""
+    return a["label"] == b["label"] and np.allclose(_boxes({"boxes": [a]})[0][1:], _boxes({"boxes": [b]})[0][1:],
+                                                    atol=1e-3)
+
+
+def _same_detections(got: list[dict], want: list[dict], knife_edges: int = 1) -> list[tuple[dict, dict]]:
+    """Every box of one answer in the other, in the same order (→ the pairs), but for at most `knife_edges` boxes
+    of all the images. ONNX Runtime's arithmetic and torch's differ in the last bits (as do two decodings of one
+    image: 6e-8 measured), and a tiny detector trained on 12 images keeps near-duplicate proposals, so a decision
+    on a knife's edge (which of two proposals survives the RPN) may go either way and change one final box (seen:
+    a box of 0.48 kept by torch, gone on ONNX Runtime, and back there with the input 1 ulp away)."""
+    assert len(got) == len(want)
+    pairs, unmatched = [], []
     for g, w in zip(got, want):
-        assert np.allclose(np.array(_boxes(g))[:, 1:].astype(float), np.array(_boxes(w))[:, 1:].astype(float),
-                           atol=1e-3) if w["boxes"] else not g["boxes"]
+        gb, wb = g["boxes"], w["boxes"]
+        i = j = 0
+        while i < len(wb) or j < len(gb):
+            if i < len(wb) and j < len(gb) and _same_box(gb[j], wb[i]):
+                pairs.append((gb[j], wb[i]))
+                i, j = i + 1, j + 1
+            elif i < len(wb) and (j >= len(gb) or (i + 1 < len(wb) and _same_box(gb[j], wb[i + 1]))):
+                unmatched.append(("torch only", wb[i]))
+                i += 1
+            else:
+                unmatched.append(("onnx only", gb[j]))
+                j += 1
+    assert len(unmatched) <= knife_edges, unmatched
+    return pairs
 
 
 def test_onnx_runtime_alone_gives_the_pyfuncs_detections_from_the_same_pixels(trained):

@@ -383,11 +383,16 @@ def _score(hub, model: str, image: Path) -> dict:
     return answer.json()[0]
 
 
-def _is_score(model: str):
+def _is_score(model: str, image: Path | None = None):
+    """A POST /score for `model` (of `image`'s bytes, when given: choosing a model scores the image shown before
+    with it again, and that answer must not be taken for the new image's)."""
+    sent = base64.b64encode(image.read_bytes()).decode() if image is not None else ""
+
     def match(event) -> bool:
         request = getattr(event, "request", event)
         url = urlsplit(request.url)
-        return request.method == "POST" and url.path == "/score" and url.query == f"model={model}"
+        return (request.method == "POST" and url.path == "/score" and url.query == f"model={model}"
+                and sent in (request.post_data or ""))
 
     return match
 
@@ -415,7 +420,7 @@ def test_the_model_picker_scores_with_the_chosen_model(hub, datasets, detector, 
     expected = _score(hub, classifier, cls_image)
     with page.expect_response(lambda r: urlsplit(r.url).path == f"/models/{classifier}/metadata"):
         page.select_option("#hub-model", classifier)
-    with page.expect_response(_is_score(classifier), timeout=120_000):
+    with page.expect_response(_is_score(classifier, cls_image), timeout=120_000):
         page.set_input_files("#file", str(cls_image))
     expect(page.locator("#summary")).to_contain_text(f"{len(expected['labels'])} of {len(expected['labels'])} classes")
     ranked = [label for _, label in sorted(zip(expected["probs"], expected["labels"]), key=lambda t: -t[0])]
