@@ -137,17 +137,24 @@ def test_a_mask_rcnn_on_the_onnx_backend_answers_torchs_boxes_and_polygons(train
 
 
 def _boxes(answer: dict) -> list[tuple]:
-    return [(b["label"], b["score"], *b["box"].values()) for b in answer["boxes"]]
+    return [(b["label"], *_values(b)) for b in answer["boxes"]]
+
+
+def _values(box: dict) -> tuple[float, ...]:
+    """A box's score and corners."""
+    return (box["score"], *box["box"].values())
 
 
 def _same_box(a: dict, b: dict) -> bool:
     """The same label, and score and corners within 1e-3 (of the image)."""
-    return a["label"] == b["label"] and np.allclose(_boxes({"boxes": [a]})[0][1:], _boxes({"boxes": [b]})[0][1:],
-                                                    atol=1e-3)
+    return a["label"] == b["label"] and np.allclose(_values(a), _values(b), atol=1e-3)
 
 
-def _same_detections(got: list[dict], want: list[dict], knife_edges: int = 1) -> list[tuple[dict, dict]]:
-    """Every box of one answer in the other, in the same order (→ the pairs), but for at most `knife_edges` boxes
+KNIFE_EDGES = 1  # boxes of all the images compared that may be in one answer only (_same_detections)
+
+
+def _same_detections(got: list[dict], want: list[dict]) -> list[tuple[dict, dict]]:
+    """Every box of one answer in the other, in the same order (→ the pairs), but for at most KNIFE_EDGES boxes
     of all the images. ONNX Runtime's arithmetic and torch's differ in the last bits (as do two decodings of one
     image: 6e-8 measured), and a tiny detector trained on 12 images keeps near-duplicate proposals, so a decision
     on a knife's edge (which of two proposals survives the RPN) may go either way and change one final box (seen:
@@ -167,7 +174,7 @@ def _same_detections(got: list[dict], want: list[dict], knife_edges: int = 1) ->
             else:
                 unmatched.append(("onnx only", gb[j]))
                 j += 1
-    assert len(unmatched) <= knife_edges, unmatched
+    assert len(unmatched) <= KNIFE_EDGES, unmatched
     return pairs
 
 
